@@ -1,0 +1,17 @@
+"""Exceptions of the shm package: one flat module, messages a user can act on."""
+
+
+class ShmError(Exception):
+    """Base class for shared-memory segment errors."""
+
+
+class ShmSpaceError(ShmError):
+    """Not enough room in /dev/shm (or in the creator's budget) to reserve a segment."""
+
+
+class ShmNotFoundError(ShmError):
+    """The named segment does not exist: never created, already unlinked by a reader, or swept."""
+
+
+class ShmExistsError(ShmError):
+    """Exclusive creation failed because a segment of that name already exists."""

@@ -1,0 +1,237 @@
+"""Named POSIX shared-memory segments: create (exclusive, 0600, space reserved), attach, view, unlink.
+
+Lifetime of a mapping: every view (numpy array or torch tensor) is built on a memoryview slice of the
+segment's mmap object, and holds a reference to it (numpy through `.base`, torch through the storage's
+deleter). While any view lives, the mmap can't be closed (`mmap.close()` raises BufferError, which `close()`
+swallows); the memory is unmapped when the last view is garbage-collected. So `Segment.close()` and
+`Segment.unlink()` never invalidate a view: unlink only removes the name (POSIX keeps the memory until the
+last mapping goes), and close only drops the segment's own reference.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import mmap
+import os
+import sys
+
+import numpy as np
+import posix_ipc
+
+from .errors import ShmError, ShmExistsError, ShmNotFoundError, ShmSpaceError
+from .names import DEFAULT_PREFIX, SHM_DIR, SegmentName, check_prefix
+
+MAX_MARGIN_BYTES = 64 << 20  # free-space safety margin: 5% of /dev/shm, at most this much
+
+
+def _free_bytes() -> tuple[int, int]:
+    """(bytes free in /dev/shm to unprivileged users, safety margin to keep)."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize, min(MAX_MARGIN_BYTES, st.f_blocks * st.f_frsize // 20)
+
+
+def _bytes_in_use(prefix: str, pid: int) -> int:
+    """Bytes held by segments in /dev/shm named with `prefix` and created by `pid`."""
+    total = 0
+    with os.scandir(SHM_DIR) as it:
+        for entry in it:
+            parsed = SegmentName.parse(entry.name, prefix)
+            if parsed is not None and parsed.pid == pid:
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:  # unlinked while we looked
+                    pass
+    return total
+
+
+def _check_free(size: int, name: str = "") -> None:
+    free, margin = _free_bytes()
+    if size > free - margin:
+        raise ShmSpaceError(
+            f"shm segment{' ' + name if name else ''}: asked for {size} bytes, {free} free in {SHM_DIR} "
+            f"(keeping a {margin}-byte safety margin); free some space or enlarge {SHM_DIR} (docker --shm-size)"
+        )
+
+
+def _check_budget(size: int, prefix: str, max_total_bytes: int, name: str = "", own: int = 0) -> None:
+    """Raise unless this process's `prefix` segments plus `size` fit in max_total_bytes.
+    `own`: bytes of the new segment itself, already in /dev/shm when checking after creation."""
+    used = _bytes_in_use(prefix, os.getpid()) - own
+    if used + size > max_total_bytes:
+        raise ShmSpaceError(
+            f"shm segment{' ' + name if name else ''}: asked for {size} bytes, {max(max_total_bytes - used, 0)} "
+            f"free of this process's max_total_bytes={max_total_bytes} budget ({used} bytes in use by its "
+            f"'{prefix}' segments); unlink finished segments or raise the budget"
+        )
+
+
+def _unlink_quiet(name: str) -> bool:
+    """Remove a name; True if we removed it, False if it was already gone."""
+    try:
+        posix_ipc.unlink_shared_memory(name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+class Segment:
+    """One mapped segment. `size` is the usable byte count: what the creator asked for, or for an attached
+    segment the size of the object (a segment created with size 0 is reserved, mapped and attached as 1 byte).
+    Python's mmap keeps a duplicate file descriptor until the mapping goes: close segments you are done with."""
+
+    __slots__ = ("name", "size", "writable", "_mm")
+
+    def __init__(self, name: str, size: int, mm: mmap.mmap, writable: bool):
+        self.name, self.size, self.writable, self._mm = name, size, writable, mm
+
+    def __repr__(self) -> str:
+        state = "closed" if self._mm is None else ("rw" if self.writable else "ro")
+        return f"Segment({self.name!r}, size={self.size}, {state})"
+
+    def __enter__(self) -> Segment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # closing only: unlinking is the reader's explicit decision
+
+    def _span(self, offset: int, nbytes: int) -> memoryview:
+        if self._mm is None:
+            raise ShmError(f"shm segment {self.name} is closed")
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise ValueError(f"shm segment {self.name}: bytes [{offset}, {offset + nbytes}) outside [0, {self.size})")
+        return memoryview(self._mm)[offset:offset + nbytes]
+
+    def write(self, offset: int, data) -> int:
+        """Copy the raw bytes of `data` (bytes-like, numpy array, or contiguous CPU torch tensor of any dtype,
+        bfloat16 included, never converted) to `offset`. Returns the number of bytes written."""
+        if not self.writable:
+            raise ShmError(f"shm segment {self.name} is attached read-only; attach with writable=True to write")
+        if _is_torch_tensor(data):
+            if data.device.type != "cpu":
+                raise ValueError(f"shm write needs a CPU tensor, got one on {data.device}; copy it to the host first")
+            if not data.is_contiguous():
+                raise ValueError("shm write needs a contiguous tensor; call .contiguous() first")
+            import torch
+
+            src = data.detach().reshape(-1).view(torch.uint8).numpy()
+        elif isinstance(data, np.ndarray):
+            src = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        else:
+            src = np.frombuffer(data, dtype=np.uint8)
+        dst = np.frombuffer(self._span(offset, src.nbytes), dtype=np.uint8)
+        dst[...] = src
+        return src.nbytes
+
+    def numpy(self, offset: int, shape, dtype) -> np.ndarray:
+        """Zero-copy numpy view of `shape`/`dtype` at byte `offset` (read-only if the segment is)."""
+        dtype, shape = np.dtype(dtype), _shape(shape)
+        count = math.prod(shape)
+        span = self._span(offset, count * dtype.itemsize)
+        arr = np.frombuffer(span, dtype=dtype, count=count).reshape(shape)
+        if not self.writable:
+            arr.flags.writeable = False
+        return arr
+
+    def torch(self, offset: int, shape, dtype):
+        """Zero-copy torch tensor of `shape`/`dtype` (e.g. torch.bfloat16) at byte `offset`.
+
+        Tensors have no read-only flag: on a read-only attach the mapping is private copy-on-write, so an
+        in-place op changes only this process's copy of the touched pages, never the segment."""
+        import torch
+
+        shape = _shape(shape)
+        count = math.prod(shape)
+        span = self._span(offset, count * dtype.itemsize)
+        if count == 0:  # torch.frombuffer refuses empty buffers
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(span, dtype=dtype, count=count).view(shape)
+
+    def close(self) -> None:
+        """Drop this object's mapping. Idempotent. Views made from it stay valid (they keep the mmap alive)."""
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # views exist: the mmap is unmapped when the last of them is freed
+                pass
+
+    def unlink(self) -> None:
+        """Remove the name from /dev/shm. Idempotent; a name already removed (by anyone) is not an error.
+        Existing mappings and views stay valid; new attaches fail with ShmNotFoundError."""
+        _unlink_quiet(self.name)
+
+
+def _shape(shape) -> tuple[int, ...]:
+    return (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+
+
+def _is_torch_tensor(x) -> bool:
+    torch = sys.modules.get("torch")  # a tensor can only exist if torch is already imported: don't import it
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def create_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, *,
+                   max_total_bytes: int | None = None) -> Segment:
+    """Create a new, uniquely named segment of `size` bytes, readable and writable by this user only.
+
+    The space is reserved up front (posix_fallocate), so writes can't SIGBUS later when /dev/shm fills up.
+    `max_total_bytes` caps the bytes this process may hold in `prefix` segments at once. Raises
+    ShmSpaceError (nothing is left behind) when the space or the budget is short."""
+    if not isinstance(size, (int, np.integer)) or size < 0:
+        raise ValueError(f"shm segment size must be an int >= 0, got {size!r}")
+    if not ttl_s > 0:
+        raise ValueError(f"shm segment ttl_s must be > 0, got {ttl_s!r}")
+    check_prefix(prefix)
+    _check_free(int(size))
+    if max_total_bytes is not None:
+        _check_budget(int(size), prefix, max_total_bytes)
+    return _create_named(SegmentName.new(ttl_s, prefix).format(), int(size), prefix, max_total_bytes)
+
+
+def _create_named(name: str, size: int, prefix: str, max_total_bytes: int | None) -> Segment:
+    mapped = max(size, 1)  # mmap can't map 0 bytes; empty results still get a segment
+    try:
+        mem = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)  # size=0: no ftruncate
+    except posix_ipc.ExistentialError:
+        raise ShmExistsError(f"shm segment {name} already exists; creation is exclusive") from None
+    try:
+        os.fchmod(mem.fd, 0o600)  # exact mode whatever the umask
+        try:
+            os.posix_fallocate(mem.fd, 0, mapped)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                free = _free_bytes()[0]
+                raise ShmSpaceError(f"shm segment {name}: reserving {mapped} bytes failed ({e.strerror}); "
+                                    f"{free} bytes free in {SHM_DIR}") from e
+            raise ShmError(f"shm segment {name}: reserving {mapped} bytes failed: {e}") from e
+        if max_total_bytes is not None:  # again, now counting ourselves: catches a concurrent create
+            _check_budget(size, prefix, max_total_bytes, name=name, own=mapped)
+        mm = mmap.mmap(mem.fd, mapped)
+    except BaseException:
+        _unlink_quiet(name)
+        raise
+    finally:
+        mem.close_fd()  # the mmap holds its own descriptor
+    return Segment(name, size, mm, writable=True)
+
+
+def attach_segment(name: str, writable: bool = False) -> Segment:
+    """Map an existing segment. Read-only by default (a private copy-on-write mapping of an O_RDONLY fd)."""
+    if not name.startswith("/"):
+        name = "/" + name
+    try:
+        mem = posix_ipc.SharedMemory(name, 0, read_only=not writable)
+    except posix_ipc.ExistentialError:
+        raise ShmNotFoundError(f"shm segment {name} not found: already unlinked by a reader, swept after "
+                               f"expiry, or never created") from None
+    except posix_ipc.PermissionsError as e:
+        raise ShmError(f"shm segment {name}: permission denied ({e}); segments are 0600, attach as the "
+                       f"creator's user") from None
+    try:
+        size = os.fstat(mem.fd).st_size
+        if size == 0:
+            raise ShmError(f"shm segment {name} has no space reserved yet (its creator is mid-create or died)")
+        mm = mmap.mmap(mem.fd, size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY)
+    finally:
+        mem.close_fd()
+    return Segment(name, size, mm, writable=writable)

@@ -1,0 +1,290 @@
+"""shm/: real POSIX shared memory in /dev/shm, no mocks. Each test uses its own name prefix and must leave
+nothing behind under it."""
+import gc
+import os
+import secrets
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import posix_ipc
+import pytest
+import torch
+
+import shm
+from shm import SegmentName, ShmError, ShmExistsError, ShmNotFoundError, ShmSpaceError
+from shm.segment import _create_named
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ours(prefix):
+    return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix + "."))
+
+
+@pytest.fixture
+def prefix():
+    p = "ebtest" + secrets.token_hex(4)
+    yield p
+    left = _ours(p)
+    for n in left:
+        try:
+            posix_ipc.unlink_shared_memory("/" + n)
+        except posix_ipc.ExistentialError:
+            pass
+    assert not left, f"test left segments behind in {shm.SHM_DIR}: {left}"
+
+
+def _run_py(code, **env):
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+
+# -- names -------------------------------------------------------------------------------------------------
+
+def test_name_format_parse_round_trip():
+    n = SegmentName.new(30.0, "eb")
+    s = n.format()
+    assert s.startswith(f"/eb.{os.getpid()}.") and len(n.token) == 16
+    assert SegmentName.parse(s) == n and SegmentName.parse(s[1:]) == n
+    assert SegmentName.parse(s, prefix="other") is None
+    assert not n.expired() and n.expired(now=time.time() + 31)
+    for bad in ["PostgreSQL.2732206904", "/eb.0.1.0123456789abcdef", "/eb.12.x.0123456789abcdef",
+                "/eb.12.34.0123456789ABCDEF", "/eb.12.34.0123456789abcde", "/eb.12.34.0123456789abcdef.x", ""]:
+        assert SegmentName.parse(bad) is None, bad
+    with pytest.raises(ValueError):
+        SegmentName.new(1.0, "e.b")
+
+
+# -- create / attach / views -------------------------------------------------------------------------------
+
+def test_create_mode_0600_exclusive_and_reserved(prefix):
+    with shm.create_segment(1000, 60, prefix) as seg:
+        try:
+            st = os.stat(Path(shm.SHM_DIR) / seg.name[1:])
+            assert stat.S_IMODE(st.st_mode) == 0o600
+            assert st.st_size == 1000 and st.st_blocks * 512 >= 1000  # space allocated, not a sparse file
+            assert SegmentName.parse(seg.name, prefix).pid == os.getpid()
+            with pytest.raises(ShmExistsError):
+                _create_named(seg.name, 10, prefix, None)
+            with pytest.raises(posix_ipc.ExistentialError):
+                posix_ipc.SharedMemory(seg.name, posix_ipc.O_CREX)
+            # the failed exclusive create must not have removed or resized the existing segment
+            with shm.attach_segment(seg.name) as again:
+                assert again.size == 1000
+        finally:
+            seg.unlink()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_round_trip_at_offsets(prefix, dtype):
+    a = torch.randn(7, 5, dtype=dtype)
+    b = torch.randn(3, 3584, dtype=dtype)
+    off_b = 64 * ((a.numel() * a.element_size() + 63) // 64)
+    size = off_b + b.numel() * b.element_size()
+    seg = shm.create_segment(size, 60, prefix)
+    try:
+        assert seg.write(0, a) == a.numel() * a.element_size()
+        seg.write(off_b, b)
+        seg.close()
+        with shm.attach_segment(seg.name) as r:
+            ra, rb = r.torch(0, (7, 5), dtype), r.torch(off_b, (3, 3584), dtype)
+            assert ra.dtype == dtype and torch.equal(ra, a) and torch.equal(rb, b)  # bit-exact, no conversion
+    finally:
+        seg.unlink()
+
+
+def test_numpy_round_trip_and_zero_copy(prefix):
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    y = np.arange(10, dtype=np.int64)[::2]  # non-contiguous source
+    with shm.create_segment(200, 60, prefix) as seg:
+        try:
+            seg.write(8, x)
+            seg.write(104, y)
+            seg.write(150, b"hello")
+            seg.write(160, torch.arange(4, dtype=torch.int16).view(2, 2))
+            with shm.attach_segment(seg.name) as r:
+                vx = r.numpy(8, (2, 3, 4), np.float32)
+                np.testing.assert_array_equal(vx, x)
+                np.testing.assert_array_equal(r.numpy(104, 5, "<i8"), y)
+                assert bytes(r.numpy(150, 5, np.uint8)) == b"hello"
+                np.testing.assert_array_equal(r.numpy(160, (2, 2), np.int16), [[0, 1], [2, 3]])
+                assert not vx.flags.writeable
+                with pytest.raises(ValueError):
+                    vx[0, 0, 0] = 1
+                with pytest.raises(ShmError):
+                    r.write(0, b"x")
+                # zero copy: a later write by the creator shows through the reader's existing view
+                seg.numpy(8, (2, 3, 4), np.float32)[1, 2, 3] = -5.0
+                assert vx[1, 2, 3] == -5.0
+                # a read-only attach's torch view is copy-on-write: in-place ops never reach the segment
+                t = r.torch(8, (24,), torch.float32)
+                t.add_(100.0)
+                assert seg.numpy(8, (24,), np.float32)[0] == 0.0 and t[0].item() == 100.0
+                with pytest.raises(ValueError):
+                    r.numpy(190, 4, np.float32)  # past the end
+        finally:
+            seg.unlink()
+
+
+def test_writable_attach_writes_through(prefix):
+    with shm.create_segment(16, 60, prefix) as seg:
+        try:
+            with shm.attach_segment(seg.name.lstrip("/"), writable=True) as w:
+                w.write(0, np.array([1.5, 2.5], dtype=np.float64))
+                w.torch(0, 2, torch.float64).mul_(2)
+            np.testing.assert_array_equal(seg.numpy(0, 2, np.float64), [3.0, 5.0])
+        finally:
+            seg.unlink()
+
+
+def test_write_rejects_noncontiguous_tensor(prefix):
+    with shm.create_segment(64, 60, prefix) as seg:
+        try:
+            with pytest.raises(ValueError, match="contiguous"):
+                seg.write(0, torch.zeros(4, 4).t())
+        finally:
+            seg.unlink()
+
+
+def test_size_zero(prefix):
+    with shm.create_segment(0, 60, prefix) as seg:
+        try:
+            assert seg.size == 0
+            assert seg.write(0, b"") == 0 and seg.write(0, torch.empty(0, 3584, dtype=torch.bfloat16)) == 0
+            assert seg.numpy(0, (0, 3584), np.float32).shape == (0, 3584)
+            assert seg.torch(0, (0, 3584), torch.bfloat16).shape == (0, 3584)
+            with shm.attach_segment(seg.name) as r:
+                assert r.size == 1 and r.torch(0, (0, 8), torch.float32).numel() == 0
+        finally:
+            seg.unlink()
+
+
+def test_view_survives_unlink_and_close(prefix):
+    data = torch.randn(4, 16, dtype=torch.bfloat16)
+    seg = shm.create_segment(data.numel() * 2, 60, prefix)
+    seg.write(0, data)
+    r = shm.attach_segment(seg.name)
+    t, a = r.torch(0, (4, 16), torch.bfloat16), r.numpy(0, (4, 16), np.uint16)
+    r2 = shm.attach_segment(seg.name)
+    t2 = r2.torch(0, (4, 16), torch.bfloat16)  # the only view of r2's mapping, a torch one
+    r2.close()
+    seg.unlink()
+    assert _ours(prefix) == []
+    r.close()
+    seg.close()
+    r.close()  # idempotent
+    gc.collect()
+    assert torch.equal(t, data) and torch.equal(t2, data)
+    np.testing.assert_array_equal(a, data.view(torch.int16).numpy().view(np.uint16))
+    with pytest.raises(ShmError, match="closed"):
+        r.numpy(0, 1, np.uint8)
+
+
+def test_unlink_idempotent_and_attach_after_unlink(prefix):
+    seg = shm.create_segment(32, 60, prefix)
+    name = seg.name
+    seg.unlink()
+    assert not (Path(shm.SHM_DIR) / name[1:]).exists()
+    seg.unlink()  # already gone: not an error
+    seg.close()
+    with pytest.raises(ShmNotFoundError, match="not found"):
+        shm.attach_segment(name)
+
+
+# -- space -------------------------------------------------------------------------------------------------
+
+def test_budget_refuses_and_leaves_nothing(prefix):
+    with pytest.raises(ShmSpaceError, match=r"asked for 4096 bytes, 1000 free"):
+        shm.create_segment(4096, 60, prefix, max_total_bytes=1000)
+    assert _ours(prefix) == []
+    first = shm.create_segment(4096, 60, prefix, max_total_bytes=8192)
+    try:
+        with pytest.raises(ShmSpaceError, match=r"asked for 8192 bytes, 4096 free"):
+            shm.create_segment(8192, 60, prefix, max_total_bytes=8192)
+        assert _ours(prefix) == [first.name[1:]]
+        shm.create_segment(4096, 60, prefix, max_total_bytes=8192).unlink()  # exactly fits
+    finally:
+        first.unlink()
+        first.close()
+
+
+def test_more_than_free_space_refused_before_creating(prefix):
+    st = os.statvfs(shm.SHM_DIR)
+    size = st.f_bavail * st.f_frsize + (1 << 30)
+    with pytest.raises(ShmSpaceError, match=f"asked for {size} bytes"):
+        shm.create_segment(size, 60, prefix)
+    assert _ours(prefix) == []
+
+
+def test_failed_reservation_unlinks_half_made_segment(prefix):
+    # A real fallocate failure: RLIMIT_FSIZE below the size makes tmpfs refuse with EFBIG (SIGXFSZ ignored).
+    code = f"""
+import resource, signal, shm
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    shm.create_segment(1 << 20, 60, {prefix!r})
+except shm.ShmSpaceError as e:
+    print("ShmSpaceError:", e)
+"""
+    out = _run_py(code)
+    assert out.returncode == 0, out.stderr
+    assert "ShmSpaceError" in out.stdout and "1048576" in out.stdout, out.stdout
+    assert _ours(prefix) == []
+
+
+# -- sweep -------------------------------------------------------------------------------------------------
+
+def _orphan(prefix):
+    """A segment whose creator process has exited without unlinking it."""
+    out = _run_py(f"import shm; print(shm.create_segment(64, 3600, {prefix!r}).name)")
+    assert out.returncode == 0, out.stderr
+    name = out.stdout.strip()
+    assert SegmentName.parse(name, prefix).pid != os.getpid()
+    return name
+
+
+def test_sweep_dead_expired_and_live(prefix):
+    orphan = _orphan(prefix)
+    expired = shm.create_segment(8, 60, prefix)
+    live = shm.create_segment(8, 3600, prefix)
+    init_owned = SegmentName(1, int((time.time() + 3600) * 1000), secrets.token_hex(8), prefix).format()
+    foreign = f"/{prefix}.not-a-segment"
+    for n in (init_owned, foreign):
+        posix_ipc.SharedMemory(n, posix_ipc.O_CREX, mode=0o600, size=8).close_fd()
+    try:
+        assert shm.sweep(prefix, grace_s=3600) == []  # the orphan is younger than the grace period
+        assert shm.sweep(prefix) == [orphan]
+        assert sorted(shm.sweep(prefix, now=time.time() + 120)) == [expired.name]
+        assert _ours(prefix) == sorted(n[1:] for n in (init_owned, foreign, live.name))
+        with shm.attach_segment(live.name) as r:  # untouched
+            assert r.size == 8
+        assert sorted(shm.sweep(prefix, now=time.time() + 7200)) == sorted([init_owned, live.name])
+    finally:
+        for n in (expired.name, live.name, init_owned, foreign):
+            try:
+                posix_ipc.unlink_shared_memory(n)
+            except posix_ipc.ExistentialError:
+                pass
+        expired.close()
+        live.close()
+
+
+def test_sweep_cli(prefix):
+    orphan = _orphan(prefix)
+    out = subprocess.run([sys.executable, "-m", "shm", "sweep", "--prefix", prefix], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [orphan] and "removed 1 segment" in out.stderr
+    assert _ours(prefix) == []
+
+
+def test_torch_imported_lazily(prefix):
+    out = _run_py("import sys, numpy as np, shm\n"
+                  f"s = shm.create_segment(8, 5, {prefix!r}); s.write(0, np.ones(2, 'f4'))\n"
+                  "s.numpy(0, 2, 'f4'); s.unlink(); s.close(); print('torch' in sys.modules)")
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
