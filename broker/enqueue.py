@@ -1,0 +1,83 @@
+"""RQ-compatible job records, written in one round trip by sync and asyncio clients alike.
+
+Jobs are ordinary RQ jobs (hash rq:job:<id>, id pushed on rq:queue:<name>), so rq-dashboard and `rq info`
+read them, but the data is msgpack and the only function named is ENCODE_FUNCTION.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from rq.job import Job, JobStatus
+from rq.utils import now, utcformat
+
+from broker.queues import ENCODE_FUNCTION
+from broker.serializer import MsgpackSerializer
+
+QUEUES_SET = "rq:queues"
+
+# Atomic admission: a job is pushed only while the queue is shorter than the bound (ARGV[1]; 0 = unbounded).
+# KEYS: queue list, job hash, rq:queues. ARGV: bound, ttl, job id, then the hash's field/value pairs.
+# Returns the queue length after the push, or -1 when refused.
+ENQUEUE_SCRIPT = """
+local bound = tonumber(ARGV[1])
+if bound > 0 and redis.call('LLEN', KEYS[1]) >= bound then
+  return -1
+end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[2], unpack(fields))
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+redis.call('SADD', KEYS[3], KEYS[1])
+return redis.call('RPUSH', KEYS[1], ARGV[3])
+"""
+
+
+def queue_key(queue: str) -> str:
+    return f"rq:queue:{queue}"
+
+
+def job_key(job_id: str) -> str:
+    return f"rq:job:{job_id}"
+
+
+def new_job_mapping(payload: bytes, queue: str, *, job_timeout: int, result_ttl: int, failure_ttl: int,
+                    ttl: int, retries: int, description: str = "") -> tuple[str, dict]:
+    """(job id, the job hash's fields) as RQ's Queue.enqueue_call would write them."""
+    from rq import Retry
+
+    job = Job.create(
+        ENCODE_FUNCTION,
+        args=(payload,),
+        connection=_NoConnection(),
+        id=uuid.uuid4().hex,
+        timeout=job_timeout,
+        result_ttl=result_ttl,
+        failure_ttl=failure_ttl,
+        ttl=ttl,
+        description=description or "encode",
+        origin=queue,
+        serializer=MsgpackSerializer,
+        status=JobStatus.QUEUED,
+        retry=Retry(max=retries) if retries > 0 else None,
+    )
+    job.enqueued_at = now()
+    mapping = job.to_dict()
+    mapping["enqueued_at"] = utcformat(job.enqueued_at)
+    return job.id, mapping
+
+
+def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int) -> tuple[list, list]:
+    keys = [queue_key(queue), job_key(job_id), QUEUES_SET]
+    argv = [bound, ttl, job_id]
+    for k, v in mapping.items():
+        argv.extend((k, v))
+    return keys, argv
+
+
+class _NoConnection:
+    """Job.create wants a connection but never uses it here: the write happens in ENQUEUE_SCRIPT."""
+
+    def __getattr__(self, name):
+        raise RuntimeError("job records are written by broker.enqueue, not through RQ's own connection")

@@ -1,0 +1,93 @@
+"""Turning a worker's result handle back into tensors: attach the segment or unpack the blob, then unlink."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from broker.errors import EncodeFailed, ProtocolError, ResultLost
+from broker.schemas import Blob, Handle
+from broker.serializer import MsgpackSerializer
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# rq.results.Result.Type values, as stored in the result stream's "type" field
+RESULT_SUCCESSFUL, RESULT_FAILED, RESULT_STOPPED, RESULT_RETRIED, RESULT_MAX_RETRIES = 1, 2, 3, 4, 5
+
+
+@dataclass(slots=True)
+class JobOutcome:
+    handle: Handle | None
+    error: str | None
+
+
+def parse_result_entry(fields: dict) -> JobOutcome:
+    """One entry of RQ's result stream (rq:results:<job id>), decoded without RQ's sync-only helpers."""
+    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
+    kind = int(fields.get("type", 0))
+    if kind == RESULT_SUCCESSFUL:
+        raw = fields.get("return_value")
+        if raw is None:
+            raise ProtocolError("a successful result carries no return value")
+        return JobOutcome(Handle.from_msgpack(MsgpackSerializer.loads(base64.b64decode(raw))), None)
+    exc = fields.get("exc_string")
+    text = zlib.decompress(base64.b64decode(exc)).decode() if exc else ""
+    reason = {RESULT_STOPPED: "stopped", RESULT_MAX_RETRIES: "out of retries"}.get(kind, "failed")
+    return JobOutcome(None, last_line(text) or f"job {reason}")
+
+
+def last_line(exc_string: str) -> str:
+    """RQ stores a traceback; the user needs its last line (the exception and its message)."""
+    lines = [ln for ln in exc_string.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def raise_for_error(outcome: JobOutcome) -> Handle:
+    if outcome.error is not None:
+        raise EncodeFailed(outcome.error)
+    assert outcome.handle is not None
+    return outcome.handle
+
+
+def _split(buffer, handle_like, copy: bool) -> list[torch.Tensor]:
+    dtype = TORCH_DTYPES[handle_like.dtype]
+    out = []
+    for shape, offset in zip(handle_like.shapes, handle_like.offsets):
+        count = shape[0] * shape[1]
+        if count == 0:
+            out.append(torch.empty(shape, dtype=dtype))
+            continue
+        t = torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(*shape)
+        out.append(t.clone() if copy else t)
+    return out
+
+
+def read_shm(handle: Handle, copy: bool = True) -> list[torch.Tensor]:
+    """Reads the segment and unlinks it. With copy=False the tensors view the (unlinked) mapping directly."""
+    from shm import ShmNotFoundError, attach_segment
+
+    try:
+        seg = attach_segment(handle.location)
+    except ShmNotFoundError:
+        raise ResultLost(
+            f"shared-memory segment {handle.location} is gone: it expired (at {handle.expires_at:.0f}) "
+            "or was swept before this client read it"
+        ) from None
+    try:
+        out = [seg.torch(off, shape, TORCH_DTYPES[handle.dtype]) for shape, off in zip(handle.shapes, handle.offsets)]
+        if copy:
+            out = [t.clone() for t in out]
+    finally:
+        seg.unlink()
+        seg.close()
+    return out
+
+
+def read_blob(raw: bytes | None, handle: Handle) -> list[torch.Tensor]:
+    if raw is None:
+        raise ResultLost(f"result blob {handle.location} is gone: it expired before this client read it")
+    blob = Blob.from_msgpack(raw)
+    return _split(bytearray(blob.data), blob, copy=False)  # the bytearray is ours alone: no copy needed

@@ -1,0 +1,131 @@
+"""Wire formats: the encode request a client enqueues and the handle a worker returns. msgpack, versioned."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import msgpack
+
+from broker.errors import InvalidRequest, ProtocolError
+
+SCHEMA_VERSION = 1
+TASKS = ("t2i", "i2i")
+TRANSPORTS = ("shm", "blob")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def packb(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(data: bytes, what: str):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"{what} must be msgpack bytes, got {type(data).__name__}")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"{what} is not valid msgpack: {e}") from None
+
+
+def _fields_of(cls, d: dict, what: str) -> dict:
+    if not isinstance(d, dict):
+        raise ProtocolError(f"{what} must be a msgpack map, got {type(d).__name__}")
+    version = d.get("version")
+    if version != SCHEMA_VERSION:
+        raise ProtocolError(f"{what} has schema version {version!r}; this encoder-broker speaks {SCHEMA_VERSION}")
+    known = cls.__dataclass_fields__
+    return {k: v for k, v in d.items() if k in known}
+
+
+@dataclass(slots=True)
+class EncodeRequest:
+    """One job: prompts that share a task (and, for i2i, the same images), encoded together."""
+
+    prompts: list
+    task: str = "t2i"
+    images: list = field(default_factory=list)  # i2i: encoded image bytes shared by every prompt of the job
+    max_tokens: int | None = None  # a per-job limit under the worker's own
+    transport: str = "shm"
+    client_host: str = ""
+    deadline: float = 0.0  # unix seconds after which the client has given up; 0 = none
+    version: int = SCHEMA_VERSION
+
+    def validate(self) -> "EncodeRequest":
+        """Checks what can be checked without the model; raises InvalidRequest with the reason."""
+        p = self.prompts
+        if isinstance(p, (str, bytes)) or not isinstance(p, list):
+            raise InvalidRequest(f"prompts must be a list of strings, got {type(p).__name__}")
+        if not p:
+            raise InvalidRequest("prompts is empty: send at least one prompt")
+        for i, s in enumerate(p):
+            if not isinstance(s, str):
+                raise InvalidRequest(f"prompt {i} is a {type(s).__name__}, not a string")
+        if self.task not in TASKS:
+            raise InvalidRequest(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
+        if self.transport not in TRANSPORTS:
+            raise InvalidRequest(f"unknown transport {self.transport!r}: expected one of {', '.join(TRANSPORTS)}")
+        if not isinstance(self.images, list) or not all(isinstance(b, (bytes, bytearray)) for b in self.images):
+            raise InvalidRequest("images must be a list of encoded image bytes (PNG, JPEG or WebP)")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        return self
+
+    def to_msgpack(self) -> bytes:
+        return packb(asdict(self))
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> "EncodeRequest":
+        try:
+            return cls(**_fields_of(cls, unpackb(data, "encode request"), "encode request"))
+        except TypeError as e:
+            raise ProtocolError(f"encode request is missing a field: {e}") from None
+
+
+@dataclass(slots=True)
+class Handle:
+    """Where a job's hidden states are: one shm segment or one Redis blob holding every prompt back to back."""
+
+    transport: str  # "shm" | "blob"
+    location: str  # shm segment name, or Redis key of the blob
+    dtype: str
+    shapes: list  # [[L_i, D], ...] per prompt, in request order
+    offsets: list  # byte offset of each prompt's states inside the segment / blob data
+    nbytes: int
+    expires_at: float  # unix seconds; after it the sweeper (shm) or Redis (blob) may drop the data
+    timings: dict = field(default_factory=dict)  # queue_ms, tokenize_ms, infer_ms, write_ms, batch_size
+    worker: str = ""
+    version: int = SCHEMA_VERSION
+
+    def to_msgpack(self) -> bytes:
+        return packb(asdict(self))
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> "Handle":
+        try:
+            h = cls(**_fields_of(cls, unpackb(data, "result handle"), "result handle"))
+        except TypeError as e:
+            raise ProtocolError(f"result handle is missing a field: {e}") from None
+        if h.transport not in TRANSPORTS or h.dtype not in DTYPES or len(h.shapes) != len(h.offsets):
+            raise ProtocolError(f"result handle is malformed: {h!r}")
+        return h
+
+
+@dataclass(slots=True)
+class Blob:
+    """The blob transport's payload in Redis: the same bytes a segment would hold, plus their layout."""
+
+    dtype: str
+    shapes: list
+    offsets: list
+    data: bytes
+    version: int = SCHEMA_VERSION
+
+    def to_msgpack(self) -> bytes:
+        return packb(asdict(self))
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> "Blob":
+        try:
+            return cls(**_fields_of(cls, unpackb(data, "result blob"), "result blob"))
+        except TypeError as e:
+            raise ProtocolError(f"result blob is missing a field: {e}") from None

@@ -1,0 +1,54 @@
+"""python -m workers --config CONFIG [--redis-url URL]: run one encoder worker (model loaded once, no fork)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from workers.config import EncoderWorkerConfig
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def pick_backend(name: str, device: str) -> str:
+    if name == "auto":
+        return "kernel" if device.startswith("cuda") else "baseline"
+    return name
+
+
+def load_configured_encoder(cfg: EncoderWorkerConfig):
+    from workers.encoders import load_encoder
+    from workers.make_tiny import ensure_tiny
+
+    if cfg.make_tiny_if_missing:
+        ensure_tiny(cfg.model_dir)
+    device = pick_device(cfg.device)
+    return load_encoder(cfg.model_dir, backend=pick_backend(cfg.backend, device), device=device, dtype=cfg.dtype,
+                        max_prompt_tokens=cfg.max_prompt_tokens)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m workers", description=__doc__.split(":")[1].strip())
+    ap.add_argument("--config", required=True, help="encoder worker JSON config (see configs/encoder.json)")
+    ap.add_argument("--redis-url", help="overrides the config's redis_url")
+    ap.add_argument("--queue", help="overrides the config's queue")
+    ap.add_argument("--backend", choices=["auto", "baseline", "kernel"], help="overrides the config's backend")
+    args = ap.parse_args(argv)
+    cfg = EncoderWorkerConfig.from_json(args.config, redis_url=args.redis_url, queue=args.queue,
+                                        backend=args.backend)
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from workers.worker import EncoderWorker
+
+    EncoderWorker(cfg, load_configured_encoder(cfg)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The encoder worker's config (configs/encoder.json); every key is optional and documented in the README."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.config import DEFAULT_REDIS_URL, load_json, redis_url_from_env, resolve_path, take_known
+
+
+@dataclass(slots=True)
+class EncoderWorkerConfig:
+    model_dir: str = "../var/tiny"  # a Qwen-Image directory; relative to the config file
+    make_tiny_if_missing: bool = True  # create the embedded tiny checkpoint at model_dir on first run
+    backend: str = "auto"  # "baseline" | "kernel" | "auto" (kernel on a GPU, baseline on the CPU)
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str | None = None  # None: bfloat16 on a GPU, float32 on the CPU
+    redis_url: str = DEFAULT_REDIS_URL
+    queue: str = "encode"
+    max_prompt_tokens: int = 1024  # tokens after the template prefix, per prompt; longer fails that job
+    max_prompts_per_job: int = 64
+    max_payload_bytes: int = 16 << 20  # a job's msgpack payload; larger fails that job
+    max_batch_tokens: int = 16384
+    max_batch_requests: int = 64
+    max_wait_ms: float = 2.0
+    result_ttl_s: int = 60  # how long handles, blobs and segments wait for their client
+    shm_prefix: str = "eb"
+    shm_max_bytes: int | None = None  # budget for this worker's live segments; None: whatever /dev/shm has
+    sweep_interval_s: float = 5.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_json(cls, path: str, **overrides) -> "EncoderWorkerConfig":
+        raw = load_json(path)
+        cfg = cls(**take_known(cls, raw, path))
+        cfg.model_dir = resolve_path(raw, cfg.model_dir)
+        cfg.redis_url = raw.get("redis_url") or redis_url_from_env(cfg.redis_url)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        return cfg
