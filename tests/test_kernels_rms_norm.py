@@ -1,0 +1,115 @@
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # triton.jit picks compiled or interpreted when the kernel modules are imported: set it before that
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from workers.kernels import _triton_env, rms_norm, rms_norm_ref, triton_available  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _tol(dtype: torch.dtype) -> float:
+    if dtype == torch.float32:
+        return 1e-5
+    if dtype == torch.bfloat16 and _triton_env.INTERPRET:
+        return 2e-2  # the interpreter casts fp32 -> bf16 by truncation, not round-to-nearest-even
+    return 1e-2
+
+
+def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _seed(*parts) -> None:
+    torch.manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3, 17])
+@pytest.mark.parametrize("D", [8, 24, 40, 96])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_ref(dtype, T, D, with_residual):
+    _seed("rms", dtype, T, D, with_residual)
+    x = torch.randn(T, D, device=DEVICE, dtype=dtype)
+    weight = (1.0 + 0.5 * torch.randn(D, device=DEVICE)).to(dtype)
+    residual = torch.randn(T, D, device=DEVICE, dtype=dtype) if with_residual else None
+    eps = 1e-6
+    y_ref, r_ref = rms_norm_ref(x, weight, eps, residual)
+
+    out = torch.full_like(x, float("nan"))  # unwritten elements stay NaN and fail the comparison
+    r_out = torch.full_like(x, float("nan")) if with_residual else None
+    y, r = rms_norm(x, weight, eps, residual, out=out, residual_out=r_out)
+
+    assert y is out and y.dtype == dtype
+    assert _rel_l2(y, y_ref) < _tol(dtype)
+    if with_residual:
+        assert r is r_out
+        assert _rel_l2(r, r_ref) < _tol(dtype)
+    else:
+        assert r is None and r_ref is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_model_width_in_place_residual(dtype):
+    # the real hidden size (3584, not a power of two); the residual stream is updated in place
+    _seed("rms-3584", dtype)
+    T, D = 3, 3584
+    x = torch.randn(T, D, device=DEVICE, dtype=dtype)
+    weight = torch.randn(D, device=DEVICE, dtype=dtype)
+    residual = torch.randn(T, D, device=DEVICE, dtype=dtype)
+    y_ref, r_ref = rms_norm_ref(x, weight, 1e-6, residual)
+    y, r = rms_norm(x, weight, 1e-6, residual, residual_out=residual)
+    assert r is residual
+    assert _rel_l2(y, y_ref) < _tol(dtype)
+    assert _rel_l2(r, r_ref) < _tol(dtype)
+
+
+def test_rms_norm_empty():
+    x = torch.empty(0, 24, device=DEVICE)
+    y, r = rms_norm(x, torch.ones(24, device=DEVICE), 1e-6)
+    assert y.shape == (0, 24) and r is None
+
+
+def test_rms_norm_rejects_bad_inputs():
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(AssertionError, match="weight must be"):
+        rms_norm(x, torch.ones(7, device=DEVICE), 1e-6)
+    with pytest.raises(AssertionError, match="contiguous"):
+        rms_norm(x.t(), torch.ones(4, device=DEVICE), 1e-6)
+    with pytest.raises(AssertionError, match="dtype"):
+        rms_norm(x, torch.ones(8, device=DEVICE, dtype=torch.float16), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_ref_matches_hf(dtype):
+    # the reference reproduces HF's decoder layer: bf16 residual add, then Qwen2RMSNorm
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+    _seed("rms-hf", dtype)
+    T, D = 5, 40
+    norm = Qwen2_5_VLRMSNorm(D, eps=1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D))
+    x = torch.randn(T, D, device=DEVICE, dtype=dtype)
+    residual = torch.randn(T, D, device=DEVICE, dtype=dtype)
+    h = residual + x
+    with torch.no_grad():
+        y_hf = norm(h)
+    y, r = rms_norm_ref(x, norm.weight.detach(), 1e-6, residual)
+    torch.testing.assert_close(r, h, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_hf, rtol=0, atol=0)
+
+
+def test_triton_available_here():
+    # these tests run the launchers on DEVICE, so the model code would pick them too
+    assert triton_available(DEVICE)
+    assert triton_available(torch.empty(1, device=DEVICE))
+    assert not triton_available("meta")

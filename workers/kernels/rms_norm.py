@@ -1,0 +1,115 @@
+"""RMSNorm fused with the residual add, with HF Qwen2RMSNorm's rounding points."""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton_env import check_launchable, tl, triton
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # x, residual: [T, D]; weight: [D] -> y [T, D], residual_out [T, D] or None
+    dtype = x.dtype
+    residual_out = None
+    if residual is not None:
+        # HF adds the residual stream in the model dtype: one rounding after an exact fp32 add.
+        x = (x.float() + residual.float()).to(dtype)
+        residual_out = x
+    h = x.float()
+    var = h.pow(2).mean(-1, keepdim=True)
+    y = (h * torch.rsqrt(var + eps)).to(dtype)
+    # HF rounds the normalized row to the input dtype before the weight multiply, then rounds again.
+    y = (weight.float() * y.float()).to(dtype)
+    return y, residual_out
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X, R, W, Y, R_OUT,
+    D, eps,
+    BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    # one program per row; X, R, Y, R_OUT: [T, D] contiguous; W: [D]
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    base = row * D
+    x = tl.load(X + base + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + base + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(R_OUT + base + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    var = tl.sum(h * h, axis=0) / D
+    rstd = tl.rsqrt(var + eps)
+    y = (h * rstd).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + base + cols, (w * y).to(Y.dtype.element_ty), mask=mask)
+
+
+def _rms_norm_config(d: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps): the whole row in one block, enough warps for 16-byte loads across it."""
+    block_d = triton.next_power_of_2(d)
+    num_warps = 4
+    if block_d >= 2048:
+        num_warps = 8
+    if block_d >= 8192:
+        num_warps = 16
+    return block_d, num_warps
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = RMSNorm(x [+ residual]) * weight; with a residual, also returns the rounded sum (the new residual).
+
+    x, residual: [T, D]; weight: [D]; all one dtype (fp32, fp16 or bf16). `out` / `residual_out` may alias
+    `x` / `residual` (each row is read before it is written).
+    """
+    check_launchable(x, "rms_norm")
+    assert x.dim() == 2, f"rms_norm: x must be [T, D], got shape {tuple(x.shape)}"
+    T, D = x.shape
+    assert x.dtype in _DTYPES, f"rms_norm: unsupported dtype {x.dtype}"
+    assert x.is_contiguous(), "rms_norm: x must be contiguous"
+    assert weight.shape == (D,), f"rms_norm: weight must be [{D}], got {tuple(weight.shape)}"
+    assert weight.dtype == x.dtype, f"rms_norm: weight dtype {weight.dtype} != x dtype {x.dtype}"
+    assert weight.is_contiguous() and weight.device == x.device, "rms_norm: weight must be contiguous, on x's device"
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype, (
+            f"rms_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
+            f"got {tuple(residual.shape)}, {residual.dtype}"
+        )
+        assert residual.is_contiguous() and residual.device == x.device, "rms_norm: residual must be contiguous"
+        if residual_out is None:
+            residual_out = torch.empty_like(x)
+        assert residual_out.shape == x.shape and residual_out.dtype == x.dtype and residual_out.is_contiguous()
+    else:
+        assert residual_out is None, "rms_norm: residual_out given without residual"
+    if out is None:
+        out = torch.empty_like(x)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous(), (
+        f"rms_norm: out must be contiguous {tuple(x.shape)} {x.dtype}"
+    )
+    if T == 0:
+        return out, residual_out
+
+    block_d, num_warps = _rms_norm_config(D)
+    _rms_norm_kernel[(T,)](
+        x, residual if residual is not None else x, weight, out,
+        residual_out if residual_out is not None else out,
+        D, eps,
+        BLOCK_D=block_d, HAS_RESIDUAL=residual is not None,
+        num_warps=num_warps,
+    )
+    return out, residual_out
