@@ -42,13 +42,13 @@ def job_key(job_id: str) -> str:
     return f"rq:job:{job_id}"
 
 
-def new_job_mapping(payload: bytes, queue: str, *, job_timeout: int, result_ttl: int, failure_ttl: int,
+def new_job_mapping(payload: bytes, queue: str, *, function: str = ENCODE_FUNCTION, job_timeout: int, result_ttl: int, failure_ttl: int,
                     ttl: int, retries: int, description: str = "") -> tuple[str, dict]:
     """(job id, the job hash's fields) as RQ's Queue.enqueue_call would write them."""
     from rq import Retry
 
     job = Job.create(
-        ENCODE_FUNCTION,
+        function,
         args=(payload,),
         connection=_NoConnection(),
         id=uuid.uuid4().hex,
@@ -56,7 +56,7 @@ def new_job_mapping(payload: bytes, queue: str, *, job_timeout: int, result_ttl:
         result_ttl=result_ttl,
         failure_ttl=failure_ttl,
         ttl=ttl,
-        description=description or "encode",
+        description=description or function,
         origin=queue,
         serializer=MsgpackSerializer,
         status=JobStatus.QUEUED,

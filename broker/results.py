@@ -20,7 +20,7 @@ RESULT_SUCCESSFUL, RESULT_FAILED, RESULT_STOPPED, RESULT_RETRIED, RESULT_MAX_RET
 
 @dataclass(slots=True)
 class JobOutcome:
-    handle: Handle | None
+    value: bytes | None  # the job's return value: msgpack of a Handle, GenerateResult, ...
     error: str | None
 
 
@@ -32,7 +32,10 @@ def parse_result_entry(fields: dict) -> JobOutcome:
         raw = fields.get("return_value")
         if raw is None:
             raise ProtocolError("a successful result carries no return value")
-        return JobOutcome(Handle.from_msgpack(MsgpackSerializer.loads(base64.b64decode(raw))), None)
+        value = MsgpackSerializer.loads(base64.b64decode(raw))
+        if not isinstance(value, bytes):
+            raise ProtocolError(f"a result's return value must be msgpack bytes, got {type(value).__name__}")
+        return JobOutcome(value, None)
     exc = fields.get("exc_string")
     text = zlib.decompress(base64.b64decode(exc)).decode() if exc else ""
     reason = {RESULT_STOPPED: "stopped", RESULT_MAX_RETRIES: "out of retries"}.get(kind, "failed")
@@ -45,11 +48,11 @@ def last_line(exc_string: str) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def raise_for_error(outcome: JobOutcome) -> Handle:
+def raise_for_error(outcome: JobOutcome) -> bytes:
     if outcome.error is not None:
         raise EncodeFailed(outcome.error)
-    assert outcome.handle is not None
-    return outcome.handle
+    assert outcome.value is not None
+    return outcome.value
 
 
 def _split(buffer, handle_like, copy: bool) -> list[torch.Tensor]:

@@ -27,6 +27,14 @@ def unpackb(data: bytes, what: str):
         raise ProtocolError(f"{what} is not valid msgpack: {e}") from None
 
 
+def decode(cls, data: bytes, what: str):
+    """An instance of wire dataclass `cls` from msgpack bytes, or ProtocolError saying what is wrong."""
+    try:
+        return cls(**_fields_of(cls, unpackb(data, what), what))
+    except TypeError as e:
+        raise ProtocolError(f"{what} is missing a field: {e}") from None
+
+
 def _fields_of(cls, d: dict, what: str) -> dict:
     if not isinstance(d, dict):
         raise ProtocolError(f"{what} must be a msgpack map, got {type(d).__name__}")
@@ -75,10 +83,7 @@ class EncodeRequest:
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> "EncodeRequest":
-        try:
-            return cls(**_fields_of(cls, unpackb(data, "encode request"), "encode request"))
-        except TypeError as e:
-            raise ProtocolError(f"encode request is missing a field: {e}") from None
+        return decode(cls, data, "encode request")
 
 
 @dataclass(slots=True)
@@ -101,10 +106,7 @@ class Handle:
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> "Handle":
-        try:
-            h = cls(**_fields_of(cls, unpackb(data, "result handle"), "result handle"))
-        except TypeError as e:
-            raise ProtocolError(f"result handle is missing a field: {e}") from None
+        h = decode(cls, data, "result handle")
         if h.transport not in TRANSPORTS or h.dtype not in DTYPES or len(h.shapes) != len(h.offsets):
             raise ProtocolError(f"result handle is malformed: {h!r}")
         return h
@@ -125,7 +127,64 @@ class Blob:
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> "Blob":
-        try:
-            return cls(**_fields_of(cls, unpackb(data, "result blob"), "result blob"))
-        except TypeError as e:
-            raise ProtocolError(f"result blob is missing a field: {e}") from None
+        return decode(cls, data, "result blob")
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """A DiT generation job: what a user of QwenImagePipeline / QwenImageEditPlusPipeline passes."""
+
+    prompt: str
+    negative_prompt: str = " "
+    task: str = "t2i"
+    images: list = field(default_factory=list)  # i2i condition images, encoded bytes
+    width: int = 0  # 0: the pipeline's default
+    height: int = 0
+    steps: int = 0
+    seed: int = 0
+    true_cfg_scale: float = 4.0
+    output_dir: str = ""  # where the worker writes the PNG; "" returns its bytes instead
+    deadline: float = 0.0
+    version: int = SCHEMA_VERSION
+
+    def validate(self) -> "GenerateRequest":
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise InvalidRequest("prompt and negative_prompt must be strings")
+        if self.task not in TASKS:
+            raise InvalidRequest(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
+        for name in ("width", "height", "steps", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise InvalidRequest(f"{name} must be a non-negative integer, got {v!r}")
+        if not isinstance(self.images, list) or not all(isinstance(b, (bytes, bytearray)) for b in self.images):
+            raise InvalidRequest("images must be a list of encoded image bytes (PNG, JPEG or WebP)")
+        return self
+
+    def to_msgpack(self) -> bytes:
+        return packb(asdict(self))
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> "GenerateRequest":
+        return decode(cls, data, "generate request")
+
+
+@dataclass(slots=True)
+class GenerateResult:
+    """What a DiT worker returns: the image (PNG bytes or a path) and what it was made from."""
+
+    embeds_shapes: list  # [[L, D] of the prompt, [L, D] of the negative prompt]
+    embeds_checksum: float  # sum of |x| over both, in float64: cheap evidence of what the pipeline received
+    encoder_mode: str
+    png: bytes = b""
+    path: str = ""
+    width: int = 0
+    height: int = 0
+    timings: dict = field(default_factory=dict)
+    version: int = SCHEMA_VERSION
+
+    def to_msgpack(self) -> bytes:
+        return packb(asdict(self))
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> "GenerateResult":
+        return decode(cls, data, "generate result")

@@ -49,15 +49,20 @@ class TakenJob:
 
     job_id: str
     job: Job | None
-    request: EncodeRequest | None = None
+    request: object | None = None  # the parsed request (EncodeRequest for encoder workers)
     error: str | None = None
     taken_at: float = field(default_factory=time.time)
     execution: Execution | None = None
 
 
 class JobSource:
-    def __init__(self, connection: redis.Redis, queue: str, worker_name: str, max_payload_bytes: int):
+    """Jobs of one queue that name `function` and carry one msgpack request that `parse_request` reads."""
+
+    def __init__(self, connection: redis.Redis, queue: str, worker_name: str, max_payload_bytes: int,
+                 function: str = ENCODE_FUNCTION, parse_request=EncodeRequest.from_msgpack):
         self.connection = connection
+        self.function = function
+        self.parse_request = parse_request
         self.queue = queue
         self.queue_key = queue_key(queue)
         self.intermediate_key = f"rq:intermediate:{queue}"
@@ -102,15 +107,15 @@ class JobSource:
             args = job.args
         except Exception:
             return TakenJob(job_id, job, error="job data is not msgpack: refused (this worker never unpickles)")
-        if func != ENCODE_FUNCTION:
-            return TakenJob(job_id, job, error=f"refused: this worker runs only {ENCODE_FUNCTION}, not {func!r}")
+        if func != self.function:
+            return TakenJob(job_id, job, error=f"refused: this worker runs only {self.function}, not {func!r}")
         if not (isinstance(args, (list, tuple)) and len(args) == 1 and isinstance(args[0], bytes)):
-            return TakenJob(job_id, job, error="job arguments must be one msgpack-encoded encode request")
+            return TakenJob(job_id, job, error="job arguments must be one msgpack-encoded request")
         if len(args[0]) > self.max_payload_bytes:
             return TakenJob(job_id, job, error=f"payload is {len(args[0])} bytes, over max_payload_bytes "
                                                  f"{self.max_payload_bytes}")
         try:
-            request = EncodeRequest.from_msgpack(args[0]).validate()
+            request = self.parse_request(args[0]).validate()
         except BrokerError as e:
             return TakenJob(job_id, job, error=f"{type(e).__name__}: {e}")
         if request.deadline and request.deadline < time.time():

@@ -236,8 +236,17 @@ def make_tiny(outdir: str, force: bool = False) -> str:
 
 
 def ensure_tiny(outdir: str) -> str:
-    """Creates the tiny checkpoint on first use; later calls return at once."""
-    return make_tiny(outdir, force=False)
+    """Creates the tiny checkpoint on first use; later calls return at once. Processes starting together
+    (honcho starts the encoder and DiT workers at once) take turns on a lock file, so one writes it."""
+    import fcntl
+
+    outdir = os.path.abspath(outdir)
+    if os.path.exists(os.path.join(outdir, MARKER)):
+        return outdir
+    os.makedirs(os.path.dirname(outdir), exist_ok=True)
+    with open(outdir + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return make_tiny(outdir, force=False)
 
 
 def main(argv=None) -> int:

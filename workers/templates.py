@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from broker.errors import InvalidRequest
+
 IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 
 
@@ -50,4 +52,4 @@ def template_for(task: str) -> Template:
     try:
         return TEMPLATES[task]
     except KeyError:
-        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}") from None
+        raise InvalidRequest(f"unknown task {task!r}: expected one of {', '.join(TASKS)}") from None

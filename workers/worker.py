@@ -8,97 +8,45 @@ batch and Redis restarts.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 
-import redis
 import torch
-from rq import Queue, SimpleWorker
 
 from broker.errors import BrokerError
 from broker.host import host_id
-from broker.serializer import MsgpackSerializer
 from shm import sweep
 from workers.batching import split_by_tokens, unique_sequences
 from workers.config import EncoderWorkerConfig
 from workers.encoders.base import TokenizedBatch
-from workers.job_source import JobSource, TakenJob
+from workers.job_source import TakenJob
 from workers.result_writer import ResultWriter
+from workers.serve_loop import HEARTBEAT_TTL_S, ServeLoop
 
 log = logging.getLogger("workers")
 
-HEARTBEAT_TTL_S = 30  # a worker silent for this long is presumed dead; its jobs are retried or failed
 
-
-class EncoderWorker:
+class EncoderWorker(ServeLoop):
     def __init__(self, config: EncoderWorkerConfig, encoder):
+        super().__init__(config.redis_url, config.queue, config.max_payload_bytes)
         self.config = config
         self.encoder = encoder
-        self.connection = redis.Redis.from_url(config.redis_url, socket_connect_timeout=5, socket_timeout=30,
-                                               health_check_interval=30)
-        queue = Queue(config.queue, connection=self.connection, serializer=MsgpackSerializer)
-        # RQ's worker record only: registration, heartbeat and state, so rq-dashboard and `rq info` see us.
-        self.rq_worker = SimpleWorker([queue], connection=self.connection, serializer=MsgpackSerializer)
-        self.name = self.rq_worker.name
-        self.source = JobSource(self.connection, config.queue, self.name, config.max_payload_bytes)
+        self.maintenance_interval_s = config.sweep_interval_s
         self.writer = ResultWriter(host_id(), config.result_ttl_s, self.name, config.shm_prefix,
                                    config.shm_max_bytes)
-        self._stop = False
-        self._last_maintenance = 0.0
 
-    # -- lifecycle -------------------------------------------------------------------------------------
-    def request_stop(self, *_):
-        self._stop = True
+    def describe(self) -> str:
+        return f"queue {self.queue!r} with the {self.encoder.backend} encoder on {self.encoder.device}"
 
-    def run(self, max_batches: int | None = None) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
-        self._register()
-        log.info("worker %s serving queue %r with the %s encoder on %s", self.name, self.config.queue,
-                 self.encoder.backend, self.encoder.device)
-        batches, backoff = 0, 0.5
-        while not self._stop and (max_batches is None or batches < max_batches):
-            try:
-                self._maintain()
-                first = self.source.wait_first(1.0)
-                if first is None:
-                    continue
-                jobs = self.source.take(first, self.config.max_batch_requests - 1)
-                self.process(jobs)
-                batches += 1
-                backoff = 0.5
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                log.error("Redis unreachable (%s); retrying in %.1fs", e, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                self._registered = False
-        try:
-            self.rq_worker.register_death()
-        except redis.RedisError:
-            pass
-        log.info("worker %s stopped", self.name)
+    def batch_size(self) -> int:
+        return self.config.max_batch_requests
 
-    def _register(self) -> None:
-        self.rq_worker.register_birth()
-        self.rq_worker.set_state("idle")
-        self._registered = True
-
-    def _maintain(self) -> None:
-        """Heartbeat, abandoned-job cleanup and the segment sweep, at most every sweep_interval_s."""
-        t = time.time()
-        if t - self._last_maintenance < self.config.sweep_interval_s:
-            return
-        if not getattr(self, "_registered", False):
-            self._register()  # Redis came back, maybe empty: announce ourselves again
-        self.rq_worker.heartbeat(HEARTBEAT_TTL_S + 60)
-        self.source.requeue_abandoned()
+    def maintain(self) -> None:
         removed = sweep(self.config.shm_prefix, grace_s=min(self.config.result_ttl_s, 10))
         if removed:
             log.info("swept %d expired or orphaned segment(s)", len(removed))
-        self._last_maintenance = t
 
     # -- one batch -------------------------------------------------------------------------------------
-    def process(self, jobs: list[TakenJob]) -> None:
+    def handle(self, jobs: list[TakenJob]) -> None:
         t0 = time.time()
         failed: list[tuple[TakenJob, str]] = [(t, t.error) for t in jobs if t.error is not None]
         ready, batches = [], {}

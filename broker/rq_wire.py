@@ -1,0 +1,146 @@
+"""Submitting one job and waiting for its result over Redis, sync and asyncio, with one deadline for both.
+
+Jobs are RQ-compatible records (see broker.enqueue); results are read from RQ's result stream with a
+blocking XREAD, so a waiting client costs Redis nothing and hears of the result at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis
+import redis.asyncio as aredis
+
+from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_mapping
+from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
+from broker.results import JobOutcome, parse_result_entry
+
+RESULT_KEY = "rq:results:{}"
+RESULT_TTL_S = 60  # how long a result waits in Redis for a client that is slow to read it
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+class JobWire:
+    """One queue's submit-and-wait, shared by EncoderClient and GenerationClient."""
+
+    def __init__(self, redis_url: str, queue: str, function: str, timeout: float, retries: int,
+                 max_queue_depth: int = 0):
+        self.redis_url = redis_url
+        self.queue = queue
+        self.function = function
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.max_queue_depth = int(max_queue_depth)
+        # Reads block up to the whole timeout (XREAD BLOCK), so the socket may wait a little longer than that.
+        self._kw = dict(socket_connect_timeout=min(self.timeout, 5.0), socket_timeout=self.timeout + 1.0,
+                        health_check_interval=0)
+        self.redis = redis.Redis.from_url(redis_url, **self._kw)
+        self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
+        self._aredis: aredis.Redis | None = None
+        self._aenqueue = None
+
+    @property
+    def aredis(self) -> aredis.Redis:
+        if self._aredis is None:
+            self._aredis = aredis.Redis.from_url(self.redis_url, **self._kw)
+            self._aenqueue = self._aredis.register_script(ENQUEUE_SCRIPT)
+        return self._aredis
+
+    def deadline(self) -> float:
+        return time.time() + self.timeout
+
+    def _job(self, payload: bytes, deadline: float, description: str) -> tuple[str, list, list]:
+        remaining = max(1, int(deadline - time.time()) + 1)
+        job_id, mapping = new_job_mapping(
+            payload, self.queue, function=self.function, job_timeout=remaining + 5, result_ttl=RESULT_TTL_S,
+            failure_ttl=RESULT_TTL_S, ttl=remaining, retries=self.retries, description=description,
+        )
+        keys, argv = enqueue_args(job_id, mapping, self.queue, self.max_queue_depth, remaining)
+        return job_id, keys, argv
+
+    def _admitted(self, pushed: int) -> None:
+        if pushed < 0:
+            raise Overloaded(f"queue {self.queue!r} holds {self.max_queue_depth} jobs or more (max_queue_depth); "
+                             "retry later or add workers")
+
+    def unavailable(self, err: Exception) -> BrokerUnavailable:
+        return BrokerUnavailable(f"cannot reach Redis at {self.redis_url}: {err}")
+
+    def _timed_out(self, job_id: str) -> BrokerTimeout:
+        return BrokerTimeout(f"no result for job {job_id} on queue {self.queue!r} within {self.timeout:.1f}s")
+
+    # -- sync ------------------------------------------------------------------------------------------
+    def submit(self, payload: bytes, deadline: float, description: str = "") -> str:
+        job_id, keys, argv = self._job(payload, deadline, description)
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            try:
+                self._admitted(self._enqueue(keys=keys, args=argv))
+                return job_id
+            except CONNECTION_ERRORS as e:
+                if attempt == self.retries or time.time() + delay >= deadline:
+                    raise self.unavailable(e) from None
+                time.sleep(delay)
+                delay *= 2
+
+    def wait(self, job_id: str, deadline: float) -> JobOutcome:
+        key = RESULT_KEY.format(job_id)
+        while True:
+            block_ms = int((deadline - time.time()) * 1000)
+            if block_ms <= 0:
+                raise self._timed_out(job_id)
+            try:
+                got = self.redis.xread({key: "0-0"}, count=1, block=block_ms)
+            except CONNECTION_ERRORS as e:
+                raise self.unavailable(e) from None
+            if got:
+                return parse_result_entry(got[0][1][0][1])
+
+    def getdel(self, key: str) -> bytes | None:
+        try:
+            return self.redis.getdel(key)
+        except CONNECTION_ERRORS as e:
+            raise self.unavailable(e) from None
+
+    # -- asyncio ---------------------------------------------------------------------------------------
+    async def asubmit(self, payload: bytes, deadline: float, description: str = "") -> str:
+        job_id, keys, argv = self._job(payload, deadline, description)
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            try:
+                self.aredis  # creates the connection and its script on first use
+                self._admitted(await self._aenqueue(keys=keys, args=argv))
+                return job_id
+            except CONNECTION_ERRORS as e:
+                if attempt == self.retries or time.time() + delay >= deadline:
+                    raise self.unavailable(e) from None
+                await asyncio.sleep(delay)
+                delay *= 2
+
+    async def await_result(self, job_id: str, deadline: float) -> JobOutcome:
+        key = RESULT_KEY.format(job_id)
+        while True:
+            block_ms = int((deadline - time.time()) * 1000)
+            if block_ms <= 0:
+                raise self._timed_out(job_id)
+            try:
+                got = await self.aredis.xread({key: "0-0"}, count=1, block=block_ms)
+            except CONNECTION_ERRORS as e:
+                raise self.unavailable(e) from None
+            if got:
+                return parse_result_entry(got[0][1][0][1])
+
+    async def agetdel(self, key: str) -> bytes | None:
+        try:
+            return await self.aredis.getdel(key)
+        except CONNECTION_ERRORS as e:
+            raise self.unavailable(e) from None
+
+    def close(self) -> None:
+        self.redis.close()
+
+    async def aclose(self) -> None:
+        if self._aredis is not None:
+            await self._aredis.aclose()
+            self._aredis = self._aenqueue = None

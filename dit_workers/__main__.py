@@ -1,0 +1,38 @@
+"""python -m dit_workers --config CONFIG: run one DiT worker on its generation queue."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from dit_workers.config import DitWorkerConfig
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dit_workers", description="Run one DiT worker.")
+    ap.add_argument("--config", required=True, help="DiT worker JSON config (see configs/dit.json)")
+    ap.add_argument("--redis-url", help="overrides the config's redis_url")
+    ap.add_argument("--text-encoder-type", help="overrides the config's text_encoder_type")
+    args = ap.parse_args(argv)
+    cfg = DitWorkerConfig.from_json(args.config, redis_url=args.redis_url)
+    if args.text_encoder_type:
+        from broker.config import normalize_text_encoder_type
+
+        cfg.text_encoder_type = normalize_text_encoder_type(args.text_encoder_type)
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if cfg.make_tiny_if_missing:
+        from workers.make_tiny import ensure_tiny
+
+        ensure_tiny(cfg.model_path)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from dit_workers.worker import DitWorker
+
+    DitWorker(cfg, device).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+import os
+import uuid
+
+import pytest
+import torch
+
+# Triton reads this when kernels are defined, so it is set before any test module imports workers.kernels:
+# without a GPU, the Triton kernels run in the interpreter (slowly: tests keep shapes tiny).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.helpers import TINY_DIR, RedisServer, start_process, stop_process, wait_for_workers, write_config
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    from workers.make_tiny import ensure_tiny
+
+    return ensure_tiny(TINY_DIR)
+
+
+@pytest.fixture(scope="session")
+def baseline(tiny_dir):
+    from workers.encoders import load_encoder
+
+    return load_encoder(tiny_dir, backend="baseline", max_prompt_tokens=TEST_MAX_PROMPT_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+TEST_MAX_PROMPT_TOKENS = 96
+
+
+@pytest.fixture(scope="session")
+def encoder_worker(tiny_dir, redis_server, tmp_path_factory):
+    """One real encoder worker process (baseline backend, CPU) serving queue 'encode' of the test Redis."""
+    d = tmp_path_factory.mktemp("encoder-worker")
+    prefix = "ebt" + uuid.uuid4().hex[:6]
+    cfg = write_config(str(d / "encoder.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
+                       redis_url=redis_server.url, queue="encode", max_prompt_tokens=TEST_MAX_PROMPT_TOKENS,
+                       max_prompts_per_job=40, shm_prefix=prefix, result_ttl_s=30, sweep_interval_s=1.0)
+    log = str(d / "worker.log")
+    proc = start_process(["-m", "workers", "--config", cfg], log)
+    wait_for_workers(redis_server.url, 1, proc, log)
+    yield {"proc": proc, "prefix": prefix, "log": log, "url": redis_server.url, "config": cfg}
+    stop_process(proc)
+
+
+@pytest.fixture
+def client(encoder_worker):
+    from broker.client import EncoderClient
+
+    c = EncoderClient(encoder_worker["url"], timeout=30)
+    yield c
+    c.close()

@@ -1,0 +1,102 @@
+"""Shared test plumbing: a real redis-server on a free port, real worker processes, raw job writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import redis
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DIR = os.environ.get("EB_TEST_TINY_DIR", os.path.join(REPO, "var", "tiny"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server: no persistence, its own port and folder."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="eb-redis-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/setup does it)")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        r = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                if r.ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_config(path: str, **values) -> str:
+    with open(path, "w") as f:
+        json.dump(values, f)
+    return path
+
+
+def start_process(args: list[str], log_path: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env.pop("TRITON_INTERPRET", None)
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+
+
+def wait_for_workers(url: str, count: int, proc: subprocess.Popen, log_path: str, timeout: float = 120.0) -> None:
+    """Until `count` RQ workers are registered (the worker registers after loading its model)."""
+    r = redis.Redis.from_url(url)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}:\n{open(log_path).read()[-4000:]}")
+        if r.scard("rq:workers") >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"worker did not register within {timeout}s:\n{open(log_path).read()[-4000:]}")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def shm_names(prefix: str) -> list[str]:
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix + "."))

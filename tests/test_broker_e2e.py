@@ -1,0 +1,164 @@
+"""Prompts in, hidden states out, through a real Redis, a real worker process and real shared memory."""
+
+import asyncio
+import time
+import zlib
+
+import msgpack
+import pytest
+import redis
+import torch
+
+from broker.client import EncoderClient
+from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_mapping
+from broker.errors import BrokerUnavailable, EncodeFailed, InvalidRequest
+from broker.rq_wire import JobWire
+from broker.queues import ENCODE_FUNCTION
+from broker.schemas import EncodeRequest
+from tests.conftest import TEST_MAX_PROMPT_TOKENS
+from tests.helpers import free_port, shm_names
+
+
+def prompt_of_length(tokenizer, n_out: int) -> str:
+    """A user prompt whose encoder output is exactly n_out tokens (user tokens + the 5-token suffix)."""
+    words = ["fox"] + [" fox"] * (n_out - 6)
+    text = "".join(words)
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == n_out - 5
+    return text
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_broker_equals_in_process_baseline(client, baseline, encoder_worker):
+    long = prompt_of_length(baseline.tokenizer, TEST_MAX_PROMPT_TOKENS)
+    prompts = ["", "a red fox in snow", "ünïcödé and emoji 🦊🎨 日本語", long]
+    got = client.encode(prompts)
+    assert [g.shape[0] for g in got][-1] == TEST_MAX_PROMPT_TOKENS
+    assert_same(got, [baseline.encode([p])[0] for p in prompts])
+    assert shm_names(encoder_worker["prefix"]) == []  # the client unlinked the segment after reading
+
+
+def test_over_the_limit_fails_that_job_clearly(client, baseline):
+    too_long = prompt_of_length(baseline.tokenizer, TEST_MAX_PROMPT_TOKENS + 1)
+    with pytest.raises(EncodeFailed, match=f"over the limit of {TEST_MAX_PROMPT_TOKENS}"):
+        client.encode(["fine", too_long])
+    assert_same(client.encode(["fine"]), baseline.encode(["fine"]))
+
+
+def test_blob_transport_gives_the_same_tensors(encoder_worker, baseline):
+    prompts = ["a blob for a remote host", "second"]
+    with EncoderClient(encoder_worker["url"], transport="blob", timeout=30) as blob_client:
+        got = blob_client.encode(prompts)
+        assert blob_client.wire.redis.keys("eb:blob:*") == []  # read with GETDEL: nothing left behind
+    assert_same(got, baseline.encode(prompts))
+    assert shm_names(encoder_worker["prefix"]) == []
+
+
+def test_zero_copy_views_survive_unlink(encoder_worker, baseline):
+    with EncoderClient(encoder_worker["url"], timeout=30, copy=False) as c:
+        got = c.encode(["zero copy"])
+    assert shm_names(encoder_worker["prefix"]) == []
+    assert_same([got[0].clone()], baseline.encode(["zero copy"]))
+
+
+def test_32_concurrent_aencode_calls(encoder_worker, baseline):
+    prompts = [f"prompt number {i}: " + "red " * (i % 7) + "fox" for i in range(32)]
+
+    async def run():
+        c = EncoderClient(encoder_worker["url"], timeout=60)
+        try:
+            return await asyncio.gather(*(c.aencode([p]) for p in prompts))
+        finally:
+            await c.aclose()
+
+    results = asyncio.run(run())
+    for p, (got,) in zip(prompts, results):
+        assert_same([got], baseline.encode([p]))
+    assert shm_names(encoder_worker["prefix"]) == []
+
+
+def raw_job(url: str, payload, function: str = ENCODE_FUNCTION, data: bytes | None = None) -> str:
+    """Writes a job by hand, bypassing the client's checks, and returns its id."""
+    job_id, mapping = new_job_mapping(payload, "encode", function=function, job_timeout=30, result_ttl=30,
+                                      failure_ttl=30, ttl=30, retries=0)
+    if data is not None:
+        mapping["data"] = data
+    keys, argv = enqueue_args(job_id, mapping, "encode", 0, 30)
+    redis.Redis.from_url(url).eval(ENQUEUE_SCRIPT, len(keys), *keys, *argv)
+    return job_id
+
+
+def request(**kw) -> bytes:
+    return msgpack.packb({"version": 1, "prompts": ["x"], "task": "t2i", **kw}, use_bin_type=True)
+
+
+@pytest.mark.parametrize("payload, data, function, message", [
+    (request(prompts=["ok", 7]), None, ENCODE_FUNCTION, "prompt 1 is a int, not a string"),
+    (request(prompts=[]), None, ENCODE_FUNCTION, "prompts is empty"),
+    (request(task="t2v"), None, ENCODE_FUNCTION, "unknown task 't2v'"),
+    (request(), None, "os.system", f"refused: this worker runs only {ENCODE_FUNCTION}, not 'os.system'"),
+    (request(), zlib.compress(b"\xc1 not msgpack"), ENCODE_FUNCTION, "job data is not msgpack"),
+    (b"\xc1\xc1 not msgpack either", None, ENCODE_FUNCTION, "not valid msgpack"),
+    (request(version=99), None, ENCODE_FUNCTION, "schema version 99"),
+])
+def test_bad_jobs_fail_clearly_and_the_worker_keeps_serving(client, baseline, encoder_worker, payload, data,
+                                                             function, message):
+    job_id = raw_job(encoder_worker["url"], payload, function=function, data=data)
+    wire = JobWire(encoder_worker["url"], "encode", ENCODE_FUNCTION, timeout=30, retries=0)
+    outcome = wire.wait(job_id, time.time() + 30)
+    assert outcome.value is None and message in outcome.error
+    r = wire.redis
+    assert r.hget(f"rq:job:{job_id}", "status") == b"failed"
+    assert r.zscore("rq:failed:encode", job_id) is not None  # visible in RQ's failed registry
+    assert_same(client.encode(["still serving"]), baseline.encode(["still serving"]))
+    assert encoder_worker["proc"].poll() is None
+
+
+def test_client_refuses_bad_input_before_sending(client):
+    with pytest.raises(InvalidRequest, match="list of strings"):
+        client.encode("not a list")
+    with pytest.raises(InvalidRequest, match="prompt 0 is a bytes"):
+        client.encode([b"bytes"])
+    with pytest.raises(InvalidRequest, match="empty"):
+        client.encode([])
+    with pytest.raises(InvalidRequest, match="unknown task"):
+        client.encode(["x"], task="t3i")
+
+
+def test_finished_jobs_are_in_rqs_registries(client, encoder_worker):
+    client.encode(["registry check"])
+    r = redis.Redis.from_url(encoder_worker["url"])
+    assert r.zcard("rq:finished:encode") >= 1
+    assert r.zcard("rq:wip:encode") == 0  # nothing left marked started
+    assert r.llen("rq:intermediate:encode") == 0
+
+
+def test_unreachable_redis_is_a_clear_error_within_the_timeout():
+    c = EncoderClient(f"redis://127.0.0.1:{free_port()}/0", timeout=2.0, retries=3)
+    t0 = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="cannot reach Redis"):
+        c.encode(["x"])
+    assert time.monotonic() - t0 <= 2.0 + 1.0  # the contract: the error comes within the client's timeout
+
+
+def test_from_seed_config(tmp_path, encoder_worker, baseline):
+    from tests.helpers import write_config
+
+    cfg = write_config(str(tmp_path / "dit.json"), text_encoder_type="lightllm_service",
+                       lightllm_config={"service_url": encoder_worker["url"], "service_timeout": 20,
+                                        "service_retry": 1, "use_shm": False})
+    c = EncoderClient.from_config(cfg)
+    assert (c.wire.timeout, c.wire.retries, c.transport) == (20.0, 1, "blob")
+    assert_same(c.encode(["from config"]), baseline.encode(["from config"]))
+    with pytest.raises(ValueError, match="text_encoder_type"):
+        EncoderClient.from_config(write_config(str(tmp_path / "bad.json"), text_encoder_type="baseline"))
+
+
+def test_request_schema_round_trip():
+    r = EncodeRequest(prompts=["a", "b"], task="t2i", transport="blob", client_host="h", deadline=1.5)
+    assert EncodeRequest.from_msgpack(r.to_msgpack()) == r

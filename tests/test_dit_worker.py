@@ -1,0 +1,46 @@
+"""The DiT worker gets a prompt's and a negative prompt's embeddings through the broker in one call."""
+
+import msgpack
+import pytest
+
+from broker.errors import EncodeFailed
+from broker.generation import GenerationClient
+from dit_workers.worker import checksum
+from tests.helpers import start_process, stop_process, wait_for_workers, write_config
+
+
+@pytest.fixture(scope="module")
+def dit_worker(encoder_worker, tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dit-worker")
+    url = encoder_worker["url"]
+    cfg = write_config(str(d / "dit.json"), text_encoder_type="lightllm_service", model_path=tiny_dir,
+                       redis_url=url, queue="generate", device="cpu",
+                       lightllm_config={"service_url": url, "service_timeout": 30, "service_retry": 1,
+                                        "use_shm": True})
+    log = str(d / "dit.log")
+    proc = start_process(["-m", "dit_workers", "--config", cfg], log)
+    wait_for_workers(url, 2, proc, log)  # the encoder worker and this one
+    yield {"url": url, "proc": proc, "log": log}
+    stop_process(proc)
+
+
+def test_generation_job_reports_broker_embeddings(dit_worker, baseline):
+    client = GenerationClient(dit_worker["url"], timeout=60)
+    res = client.generate("a lighthouse at dusk", negative_prompt=" ")
+    want = baseline.encode(["a lighthouse at dusk", " "])
+    assert res.encoder_mode == "service"
+    assert res.embeds_shapes == [list(t.shape) for t in want]
+    assert res.embeds_checksum == pytest.approx(checksum(want), rel=1e-5)
+
+
+def test_bad_generation_request_fails_that_job(dit_worker):
+    client = GenerationClient(dit_worker["url"], timeout=60)
+    deadline = client.wire.deadline()
+    bad_task = msgpack.packb({"version": 1, "prompt": "x", "task": "zzz"})
+    with pytest.raises(EncodeFailed, match="unknown task 'zzz'"):
+        client.wait(client.wire.submit(bad_task, deadline), deadline)
+    no_prompt = msgpack.packb({"version": 1})
+    with pytest.raises(EncodeFailed, match="missing a field.*prompt"):
+        client.wait(client.wire.submit(no_prompt, deadline), deadline)
+    res = client.generate("still alive")
+    assert len(res.embeds_shapes) == 2
