@@ -46,29 +46,31 @@ class EncoderClient:
         kw.update(overrides)
         return cls(**kw)
 
-    def _payload(self, prompts, task: str, images, deadline: float) -> tuple[bytes, str]:
+    def _payload(self, prompts, task: str, images, deadline: float, raw: bool) -> tuple[bytes, str]:
         if isinstance(prompts, str):
             raise InvalidRequest("prompts must be a list of strings; wrap a single prompt in a list")
         req = EncodeRequest(prompts=list(prompts) if isinstance(prompts, tuple) else prompts, task=task,
                             images=[] if images is None else images, transport=self.transport,
-                            client_host=host_id(), deadline=deadline).validate()
+                            client_host=host_id(), deadline=deadline, raw=raw).validate()
         return req.to_msgpack(), f"encode {len(req.prompts)} {task} prompt(s)"
 
-    def encode(self, prompts: list[str], task: str = "t2i", images: list[bytes] | None = None) -> list[torch.Tensor]:
-        """One [L_i, D] tensor per prompt, as `load_encoder(...).encode` returns them."""
+    def encode(self, prompts: list[str], task: str = "t2i", images: list[bytes] | None = None,
+               raw: bool = False) -> list[torch.Tensor]:
+        """One [L_i, D] tensor per prompt, as `load_encoder(...).encode` returns them. With `raw`, prompts are
+        already-templated model inputs and every token's state comes back (LightLLM's convention)."""
         deadline = self.wire.deadline()
-        payload, description = self._payload(prompts, task, images, deadline)
+        payload, description = self._payload(prompts, task, images, deadline, raw)
         job_id = self.wire.submit(payload, deadline, description)
         handle = Handle.from_msgpack(raise_for_error(self.wire.wait(job_id, deadline)))
         if handle.transport == "shm":
             return read_shm(handle, copy=self.copy)
         return read_blob(self.wire.getdel(handle.location), handle)
 
-    async def aencode(self, prompts: list[str], task: str = "t2i",
-                      images: list[bytes] | None = None) -> list[torch.Tensor]:
+    async def aencode(self, prompts: list[str], task: str = "t2i", images: list[bytes] | None = None,
+                      raw: bool = False) -> list[torch.Tensor]:
         """`encode` for asyncio: many calls may be in flight at once on one client."""
         deadline = self.wire.deadline()
-        payload, description = self._payload(prompts, task, images, deadline)
+        payload, description = self._payload(prompts, task, images, deadline, raw)
         job_id = await self.wire.asubmit(payload, deadline, description)
         handle = Handle.from_msgpack(raise_for_error(await self.wire.await_result(job_id, deadline)))
         if handle.transport == "shm":

@@ -56,6 +56,7 @@ class EncodeRequest:
     transport: str = "shm"
     client_host: str = ""
     deadline: float = 0.0  # unix seconds after which the client has given up; 0 = none
+    raw: bool = False  # prompts are already templated model inputs; every token's state is returned
     version: int = SCHEMA_VERSION
 
     def validate(self) -> "EncodeRequest":
@@ -76,6 +77,8 @@ class EncodeRequest:
             raise InvalidRequest("images must be a list of encoded image bytes (PNG, JPEG or WebP)")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.raw, bool):
+            raise InvalidRequest(f"raw must be true or false, got {self.raw!r}")
         return self
 
     def to_msgpack(self) -> bytes:

@@ -162,3 +162,15 @@ def test_from_seed_config(tmp_path, encoder_worker, baseline):
 def test_request_schema_round_trip():
     r = EncodeRequest(prompts=["a", "b"], task="t2i", transport="blob", client_host="h", deadline=1.5)
     assert EncodeRequest.from_msgpack(r.to_msgpack()) == r
+
+
+def test_raw_inputs_return_every_token(client, baseline):
+    from workers.templates import T2I
+
+    templated = T2I.format("a raw templated input")
+    (got,) = client.encode([templated], raw=True)
+    (want,) = baseline.encode_tokens(baseline.tokenize([templated], raw=True))
+    (cut,) = baseline.encode(["a raw templated input"])
+    assert got.shape[0] == cut.shape[0] + T2I.drop_idx
+    assert_same([got], [want])
+    torch.testing.assert_close(got[T2I.drop_idx:], cut, rtol=1e-5, atol=1e-5)

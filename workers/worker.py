@@ -90,7 +90,7 @@ class EncoderWorker(ServeLoop):
         if len(req.prompts) > self.config.max_prompts_per_job:
             raise InvalidRequest(f"{len(req.prompts)} prompts in one job, over max_prompts_per_job "
                                  f"{self.config.max_prompts_per_job}")
-        batch = self.encoder.tokenize(req.prompts, req.task)
+        batch = self.encoder.tokenize(req.prompts, req.task, raw=req.raw)
         if req.max_tokens is not None:
             for i, n in enumerate(batch.output_lengths):
                 if n > req.max_tokens:
@@ -100,11 +100,11 @@ class EncoderWorker(ServeLoop):
     def _encode(self, ready: list[TakenJob], batches: dict) -> tuple[dict, dict]:
         """Every ready job's tensors (CPU), computing identical sequences once; or the error per job."""
         outputs, errors = {}, {}
-        by_task: dict[str, list[TakenJob]] = {}
+        groups: dict[tuple[str, int], list[TakenJob]] = {}  # raw inputs (drop_idx 0) run apart from templated
         for t in ready:
-            by_task.setdefault(batches[t.job_id].task, []).append(t)
-        for task, group in by_task.items():
-            drop = batches[group[0].job_id].drop_idx
+            b = batches[t.job_id]
+            groups.setdefault((b.task, b.drop_idx), []).append(t)
+        for (task, drop), group in groups.items():
             seqs = [tuple(ids) for t in group for ids in batches[t.job_id].ids]
             uniq, index = unique_sequences(seqs)
             states: list[torch.Tensor | None] = [None] * len(uniq)

@@ -69,20 +69,25 @@ class EncoderBase:
             if n != t.drop_idx:
                 raise InvalidRequest(f"tokenizer gives {n} tokens for the {task} template prefix, expected {t.drop_idx}")
 
-    def tokenize(self, prompts, task: str = "t2i") -> TokenizedBatch:
+    def tokenize(self, prompts, task: str = "t2i", raw: bool = False) -> TokenizedBatch:
+        """Templated token ids. With `raw`, prompts are already full model inputs (as LightLLM's clients send
+        them): nothing is added and nothing dropped, and the limit covers the template prefix too."""
         prompts = validate_prompts(prompts)
         template: Template = template_for(task)
         if task != "t2i":
             raise InvalidRequest(f"task {task!r} needs images; this encoder path takes text only")
-        texts = [template.format(p) for p in prompts]
+        texts = prompts if raw else [template.format(p) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        batch = TokenizedBatch(task=task, ids=[list(x) for x in ids], drop_idx=template.drop_idx)
+        batch = TokenizedBatch(task=task, ids=[list(x) for x in ids], drop_idx=0 if raw else template.drop_idx)
+        limit = self.max_prompt_tokens + (template.drop_idx if raw else 0)
         for i, n in enumerate(batch.output_lengths):
-            if n > self.max_prompt_tokens:
+            if n > limit:
                 raise PromptTooLong(
-                    f"prompt {i} is {n} tokens after templating, over the limit of {self.max_prompt_tokens} "
+                    f"prompt {i} is {n} tokens after templating, over the limit of {limit} "
                     "(max_prompt_tokens in the encoder config)"
                 )
+        if raw and any(len(x) == 0 for x in batch.ids):
+            raise InvalidRequest("a raw input is empty: it must hold at least one token")
         return batch
 
     def encode(self, prompts, task: str = "t2i") -> list[torch.Tensor]:
