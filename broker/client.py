@@ -18,7 +18,8 @@ class EncoderClient:
 
     `timeout` bounds each call end to end (enqueue, queueing, encoding, reading); `retries` is how many times a
     job is re-run when the worker running it dies, and how many times a refused connection is retried.
-    `max_queue_depth` (0: unbounded) refuses new jobs at once with `Overloaded` while the queue is that long.
+    `max_queue_depth` refuses new jobs at once with `Overloaded` while the queue is that long; 0 takes the
+    bound the queue's workers publish (their config's max_queue_depth).
     `copy=False` returns tensors that view the (already unlinked) shared memory instead of copies.
     """
 

@@ -16,13 +16,15 @@ from broker.serializer import MsgpackSerializer
 
 QUEUES_SET = "rq:queues"
 
-# Atomic admission: a job is pushed only while the queue is shorter than the bound (ARGV[1]; 0 = unbounded).
-# KEYS: queue list, job hash, rq:queues. ARGV: bound, ttl, job id, then the hash's field/value pairs.
-# Returns the queue length after the push, or -1 when refused.
+# Atomic admission: a job is pushed only while the queue is shorter than the bound: the client's own (ARGV[1])
+# or, when that is 0, the one the queue's workers publish (KEYS[4], see queue_bound_key); 0 = unbounded.
+# KEYS: queue list, job hash, rq:queues, bound key. ARGV: bound, ttl, job id, then the hash's field/value pairs.
+# Returns the queue length after the push, or -(bound) - 1 when refused.
 ENQUEUE_SCRIPT = """
 local bound = tonumber(ARGV[1])
+if bound == 0 then bound = tonumber(redis.call('GET', KEYS[4]) or '0') or 0 end
 if bound > 0 and redis.call('LLEN', KEYS[1]) >= bound then
-  return -1
+  return -bound - 1
 end
 local fields = {}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
@@ -36,6 +38,11 @@ return redis.call('RPUSH', KEYS[1], ARGV[3])
 
 def queue_key(queue: str) -> str:
     return f"rq:queue:{queue}"
+
+
+def queue_bound_key(queue: str) -> str:
+    """Where workers publish their queue's depth bound (config max_queue_depth) for clients' admission."""
+    return f"eb:bound:{queue}"
 
 
 def job_key(job_id: str) -> str:
@@ -69,7 +76,7 @@ def new_job_mapping(payload: bytes, queue: str, *, function: str = ENCODE_FUNCTI
 
 
 def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int) -> tuple[list, list]:
-    keys = [queue_key(queue), job_key(job_id), QUEUES_SET]
+    keys = [queue_key(queue), job_key(job_id), QUEUES_SET, queue_bound_key(queue)]
     argv = [bound, ttl, job_id]
     for k, v in mapping.items():
         argv.extend((k, v))

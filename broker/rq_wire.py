@@ -14,10 +14,14 @@ import redis.asyncio as aredis
 
 from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
+from broker.recovery import RECOVER_SCRIPT, recover_args
 from broker.results import JobOutcome, parse_result_entry
 
 RESULT_KEY = "rq:results:{}"
 RESULT_TTL_S = 60  # how long a result waits in Redis for a client that is slow to read it
+# While waiting, a client looks this often whether its job's worker died (see broker.recovery): with no other
+# worker alive to notice, the job is still retried or failed, not left hanging until the timeout.
+RECOVERY_CHECK_S = 2.0
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
@@ -37,14 +41,16 @@ class JobWire:
                         health_check_interval=0)
         self.redis = redis.Redis.from_url(redis_url, **self._kw)
         self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
+        self._recover = self.redis.register_script(RECOVER_SCRIPT)
         self._aredis: aredis.Redis | None = None
-        self._aenqueue = None
+        self._aenqueue = self._arecover = None
 
     @property
     def aredis(self) -> aredis.Redis:
         if self._aredis is None:
             self._aredis = aredis.Redis.from_url(self.redis_url, **self._kw)
             self._aenqueue = self._aredis.register_script(ENQUEUE_SCRIPT)
+            self._arecover = self._aredis.register_script(RECOVER_SCRIPT)
         return self._aredis
 
     def deadline(self) -> float:
@@ -61,8 +67,14 @@ class JobWire:
 
     def _admitted(self, pushed: int) -> None:
         if pushed < 0:
-            raise Overloaded(f"queue {self.queue!r} holds {self.max_queue_depth} jobs or more (max_queue_depth); "
+            raise Overloaded(f"queue {self.queue!r} is full ({-pushed - 1} jobs waiting, its max_queue_depth): "
                              "retry later or add workers")
+
+    def _block_ms(self, job_id: str, deadline: float) -> int:
+        block_ms = int(min(deadline - time.time(), RECOVERY_CHECK_S) * 1000)
+        if block_ms <= 0:
+            raise self._timed_out(job_id)
+        return block_ms
 
     def unavailable(self, err: Exception) -> BrokerUnavailable:
         return BrokerUnavailable(f"cannot reach Redis at {self.redis_url}: {err}")
@@ -87,11 +99,12 @@ class JobWire:
     def wait(self, job_id: str, deadline: float) -> JobOutcome:
         key = RESULT_KEY.format(job_id)
         while True:
-            block_ms = int((deadline - time.time()) * 1000)
-            if block_ms <= 0:
-                raise self._timed_out(job_id)
+            block_ms = self._block_ms(job_id, deadline)
             try:
                 got = self.redis.xread({key: "0-0"}, count=1, block=block_ms)
+                if not got:
+                    keys, argv = recover_args(self.queue, job_id)
+                    self._recover(keys=keys, args=argv)
             except CONNECTION_ERRORS as e:
                 raise self.unavailable(e) from None
             if got:
@@ -121,11 +134,12 @@ class JobWire:
     async def await_result(self, job_id: str, deadline: float) -> JobOutcome:
         key = RESULT_KEY.format(job_id)
         while True:
-            block_ms = int((deadline - time.time()) * 1000)
-            if block_ms <= 0:
-                raise self._timed_out(job_id)
+            block_ms = self._block_ms(job_id, deadline)
             try:
                 got = await self.aredis.xread({key: "0-0"}, count=1, block=block_ms)
+                if not got:
+                    keys, argv = recover_args(self.queue, job_id)
+                    await self._arecover(keys=keys, args=argv)
             except CONNECTION_ERRORS as e:
                 raise self.unavailable(e) from None
             if got:

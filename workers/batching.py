@@ -25,3 +25,35 @@ def split_by_tokens(lengths: list[int], max_batch_tokens: int) -> list[list[int]
     if cur:
         groups.append(cur)
     return groups
+
+
+class BatchPolicy:
+    """When a forming batch closes: at `max_batch_requests` jobs, at `max_batch_tokens` tokens, or once
+    `max_wait_ms` passed since its first job while the device is idle. While the device is busy, a batch keeps
+    growing (up to the limits): waiting costs nothing then, and a bigger batch uses the device better."""
+
+    def __init__(self, max_batch_tokens: int = 16384, max_batch_requests: int = 64, max_wait_ms: float = 2.0):
+        assert max_batch_tokens > 0 and max_batch_requests > 0 and max_wait_ms >= 0
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_requests = max_batch_requests
+        self.max_wait_ms = max_wait_ms
+
+    def fits(self, n_requests: int, n_tokens: int, job_tokens: int) -> bool:
+        """Can a job of `job_tokens` join a batch holding `n_requests` jobs and `n_tokens` tokens?
+        An empty batch takes any job, however long (it must run somewhere)."""
+        if n_requests == 0:
+            return True
+        return n_requests < self.max_batch_requests and n_tokens + job_tokens <= self.max_batch_tokens
+
+    def full(self, n_requests: int, n_tokens: int) -> bool:
+        return n_requests >= self.max_batch_requests or n_tokens >= self.max_batch_tokens
+
+    def should_close(self, n_requests: int, n_tokens: int, waited_ms: float, device_idle: bool) -> bool:
+        if n_requests == 0:
+            return False
+        if self.full(n_requests, n_tokens):
+            return True
+        return device_idle and waited_ms >= self.max_wait_ms
+
+    def wait_left_ms(self, waited_ms: float) -> float:
+        return max(0.0, self.max_wait_ms - waited_ms)

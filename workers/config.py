@@ -21,7 +21,10 @@ class EncoderWorkerConfig:
     max_payload_bytes: int = 16 << 20  # a job's msgpack payload; larger fails that job
     max_batch_tokens: int = 16384
     max_batch_requests: int = 64
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 2.0  # how long a batch waits for more jobs after its first, when the device is idle
+    max_queue_depth: int = 1024  # jobs waiting in the queue; past it clients get Overloaded at once (0: no bound)
+    cache_max_bytes: int = 256 << 20  # recent encodings kept for repeats (0: off)
+    job_heartbeat_ttl_s: int = 10  # a job whose worker is silent this long is retried or failed
     result_ttl_s: int = 60  # how long handles, blobs and segments wait for their client
     shm_prefix: str = "eb"
     shm_max_bytes: int | None = None  # budget for this worker's live segments; None: whatever /dev/shm has

@@ -21,6 +21,7 @@ from rq.utils import now, utcformat
 from broker.enqueue import queue_key
 from broker.errors import BrokerError
 from broker.queues import ENCODE_FUNCTION
+from broker.recovery import RECOVER_SCRIPT, recover_args
 from broker.schemas import EncodeRequest
 from broker.serializer import MsgpackSerializer
 
@@ -69,6 +70,7 @@ class JobSource:
         self.worker_name = worker_name
         self.max_payload_bytes = max_payload_bytes
         self._take = connection.register_script(TAKE_SCRIPT)
+        self._recover = connection.register_script(RECOVER_SCRIPT)
         self.started = StartedJobRegistry(queue, connection=connection, serializer=MsgpackSerializer)
         self.finished = FinishedJobRegistry(queue, connection=connection, serializer=MsgpackSerializer)
         self.failed = FailedJobRegistry(queue, connection=connection, serializer=MsgpackSerializer)
@@ -76,7 +78,7 @@ class JobSource:
     # -- taking --------------------------------------------------------------------------------------
     def wait_first(self, timeout_s: float) -> str | None:
         """Blocks until one job id is moved to the intermediate list, or the timeout passes."""
-        got = self.connection.blmove(self.queue_key, self.intermediate_key, timeout_s, "LEFT", "RIGHT")
+        got = self.connection.blmove(self.queue_key, self.intermediate_key, max(timeout_s, 0.001), "LEFT", "RIGHT")
         return got.decode() if isinstance(got, bytes) else got
 
     def take(self, first_id: str | None, more: int) -> list[TakenJob]:
@@ -123,15 +125,33 @@ class JobSource:
         return TakenJob(job_id, job, request=request)
 
     # -- recording -----------------------------------------------------------------------------------
-    def mark_started(self, jobs: list[TakenJob], heartbeat_ttl: int) -> None:
-        """Started registry entries for the batch, then off the intermediate list (RQ's order)."""
-        with self.connection.pipeline(transaction=False) as pipe:
-            for t in jobs:
-                t.job.prepare_for_execution(self.worker_name, pipe)
-                t.execution = Execution.create(t.job, heartbeat_ttl, pipe, worker_name=self.worker_name)
-            for t in jobs:
-                pipe.lrem(self.intermediate_key, 1, t.job_id)
+    def mark_started(self, jobs: list[TakenJob], heartbeat_ttl: int, pipeline=None) -> None:
+        """Started registry entries (scored by a heartbeat deadline), then off the intermediate list (RQ's
+        order). From here on a job whose worker dies is found by broker.recovery."""
+        pipe = pipeline if pipeline is not None else self.connection.pipeline(transaction=False)
+        for t in jobs:
+            t.job.prepare_for_execution(self.worker_name, pipe)
+            t.execution = Execution.create(t.job, heartbeat_ttl, pipe, worker_name=self.worker_name)
+        for t in jobs:
+            pipe.lrem(self.intermediate_key, 1, t.job_id)
+        if pipeline is None:
             pipe.execute()
+
+    def refresh(self, jobs: list[TakenJob], heartbeat_ttl: int, pipe) -> None:
+        """Pushes the heartbeat deadline of jobs this worker still holds."""
+        deadline = time.time() + heartbeat_ttl
+        entries = {t.execution.composite_key: deadline for t in jobs if t.execution is not None}
+        if entries:
+            pipe.zadd(self.started.key, entries, xx=True)
+            for t in jobs:
+                if t.execution is not None:
+                    pipe.expire(t.execution.key, heartbeat_ttl + 60)
+
+    def write_meta(self, t: TakenJob, updates: dict, pipeline=None) -> None:
+        """Merges `updates` into the job's RQ meta and writes it (one HSET of the msgpack'd `meta` field)."""
+        t.job.meta.update(updates)
+        (pipeline if pipeline is not None else self.connection).hset(
+            t.job.key, "meta", MsgpackSerializer.dumps(t.job.meta))
 
     def record(self, done: list[tuple[TakenJob, bytes]], failed: list[tuple[TakenJob, str]], result_ttl: int,
                pipeline=None) -> None:
@@ -165,6 +185,7 @@ class JobSource:
         if t.execution is not None:
             t.execution.delete(t.job, pipe)
 
-    def requeue_abandoned(self) -> None:
-        """RQ's own cleanup: jobs whose worker stopped heart-beating are retried or failed."""
-        self.started.cleanup()
+    def requeue_abandoned(self) -> list[int]:
+        """Jobs whose worker stopped heart-beating are retried or failed (broker.recovery); [requeued, failed]."""
+        keys, argv = recover_args(self.queue)
+        return self._recover(keys=keys, args=argv)

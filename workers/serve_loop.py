@@ -1,5 +1,6 @@
-"""The part every queue-serving process shares: RQ worker registration, heartbeat, abandoned-job cleanup,
-the segment sweep, signal handling and riding out Redis restarts. Subclasses handle the batches."""
+"""The part every queue-serving process shares: RQ worker registration and heartbeat, abandoned-job recovery,
+signal handling and riding out Redis restarts. `run()` is the simple one-batch-at-a-time loop (DiT workers);
+the encoder worker overlaps its stages in threads and reuses the pieces."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from workers.job_source import JobSource, TakenJob
 
 log = logging.getLogger("workers")
 
-HEARTBEAT_TTL_S = 30  # a worker silent for this long is presumed dead; its jobs are retried or failed
+HEARTBEAT_TTL_S = 30  # default: a job whose worker is silent this long is retried or failed
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
 class ServeLoop:
     maintenance_interval_s = 5.0
+    heartbeat_ttl_s = HEARTBEAT_TTL_S
 
     def __init__(self, redis_url: str, queue: str, max_payload_bytes: int, **source_kw):
         self.connection = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30,
@@ -36,7 +39,13 @@ class ServeLoop:
         self._last_maintenance = 0.0
 
     def request_stop(self, *_):
+        if not self._stop:
+            log.info("worker %s: stopping after the jobs it holds", self.name)
         self._stop = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
 
     def batch_size(self) -> int:
         return 1
@@ -50,43 +59,57 @@ class ServeLoop:
     def describe(self) -> str:
         return f"queue {self.queue!r}"
 
-    def run(self, max_batches: int | None = None) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
-        log.info("worker %s serving %s", self.name, self.describe())
-        batches, backoff = 0, 0.5
-        while not self._stop and (max_batches is None or batches < max_batches):
-            try:
-                self._maintain()
-                first = self.source.wait_first(1.0)
-                if first is None:
-                    continue
-                self.rq_worker.set_state("busy")
-                self.handle(self.source.take(first, self.batch_size() - 1))
-                self.rq_worker.set_state("idle")
-                batches += 1
-                backoff = 0.5
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                log.error("Redis unreachable (%s); retrying in %.1fs", e, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                self._registered = False
-                self._last_maintenance = 0.0
+    def ensure_registered(self) -> None:
+        """Announces the worker, and again whenever Redis lost the record (a restart without persistence)."""
+        if self._registered and self.connection.sismember("rq:workers", self.rq_worker.key):
+            return
+        self.connection.delete(self.rq_worker.key)  # a heartbeat may have left a partial record behind
+        self.rq_worker.register_birth()
+        self.rq_worker.set_state("idle")
+        self._registered = True
+
+    def heartbeat(self, pipe=None) -> None:
+        self.rq_worker.heartbeat(self.heartbeat_ttl_s + 60, pipeline=pipe)
+
+    def housekeeping(self, force: bool = False) -> None:
+        """Registration, heartbeat, recovery of abandoned jobs and the subclass's `maintain`, at most every
+        maintenance_interval_s."""
+        self.ensure_registered()
+        t = time.time()
+        if not force and t - self._last_maintenance < self.maintenance_interval_s:
+            return
+        self.heartbeat()
+        requeued, failed = self.source.requeue_abandoned()
+        if requeued or failed:
+            log.warning("abandoned jobs of a dead worker: %d requeued, %d failed", requeued, failed)
+        self.maintain()
+        self._last_maintenance = t
+
+    def unregister(self) -> None:
         try:
             self.rq_worker.register_death()
         except redis.RedisError:
             pass
         log.info("worker %s stopped", self.name)
 
-    def _maintain(self) -> None:
-        t = time.time()
-        if t - self._last_maintenance < self.maintenance_interval_s:
-            return
-        if not self._registered:  # first run, or Redis came back (maybe empty): announce ourselves again
-            self.rq_worker.register_birth()
-            self.rq_worker.set_state("idle")
-            self._registered = True
-        self.rq_worker.heartbeat(HEARTBEAT_TTL_S + 60)
-        self.source.requeue_abandoned()
-        self.maintain()
-        self._last_maintenance = t
+    def run(self) -> None:
+        self.install_signal_handlers()
+        log.info("worker %s serving %s", self.name, self.describe())
+        backoff = 0.5
+        while not self._stop:
+            try:
+                self.housekeeping()
+                first = self.source.wait_first(1.0)
+                if first is None:
+                    continue
+                self.rq_worker.set_state("busy")
+                self.handle(self.source.take(first, self.batch_size() - 1))
+                self.rq_worker.set_state("idle")
+                backoff = 0.5
+            except CONNECTION_ERRORS as e:
+                log.error("Redis unreachable (%s); retrying in %.1fs", e, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                self._registered = False
+                self._last_maintenance = 0.0
+        self.unregister()

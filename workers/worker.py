@@ -1,28 +1,79 @@
-"""The encoder worker's I/O loop: take a batch of jobs, run the encoder once for all of them, write results.
+"""The encoder worker: jobs from many clients in token-budget batches, the device kept busy.
 
-Three parts kept apart: `JobSource` (Redis), `batching` (pure policy), the encoder backend (a flat batch of
-token sequences). This file only wires them together and keeps the worker alive through bad jobs, a failing
-batch and Redis restarts.
+Three stages overlap, each in its own thread (TEI's shape): intake takes jobs, checks and tokenizes them, marks
+them started and forms the next batch while the device runs the current one (exactly one batch waits ready);
+the main thread runs the encoder; output writes segments / blobs and records results, one pipeline a batch.
+A housekeeping thread heartbeats, keeps held jobs' deadlines fresh, recovers dead workers' jobs and sweeps
+segments. Bad jobs fail alone; a failing batch fails its jobs; Redis restarts are ridden out.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import queue
+import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from broker.errors import BrokerError
+from broker.enqueue import queue_bound_key
+from broker.errors import BrokerError, InvalidRequest, PromptTooLong
 from broker.host import host_id
 from shm import sweep
-from workers.batching import split_by_tokens, unique_sequences
+from workers.batching import BatchPolicy, split_by_tokens, unique_sequences
 from workers.config import EncoderWorkerConfig
 from workers.encoders.base import TokenizedBatch
+from workers.encoding_cache import EncodingCache, cache_key
 from workers.job_source import TakenJob
 from workers.result_writer import ResultWriter
-from workers.serve_loop import HEARTBEAT_TTL_S, ServeLoop
+from workers.serve_loop import CONNECTION_ERRORS, ServeLoop
+from workers.stats import WorkerStats
 
 log = logging.getLogger("workers")
+
+
+@dataclass(slots=True)
+class PreparedJob:
+    """A started job with its token ids, waiting for (or in) a batch."""
+
+    taken: TakenJob
+    tokens: TokenizedBatch
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(x) for x in self.tokens.ids)
+
+
+@dataclass(slots=True)
+class Batch:
+    jobs: list[PreparedJob] = field(default_factory=list)
+    tokens: int = 0
+    opened_at: float = 0.0
+
+    def add(self, job: PreparedJob) -> None:
+        if not self.jobs:
+            self.opened_at = time.time()
+        self.jobs.append(job)
+        self.tokens += job.n_tokens
+
+    def waited_ms(self) -> float:
+        return (time.time() - self.opened_at) * 1e3 if self.jobs else 0.0
+
+
+@dataclass(slots=True)
+class Encoded:
+    """The encoder's answer for a batch: tensors (CPU) or an error per job, and what it cost."""
+
+    batch: Batch
+    outputs: dict
+    errors: dict
+    started_at: float
+    infer_ms: float
+    computed_tokens: int
+    cache_hits: int
+    cache_misses: int
 
 
 class EncoderWorker(ServeLoop):
@@ -31,61 +82,159 @@ class EncoderWorker(ServeLoop):
         self.config = config
         self.encoder = encoder
         self.maintenance_interval_s = config.sweep_interval_s
+        self.heartbeat_ttl_s = config.job_heartbeat_ttl_s
+        self.policy = BatchPolicy(config.max_batch_tokens, config.max_batch_requests, config.max_wait_ms)
+        self.cache = EncodingCache(config.cache_max_bytes)
+        self.stats = WorkerStats(config.queue, self.name)
         self.writer = ResultWriter(host_id(), config.result_ttl_s, self.name, config.shm_prefix,
                                    config.shm_max_bytes)
+        self._ready: queue.Queue[Batch | None] = queue.Queue(maxsize=1)  # exactly one batch prefetched
+        self._done: queue.Queue[Encoded | None] = queue.Queue(maxsize=2)
+        self._device_idle = threading.Event()
+        self._device_idle.set()
+        self._pending: collections.deque[PreparedJob] = collections.deque()  # started, not yet in a batch
+        self._forming = Batch()
+        self._held: dict[str, TakenJob] = {}  # every started job not yet recorded: its heartbeat is ours
+        self._held_lock = threading.Lock()
+        self._output_finished = threading.Event()
 
     def describe(self) -> str:
         return f"queue {self.queue!r} with the {self.encoder.backend} encoder on {self.encoder.device}"
 
-    def batch_size(self) -> int:
-        return self.config.max_batch_requests
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.install_signal_handlers()
+        log.info("worker %s serving %s", self.name, self.describe())
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                self._publish_bound(pipe)  # before registering: a client that sees the worker sees its bound
+                pipe.execute()
+        except CONNECTION_ERRORS:
+            pass  # the housekeeping thread keeps trying
+        threads = [threading.Thread(target=self._intake_loop, name="intake", daemon=True),
+                   threading.Thread(target=self._output_loop, name="output", daemon=True),
+                   threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)]
+        for t in threads:
+            t.start()
+        self._compute_loop()
+        self._output_finished.wait()
+        self.unregister()
+
+    def _publish_bound(self, pipe) -> None:
+        """Clients' admission reads this (broker.enqueue); it lapses when no worker is left to refresh it."""
+        if self.config.max_queue_depth > 0:
+            pipe.set(queue_bound_key(self.queue), self.config.max_queue_depth,
+                     ex=max(10, int(self.maintenance_interval_s * 3)))
 
     def maintain(self) -> None:
         removed = sweep(self.config.shm_prefix, grace_s=min(self.config.result_ttl_s, 10))
         if removed:
             log.info("swept %d expired or orphaned segment(s)", len(removed))
 
-    # -- one batch -------------------------------------------------------------------------------------
-    def handle(self, jobs: list[TakenJob]) -> None:
-        t0 = time.time()
-        failed: list[tuple[TakenJob, str]] = [(t, t.error) for t in jobs if t.error is not None]
-        ready, batches = [], {}
-        for t in jobs:
-            if t.error is not None:
-                continue
+    def _housekeeping_loop(self) -> None:
+        interval = max(0.2, min(1.0, self.heartbeat_ttl_s / 4))
+        down = False
+        while not self._output_finished.is_set():
             try:
-                batches[t.job_id] = self._tokenize(t)
-                ready.append(t)
-            except BrokerError as e:
-                failed.append((t, f"{type(e).__name__}: {e}"))
-        if ready:
-            self.source.mark_started(ready, HEARTBEAT_TTL_S)
-        t_tok = time.time()
-        outputs, errors = self._encode(ready, batches)
-        t_inf = time.time()
-        done = []
-        with self.connection.pipeline(transaction=False) as pipe:
-            for t in ready:
-                if t.job_id in errors:
-                    failed.append((t, errors[t.job_id]))
+                self.housekeeping()
+                with self._held_lock:
+                    held = list(self._held.values())
+                with self.connection.pipeline(transaction=False) as pipe:
+                    self.heartbeat(pipe)
+                    self.source.refresh(held, self.heartbeat_ttl_s, pipe)
+                    self._publish_bound(pipe)
+                    pipe.execute()
+                if down:
+                    log.info("Redis is back")
+                down = False
+            except CONNECTION_ERRORS as e:
+                if not down:
+                    log.error("Redis unreachable (%s); retrying", e)
+                down = True
+                self._registered = False
+                self._last_maintenance = 0.0
+            except Exception:
+                log.exception("housekeeping failed; retrying")
+            self._output_finished.wait(interval)
+
+    # -- intake ----------------------------------------------------------------------------------------
+    def _intake_loop(self) -> None:
+        backoff = 0.5
+        while not self._stop:
+            try:
+                batch = self._form_batch()
+                backoff = 0.5
+            except CONNECTION_ERRORS as e:
+                log.error("Redis unreachable while taking jobs (%s); retrying in %.1fs", e, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            except Exception:
+                log.exception("intake failed; retrying")
+                time.sleep(0.5)
+                continue
+            if batch is not None:
+                self._ready.put(batch)
+        # Stopping: what is formed or pending still runs, so no started job is dropped.
+        while self._forming.jobs or self._pending:
+            batch, self._forming = self._forming, Batch()
+            while self._pending and self.policy.fits(len(batch.jobs), batch.tokens, self._pending[0].n_tokens):
+                batch.add(self._pending.popleft())
+            self._ready.put(batch)
+        self._ready.put(None)
+
+    def _form_batch(self) -> Batch | None:
+        """Grows the forming batch from pending jobs and the queue until the policy closes it."""
+        batch = self._forming
+        while not self._stop:
+            while self._pending and self.policy.fits(len(batch.jobs), batch.tokens, self._pending[0].n_tokens):
+                batch.add(self._pending.popleft())
+            if batch.jobs and (self._pending or self.policy.should_close(
+                    len(batch.jobs), batch.tokens, batch.waited_ms(), self._device_idle.is_set())):
+                break
+            room = self.policy.max_batch_requests - len(batch.jobs)
+            if batch.jobs:
+                taken = self.source.take(None, room)
+                if taken:
+                    self._admit(taken)
                     continue
-                timings = dict(queue_ms=round((t0 - t.job.enqueued_at.timestamp()) * 1e3, 3)
-                               if t.job.enqueued_at else None,
-                               tokenize_ms=round((t_tok - t0) * 1e3, 3), infer_ms=round((t_inf - t_tok) * 1e3, 3),
-                               batch_jobs=len(ready))
-                handle = self.writer.write(t.job_id, t.request, outputs[t.job_id], pipe, timings)
-                done.append((t, handle.to_msgpack()))
-            self.source.record(done, failed, self.config.result_ttl_s, pipeline=pipe)
+                # Nothing queued: wait briefly for more. While the device is busy, poll in short slices so
+                # the batch closes the moment the device frees up.
+                idle = self._device_idle.is_set()
+                wait_s = self.policy.wait_left_ms(batch.waited_ms()) / 1e3 if idle else 0.005
+                first = self.source.wait_first(wait_s)
+            else:
+                first = self.source.wait_first(1.0)
+                if first is None:
+                    return None
+            if first is not None:
+                self._admit(self.source.take(first, room - 1))
+        if not batch.jobs:
+            return None
+        self._forming = Batch()
+        return batch
+
+    def _admit(self, taken: list[TakenJob]) -> None:
+        """Checks and tokenizes taken jobs; the good ones are marked started and wait for a batch, the bad ones
+        fail at once. One pipeline."""
+        prepared, failed = [], [(t, t.error) for t in taken if t.error is not None]
+        for t in taken:
+            if t.error is None:
+                try:
+                    prepared.append(PreparedJob(t, self._tokenize(t)))
+                except BrokerError as e:
+                    failed.append((t, f"{type(e).__name__}: {e}"))
+        with self.connection.pipeline(transaction=False) as pipe:
+            self.source.mark_started([p.taken for p in prepared], self.heartbeat_ttl_s, pipe)
+            self.stats.record_failures(pipe, len(failed))
+            self.source.record([], failed, self.config.result_ttl_s, pipeline=pipe)
+        with self._held_lock:
+            self._held.update((p.taken.job_id, p.taken) for p in prepared)
+        self._pending.extend(prepared)
         for t, reason in failed:
             log.warning("job %s failed: %s", t.job_id, reason)
-        if ready:
-            n_prompts = sum(len(b.ids) for b in batches.values())
-            log.info("batch: %d job(s), %d prompt(s), %d failed, %.1f ms", len(ready), n_prompts, len(failed),
-                     (time.time() - t0) * 1e3)
 
     def _tokenize(self, t: TakenJob) -> TokenizedBatch:
-        from broker.errors import InvalidRequest, PromptTooLong
-
         req = t.request
         if len(req.prompts) > self.config.max_prompts_per_job:
             raise InvalidRequest(f"{len(req.prompts)} prompts in one job, over max_prompts_per_job "
@@ -97,37 +246,116 @@ class EncoderWorker(ServeLoop):
                     raise PromptTooLong(f"prompt {i} is {n} tokens, over the job's max_tokens {req.max_tokens}")
         return batch
 
-    def _encode(self, ready: list[TakenJob], batches: dict) -> tuple[dict, dict]:
-        """Every ready job's tensors (CPU), computing identical sequences once; or the error per job."""
-        outputs, errors = {}, {}
-        groups: dict[tuple[str, int], list[TakenJob]] = {}  # raw inputs (drop_idx 0) run apart from templated
-        for t in ready:
-            b = batches[t.job_id]
-            groups.setdefault((b.task, b.drop_idx), []).append(t)
-        for (task, drop), group in groups.items():
-            seqs = [tuple(ids) for t in group for ids in batches[t.job_id].ids]
-            uniq, index = unique_sequences(seqs)
-            states: list[torch.Tensor | None] = [None] * len(uniq)
-            chunk_error: dict[int, str] = {}
-            for chunk in split_by_tokens([len(s) for s in uniq], self.config.max_batch_tokens):
-                try:
-                    res = self.encoder.encode_tokens(TokenizedBatch(task, [list(uniq[i]) for i in chunk], drop))
-                    res = [r.to("cpu", non_blocking=False).contiguous() for r in res]
-                    for i, r in zip(chunk, res):
-                        states[i] = r
-                except Exception as e:  # a failing batch fails its jobs, never the worker
-                    log.exception("encoder failed on a batch of %d sequence(s)", len(chunk))
-                    for i in chunk:
-                        chunk_error[i] = f"encoder failed: {type(e).__name__}: {e}"
-            pos = 0
-            for t in group:
-                n = len(batches[t.job_id].ids)
-                idx = index[pos:pos + n]
-                pos += n
-                bad = [chunk_error[i] for i in idx if i in chunk_error]
-                if bad:
-                    errors[t.job_id] = bad[0]
-                else:
-                    outputs[t.job_id] = [states[i] for i in idx]
-        return outputs, errors
+    # -- compute ---------------------------------------------------------------------------------------
+    def _compute_loop(self) -> None:
+        while True:
+            self._device_idle.set()
+            batch = self._ready.get()
+            if batch is None:
+                break
+            self._device_idle.clear()
+            self._done.put(self._encode(batch))
+        self._done.put(None)
 
+    def _encode(self, batch: Batch) -> Encoded:
+        """Every job's tensors (CPU), computing each distinct sequence once and repeats from the cache;
+        or the error of each job whose sequences failed."""
+        t0 = time.time()
+        outputs, errors = {}, {}
+        computed = hits = misses = 0
+        groups: dict[tuple[str, int], list[PreparedJob]] = {}  # raw inputs (drop_idx 0) run apart
+        for p in batch.jobs:
+            groups.setdefault((p.tokens.task, p.tokens.drop_idx), []).append(p)
+        for (task, drop), group in groups.items():
+            seqs = [tuple(ids) for p in group for ids in p.tokens.ids]
+            uniq, index = unique_sequences(seqs)
+            keys = [cache_key(self.encoder.model_id, task, drop, s) for s in uniq]
+            states: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
+            hits += sum(s is not None for s in states)
+            todo = [i for i, s in enumerate(states) if s is None]
+            misses += len(todo)
+            failed_seq: dict[int, str] = {}
+            for chunk in split_by_tokens([len(uniq[i]) for i in todo], self.config.max_batch_tokens):
+                idx = [todo[c] for c in chunk]
+                try:
+                    res = self.encoder.encode_tokens(TokenizedBatch(task, [list(uniq[i]) for i in idx], drop))
+                    res = [r.to("cpu").contiguous() for r in res]
+                except Exception as e:  # a failing batch fails its jobs, never the worker
+                    log.exception("encoder failed on a batch of %d sequence(s)", len(idx))
+                    failed_seq.update((i, f"encoder failed: {type(e).__name__}: {e}") for i in idx)
+                    continue
+                for i, r in zip(idx, res):
+                    states[i] = r
+                    self.cache.put(keys[i], r)
+                    computed += len(uniq[i])
+            pos = 0
+            for p in group:
+                idx = index[pos:pos + len(p.tokens.ids)]
+                pos += len(idx)
+                bad = [failed_seq[i] for i in idx if i in failed_seq]
+                if bad:
+                    errors[p.taken.job_id] = bad[0]
+                else:
+                    outputs[p.taken.job_id] = [states[i] for i in idx]
+        return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses)
+
+    # -- output ----------------------------------------------------------------------------------------
+    def _output_loop(self) -> None:
+        while True:
+            enc = self._done.get()
+            if enc is None:
+                break
+            try:
+                self._deliver(enc)
+            except CONNECTION_ERRORS as e:
+                log.error("Redis unreachable; the results of %d job(s) could not be delivered (%s)",
+                          len(enc.batch.jobs), e)
+            except Exception:
+                log.exception("delivering a batch failed")
+            finally:
+                with self._held_lock:
+                    for p in enc.batch.jobs:
+                        self._held.pop(p.taken.job_id, None)
+        self._output_finished.set()
+
+    def _deliver(self, enc: Encoded) -> None:
+        done, failed, latencies, segments = [], [], [], []
+        with self.connection.pipeline(transaction=False) as pipe:
+            for p in enc.batch.jobs:
+                t = p.taken
+                if t.job_id in enc.errors:
+                    failed.append((t, enc.errors[t.job_id]))
+                    continue
+                queued = t.job.enqueued_at.timestamp() if t.job.enqueued_at else enc.started_at
+                timings = dict(queue_ms=round((enc.started_at - queued) * 1e3, 3),
+                               infer_ms=round(enc.infer_ms, 3), batch_jobs=len(enc.batch.jobs))
+                handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], pipe, timings)
+                if handle.transport == "shm":
+                    segments.append(handle.location)
+                done.append((t, handle.to_msgpack()))
+                latencies.append((time.time() - queued) * 1e3)
+            self.stats.record_batch(
+                pipe, jobs=len(enc.batch.jobs), failed=len(failed),
+                prompts=sum(len(p.tokens.ids) for p in enc.batch.jobs),
+                tokens=enc.batch.tokens, computed_tokens=enc.computed_tokens, cache_hits=enc.cache_hits,
+                cache_misses=enc.cache_misses, latencies_ms=latencies, infer_ms=enc.infer_ms)
+            try:
+                self.source.record(done, failed, self.config.result_ttl_s, pipeline=pipe)
+            except CONNECTION_ERRORS:
+                self._unlink(segments)  # nobody will be told where they are
+                raise
+        for t, reason in failed:
+            log.warning("job %s failed: %s", t.job_id, reason)
+        log.info("batch: %d job(s), %d token(s) (%d computed, %d cache hit(s)), %d failed, %.1f ms on the encoder",
+                 len(enc.batch.jobs), enc.batch.tokens, enc.computed_tokens, enc.cache_hits, len(failed),
+                 enc.infer_ms)
+
+    @staticmethod
+    def _unlink(names: list[str]) -> None:
+        import posix_ipc
+
+        for name in names:
+            try:
+                posix_ipc.unlink_shared_memory(name)
+            except posix_ipc.ExistentialError:
+                pass

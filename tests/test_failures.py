@@ -1,0 +1,215 @@
+"""What breaks in production, with real processes and a real Redis: a worker killed mid-batch, a client that
+vanishes, Redis restarting, a tiny /dev/shm budget, overload, and the stats that show it all."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import redis
+
+from broker.client import EncoderClient
+from broker.errors import BrokerUnavailable, EncodeFailed, Overloaded
+from broker.queues import ENCODE_FUNCTION
+from broker.host import host_id
+from broker.rq_wire import JobWire
+from broker.schemas import EncodeRequest, Handle
+from tests.helpers import (REPO, RedisServer, shm_names, start_process, stop_process, wait_for_workers,
+                           write_config)
+
+
+def eventually(check, timeout=20.0, interval=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return False
+
+
+class Workers:
+    """Encoder worker processes on one test Redis, each with its own config."""
+
+    def __init__(self, tiny_dir, redis_url, tmp_path):
+        self.tiny_dir, self.url, self.tmp = tiny_dir, redis_url, tmp_path
+        self.procs = []
+        self.prefix = "ebf" + uuid.uuid4().hex[:6]
+
+    def start(self, queue="encode", wait=True, **cfg):
+        name = f"w{len(self.procs)}"
+        values = dict(model_dir=self.tiny_dir, backend="baseline", device="cpu", redis_url=self.url, queue=queue,
+                      shm_prefix=self.prefix, sweep_interval_s=0.5, job_heartbeat_ttl_s=2, result_ttl_s=30)
+        values.update(cfg)
+        config = write_config(str(self.tmp / f"{name}.json"), **values)
+        log = str(self.tmp / f"{name}.log")
+        proc = start_process(["-m", "workers", "--config", config], log)
+        self.procs.append(proc)
+        if wait:
+            r = redis.Redis.from_url(self.url)
+            before = r.scard(f"rq:workers:{queue}")
+            wait_for_workers_on(self.url, queue, before + 1, proc, log)
+        return proc
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+            stop_process(p)
+
+
+def wait_for_workers_on(url, queue, count, proc, log, timeout=120):
+    r = redis.Redis.from_url(url)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(open(log).read()[-3000:])
+        if r.scard(f"rq:workers:{queue}") >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"no worker on {queue}: " + open(log).read()[-3000:])
+
+
+@pytest.fixture
+def own_redis():
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def workers(tiny_dir, own_redis, tmp_path):
+    w = Workers(tiny_dir, own_redis.url, tmp_path)
+    yield w
+    w.stop_all()
+    for name in shm_names(w.prefix):
+        os.unlink(os.path.join("/dev/shm", name))
+
+
+def long_prompts(n, words=250):
+    return [f"{i} " + "fox " * words for i in range(n)]
+
+
+def submit(url, prompts, queue="encode", timeout=60, retries=1, transport="shm"):
+    wire = JobWire(url, queue, ENCODE_FUNCTION, timeout=timeout, retries=retries)
+    deadline = wire.deadline()
+    req = EncodeRequest(prompts=prompts, transport=transport, client_host=host_id(), deadline=deadline)
+    return wire, wire.submit(req.to_msgpack(), deadline), deadline
+
+
+def kill_mid_batch(url, proc, queue="encode"):
+    r = redis.Redis.from_url(url)
+    assert eventually(lambda: r.zcard(f"rq:wip:{queue}") > 0, timeout=30, interval=0.002), "job never started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_killed_worker_jobs_are_retried_by_another(workers, baseline):
+    big = dict(max_prompt_tokens=400)
+    victim = workers.start(**big)
+    prompts = long_prompts(8)
+    wire, job_id, deadline = submit(workers.url, prompts, retries=1)
+    kill_mid_batch(workers.url, victim)
+    workers.start(**big)  # the survivor finds the abandoned job and runs it again
+    handle = Handle.from_msgpack(wire.wait(job_id, deadline).value)
+    assert handle.shapes[0][0] == len(baseline.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]) + 5
+    r = wire.redis
+    assert r.hget(f"rq:job:{job_id}", "status") == b"finished"
+    assert int(r.hget(f"rq:job:{job_id}", "number_of_retries")) == 1
+
+
+def test_killed_worker_job_without_retries_fails_clearly_before_the_timeout(workers):
+    victim = workers.start(max_prompt_tokens=400)
+    wire, job_id, deadline = submit(workers.url, long_prompts(8), retries=0, timeout=30)
+    kill_mid_batch(workers.url, victim)
+    # No other worker: the waiting client itself notices the dead worker (heartbeat ttl 2 s).
+    outcome = wire.wait(job_id, deadline)
+    assert outcome.value is None and "AbandonedJob" in outcome.error
+    assert wire.redis.zscore("rq:failed:encode", job_id) is not None
+
+
+def test_vanished_client_leaves_no_segment_beyond_its_expiry(workers, own_redis):
+    workers.start(result_ttl_s=2)
+    code = (
+        "import time; from broker.rq_wire import JobWire; from broker.queues import ENCODE_FUNCTION\n"
+        "from broker.schemas import EncodeRequest; from broker.host import host_id\n"
+        f"w = JobWire('{own_redis.url}', 'encode', ENCODE_FUNCTION, 30, 0); d = w.deadline()\n"
+        "w.submit(EncodeRequest(prompts=['orphan'], client_host=host_id(), deadline=d).to_msgpack(), d)\n"
+        "print('submitted', flush=True)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)  # exits without reading
+    r = redis.Redis.from_url(own_redis.url)
+    assert eventually(lambda: r.zcard("rq:finished:encode") == 1)
+    assert shm_names(workers.prefix), "the worker should have written a segment for the vanished client"
+    assert eventually(lambda: shm_names(workers.prefix) == [], timeout=15)
+
+
+def test_redis_restart_clients_get_a_clear_error_and_workers_reconnect(workers, own_redis, baseline):
+    workers.start()
+    client = EncoderClient(own_redis.url, timeout=5, retries=1)
+    assert client.encode(["before"])[0].shape == baseline.encode(["before"])[0].shape
+    own_redis.stop()
+    with pytest.raises(BrokerUnavailable, match="cannot reach Redis"):
+        client.encode(["while down"])
+    own_redis.start()  # same port, empty (no persistence)
+
+    def served():
+        try:
+            return client.encode(["after"])[0].shape == baseline.encode(["after"])[0].shape
+        except (BrokerUnavailable, EncodeFailed, TimeoutError):
+            return False
+    assert eventually(served, timeout=40, interval=0.5)
+    r = redis.Redis.from_url(own_redis.url)
+    assert eventually(lambda: r.scard("rq:workers:encode") == 1, timeout=10)  # registered again
+
+
+def test_tiny_shm_budget_falls_back_to_blob(workers, baseline):
+    workers.start(shm_max_bytes=16)
+    wire, job_id, deadline = submit(workers.url, ["too big for the budget", "b"])
+    handle = Handle.from_msgpack(wire.wait(job_id, deadline).value)
+    assert handle.transport == "blob"
+    client = EncoderClient(workers.url, timeout=30)  # the client reads whichever transport came back
+    got = client.encode(["too big for the budget"])
+    assert got[0].shape == baseline.encode(["too big for the budget"])[0].shape
+    assert shm_names(workers.prefix) == []
+
+
+def test_overload_is_refused_at_once(workers):
+    proc = workers.start(queue="busy", max_queue_depth=2)
+    os.kill(proc.pid, signal.SIGSTOP)  # the queue fills while its worker is frozen
+    accepted = 0
+    try:
+        # A frozen worker may still hold one pending BLMOVE that Redis serves: fill until the bound refuses.
+        with pytest.raises(Overloaded, match="full"):
+            for _ in range(4):
+                submit(workers.url, ["queued"], queue="busy")
+                accepted += 1
+        r = redis.Redis.from_url(workers.url)
+        assert r.llen("rq:queue:busy") == 2
+        with pytest.raises(Overloaded, match="full"):
+            EncoderClient(workers.url, queue="busy", timeout=30).encode(["one too many"])
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert eventually(lambda: r.zcard("rq:finished:busy") == accepted)  # the accepted ones still run
+
+
+def test_stats_show_batches_cache_and_workers(workers):
+    workers.start()
+    client = EncoderClient(workers.url, timeout=30)
+    client.encode([" ", "a fox", " "])  # duplicates in one job: computed once
+    client.encode([" "])  # across clients/jobs: a cache hit
+    out = subprocess.run([sys.executable, "-m", "broker", "stats", "--redis-url", workers.url, "--json"],
+                         cwd=REPO, capture_output=True, text=True, check=True, timeout=60)
+    s = json.loads(out.stdout)
+    assert s["depth"] == 0 and s["finished"] == 2
+    assert len(s["workers"]) == 1 and s["workers"][0]["state"] in ("idle", "busy")
+    assert s["totals"]["jobs"] == 2 and s["totals"]["cache_hits"] >= 1
+    assert s["totals"]["computed_tokens"] < s["totals"]["tokens"]
+    assert sum(s["batch_histogram"].values()) == s["totals"]["batches"]
+    assert s["latency_ms"]["samples"] == 2 and s["latency_ms"]["p50"] > 0
+    text = subprocess.run([sys.executable, "-m", "broker", "stats", "--redis-url", workers.url],
+                          cwd=REPO, capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "cache hit rate" in text and "workers (1)" in text
