@@ -1,37 +1,66 @@
-"""GenerationClient: enqueue generation jobs for the DiT workers and wait for their images."""
+"""GenerationClient: enqueue generation jobs for the DiT workers, follow their progress, get their images."""
 
 from __future__ import annotations
 
+import time
+
+import redis
+
+from broker.errors import BrokerTimeout, BrokerUnavailable
 from broker.queues import DEFAULT_GENERATE_QUEUE, GENERATE_FUNCTION
 from broker.results import raise_for_error
 from broker.rq_wire import JobWire
 from broker.schemas import GenerateRequest, GenerateResult
+from broker.serializer import MsgpackSerializer
 
 
 class GenerationClient:
+    """Sends generation jobs to the DiT workers behind `redis_url`. `timeout` bounds each job end to end
+    (queueing, encoding, denoising, decoding); set it for your slowest size and step count."""
+
     def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_GENERATE_QUEUE,
                  timeout: float = 600.0, retries: int = 0):
         self.wire = JobWire(redis_url, queue, GENERATE_FUNCTION, timeout, retries)
 
     def submit(self, prompt: str, **kw) -> tuple[str, float]:
-        """Enqueues one generation; returns (job id, deadline) for `wait`. Keywords: GenerateRequest's fields."""
+        """Enqueues one generation; returns (job id, deadline) for `wait`. Keywords: GenerateRequest's fields
+        (negative_prompt, task, images, width, height, steps, seed, true_cfg_scale, output_dir, return_path).
+        Raises InvalidRequest at once for what can be checked here (e.g. steps=0, i2i without images)."""
         deadline = self.wire.deadline()
         req = GenerateRequest(prompt=prompt, deadline=deadline, **kw).validate()
         return self.wire.submit(req.to_msgpack(), deadline, f"generate: {prompt[:40]}"), deadline
 
-    def wait(self, job_id: str, deadline: float) -> GenerateResult:
-        return GenerateResult.from_msgpack(raise_for_error(self.wire.wait(job_id, deadline)))
+    def wait(self, job_id: str, deadline: float, on_progress=None, poll_s: float = 0.25) -> GenerateResult:
+        """The job's result. With `on_progress`, it is called with each new `progress(job_id)` value while waiting
+        (every `poll_s` at most)."""
+        if on_progress is None:
+            return GenerateResult.from_msgpack(raise_for_error(self.wire.wait(job_id, deadline)))
+        last = None
+        while True:
+            try:
+                outcome = self.wire.wait(job_id, min(deadline, time.time() + poll_s))
+            except BrokerTimeout:
+                if time.time() >= deadline:
+                    raise
+                p = self.progress(job_id)
+                if p and p != last:
+                    on_progress(p)
+                    last = p
+                continue
+            return GenerateResult.from_msgpack(raise_for_error(outcome))
 
-    def generate(self, prompt: str, **kw) -> GenerateResult:
-        return self.wait(*self.submit(prompt, **kw))
+    def generate(self, prompt: str, on_progress=None, **kw) -> GenerateResult:
+        return self.wait(*self.submit(prompt, **kw), on_progress=on_progress)
 
     def progress(self, job_id: str) -> dict:
-        """The job's progress as the DiT worker reports it (step, steps), for a client's progress bar."""
-        raw = self.wire.redis.hget(f"rq:job:{job_id}", "meta")
+        """The job's progress as the DiT worker reports it: {"step": denoising steps done, "steps": of how many};
+        {"step": 0, ...} once its embeddings are in; {} before it starts (or once the job record expired)."""
+        try:
+            raw = self.wire.redis.hget(f"rq:job:{job_id}", "meta")
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise BrokerUnavailable(f"cannot reach Redis at {self.wire.redis_url}: {e}") from None
         if not raw:
             return {}
-        from broker.serializer import MsgpackSerializer
-
         meta = MsgpackSerializer.loads(raw)
         return meta.get("progress", {}) if isinstance(meta, dict) else {}
 

@@ -135,18 +135,22 @@ class Blob:
 
 @dataclass(slots=True)
 class GenerateRequest:
-    """A DiT generation job: what a user of QwenImagePipeline / QwenImageEditPlusPipeline passes."""
+    """A DiT generation job: what a user of QwenImagePipeline (t2i) / QwenImageEditPlusPipeline (i2i) passes.
+
+    `width`, `height` and `steps` left out (None) take the worker's defaults; 0 is refused, never a default."""
 
     prompt: str
     negative_prompt: str = " "
     task: str = "t2i"
-    images: list = field(default_factory=list)  # i2i condition images, encoded bytes
-    width: int = 0  # 0: the pipeline's default
-    height: int = 0
-    steps: int = 0
+    images: list = field(default_factory=list)  # i2i input images, encoded bytes (PNG, JPEG, WebP); t2i: none
+    width: int | None = None  # pixels, a multiple of the pipeline's unit (16 for Qwen-Image); None: default
+    height: int | None = None
+    steps: int | None = None  # denoising steps; None: the worker's default_steps
     seed: int = 0
-    true_cfg_scale: float = 4.0
-    output_dir: str = ""  # where the worker writes the PNG; "" returns its bytes instead
+    true_cfg_scale: float = 4.0  # > 1 runs classifier-free guidance with the negative prompt
+    output_dir: str = ""  # the worker writes the PNG into this folder and returns its path
+    return_path: bool = False  # a path under the worker's own output_dir instead of the PNG's bytes
+    debug: bool = False  # the result carries what the worker process holds (modules, encoder weights, memory)
     deadline: float = 0.0
     version: int = SCHEMA_VERSION
 
@@ -155,12 +159,27 @@ class GenerateRequest:
             raise InvalidRequest("prompt and negative_prompt must be strings")
         if self.task not in TASKS:
             raise InvalidRequest(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
-        for name in ("width", "height", "steps", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise InvalidRequest(f"{name} must be a non-negative integer, got {v!r}")
         if not isinstance(self.images, list) or not all(isinstance(b, (bytes, bytearray)) for b in self.images):
             raise InvalidRequest("images must be a list of encoded image bytes (PNG, JPEG or WebP)")
+        if self.task == "i2i" and not self.images:
+            raise InvalidRequest("task 'i2i' needs at least one input image in images")
+        if self.task == "t2i" and self.images:
+            raise InvalidRequest("task 't2i' takes no images; send task='i2i' to edit an image")
+        for name in ("width", "height", "steps"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 1):
+                raise InvalidRequest(f"{name} must be a positive integer, or left out (None) for the worker's "
+                                     f"default; got {v!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        cfg = self.true_cfg_scale
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg < float("inf"):
+            raise InvalidRequest(f"true_cfg_scale must be a finite number >= 0, got {cfg!r}")
+        if not isinstance(self.output_dir, str):
+            raise InvalidRequest("output_dir must be a string (a folder path, or empty)")
+        for name in ("return_path", "debug"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be true or false, got {getattr(self, name)!r}")
         return self
 
     def to_msgpack(self) -> bytes:
@@ -171,6 +190,10 @@ class GenerateRequest:
         return decode(cls, data, "generate request")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(slots=True)
 class GenerateResult:
     """What a DiT worker returns: the image (PNG bytes or a path) and what it was made from."""
@@ -178,11 +201,15 @@ class GenerateResult:
     embeds_shapes: list  # [[L, D] of the prompt, [L, D] of the negative prompt]
     embeds_checksum: float  # sum of |x| over both, in float64: cheap evidence of what the pipeline received
     encoder_mode: str
-    png: bytes = b""
+    png: bytes = b""  # the image, unless it was written to `path`
     path: str = ""
-    width: int = 0
+    width: int = 0  # of the image made
     height: int = 0
-    timings: dict = field(default_factory=dict)
+    task: str = "t2i"
+    steps: int = 0
+    seed: int = 0
+    timings: dict = field(default_factory=dict)  # encode_ms, denoise_ms, png_ms, total_ms
+    debug: dict = field(default_factory=dict)  # when asked: the worker process's modules, encoder weights, memory
     version: int = SCHEMA_VERSION
 
     def to_msgpack(self) -> bytes:

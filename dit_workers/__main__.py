@@ -24,9 +24,9 @@ def main(argv=None) -> int:
         cfg.text_encoder_type = normalize_text_encoder_type(args.text_encoder_type)
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if cfg.make_tiny_if_missing:
-        from workers.make_tiny import ensure_tiny
+        from dit_workers.make_tiny_pipeline import ensure_tiny_pipeline
 
-        ensure_tiny(cfg.model_path)
+        ensure_tiny_pipeline(cfg.model_path)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     from dit_workers.worker import DitWorker
 

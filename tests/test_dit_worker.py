@@ -1,4 +1,5 @@
-"""The DiT worker gets a prompt's and a negative prompt's embeddings through the broker in one call."""
+"""The DiT worker gets a prompt's and a negative prompt's embeddings through the broker in one call, and makes an
+image from them (the tiny pipeline; see test_dit_pipeline.py for the pipeline itself)."""
 
 import msgpack
 import pytest
@@ -26,11 +27,12 @@ def dit_worker(encoder_worker, tiny_dir, tmp_path_factory):
 
 def test_generation_job_reports_broker_embeddings(dit_worker, baseline):
     client = GenerationClient(dit_worker["url"], timeout=60)
-    res = client.generate("a lighthouse at dusk", negative_prompt=" ")
+    res = client.generate("a lighthouse at dusk", negative_prompt=" ", width=64, height=64, steps=2)
     want = baseline.encode(["a lighthouse at dusk", " "])
     assert res.encoder_mode == "service"
     assert res.embeds_shapes == [list(t.shape) for t in want]
     assert res.embeds_checksum == pytest.approx(checksum(want), rel=1e-5)
+    assert res.png.startswith(b"\x89PNG") and (res.width, res.height) == (64, 64)
 
 
 def test_bad_generation_request_fails_that_job(dit_worker):
@@ -42,5 +44,5 @@ def test_bad_generation_request_fails_that_job(dit_worker):
     no_prompt = msgpack.packb({"version": 1})
     with pytest.raises(EncodeFailed, match="missing a field.*prompt"):
         client.wait(client.wire.submit(no_prompt, deadline), deadline)
-    res = client.generate("still alive")
+    res = client.generate("still alive", width=64, height=64, steps=2)
     assert len(res.embeds_shapes) == 2
