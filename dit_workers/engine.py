@@ -103,8 +103,7 @@ class DitEngine:
     # -- running ---------------------------------------------------------------------------------------
     def prepare(self, req: GenerateRequest) -> Prepared:
         req.validate()
-        if req.output_dir and not os.path.isabs(req.output_dir):
-            raise InvalidRequest(f"output_dir must be an absolute path on the worker's host, got {req.output_dir!r}")
+        self.output_folder(req)  # a bad output_dir fails before any work is done
         width, height = self.resolve_size(req)
         steps = self.resolve_steps(req)
         images, cond_png = None, []
@@ -153,8 +152,22 @@ class DitEngine:
             timings={"encode_ms": round(prep.encode_ms, 3), "denoise_ms": round((t2 - t1) * 1e3, 3),
                      "png_ms": round((t3 - t2) * 1e3, 3), "total_ms": round((t3 - t0) * 1e3, 3)})
 
+    def output_folder(self, req: GenerateRequest) -> str:
+        """The request's `output_dir` is a folder under the worker's own output_dir: clients choose where
+        inside it, never a path elsewhere on the worker's host."""
+        root = os.path.realpath(self.cfg.output_dir)
+        if not req.output_dir:
+            return root
+        if os.path.isabs(req.output_dir):
+            raise InvalidRequest(f"output_dir must be a folder relative to the worker's output_dir, "
+                                 f"got the absolute path {req.output_dir!r}")
+        folder = os.path.realpath(os.path.join(root, req.output_dir))
+        if folder != root and not folder.startswith(root + os.sep):
+            raise InvalidRequest(f"output_dir {req.output_dir!r} leaves the worker's output_dir")
+        return folder
+
     def write_png(self, req: GenerateRequest, png: bytes, name: str | None) -> str:
-        folder = req.output_dir or os.path.abspath(self.cfg.output_dir)
+        folder = self.output_folder(req)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{name or uuid.uuid4().hex}.png")
         fd, tmp = tempfile.mkstemp(prefix=".png-", dir=folder)

@@ -257,12 +257,12 @@ def test_path_results(dit_service, tmp_path):
     res = client.generate(PROMPT, width=64, height=80, steps=2, return_path=True)
     assert res.png == b"" and os.path.dirname(res.path) == dit_service["images"]
     assert decode_png(open(res.path, "rb").read()).size == (64, 80)
-    res = client.generate(PROMPT, width=96, height=64, steps=2, output_dir=str(tmp_path))
-    assert os.path.dirname(res.path) == str(tmp_path)
+    res = client.generate(PROMPT, width=96, height=64, steps=2, output_dir="run-7/batch a")
+    assert os.path.dirname(res.path) == os.path.join(dit_service["images"], "run-7", "batch a")
     assert decode_png(open(res.path, "rb").read()).size == (96, 64)
 
 
-def test_bad_requests_fail_clearly_and_the_worker_keeps_serving(dit_service):
+def test_bad_requests_fail_clearly_and_the_worker_keeps_serving(dit_service, tmp_path):
     client = dit_service["client"]
     with pytest.raises(EncodeFailed, match="width 100 is not a multiple of 16.*try 96 or 112"):
         client.generate(PROMPT, width=100, height=64, steps=2)
@@ -279,7 +279,8 @@ def test_bad_requests_fail_clearly_and_the_worker_keeps_serving(dit_service):
                            ({"steps": 2, "task": "i2i"}, "'i2i' needs at least one input image"),
                            ({"steps": 2, "task": "i2i", "images": [b"definitely not an image"]},
                             "image 0 .* is not a readable PNG, JPEG or WebP image"),
-                           ({"steps": 2, "output_dir": "relative/dir"}, "output_dir must be an absolute path"),
+                           ({"steps": 2, "output_dir": str(tmp_path)}, "got the absolute path"),
+                           ({"steps": 2, "output_dir": "a/../../escape"}, "leaves the worker's output_dir"),
                            ({"steps": 10_000}, "steps 10000 is over max_steps")]:
         job = wire.submit(msgpack.packb({**raw, **extra}), deadline)
         with pytest.raises(EncodeFailed, match=message):
