@@ -1,0 +1,139 @@
+"""The kernel backend: our packed-varlen Qwen2.5-VL text decoder with a template prefix cache and CUDA graphs.
+
+Per batch: the host packs token ids, M-RoPE positions, cu_seqlens and the rows to keep into one int32 buffer
+(one non-blocking copy), the model runs over the packed tokens (only the user part when the template prefix's
+keys and values are cached), one gather cuts at drop_idx, and the prompts come back as views of one [sum L_i, D]
+tensor. Nothing in between waits for the device.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from broker.errors import ModelLoadError
+from workers.encoders.base import EncoderBase, TokenizedBatch
+from workers.model.batch import HostBatch, Staging, pack, text_positions
+from workers.model.ops import KernelOptions, log_once
+from workers.model.qwen2_5_vl_text import PrefixKV, load_model
+from workers.templates import template_for
+
+log = logging.getLogger(__name__)
+
+
+class KernelEncoder(EncoderBase):
+    """Options: prefix_cache (True), cuda_graphs (True on CUDA), graph_max_tokens (512), graph_max_seqs (16),
+    graph_buckets (None: the runner's default), and the KernelOptions switches (use_flash_attention_kernel,
+    use_triton_attention, use_rmsnorm_kernel, use_rope_kernel, use_silu_kernel)."""
+
+    backend = "kernel"
+
+    def __init__(self, paths, config, tokenizer, device, dtype, max_prompt_tokens, **options):
+        super().__init__(paths, config, tokenizer, device, dtype, max_prompt_tokens)
+        options = dict(options)
+        self.prefix_cache = bool(options.pop("prefix_cache", True))
+        cuda_graphs = bool(options.pop("cuda_graphs", True)) and device.type == "cuda"
+        graph_max_tokens = int(options.pop("graph_max_tokens", 512))
+        graph_max_seqs = int(options.pop("graph_max_seqs", 16))
+        graph_buckets = options.pop("graph_buckets", None)
+        kernel_options = KernelOptions.from_options(options)
+        if options:
+            raise ModelLoadError(f"unknown kernel encoder options: {', '.join(sorted(options))}")
+        self.model = load_model(paths.text_encoder, config, device, dtype, kernel_options)
+        self.staging = Staging(device)
+        self._prefix_ids = {
+            task: tuple(tokenizer(template_for(task).prefix, add_special_tokens=False)["input_ids"])
+            for task in ("t2i", "i2i")
+        }
+        self._prefixes: dict[str, PrefixKV] = {}
+        self.graphs = None
+        if cuda_graphs:
+            from workers.model.graph_runner import GraphRunner
+
+            self.graphs = GraphRunner(self.model, device, graph_max_tokens, graph_max_seqs,
+                                      tuple(graph_buckets) if graph_buckets else None)
+        if device.type == "cuda":
+            self.warmup()
+
+    def warmup(self, task: str = "t2i") -> None:
+        """Computes the task's prefix keys and values and captures its CUDA graphs before the first request."""
+        prefix = self.prefix_for(task) if self.prefix_cache else None
+        if self.graphs is not None:
+            self.graphs.capture(prefix)
+
+    def prefix_for(self, task: str) -> PrefixKV:
+        """The task's template prefix keys and values, computed on first use and kept for the process."""
+        prefix = self._prefixes.get(task)
+        if prefix is None:
+            prefix = self._prefixes[task] = self.model.compute_prefix(list(self._prefix_ids[task]))
+        return prefix
+
+    def _usable_prefix(self, batch: TokenizedBatch) -> PrefixKV | None:
+        if not self.prefix_cache:
+            return None
+        want = self._prefix_ids.get(batch.task)
+        P = batch.drop_idx
+        if want is None or len(want) != P:
+            return None
+        for ids in batch.ids:
+            if len(ids) < P or tuple(ids[:P]) != want:
+                # e.g. a prompt that starts with a newline: BPE merges it into the template's last token
+                log_once(f"prefix cache: a {batch.task} sequence does not start with the template prefix; "
+                         "such batches run uncached", logging.DEBUG)
+                return None
+        return self.prefix_for(batch.task)
+
+    @torch.inference_mode()
+    def encode_packed(self, batch: TokenizedBatch, positions: list[np.ndarray] | None = None,
+                      extra_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Returns (packed [sum L_i, D] on the device, lengths L_i): prompt i is rows sum(L_<i) ... + L_i.
+
+        positions: per sequence, [3, len(ids_i)] M-RoPE positions of the whole templated sequence (default:
+        text positions 0..len-1 on all three rows); extra_embeds: [N, D] rows replacing, in order, the
+        embeddings of the image-pad tokens after the prefix (HF's masked_scatter). Both are for images (issue 5).
+        """
+        prefix = self._usable_prefix(batch)
+        P = 0 if prefix is None else prefix.length
+        drop = batch.drop_idx
+        seqs = [ids[P:] for ids in batch.ids]  # the tokens the model computes
+        if positions is None:
+            pos = [text_positions(P, len(s)) for s in seqs]
+        else:
+            pos = [np.ascontiguousarray(p)[:, P:] for p in positions]
+        lengths = [len(ids) - drop for ids in batch.ids]
+        keep_from = None if P == drop else [drop - P] * len(seqs)
+        if sum(lengths) == 0:
+            return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device), lengths
+
+        bucket = None
+        if self.graphs is not None and extra_embeds is None:
+            bucket = self.graphs.bucket_for(sum(map(len, seqs)), len(seqs))
+        if bucket is not None:
+            hb = self.graphs.pack(seqs, pos, keep_from, bucket, prefix, self.staging)
+            return self.graphs.run(hb, prefix, self.staging), lengths
+
+        hb = self._pack_eager(seqs, pos, keep_from)
+        dev = self.staging.to_device(hb.buf[:hb.layout.size])
+        ids, positions_t, cu, keep = hb.layout.views(dev)
+        inputs_embeds = None
+        if extra_embeds is not None:
+            inputs_embeds = self.model.embed(ids)
+            mask = (ids == self.config.image_token_id)[:, None]  # [T, 1]
+            inputs_embeds = inputs_embeds.masked_scatter(mask, extra_embeds.to(inputs_embeds.dtype))
+        out = self.model(ids, positions_t, cu, hb.max_seqlen, prefix, inputs_embeds=inputs_embeds)  # [T, D]
+        if keep_from is not None:
+            out = out.index_select(0, keep)  # [sum L_i, D]: the cut at drop_idx
+        return out, lengths
+
+    def _pack_eager(self, seqs, pos, keep_from) -> HostBatch:
+        T = sum(map(len, seqs))
+        n_keep = T - sum(keep_from) if keep_from else T
+        out = self.staging.acquire(4 * T + len(seqs) + 1 + n_keep)
+        return pack(seqs, pos, keep_from, out=out)
+
+    @torch.inference_mode()
+    def encode_tokens(self, batch: TokenizedBatch) -> list[torch.Tensor]:
+        packed, lengths = self.encode_packed(batch)
+        return list(torch.split(packed, lengths))
