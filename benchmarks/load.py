@@ -1,0 +1,216 @@
+"""Load benchmark: N client processes, each sending M single-prompt requests, against one encoder worker.
+
+    python benchmarks/load.py [--clients 1,8,64] [--requests 200] [--backend baseline] [--device cpu]
+                              [--tasks-per-process 1] [--redis-server PATH] [--model-dir DIR] [--json OUT]
+
+Starts its own redis-server (no persistence, a free port) and one worker process, measures the same backend
+in process first (single-request latency, saturated throughput), then through the broker: throughput, p50/p99
+latency, errors, segments left in /dev/shm, and the overhead against in-process. Prints a markdown table last.
+With --tasks-per-process K, each client process runs K asyncio clients (N clients = N/K processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# A realistic t2i mix: short to long user prompts (the tiny model's cost barely depends on length).
+PROMPTS = [
+    "a red fox in snow",
+    "A cozy reading nook by a rain-streaked window, warm lamp light, a cat asleep on a knitted blanket",
+    "neon sign that says 'open late' above a ramen shop, night, wet street reflections, cinematic",
+    "isometric illustration of a tiny island village with windmills, pastel colors, soft shadows, highly "
+    "detailed, trending on artstation",
+    "portrait photo of an elderly fisherman, deep wrinkles, grey beard, knitted cap, overcast light, 85mm",
+]
+
+
+def pct(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))] if s else float("nan")
+
+
+def client_process(url, n_requests, tasks, seed, out_q):
+    from broker.client import EncoderClient
+    from broker.errors import BrokerError
+
+    async def one_client(c, k):
+        lat, errors = [], 0
+        for i in range(n_requests):
+            prompt = PROMPTS[(seed + k + i) % len(PROMPTS)] + f" #{seed}.{k}.{i}"  # distinct: no cache hits
+            t0 = time.perf_counter()
+            try:
+                await c.aencode([prompt])
+                lat.append((time.perf_counter() - t0) * 1e3)
+            except BrokerError:
+                errors += 1
+        return lat, errors
+
+    async def main():
+        c = EncoderClient(url, timeout=300)
+        try:
+            res = await asyncio.gather(*(one_client(c, k) for k in range(tasks)))
+        finally:
+            await c.aclose()
+        return [x for r in res for x in r[0]], sum(r[1] for r in res)
+
+    if tasks == 1:  # the plain sync path, as most DiT workers call it
+        c = EncoderClient(url, timeout=300)
+        lat, errors = [], 0
+        for i in range(n_requests):
+            prompt = PROMPTS[(seed + i) % len(PROMPTS)] + f" #{seed}.{i}"
+            t0 = time.perf_counter()
+            try:
+                c.encode([prompt])
+                lat.append((time.perf_counter() - t0) * 1e3)
+            except BrokerError:
+                errors += 1
+        out_q.put((lat, errors))
+        return
+    out_q.put(asyncio.run(main()))
+
+
+def in_process(args):
+    import torch
+
+    from workers.encoders import load_encoder
+
+    enc = load_encoder(args.model_dir, backend=args.backend, device=args.device)
+    sync = (lambda: torch.cuda.synchronize()) if args.device.startswith("cuda") else (lambda: None)
+    for _ in range(5):
+        enc.encode([PROMPTS[0] + " warm"])
+    sync()
+    lat = []
+    for i in range(args.single_iters):
+        t0 = time.perf_counter()
+        out = enc.encode([PROMPTS[i % len(PROMPTS)] + f" #{i}"])
+        out[0].cpu()
+        lat.append((time.perf_counter() - t0) * 1e3)
+    batch = [PROMPTS[i % len(PROMPTS)] + f" #{i}" for i in range(args.batch)]
+    enc.encode(batch)
+    sync()
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < args.saturate_s:
+        for t in enc.encode(batch):
+            t.cpu()
+        n += len(batch)
+    thr = n / (time.perf_counter() - t0)
+    del enc
+    return {"single_p50_ms": pct(lat, 50), "single_p99_ms": pct(lat, 99), "throughput_rps": thr}
+
+
+def start_stack(args, tmp):
+    from tests.helpers import RedisServer, free_port, wait_for_workers, write_config
+
+    port = free_port()
+    if args.redis_server:
+        os.environ["PATH"] = os.path.dirname(os.path.abspath(args.redis_server)) + os.pathsep + os.environ["PATH"]
+    server = RedisServer(port).start()
+    prefix = "ebload"
+    cfg = write_config(os.path.join(tmp, "w.json"), model_dir=args.model_dir, backend=args.backend,
+                       device=args.device, redis_url=server.url, queue="encode", shm_prefix=prefix,
+                       max_batch_requests=args.batch, max_queue_depth=0, cache_max_bytes=0, log_level="WARNING")
+    log = os.path.join(tmp, "worker.log")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "workers", "--config", cfg], cwd=REPO,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    wait_for_workers(server.url, 1, proc, log, timeout=600)
+    return server, proc, prefix, log
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", default="1,8,64")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--tasks-per-process", type=int, default=1)
+    ap.add_argument("--backend", default="baseline")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model-dir", default=os.path.join(REPO, "var", "tiny"))
+    ap.add_argument("--redis-server", help="path of a redis-server binary (default: from PATH)")
+    ap.add_argument("--batch", type=int, default=64, help="in-process batch and the worker's max_batch_requests")
+    ap.add_argument("--single-iters", type=int, default=200)
+    ap.add_argument("--saturate-s", type=float, default=5.0)
+    ap.add_argument("--json", help="write all numbers here")
+    args = ap.parse_args()
+
+    from workers.make_tiny import ensure_tiny
+
+    if args.model_dir == os.path.join(REPO, "var", "tiny"):
+        ensure_tiny(args.model_dir)
+    print("in-process ...", flush=True)
+    local = in_process(args)
+    print(f"in-process: single p50 {local['single_p50_ms']:.2f} ms, throughput {local['throughput_rps']:.0f} "
+          "prompts/s", flush=True)
+    tmp = tempfile.mkdtemp(prefix="eb-load-")
+    server, worker, prefix, log = start_stack(args, tmp)
+    rows = []
+    try:
+        ctx = mp.get_context("spawn")
+        for n in [int(x) for x in args.clients.split(",")]:
+            tasks = min(args.tasks_per_process, n)
+            procs_n = max(1, n // tasks)
+            q = ctx.Queue()
+            procs = [ctx.Process(target=client_process, args=(server.url, args.requests, tasks, i * 1000, q))
+                     for i in range(procs_n)]
+            for p in procs:
+                p.start()
+            # Clients import torch first (seconds); count from when the first result could start flowing.
+            t0 = time.perf_counter()
+            results = [q.get() for _ in procs]
+            wall = time.perf_counter() - t0
+            for p in procs:
+                p.join()
+            lat = [x for r in results for x in r[0]]
+            errors = sum(r[1] for r in results)
+            left = [f for f in os.listdir("/dev/shm") if f.startswith(prefix + ".")]
+            # Throughput from per-request latencies of the busiest stretch is fragile; use completed/wall,
+            # where wall excludes nothing but includes the client imports: report both for honesty.
+            rows.append({"clients": n, "processes": procs_n, "tasks_per_process": tasks,
+                         "requests": len(lat) + errors, "errors": errors, "segments_left": len(left),
+                         "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "mean_ms": statistics.fmean(lat) if lat else 0,
+                         "throughput_rps_incl_startup": len(lat) / wall,
+                         "throughput_rps": n / (statistics.fmean(lat) / 1e3) if lat else 0})
+            r = rows[-1]
+            print(f"{n} clients: p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, "
+                  f"~{r['throughput_rps']:.0f} req/s, errors {errors}, segments left {len(left)}", flush=True)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    overhead = rows[0]["p50_ms"] - local["single_p50_ms"] if rows and rows[0]["clients"] == 1 else None
+    best = max((r["throughput_rps"] for r in rows), default=0)
+    summary = {"in_process": local, "broker": rows, "single_overhead_p50_ms": overhead,
+               "saturated_fraction_of_in_process": best / local["throughput_rps"] if local["throughput_rps"] else None,
+               "backend": args.backend, "device": args.device}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    print("\n| clients | processes x tasks | requests | errors | segments left | p50 ms | p99 ms | req/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['clients']} | {r['processes']} x {r['tasks_per_process']} | {r['requests']} | {r['errors']} | "
+              f"{r['segments_left']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['throughput_rps']:.0f} |")
+    print(f"\nin-process ({args.backend}, {args.device}): single p50 {local['single_p50_ms']:.2f} ms, "
+          f"saturated {local['throughput_rps']:.0f} prompts/s (batch {args.batch})")
+    if overhead is not None:
+        print(f"single-request broker overhead (p50, shm, loopback): {overhead:.2f} ms")
+    print(f"best broker throughput / in-process: {summary['saturated_fraction_of_in_process']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
