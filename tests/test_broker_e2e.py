@@ -174,3 +174,25 @@ def test_raw_inputs_return_every_token(client, baseline):
     assert got.shape[0] == cut.shape[0] + T2I.drop_idx
     assert_same([got], [want])
     torch.testing.assert_close(got[T2I.drop_idx:], cut, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_backend_worker_serves_the_same_states(tiny_dir, redis_server, tmp_path, baseline):
+    """The worker with our own forward (torch references on the CPU) through the broker, one packed copy."""
+    from tests.helpers import start_process, stop_process, wait_for_workers, write_config
+
+    cfg = write_config(str(tmp_path / "kernel.json"), model_dir=tiny_dir, backend="kernel", device="cpu",
+                       redis_url=redis_server.url, queue="encode-kernel", max_prompt_tokens=TEST_MAX_PROMPT_TOKENS)
+    log = str(tmp_path / "kernel.log")
+    proc = start_process(["-m", "workers", "--config", cfg], log)
+    try:
+        before = redis.Redis.from_url(redis_server.url).scard("rq:workers")
+        wait_for_workers(redis_server.url, before + 1, proc, log)
+        prompts = ["a kernel-served fox", "", " ", "ünïcödé 🦊", "a kernel-served fox"]
+        with EncoderClient(redis_server.url, queue="encode-kernel", timeout=60) as c:
+            got = c.encode(prompts)
+        want = baseline.encode(prompts)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            assert (g - w).norm() / w.norm() < 1e-4
+    finally:
+        stop_process(proc)

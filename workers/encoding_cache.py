@@ -39,14 +39,14 @@ class EncodingCache:
         return t
 
     def put(self, key: bytes, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+        size = value.nbytes
         if size > self.max_bytes or key in self._items:
             return
         self._items[key] = value
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= old.nbytes
 
     def __len__(self) -> int:
         return len(self._items)

@@ -278,15 +278,15 @@ class EncoderWorker(ServeLoop):
             for chunk in split_by_tokens([len(uniq[i]) for i in todo], self.config.max_batch_tokens):
                 idx = [todo[c] for c in chunk]
                 try:
-                    res = self.encoder.encode_tokens(TokenizedBatch(task, [list(uniq[i]) for i in idx], drop))
-                    res = [r.to("cpu").contiguous() for r in res]
+                    res = self._run_encoder(TokenizedBatch(task, [list(uniq[i]) for i in idx], drop))
                 except Exception as e:  # a failing batch fails its jobs, never the worker
                     log.exception("encoder failed on a batch of %d sequence(s)", len(idx))
                     failed_seq.update((i, f"encoder failed: {type(e).__name__}: {e}") for i in idx)
                     continue
                 for i, r in zip(idx, res):
                     states[i] = r
-                    self.cache.put(keys[i], r)
+                    # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
+                    self.cache.put(keys[i], r.clone() if r.untyped_storage().nbytes() > r.nbytes else r)
                     computed += len(uniq[i])
             pos = 0
             for p in group:
@@ -298,6 +298,14 @@ class EncoderWorker(ServeLoop):
                 else:
                     outputs[p.taken.job_id] = [states[i] for i in idx]
         return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses)
+
+    def _run_encoder(self, batch: TokenizedBatch) -> list[torch.Tensor]:
+        """The batch's states on the CPU: one device-to-host copy of the packed output when the backend packs."""
+        encode_packed = getattr(self.encoder, "encode_packed", None)
+        if encode_packed is None:
+            return [r.to("cpu").contiguous() for r in self.encoder.encode_tokens(batch)]
+        packed, lengths = encode_packed(batch)
+        return list(torch.split(packed.to("cpu"), lengths))
 
     # -- output ----------------------------------------------------------------------------------------
     def _output_loop(self) -> None:
