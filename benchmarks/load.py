@@ -145,11 +145,20 @@ def main():
     ap.add_argument("--single-iters", type=int, default=200)
     ap.add_argument("--saturate-s", type=float, default=5.0)
     ap.add_argument("--json", help="write all numbers here")
+    ap.add_argument("--build-7b", action="store_true",
+                    help="build (or reuse) benchmarks/encoder.py's random 7B checkpoint at --model-dir first")
     args = ap.parse_args()
 
     from workers.make_tiny import ensure_tiny
 
-    if args.model_dir == os.path.join(REPO, "var", "tiny"):
+    if args.build_7b:
+        import torch
+
+        from benchmarks.encoder import build_checkpoint
+        from workers.model.qwen2_5_vl_text import ModelArgs
+
+        build_checkpoint(args.model_dir, ModelArgs.from_name("qwen2.5-vl-7b"), torch.device(args.device))
+    elif args.model_dir == os.path.join(REPO, "var", "tiny"):
         ensure_tiny(args.model_dir)
     print("in-process ...", flush=True)
     local = in_process(args)

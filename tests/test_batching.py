@@ -33,8 +33,19 @@ def test_policy_closes_at_the_request_and_token_limits():
     assert not p.should_close(0, 0, waited_ms=1e9, device_idle=True)
 
 
+def test_policy_runs_a_lone_request_at_once():
+    p = BatchPolicy(max_batch_tokens=100, max_batch_requests=4, max_wait_ms=2.0)
+    assert p.should_close(1, 10, waited_ms=0.0, device_idle=True)  # nothing says more are coming
+    for t in (0.0, 1.0, 2.0):  # requests a second apart
+        p.arrived(t)
+    assert not p.expect_more() and p.should_close(1, 10, waited_ms=0.0, device_idle=True)
+
+
 def test_policy_waits_only_while_the_device_is_idle():
     p = BatchPolicy(max_batch_tokens=100, max_batch_requests=4, max_wait_ms=2.0)
+    for i in range(10):  # a burst: 0.1 ms apart
+        p.arrived(i * 1e-4)
+    assert p.expect_more()
     assert not p.should_close(1, 10, waited_ms=1.0, device_idle=True)
     assert p.should_close(1, 10, waited_ms=2.0, device_idle=True)
     assert not p.should_close(1, 10, waited_ms=500.0, device_idle=False)  # busy device: keep growing

@@ -198,16 +198,16 @@ class EncoderWorker(ServeLoop):
                 if taken:
                     self._admit(taken)
                     continue
-                # Nothing queued: wait briefly for more. While the device is busy, poll in short slices so
-                # the batch closes the moment the device frees up.
+                # Nothing queued: wait briefly for more, polling. (Redis checks blocking-command timeouts only
+                # about every 100 ms, so a BLMOVE of 2 ms would wait up to 100.) While the device is busy the
+                # polls are short, so the batch closes the moment the device frees up.
                 idle = self._device_idle.is_set()
-                wait_s = self.policy.wait_left_ms(batch.waited_ms()) / 1e3 if idle else 0.005
-                first = self.source.wait_first(wait_s)
+                wait_ms = min(self.policy.wait_left_ms(batch.waited_ms()), 1.0) if idle else 1.0
+                self._device_idle.wait(wait_ms / 1e3) if not idle else time.sleep(wait_ms / 1e3)
             else:
-                first = self.source.wait_first(1.0)
+                first = self.source.wait_first(1.0)  # blocks until a job comes; the timeout only bounds stop checks
                 if first is None:
                     return None
-            if first is not None:
                 self._admit(self.source.take(first, room - 1))
         if not batch.jobs:
             return None
@@ -230,6 +230,9 @@ class EncoderWorker(ServeLoop):
             self.source.record([], failed, self.config.result_ttl_s, pipeline=pipe)
         with self._held_lock:
             self._held.update((p.taken.job_id, p.taken) for p in prepared)
+        for t in taken:
+            if t.job is not None and t.job.enqueued_at is not None:
+                self.policy.arrived(t.job.enqueued_at.timestamp())
         self._pending.extend(prepared)
         for t, reason in failed:
             log.warning("job %s failed: %s", t.job_id, reason)
