@@ -194,7 +194,7 @@ from workers.model.batch import pack, text_positions
 prompts = json.loads(sys.argv[2])
 enc = load_encoder(sys.argv[1], backend="kernel")
 ops = enc.model.ops
-names = [ops.attention_name, ops.rms_norm.__name__, ops.mrope.__name__, ops.silu_mul.__name__]
+names = [ops.attention_name, ops.rms_norm.__name__, ops.qkv_rope.__name__, ops.silu_mul.__name__]
 cached = enc.encode(prompts)
 enc.prefix_cache = False
 uncached = enc.encode(prompts)
@@ -218,13 +218,42 @@ def test_triton_kernels_interpreted_match_baseline(tiny, want, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = torch.load(out)
-    assert res["names"] == ["triton", "rms_norm", "apply_mrope", "silu_and_mul"]
+    assert res["names"] == ["triton", "rms_norm", "qkv_rope", "silu_and_mul"]
     for variant in ("cached", "uncached"):
         for p, g in zip(prompts, res[variant]):
             assert g.shape == want[p].shape
             assert rel_l2(g, want[p]) < 1e-4, (variant, p)
     ref = torch.cat([want[p] for p in prompts])
     assert rel_l2(res["padded"], ref) < 1e-4
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_attention_dispatch_in_the_model(kern, want, monkeypatch, use_triton):
+    """A stand-in library kernel (ops.LIBRARY_KERNELS) serves the uncached batches; the cached ones go to our
+    Triton attention (here interpreted; the other ops stay torch references for speed) or, where Triton is
+    off, to the library through the per-layer [prefix ++ own] gather."""
+    from tests.test_kernels_ops import fake_library
+    from workers.model import ops as ops_mod
+
+    calls: list = []
+    monkeypatch.setattr(ops_mod, "LIBRARY_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(ops_mod, "LIBRARY_KERNELS", (("fake", fake_library(calls)),))
+    a = kern.model.args
+    options = ops_mod.KernelOptions(use_triton=use_triton, use_rmsnorm_kernel=False, use_rope_kernel=False,
+                                    use_silu_kernel=False)
+    ops = ops_mod.Ops(torch.device("cpu"), torch.float32, a.n_heads, a.n_kv_heads, a.head_dim, options)
+    prefix_attention = "triton" if use_triton else "fake"
+    assert ops.attention_names == {"no_prefix": "fake", "prefix": prefix_attention}
+    monkeypatch.setattr(kern.model, "ops", ops)
+    for prefix_cache in (True, False):
+        monkeypatch.setattr(kern, "prefix_cache", prefix_cache)
+        calls.clear()
+        for p, g in zip(PROMPTS, kern.encode(PROMPTS)):
+            assert g.shape == want[p].shape and rel_l2(g, want[p]) < 1e-4, (prefix_cache, p)
+        if prefix_cache:
+            assert calls == ([] if use_triton else ["prefix"] * a.n_layers)
+        else:
+            assert calls == ["plain"] * a.n_layers
 
 
 def test_ffn_row_chunks_change_nothing(kern, monkeypatch):

@@ -113,3 +113,20 @@ def test_triton_available_here():
     assert triton_available(DEVICE)
     assert triton_available(torch.empty(1, device=DEVICE))
     assert not triton_available("meta")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_without_storing_the_residual(dtype):
+    # the model's final norm: the sum is normalized but not kept
+    _seed("rms-no-store", dtype)
+    T, D = 5, 40
+    x, residual = (torch.randn(T, D, device=DEVICE, dtype=dtype) for _ in range(2))
+    weight = torch.randn(D, device=DEVICE, dtype=dtype)
+    y_ref, r_ref = rms_norm_ref(x, weight, 1e-6, residual, store_residual=False)
+    assert r_ref is None
+    out = torch.full_like(x, float("nan"))
+    y, r = rms_norm(x, weight, 1e-6, residual, out=out, store_residual=False)
+    assert y is out and r is None
+    assert _rel_l2(y, y_ref) < _tol(dtype)
+    with pytest.raises(AssertionError, match="store_residual"):
+        rms_norm(x, weight, 1e-6, residual, residual_out=torch.empty_like(x), store_residual=False)

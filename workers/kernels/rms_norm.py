@@ -10,15 +10,16 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    *, store_residual: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # x, residual: [T, D]; weight: [D] -> y [T, D], residual_out [T, D] or None
+    # x, residual: [T, D]; weight: [D] -> y [T, D], residual_out [T, D] (None without residual or store_residual)
     dtype = x.dtype
     residual_out = None
     if residual is not None:
         # HF adds the residual stream in the model dtype: one rounding after an exact fp32 add.
         x = (x.float() + residual.float()).to(dtype)
-        residual_out = x
+        residual_out = x if store_residual else None
     h = x.float()
     var = h.pow(2).mean(-1, keepdim=True)
     y = (h * torch.rsqrt(var + eps)).to(dtype)
@@ -32,7 +33,7 @@ def _rms_norm_kernel(
     X, R, W, Y, R_OUT,
     D, eps,
     BLOCK_D: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
 ):
     # one program per row; X, R, Y, R_OUT: [T, D] contiguous; W: [D]
     row = tl.program_id(0).to(tl.int64)
@@ -43,7 +44,8 @@ def _rms_norm_kernel(
     if HAS_RESIDUAL:
         r = tl.load(R + base + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(R_OUT + base + cols, x, mask=mask)
+        if STORE_RESIDUAL:
+            tl.store(R_OUT + base + cols, x, mask=mask)
     h = x.to(tl.float32)
     var = tl.sum(h * h, axis=0) / D
     rstd = tl.rsqrt(var + eps)
@@ -71,11 +73,13 @@ def rms_norm(
     *,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    store_residual: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = RMSNorm(x [+ residual]) * weight; with a residual, also returns the rounded sum (the new residual).
 
     x, residual: [T, D]; weight: [D]; all one dtype (fp32, fp16 or bf16). `out` / `residual_out` may alias
-    `x` / `residual` (each row is read before it is written).
+    `x` / `residual` (each row is read before it is written). store_residual=False: the sum is not written
+    (the last norm of a model) and None is returned in its place.
     """
     check_launchable(x, "rms_norm")
     assert x.dim() == 2, f"rms_norm: x must be [T, D], got shape {tuple(x.shape)}"
@@ -85,15 +89,18 @@ def rms_norm(
     assert weight.shape == (D,), f"rms_norm: weight must be [{D}], got {tuple(weight.shape)}"
     assert weight.dtype == x.dtype, f"rms_norm: weight dtype {weight.dtype} != x dtype {x.dtype}"
     assert weight.is_contiguous() and weight.device == x.device, "rms_norm: weight must be contiguous, on x's device"
+    if residual is not None and not store_residual:
+        assert residual_out is None, "rms_norm: residual_out given with store_residual=False"
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype, (
             f"rms_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
             f"got {tuple(residual.shape)}, {residual.dtype}"
         )
         assert residual.is_contiguous() and residual.device == x.device, "rms_norm: residual must be contiguous"
-        if residual_out is None:
+        if residual_out is None and store_residual:
             residual_out = torch.empty_like(x)
-        assert residual_out.shape == x.shape and residual_out.dtype == x.dtype and residual_out.is_contiguous()
+        assert residual_out is None or (
+            residual_out.shape == x.shape and residual_out.dtype == x.dtype and residual_out.is_contiguous())
     else:
         assert residual_out is None, "rms_norm: residual_out given without residual"
     if out is None:
@@ -109,7 +116,7 @@ def rms_norm(
         x, residual if residual is not None else x, weight, out,
         residual_out if residual_out is not None else out,
         D, eps,
-        BLOCK_D=block_d, HAS_RESIDUAL=residual is not None,
+        BLOCK_D=block_d, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL=residual_out is not None,
         num_warps=num_warps,
     )
     return out, residual_out

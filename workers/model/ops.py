@@ -1,15 +1,30 @@
 """Which implementation runs each op of the model: Triton launchers, torch references, or a library kernel.
 
-Chosen once per model from the device and the config switches, never per call:
-- Triton launchers where `workers.kernels.triton_available(device)` (CUDA, or the CPU under TRITON_INTERPRET=1);
-  the torch `*_ref` functions otherwise, so the kernel backend runs on any machine.
-- attention: flash-attn's `flash_attn_varlen_func` when installed, else torch's
-  `torch.nn.attention.varlen.varlen_attn` on CUDA, else our Triton `varlen_attention`, else its reference.
-  A library kernel is checked once against the reference (GQA and prefix included) before it is trusted.
-- every fallback taken for a missing dependency says so in exactly one log line per process.
+Chosen once per model from the device and the switches of `KernelOptions`, never per call:
+- norms, the fused QKV split + M-RoPE (`qkv_rope`), SiLU-mul: Triton launchers where
+  `workers.kernels.triton_available(device)` (CUDA, or the CPU under TRITON_INTERPRET=1); the torch `*_ref`
+  functions otherwise, so the kernel backend runs on any machine.
+- attention: two choices, one for batches that attend to a cached template prefix (the t2i/i2i default, so
+  also the CUDA-graph latency path) and one for batches that don't (raw inputs, prompts that break the
+  template, prefix cache off). Only our Triton `varlen_attention` takes the prefix as separate tensors and
+  reads it in place; the library kernels (flash-attn's `flash_attn_varlen_func` when installed, else torch's
+  `torch.nn.attention.varlen.varlen_attn`, both CUDA-only) need each sequence's keys as [prefix ++ own]: one
+  gather of k and v per layer, with cu_seqlens_k and their bottom-right causal alignment making the prefix
+  fully visible. On an H100 (benchmarks/RESULTS.md, run 1) one 128-token prompt took 6.96 ms with Triton and
+  7.57 ms with torch varlen + gather. So:
 
-The library kernels take no separate prefix: each sequence's keys become [prefix ++ own keys] (one gather per layer)
-with cu_seqlens_k, and their causal mask is aligned bottom-right, which makes the prefix fully visible.
+      use_flash_attention_kernel  use_triton_attention | without a prefix   | with a cached prefix
+      True (default)              True (default)       | library            | Triton
+      True                        False                | library            | library + gather (run 1's default)
+      False                       either               | Triton             | Triton
+
+  "library" is flash-attn, else torch varlen_attn, else (not on CUDA, not installed, failed its check) Triton.
+  "Triton" is its torch reference where Triton can't run (use_triton=False, or a CPU without the
+  interpreter); on CUDA a library kernel with the gather is preferred to the reference (a host loop) for
+  prefixed batches then. A library kernel is checked once against the reference before it is trusted:
+  causal GQA without a prefix, and with one (it then serves prefixed batches only if that passes too).
+- the attention choice is logged in one line; every fallback for a missing dependency says so in one line
+  per process.
 """
 
 from __future__ import annotations
@@ -37,8 +52,8 @@ class KernelOptions:
     """The seed's switches; `True` means "the fast kernel if it can run here"."""
 
     use_triton: bool = True  # False: torch references for norms, rope, silu and (non-library) attention
-    use_flash_attention_kernel: bool = True  # flash-attn / torch varlen_attn before our Triton attention
-    use_triton_attention: bool = False  # force our Triton varlen_attention (reference where Triton can't run)
+    use_flash_attention_kernel: bool = True  # flash-attn / torch varlen_attn for batches without a prefix
+    use_triton_attention: bool = True  # our Triton varlen_attention for batches with a cached prefix (no gather)
     use_rmsnorm_kernel: bool = True
     use_rope_kernel: bool = True
     use_silu_kernel: bool = True
@@ -123,8 +138,14 @@ def _make_torch_varlen():
     return attn
 
 
-def _self_check(attn, device, dtype, n_q, n_kv, head_dim) -> None:
-    """Raises if a library kernel disagrees with the reference on causal GQA with and without a prefix."""
+# library kernels in order of preference: (name, factory raising ImportError when missing), and the devices
+# they run on (tests put a stand-in here)
+LIBRARY_KERNELS = (("flash_attn", _make_flash_attn), ("torch_varlen", _make_torch_varlen))
+LIBRARY_DEVICE_TYPES = ("cuda",)
+
+
+def _self_check(attn, device, dtype, n_q, n_kv, head_dim, prefix: bool) -> None:
+    """Raises if a library kernel disagrees with the reference on causal GQA (with a prefix or without)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     lens, n_prefix = [5, 1, 70, 17], 11
     T = sum(lens)
@@ -136,14 +157,13 @@ def _self_check(attn, device, dtype, n_q, n_kv, head_dim) -> None:
     q, k, v = rnd(T, n_q, head_dim), rnd(T, n_kv, head_dim), rnd(T, n_kv, head_dim)
     pk, pv = rnd(n_prefix, n_kv, head_dim), rnd(n_prefix, n_kv, head_dim)
     scale = head_dim**-0.5
-    for prefix in (False, True):
-        meta = build_attn_meta(cu, max(lens), n_prefix if prefix else 0, T, needs_kv_index=True)
-        args = (pk, pv) if prefix else (None, None)
-        got = attn(q, k, v, meta, scale, *args).float()
-        want = _attn_ref(q, k, v, meta, scale, *args).float()
-        err = ((got - want).norm() / want.norm()).item()
-        if not err < 2e-2:
-            raise RuntimeError(f"relative error {err:.3g} against the reference (prefix={prefix})")
+    meta = build_attn_meta(cu, max(lens), n_prefix if prefix else 0, T, needs_kv_index=True)
+    args = (pk, pv) if prefix else (None, None)
+    got = attn(q, k, v, meta, scale, *args).float()
+    want = _attn_ref(q, k, v, meta, scale, *args).float()
+    err = ((got - want).norm() / want.norm()).item()
+    if not err < 2e-2:
+        raise RuntimeError(f"relative error {err:.3g} against the reference ({'with' if prefix else 'no'} prefix)")
 
 
 def build_attn_meta(cu_seqlens: torch.Tensor, max_seqlen: int, n_prefix: int, n_tokens: int,
@@ -166,7 +186,8 @@ def build_attn_meta(cu_seqlens: torch.Tensor, max_seqlen: int, n_prefix: int, n_
 
 
 class Ops:
-    """The op table of one model on one device: `rms_norm`, `mrope`, `silu_mul`, `attention`."""
+    """The op table of one model on one device: `rms_norm`, `qkv_rope`, `silu_mul`, `attention` (and `mrope`,
+    M-RoPE on q and k already split, which the text model's forward no longer calls)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int,
                  options: KernelOptions = KernelOptions()):
@@ -178,38 +199,67 @@ class Ops:
             log_once(f"kernel backend: {why} (TRITON_INTERPRET unset); using the torch reference ops")
         self.rms_norm = kernels.rms_norm if triton_ok and options.use_rmsnorm_kernel else kernels.rms_norm_ref
         self.silu_mul = kernels.silu_and_mul if triton_ok and options.use_silu_kernel else kernels.silu_and_mul_ref
-        if triton_ok and options.use_rope_kernel:
-            self.mrope = kernels.apply_mrope  # in place
-        else:
-            self.mrope = kernels.apply_mrope_ref  # returns new tensors
-        self.attention, self.attention_name = self._pick_attention(
+        rope_ok = triton_ok and options.use_rope_kernel
+        self.qkv_rope = kernels.qkv_rope if rope_ok else kernels.qkv_rope_ref  # new q, k, v
+        self.mrope = kernels.apply_mrope if rope_ok else kernels.apply_mrope_ref  # in place / new tensors
+        (self._attn_plain, plain), (self._attn_prefix, prefixed) = self._pick_attention(
             device, dtype, n_heads, n_kv_heads, head_dim, triton_ok)
-        # only the library kernels read cu_seqlens_k / kv_index
-        self.needs_kv_index = self.attention_name in ("flash_attn", "torch_varlen")
+        self.attention_names = {"no_prefix": plain, "prefix": prefixed}
+        self.attention_name = plain if plain == prefixed else f"{plain} (prefix: {prefixed})"
+        # only the library kernels read cu_seqlens_k / kv_index, and only with a prefix
+        self.needs_kv_index = prefixed not in ("triton", "reference")
+
+    def attention(self, q, k, v, meta: AttnMeta, scale: float, prefix_k=None, prefix_v=None):
+        # q: [T, Hq, Dh], k, v: [T, Hk, Dh], prefix_k, prefix_v: [P, Hk, Dh] or None -> o [T, Hq, Dh] contiguous
+        if prefix_k is None:
+            return self._attn_plain(q, k, v, meta, scale, None, None)
+        return self._attn_prefix(q, k, v, meta, scale, prefix_k, prefix_v)
 
     def _pick_attention(self, device, dtype, n_q, n_kv, head_dim, triton_ok):
-        fallback = (_attn_triton, "triton") if triton_ok else (_attn_ref, "reference")
+        """((fn, name) without a prefix, (fn, name) with a cached prefix): see the module docstring."""
         opts = self.options
-        if opts.use_triton_attention or not opts.use_flash_attention_kernel:
-            return fallback
-        if device.type != "cuda":
-            return fallback  # both library kernels are CUDA-only: no log line needed for the expected case
-        for name, make in (("flash_attn", _make_flash_attn), ("torch_varlen", _make_torch_varlen)):
+        own = (_attn_triton, "triton") if triton_ok else (_attn_ref, "reference")
+        library, library_prefix_ok = None, False
+        if opts.use_flash_attention_kernel and device.type in LIBRARY_DEVICE_TYPES:
+            library, library_prefix_ok = self._pick_library(device, dtype, n_q, n_kv, head_dim)
+        plain = library or own
+        if library is not None and library_prefix_ok and not (opts.use_triton_attention and triton_ok):
+            prefixed, how = library, "[prefix ++ own] keys gathered per layer"
+        else:
+            prefixed, how = own, "prefix read in place" if triton_ok else "a host loop per sequence"
+        if plain[1] == prefixed[1] == "reference":
+            log_once("attention: reference for every batch")
+        elif plain[1] == prefixed[1]:
+            log_once(f"attention: {plain[1]} for every batch (with a cached prefix: {how})")
+        else:
+            log_once(f"attention: {plain[1]} for batches without a prefix, {prefixed[1]} for batches with a "
+                     f"cached prefix ({how})")
+        return plain, prefixed
+
+    def _pick_library(self, device, dtype, n_q, n_kv, head_dim):
+        """(fn, name) of the first library kernel that imports and passes its no-prefix check, or None; and
+        whether it passed the check with a prefix as well."""
+        for name, make in LIBRARY_KERNELS:
             try:
                 attn = make()
             except ImportError:
-                what = "flash-attn is not installed" if name == "flash_attn" else "torch has no varlen_attn"
+                what = "flash-attn is not installed" if name == "flash_attn" else f"{name} is not available"
                 log_once(f"attention: {what}; trying the next backend")
                 continue
             except Exception as e:  # noqa: BLE001 - an unusable library must not stop the worker
                 log_once(f"attention: {name} unusable ({e}); trying the next backend", logging.WARNING)
                 continue
             try:
-                _self_check(attn, device, dtype, n_q, n_kv, head_dim)
+                _self_check(attn, device, dtype, n_q, n_kv, head_dim, prefix=False)
             except Exception as e:  # noqa: BLE001
                 log_once(f"attention: {name} failed its self-check ({e}); trying the next backend", logging.WARNING)
                 continue
-            log_once(f"attention: using {name}")
-            return attn, name
-        log_once(f"attention: using {fallback[1]} varlen attention")
-        return fallback
+            try:
+                _self_check(attn, device, dtype, n_q, n_kv, head_dim, prefix=True)
+                prefix_ok = True
+            except Exception as e:  # noqa: BLE001
+                log_once(f"attention: {name} failed its self-check with a prefix ({e}); it serves only batches "
+                         "without one", logging.WARNING)
+                prefix_ok = False
+            return (attn, name), prefix_ok
+        return None, False

@@ -86,19 +86,14 @@ class Attention(nn.Module):
                 prefix: tuple[Tensor, Tensor] | None, kv_out: list | None) -> Tensor:
         # x: [T, D], positions: [3, T] -> [T, D]
         a = self.args
-        T = x.shape[0]
-        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias)  # [T, q + 2kv]
-        q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
-        # the kernels want contiguous heads: one copy each, small next to the GEMMs
-        q = q.reshape(T, a.n_heads, a.head_dim).contiguous()  # [T, Hq, Dh]
-        k = k.reshape(T, a.n_kv_heads, a.head_dim).contiguous()  # [T, Hk, Dh]
-        v = v.reshape(T, a.n_kv_heads, a.head_dim).contiguous()  # [T, Hk, Dh]
-        q, k = ops.mrope(q, k, positions, inv_freq, a.mrope_section)
+        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias)  # [T, q + 2kv], the bias added by the GEMM
+        # one kernel: heads split out contiguous, M-RoPE on q and k -> q [T, Hq, Dh], k, v [T, Hk, Dh]
+        q, k, v = ops.qkv_rope(qkv, positions, inv_freq, a.mrope_section, a.n_heads, a.n_kv_heads)
         if kv_out is not None:
             kv_out.append((k, v))
         pk, pv = prefix if prefix is not None else (None, None)
-        o = ops.attention(q, k, v, meta, self.scale, pk, pv)  # [T, Hq, Dh]
-        return F.linear(o.reshape(T, a.q_size), self.wo.weight)
+        o = ops.attention(q, k, v, meta, self.scale, pk, pv)  # [T, Hq, Dh], contiguous
+        return F.linear(o.reshape(x.shape[0], a.q_size), self.wo.weight)  # the reshape is a view: no copy
 
 
 class FeedForward(nn.Module):
@@ -182,7 +177,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             prefix = None if prefix_kv is None else (prefix_kv.k[i], prefix_kv.v[i])
             h, residual = layer(h, residual, positions, self.inv_freq, meta, ops, prefix, kv_out)
-        h, _ = ops.rms_norm(h, self.norm.weight, self.args.norm_eps, residual)  # [T, D]
+        h, _ = ops.rms_norm(h, self.norm.weight, self.args.norm_eps, residual, store_residual=False)  # [T, D]
         return h
 
     @torch.inference_mode()
