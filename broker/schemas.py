@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import msgpack
 
@@ -25,6 +25,11 @@ def unpackb(data: bytes, what: str):
         return msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(f"{what} is not valid msgpack: {e}") from None
+
+
+def as_dict(obj) -> dict:
+    """A wire dataclass's fields, shallow (dataclasses.asdict deep-copies every list and bytes: slow)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
 
 def decode(cls, data: bytes, what: str):
@@ -82,7 +87,7 @@ class EncodeRequest:
         return self
 
     def to_msgpack(self) -> bytes:
-        return packb(asdict(self))
+        return packb(as_dict(self))
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> "EncodeRequest":
@@ -105,7 +110,7 @@ class Handle:
     version: int = SCHEMA_VERSION
 
     def to_msgpack(self) -> bytes:
-        return packb(asdict(self))
+        return packb(as_dict(self))
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> "Handle":
@@ -126,7 +131,7 @@ class Blob:
     version: int = SCHEMA_VERSION
 
     def to_msgpack(self) -> bytes:
-        return packb(asdict(self))
+        return packb(as_dict(self))
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> "Blob":
@@ -183,7 +188,7 @@ class GenerateRequest:
         return self
 
     def to_msgpack(self) -> bytes:
-        return packb(asdict(self))
+        return packb(as_dict(self))
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> "GenerateRequest":
@@ -213,7 +218,7 @@ class GenerateResult:
     version: int = SCHEMA_VERSION
 
     def to_msgpack(self) -> bytes:
-        return packb(asdict(self))
+        return packb(as_dict(self))
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> "GenerateResult":

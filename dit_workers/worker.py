@@ -37,14 +37,14 @@ class JobHeartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 with w.connection.pipeline(transaction=False) as pipe:
-                    t.execution.heartbeat(w.source.started, HEARTBEAT_TTL_S, pipe)
+                    w.source.refresh([t], HEARTBEAT_TTL_S, pipe)
                     w.rq_worker.heartbeat(HEARTBEAT_TTL_S + 60, pipeline=pipe)
                     pipe.execute()
             except redis.RedisError as e:
                 log.warning("job %s: heartbeat not written (%s)", t.job_id, e)
 
     def __enter__(self):
-        if self.taken.execution is not None:
+        if self.taken.exec_id:
             self._thread.start()
         return self
 
@@ -93,8 +93,6 @@ class DitWorker(ServeLoop):
     def handle(self, jobs: list[TakenJob]) -> None:
         ready = [t for t in jobs if t.error is None]
         failed = [(t, t.error) for t in jobs if t.error is not None]
-        if ready:
-            self.source.mark_started(ready, HEARTBEAT_TTL_S)
         done = []
         for t in ready:
             try:

@@ -1,32 +1,36 @@
-"""The Redis side of the encoder worker: take jobs in batches, record started / finished / failed.
+"""The Redis side of a worker: take jobs in batches, record them started, finished or failed.
 
-Jobs and registries keep RQ's layout (rq:job:<id>, rq:queue:<q> and its intermediate list, rq:wip:<q>
-started registry with executions, rq:finished:<q>, rq:failed:<q>, rq:results:<id> streams), so rq-dashboard,
-`rq info` and RQ's own abandoned-job cleanup work on them. Each step of a batch is one pipeline.
+Jobs and registries keep RQ's layout (rq:job:<id>, rq:queue:<q> and its intermediate list, rq:wip:<q> started
+registry with executions, rq:finished:<q>, rq:failed:<q>, rq:results:<id> streams), so rq-dashboard, `rq info`
+and RQ's own abandoned-job cleanup read them as they read RQ's. But where RQ spends ~70 commands a job, a batch
+here costs two script calls: TAKE (move ids, read the jobs, mark them started) and RECORD (results, registries,
+stats), each one round trip, with the bookkeeping done inside Redis.
 """
 
 from __future__ import annotations
 
+import base64
+import secrets
 import time
 import zlib
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import redis
-from rq.executions import Execution
-from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
-from rq.results import Result
-from rq.utils import now, utcformat
 
-from broker.enqueue import queue_key
+from broker.enqueue import queue_key, rq_time
 from broker.errors import BrokerError
 from broker.queues import ENCODE_FUNCTION
 from broker.recovery import RECOVER_SCRIPT, recover_args
 from broker.schemas import EncodeRequest
 from broker.serializer import MsgpackSerializer
 
-# Move up to ARGV[1] more ids from the queue to its intermediate list (RQ's reliable-dequeue list) and return
-# every taken id with its job hash, the first one (ARGV[2], already moved by BLMOVE) included: one round trip.
+# KEYS: queue, its intermediate list, started registry (rq:wip:<q>), the worker's executions set.
+# ARGV: how many more ids to take, the first id ('' if none; BLMOVE already moved it), worker name, now (unix s),
+# now (RQ's text form), heartbeat ttl, execution id prefix.
+# Moves the ids to the intermediate list (RQ's reliable-dequeue list), marks every job that still exists started
+# (job status, an execution with its registries, the started registry scored by the heartbeat deadline) as RQ's
+# worker does, takes it off the intermediate list, and returns id, execution id and the job's fields per job.
 TAKE_SCRIPT = """
 local ids = {}
 if ARGV[2] ~= '' then ids[1] = ARGV[2] end
@@ -35,25 +39,137 @@ for i = 1, tonumber(ARGV[1]) do
   if not id then break end
   ids[#ids + 1] = id
 end
+local now, ttl = tonumber(ARGV[4]), tonumber(ARGV[6])
 local out = {}
-for _, id in ipairs(ids) do
+for i, id in ipairs(ids) do
+  local jkey = 'rq:job:' .. id
+  local fields = redis.call('HGETALL', jkey)
+  local exec_id = ''
+  if #fields > 0 then
+    exec_id = ARGV[7] .. i
+    local composite = id .. ':' .. exec_id
+    redis.call('HSET', jkey, 'status', 'started', 'started_at', ARGV[5], 'last_heartbeat', ARGV[5],
+               'worker_name', ARGV[3])
+    redis.call('PERSIST', jkey)
+    local ekey = 'rq:execution:' .. composite
+    redis.call('HSET', ekey, 'id', exec_id, 'job_id', id, 'created_at', now, 'last_heartbeat', now,
+               'worker_name', ARGV[3])
+    redis.call('EXPIRE', ekey, ttl)
+    redis.call('ZADD', 'rq:executions:' .. id, math.floor(now) + ttl + 60, exec_id)
+    redis.call('EXPIRE', 'rq:executions:' .. id, ttl + 60)
+    redis.call('ZADD', KEYS[3], now + ttl, composite)
+    redis.call('SADD', KEYS[4], composite)
+  end
+  redis.call('LREM', KEYS[2], 1, id)
   out[#out + 1] = id
-  out[#out + 1] = redis.call('HGETALL', 'rq:job:' .. id)
+  out[#out + 1] = exec_id
+  out[#out + 1] = fields
 end
+if #ids > 0 then redis.call('EXPIRE', KEYS[4], ttl + 60) end
 return out
+"""
+
+# KEYS: started registry, finished registry, failed registry, the worker's executions set, its stats hash, the
+# queue's latency list.
+# ARGV: now (unix s), now (RQ's text form), result ttl, worker name, #done, #failed, #stat pairs, #latencies,
+# then per done job: id, execution id, return value (b64, RQ's result format);
+# per failed job: id, execution id, exc_string (b64 of zlib, RQ's format), exc_info (zlib);
+# then stat field/increment pairs, then latencies (ms).
+RECORD_SCRIPT = """
+local now, ttl, worker = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4]
+local n_done, n_failed, n_stats, n_lat = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local function end_execution(id, exec_id)
+  if exec_id == '' then return end
+  local composite = id .. ':' .. exec_id
+  redis.call('DEL', 'rq:execution:' .. composite)
+  redis.call('ZREM', KEYS[1], composite)
+  redis.call('ZREM', 'rq:executions:' .. id, exec_id)
+  redis.call('SREM', KEYS[4], composite)
+end
+local a = 9
+for _ = 1, n_done do
+  local id, exec_id, value = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  a = a + 3
+  local jkey, rkey = 'rq:job:' .. id, 'rq:results:' .. id
+  redis.call('HSET', jkey, 'status', 'finished', 'ended_at', ARGV[2])
+  redis.call('EXPIRE', jkey, ttl)
+  redis.call('XADD', rkey, 'MAXLEN', '10', '*', 'type', '1', 'worker_name', worker, 'return_value', value,
+             'execution_id', exec_id)
+  redis.call('EXPIRE', rkey, ttl)
+  redis.call('ZADD', KEYS[2], now + ttl, id)
+  end_execution(id, exec_id)
+end
+for _ = 1, n_failed do
+  local id, exec_id, exc_string, exc_info = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  a = a + 4
+  local jkey, rkey = 'rq:job:' .. id, 'rq:results:' .. id
+  redis.call('HSET', jkey, 'status', 'failed', 'ended_at', ARGV[2], 'exc_info', exc_info)
+  redis.call('EXPIRE', jkey, ttl)
+  redis.call('XADD', rkey, 'MAXLEN', '10', '*', 'type', '2', 'worker_name', worker, 'exc_string', exc_string,
+             'execution_id', exec_id)
+  redis.call('EXPIRE', rkey, ttl)
+  redis.call('ZADD', KEYS[3], now + ttl, id)
+  end_execution(id, exec_id)
+end
+if n_stats > 0 then
+  for _ = 1, n_stats do
+    redis.call('HINCRBYFLOAT', KEYS[5], ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+  redis.call('HSET', KEYS[5], 'last_batch_at', now)
+  redis.call('EXPIRE', KEYS[5], 86400)
+end
+if n_lat > 0 then
+  local lat = {}
+  for i = 1, n_lat do lat[i] = ARGV[a + i - 1] end
+  redis.call('LPUSH', KEYS[6], unpack(lat))
+  redis.call('LTRIM', KEYS[6], 0, 1999)
+  redis.call('EXPIRE', KEYS[6], 86400)
+end
+return n_done + n_failed
 """
 
 
 @dataclass(slots=True)
 class TakenJob:
-    """A job taken off the queue: either a valid request or the reason it can't run."""
+    """A job taken off the queue and marked started: either a valid request or the reason it can't run."""
 
     job_id: str
-    job: Job | None
+    exec_id: str  # its RQ execution ('' when the job record had vanished)
     request: object | None = None  # the parsed request (EncodeRequest for encoder workers)
     error: str | None = None
+    enqueued_at: float | None = None  # unix seconds, from the job record
+    meta: dict = field(default_factory=dict)
     taken_at: float = field(default_factory=time.time)
-    execution: Execution | None = None
+
+    @property
+    def key(self) -> str:
+        return f"rq:job:{self.job_id}"
+
+    @property
+    def composite_key(self) -> str:
+        return f"{self.job_id}:{self.exec_id}"
+
+
+@dataclass(slots=True)
+class StatsUpdate:
+    """Counters to add to a worker's stats hash and latencies for the queue's list, written with a RECORD."""
+
+    key: str
+    latency_key: str
+    increments: dict = field(default_factory=dict)
+    latencies_ms: list = field(default_factory=list)
+
+
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _rq_timestamp(value) -> float | None:
+    try:
+        return datetime.fromisoformat(_text(value)).timestamp() if value else None
+    except ValueError:
+        return None
 
 
 class JobSource:
@@ -67,123 +183,110 @@ class JobSource:
         self.queue = queue
         self.queue_key = queue_key(queue)
         self.intermediate_key = f"rq:intermediate:{queue}"
+        self.started_key = f"rq:wip:{queue}"
+        self.finished_key = f"rq:finished:{queue}"
+        self.failed_key = f"rq:failed:{queue}"
+        self.executions_key = f"rq:worker:{worker_name}:executions"
         self.worker_name = worker_name
         self.max_payload_bytes = max_payload_bytes
         self._take = connection.register_script(TAKE_SCRIPT)
+        self._record = connection.register_script(RECORD_SCRIPT)
         self._recover = connection.register_script(RECOVER_SCRIPT)
-        self.started = StartedJobRegistry(queue, connection=connection, serializer=MsgpackSerializer)
-        self.finished = FinishedJobRegistry(queue, connection=connection, serializer=MsgpackSerializer)
-        self.failed = FailedJobRegistry(queue, connection=connection, serializer=MsgpackSerializer)
+        self._exec_prefix = secrets.token_hex(6)
+        self._exec_count = 0
 
     # -- taking --------------------------------------------------------------------------------------
     def wait_first(self, timeout_s: float) -> str | None:
-        """Blocks until one job id is moved to the intermediate list, or the timeout passes."""
-        got = self.connection.blmove(self.queue_key, self.intermediate_key, max(timeout_s, 0.001), "LEFT", "RIGHT")
-        return got.decode() if isinstance(got, bytes) else got
+        """Blocks until one job id is moved to the intermediate list, or the timeout passes. Redis checks
+        blocking timeouts only every ~100 ms: use this for waits of a second or so, not milliseconds."""
+        got = self.connection.blmove(self.queue_key, self.intermediate_key, timeout_s, "LEFT", "RIGHT")
+        return _text(got) if got is not None else None
 
-    def take(self, first_id: str | None, more: int) -> list[TakenJob]:
-        flat = self._take(keys=[self.queue_key, self.intermediate_key], args=[max(0, more), first_id or ""])
-        taken, vanished = [], []
-        for i in range(0, len(flat), 2):
-            job_id = flat[i].decode()
-            raw = flat[i + 1]
-            if not raw:  # expired (the client's ttl) or deleted while queued
-                vanished.append(job_id)
-                continue
-            taken.append(self._parse(job_id, dict(zip(raw[0::2], raw[1::2]))))
-        if vanished:
-            with self.connection.pipeline(transaction=False) as pipe:
-                for job_id in vanished:
-                    pipe.lrem(self.intermediate_key, 1, job_id)
-                pipe.execute()
+    def take(self, first_id: str | None, more: int, heartbeat_ttl: int) -> list[TakenJob]:
+        """Up to `more` further jobs (plus `first_id`), each marked started with `heartbeat_ttl`: from here on a
+        job whose worker dies is found by broker.recovery. Jobs whose record vanished (expired) are dropped."""
+        self._exec_count += 1
+        flat = self._take(keys=[self.queue_key, self.intermediate_key, self.started_key, self.executions_key],
+                          args=[max(0, more), first_id or "", self.worker_name, time.time(), rq_time(),
+                                heartbeat_ttl, f"{self._exec_prefix}{self._exec_count}x"])
+        taken = []
+        for i in range(0, len(flat), 3):
+            job_id, exec_id, raw = _text(flat[i]), _text(flat[i + 1]), flat[i + 2]
+            if raw:
+                taken.append(self._parse(job_id, exec_id, dict(zip(raw[0::2], raw[1::2]))))
         return taken
 
-    def _parse(self, job_id: str, raw: dict) -> TakenJob:
-        job = Job(job_id, connection=self.connection, serializer=MsgpackSerializer)
+    def _parse(self, job_id: str, exec_id: str, raw: dict) -> TakenJob:
+        t = TakenJob(job_id, exec_id, enqueued_at=_rq_timestamp(raw.get(b"enqueued_at")))
+        if raw.get(b"meta"):
+            try:
+                t.meta = MsgpackSerializer.loads(raw[b"meta"])
+            except Exception:
+                t.meta = {}
+        data = raw.get(b"data", b"")
         try:
-            job.restore(raw)
-        except Exception as e:
-            return TakenJob(job_id, None, error=f"job record is unreadable: {e}")
+            data = zlib.decompress(data)
+        except zlib.error:
+            pass  # RQ falls back to uncompressed data too
         try:
-            func = job.func_name
-            args = job.args
+            func, _instance, args, _kwargs = MsgpackSerializer.loads(data)
         except Exception:
-            return TakenJob(job_id, job, error="job data is not msgpack: refused (this worker never unpickles)")
+            t.error = "job data is not msgpack: refused (this worker never unpickles)"
+            return t
         if func != self.function:
-            return TakenJob(job_id, job, error=f"refused: this worker runs only {self.function}, not {func!r}")
-        if not (isinstance(args, (list, tuple)) and len(args) == 1 and isinstance(args[0], bytes)):
-            return TakenJob(job_id, job, error="job arguments must be one msgpack-encoded request")
-        if len(args[0]) > self.max_payload_bytes:
-            return TakenJob(job_id, job, error=f"payload is {len(args[0])} bytes, over max_payload_bytes "
-                                                 f"{self.max_payload_bytes}")
-        try:
-            request = self.parse_request(args[0]).validate()
-        except BrokerError as e:
-            return TakenJob(job_id, job, error=f"{type(e).__name__}: {e}")
-        if request.deadline and request.deadline < time.time():
-            return TakenJob(job_id, job, error="client deadline passed before the job started: not computed")
-        return TakenJob(job_id, job, request=request)
+            t.error = f"refused: this worker runs only {self.function}, not {func!r}"
+        elif not (isinstance(args, (list, tuple)) and len(args) == 1 and isinstance(args[0], bytes)):
+            t.error = "job arguments must be one msgpack-encoded request"
+        elif len(args[0]) > self.max_payload_bytes:
+            t.error = f"payload is {len(args[0])} bytes, over max_payload_bytes {self.max_payload_bytes}"
+        else:
+            try:
+                t.request = self.parse_request(args[0]).validate()
+            except BrokerError as e:
+                t.error = f"{type(e).__name__}: {e}"
+            else:
+                deadline = getattr(t.request, "deadline", 0)
+                if deadline and deadline < time.time():
+                    t.error = "client deadline passed before the job started: not computed"
+        return t
 
-    # -- recording -----------------------------------------------------------------------------------
-    def mark_started(self, jobs: list[TakenJob], heartbeat_ttl: int, pipeline=None) -> None:
-        """Started registry entries (scored by a heartbeat deadline), then off the intermediate list (RQ's
-        order). From here on a job whose worker dies is found by broker.recovery."""
-        pipe = pipeline if pipeline is not None else self.connection.pipeline(transaction=False)
-        for t in jobs:
-            t.job.prepare_for_execution(self.worker_name, pipe)
-            t.execution = Execution.create(t.job, heartbeat_ttl, pipe, worker_name=self.worker_name)
-        for t in jobs:
-            pipe.lrem(self.intermediate_key, 1, t.job_id)
-        if pipeline is None:
-            pipe.execute()
-
+    # -- while running -------------------------------------------------------------------------------
     def refresh(self, jobs: list[TakenJob], heartbeat_ttl: int, pipe) -> None:
-        """Pushes the heartbeat deadline of jobs this worker still holds."""
+        """Pushes the heartbeat deadline of jobs this worker still holds (only entries still there)."""
         deadline = time.time() + heartbeat_ttl
-        entries = {t.execution.composite_key: deadline for t in jobs if t.execution is not None}
+        entries = {t.composite_key: deadline for t in jobs if t.exec_id}
         if entries:
-            pipe.zadd(self.started.key, entries, xx=True)
+            pipe.zadd(self.started_key, entries, xx=True)
             for t in jobs:
-                if t.execution is not None:
-                    pipe.expire(t.execution.key, heartbeat_ttl + 60)
+                if t.exec_id:
+                    pipe.expire(f"rq:execution:{t.composite_key}", heartbeat_ttl + 60)
 
     def write_meta(self, t: TakenJob, updates: dict, pipeline=None) -> None:
         """Merges `updates` into the job's RQ meta and writes it (one HSET of the msgpack'd `meta` field)."""
-        t.job.meta.update(updates)
-        (pipeline if pipeline is not None else self.connection).hset(
-            t.job.key, "meta", MsgpackSerializer.dumps(t.job.meta))
+        t.meta.update(updates)
+        (pipeline if pipeline is not None else self.connection).hset(t.key, "meta", MsgpackSerializer.dumps(t.meta))
 
+    # -- recording -----------------------------------------------------------------------------------
     def record(self, done: list[tuple[TakenJob, bytes]], failed: list[tuple[TakenJob, str]], result_ttl: int,
-               pipeline=None) -> None:
-        """Finished and failed jobs of a batch (plus whatever the caller already queued on `pipeline`)."""
-        pipe = pipeline if pipeline is not None else self.connection.pipeline(transaction=False)
-        ended = now()
-        for t, handle_bytes in done:
-            pipe.hset(t.job.key, mapping={"status": JobStatus.FINISHED.value, "ended_at": utcformat(ended)})
-            Result(t.job_id, Result.Type.SUCCESSFUL, self.connection, return_value=handle_bytes,
-                   worker_name=self.worker_name, serializer=MsgpackSerializer,
-                   execution_id=t.execution.id if t.execution else None).save(result_ttl, pipe)
-            self.finished.add(t.job, result_ttl, pipe)
-            pipe.expire(t.job.key, result_ttl)
-            if t.execution is not None:
-                t.execution.delete(t.job, pipe)
+               stats: StatsUpdate | None = None) -> None:
+        """Finished jobs (their return value: msgpack bytes) and failed ones (the reason), plus the batch's
+        stats: one script call."""
+        if not done and not failed and stats is None:
+            return
+        argv: list = [time.time(), rq_time(), result_ttl, self.worker_name, len(done), len(failed),
+                      len(stats.increments) if stats else 0, len(stats.latencies_ms) if stats else 0]
+        for t, value in done:
+            argv += [t.job_id, t.exec_id, base64.b64encode(MsgpackSerializer.dumps(value))]
         for t, reason in failed:
-            self._record_failure(pipe, t, reason, result_ttl, ended)
-        for t, _ in failed:
-            if t.execution is None:  # failed before it started: still on the intermediate list
-                pipe.lrem(self.intermediate_key, 1, t.job_id)
-        pipe.execute()
-
-    def _record_failure(self, pipe, t: TakenJob, reason: str, ttl: int, ended) -> None:
-        key = Job.key_for(t.job_id)
-        pipe.hset(key, mapping={"status": JobStatus.FAILED.value, "ended_at": utcformat(ended),
-                                "exc_info": zlib.compress(reason.encode())})
-        pipe.expire(key, ttl)
-        pipe.zadd(self.failed.key, {t.job_id: time.time() + ttl})
-        Result(t.job_id, Result.Type.FAILED, self.connection, exc_string=reason, worker_name=self.worker_name,
-               serializer=MsgpackSerializer).save(ttl, pipe)
-        if t.execution is not None:
-            t.execution.delete(t.job, pipe)
+            exc = zlib.compress(reason.encode())
+            argv += [t.job_id, t.exec_id, base64.b64encode(exc), exc]
+        if stats is not None:
+            for k, v in stats.increments.items():
+                argv += [k, v]
+            argv += [round(x, 3) for x in stats.latencies_ms]
+        keys = [self.started_key, self.finished_key, self.failed_key, self.executions_key,
+                stats.key if stats else "eb:nostats", stats.latency_key if stats else "eb:nolatency"]
+        self._record(keys=keys, args=argv)
 
     def requeue_abandoned(self) -> list[int]:
         """Jobs whose worker stopped heart-beating are retried or failed (broker.recovery); [requeued, failed]."""

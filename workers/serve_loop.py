@@ -103,7 +103,7 @@ class ServeLoop:
                 if first is None:
                     continue
                 self.rq_worker.set_state("busy")
-                self.handle(self.source.take(first, self.batch_size() - 1))
+                self.handle(self.source.take(first, self.batch_size() - 1, self.heartbeat_ttl_s))
                 self.rq_worker.set_state("idle")
                 backoff = 0.5
             except CONNECTION_ERRORS as e:

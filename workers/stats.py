@@ -1,13 +1,11 @@
-"""A worker's counters, batch-size histogram and recent latencies, written to Redis with each batch's
-pipeline (no extra round trip) and read by `python -m broker stats`."""
+"""A worker's counters, batch-size histogram and recent latencies, written to Redis inside each batch's RECORD
+script call (no extra round trip) and read by `python -m broker stats`."""
 
 from __future__ import annotations
 
-import time
+from workers.job_source import StatsUpdate
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes (jobs) are counted under the first bucket >= them
-LATENCY_SAMPLES = 2000
-STATS_TTL_S = 24 * 3600
 
 
 def stats_key(queue: str, worker: str) -> str:
@@ -30,26 +28,13 @@ class WorkerStats:
         self.key = stats_key(queue, worker)
         self.latency_key = latency_key(queue)
 
-    def record_batch(self, pipe, *, jobs: int, failed: int, prompts: int, tokens: int, computed_tokens: int,
-                     cache_hits: int, cache_misses: int, latencies_ms: list[float], infer_ms: float) -> None:
-        pipe.hincrby(self.key, "batches", 1)
-        pipe.hincrby(self.key, "jobs", jobs)
-        pipe.hincrby(self.key, "failed", failed)
-        pipe.hincrby(self.key, "prompts", prompts)
-        pipe.hincrby(self.key, "tokens", tokens)
-        pipe.hincrby(self.key, "computed_tokens", computed_tokens)
-        pipe.hincrby(self.key, "cache_hits", cache_hits)
-        pipe.hincrby(self.key, "cache_misses", cache_misses)
-        pipe.hincrbyfloat(self.key, "infer_ms", infer_ms)
-        pipe.hincrby(self.key, bucket_of(jobs), 1)
-        pipe.hset(self.key, "last_batch_at", time.time())
-        pipe.expire(self.key, STATS_TTL_S)
-        if latencies_ms:
-            pipe.lpush(self.latency_key, *[round(x, 3) for x in latencies_ms])
-            pipe.ltrim(self.latency_key, 0, LATENCY_SAMPLES - 1)
-            pipe.expire(self.latency_key, STATS_TTL_S)
+    def batch(self, *, jobs: int, failed: int, prompts: int, tokens: int, computed_tokens: int, cache_hits: int,
+              cache_misses: int, latencies_ms: list[float], infer_ms: float, **extra) -> StatsUpdate:
+        increments = dict(batches=1, jobs=jobs, failed=failed, prompts=prompts, tokens=tokens,
+                          computed_tokens=computed_tokens, cache_hits=cache_hits, cache_misses=cache_misses,
+                          infer_ms=round(infer_ms, 3), **extra)
+        increments[bucket_of(jobs)] = 1
+        return StatsUpdate(self.key, self.latency_key, increments, latencies_ms)
 
-    def record_failures(self, pipe, failed: int) -> None:
-        if failed:
-            pipe.hincrby(self.key, "failed", failed)
-            pipe.expire(self.key, STATS_TTL_S)
+    def failures(self, failed: int) -> StatsUpdate:
+        return StatsUpdate(self.key, self.latency_key, {"failed": failed})

@@ -194,7 +194,7 @@ class EncoderWorker(ServeLoop):
                 break
             room = self.policy.max_batch_requests - len(batch.jobs)
             if batch.jobs:
-                taken = self.source.take(None, room)
+                taken = self.source.take(None, room, self.heartbeat_ttl_s)
                 if taken:
                     self._admit(taken)
                     continue
@@ -208,15 +208,15 @@ class EncoderWorker(ServeLoop):
                 first = self.source.wait_first(1.0)  # blocks until a job comes; the timeout only bounds stop checks
                 if first is None:
                     return None
-                self._admit(self.source.take(first, room - 1))
+                self._admit(self.source.take(first, room - 1, self.heartbeat_ttl_s))
         if not batch.jobs:
             return None
         self._forming = Batch()
         return batch
 
     def _admit(self, taken: list[TakenJob]) -> None:
-        """Checks and tokenizes taken jobs; the good ones are marked started and wait for a batch, the bad ones
-        fail at once. One pipeline."""
+        """Checks and tokenizes taken (already started) jobs: the good ones wait for a batch, the bad ones fail
+        at once."""
         prepared, failed = [], [(t, t.error) for t in taken if t.error is not None]
         for t in taken:
             if t.error is None:
@@ -224,18 +224,16 @@ class EncoderWorker(ServeLoop):
                     prepared.append(PreparedJob(t, self._tokenize(t)))
                 except BrokerError as e:
                     failed.append((t, f"{type(e).__name__}: {e}"))
-        with self.connection.pipeline(transaction=False) as pipe:
-            self.source.mark_started([p.taken for p in prepared], self.heartbeat_ttl_s, pipe)
-            self.stats.record_failures(pipe, len(failed))
-            self.source.record([], failed, self.config.result_ttl_s, pipeline=pipe)
         with self._held_lock:
             self._held.update((p.taken.job_id, p.taken) for p in prepared)
         for t in taken:
-            if t.job is not None and t.job.enqueued_at is not None:
-                self.policy.arrived(t.job.enqueued_at.timestamp())
+            if t.enqueued_at is not None:
+                self.policy.arrived(t.enqueued_at)
         self._pending.extend(prepared)
-        for t, reason in failed:
-            log.warning("job %s failed: %s", t.job_id, reason)
+        if failed:
+            self.source.record([], failed, self.config.result_ttl_s, self.stats.failures(len(failed)))
+            for t, reason in failed:
+                log.warning("job %s failed: %s", t.job_id, reason)
 
     def _tokenize(self, t: TakenJob) -> TokenizedBatch:
         req = t.request
@@ -331,27 +329,28 @@ class EncoderWorker(ServeLoop):
 
     def _deliver(self, enc: Encoded) -> None:
         done, failed, latencies, segments = [], [], [], []
-        with self.connection.pipeline(transaction=False) as pipe:
+        with self.connection.pipeline(transaction=False) as blobs:  # blob transport writes, if any
             for p in enc.batch.jobs:
                 t = p.taken
                 if t.job_id in enc.errors:
                     failed.append((t, enc.errors[t.job_id]))
                     continue
-                queued = t.job.enqueued_at.timestamp() if t.job.enqueued_at else enc.started_at
+                queued = t.enqueued_at or enc.started_at
                 timings = dict(queue_ms=round((enc.started_at - queued) * 1e3, 3),
                                infer_ms=round(enc.infer_ms, 3), batch_jobs=len(enc.batch.jobs))
-                handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], pipe, timings)
+                handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], blobs, timings)
                 if handle.transport == "shm":
                     segments.append(handle.location)
                 done.append((t, handle.to_msgpack()))
                 latencies.append((time.time() - queued) * 1e3)
-            self.stats.record_batch(
-                pipe, jobs=len(enc.batch.jobs), failed=len(failed),
-                prompts=sum(len(p.tokens.ids) for p in enc.batch.jobs),
+            stats = self.stats.batch(
+                jobs=len(enc.batch.jobs), failed=len(failed), prompts=sum(len(p.tokens.ids) for p in enc.batch.jobs),
                 tokens=enc.batch.tokens, computed_tokens=enc.computed_tokens, cache_hits=enc.cache_hits,
                 cache_misses=enc.cache_misses, latencies_ms=latencies, infer_ms=enc.infer_ms)
             try:
-                self.source.record(done, failed, self.config.result_ttl_s, pipeline=pipe)
+                if len(blobs):
+                    blobs.execute()  # before the handles that point at them
+                self.source.record(done, failed, self.config.result_ttl_s, stats)
             except CONNECTION_ERRORS:
                 self._unlink(segments)  # nobody will be told where they are
                 raise
