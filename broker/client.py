@@ -10,7 +10,7 @@ from broker.host import host_id
 from broker.queues import DEFAULT_QUEUE, ENCODE_FUNCTION
 from broker.results import raise_for_error, read_blob, read_shm
 from broker.rq_wire import JobWire
-from broker.schemas import EncodeRequest, Handle
+from broker.schemas import EncodeRequest, Handle, per_prompt_images
 
 
 class EncoderClient:
@@ -50,15 +50,20 @@ class EncoderClient:
     def _payload(self, prompts, task: str, images, deadline: float, raw: bool) -> tuple[bytes, str]:
         if isinstance(prompts, str):
             raise InvalidRequest("prompts must be a list of strings; wrap a single prompt in a list")
-        req = EncodeRequest(prompts=list(prompts) if isinstance(prompts, tuple) else prompts, task=task,
-                            images=[] if images is None else images, transport=self.transport,
-                            client_host=host_id(), deadline=deadline, raw=raw).validate()
+        prompts = list(prompts) if isinstance(prompts, tuple) else prompts
+        n = len(prompts) if isinstance(prompts, list) else 0
+        req = EncodeRequest(prompts=prompts, task=task, images=per_prompt_images(images, n),
+                            transport=self.transport, client_host=host_id(), deadline=deadline, raw=raw).validate()
         return req.to_msgpack(), f"encode {len(req.prompts)} {task} prompt(s)"
 
-    def encode(self, prompts: list[str], task: str = "t2i", images: list[bytes] | None = None,
+    def encode(self, prompts: list[str], task: str = "t2i", images: list | None = None,
                raw: bool = False) -> list[torch.Tensor]:
         """One [L_i, D] tensor per prompt, as `load_encoder(...).encode` returns them. With `raw`, prompts are
-        already-templated model inputs and every token's state comes back (LightLLM's convention)."""
+        already-templated model inputs and every token's state comes back (LightLLM's convention).
+
+        images (task "i2i"): one list of encoded images (PNG, JPEG, WebP or BMP bytes) per prompt, or one flat
+        list of bytes for the same images in every prompt (a prompt and its negative: one job, the images'
+        features computed once)."""
         deadline = self.wire.deadline()
         payload, description = self._payload(prompts, task, images, deadline, raw)
         job_id = self.wire.submit(payload, deadline, description)
@@ -67,7 +72,7 @@ class EncoderClient:
             return read_shm(handle, copy=self.copy)
         return read_blob(self.wire.getdel(handle.location), handle)
 
-    async def aencode(self, prompts: list[str], task: str = "t2i", images: list[bytes] | None = None,
+    async def aencode(self, prompts: list[str], task: str = "t2i", images: list | None = None,
                       raw: bool = False) -> list[torch.Tensor]:
         """`encode` for asyncio: many calls may be in flight at once on one client."""
         deadline = self.wire.deadline()

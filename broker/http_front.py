@@ -219,7 +219,8 @@ class HttpFront:
         self.inflight += 1
         try:
             task = "i2i" if call.images else "t2i"
-            (states,) = await self.client.aencode([call.inputs], task=task, images=call.images or None, raw=True)
+            images = [call.images] if call.images else None  # one prompt: its list of images
+            (states,) = await self.client.aencode([call.inputs], task=task, images=images, raw=True)
         except Overloaded as e:
             return error_response(429, f"overloaded: {e}", {"Retry-After": "1"})
         except InvalidRequest as e:

@@ -52,11 +52,11 @@ def _fields_of(cls, d: dict, what: str) -> dict:
 
 @dataclass(slots=True)
 class EncodeRequest:
-    """One job: prompts that share a task (and, for i2i, the same images), encoded together."""
+    """One job: prompts that share a task, encoded together (i2i: a prompt and its negative, each with its images)."""
 
     prompts: list
     task: str = "t2i"
-    images: list = field(default_factory=list)  # i2i: encoded image bytes shared by every prompt of the job
+    images: list = field(default_factory=list)  # i2i: per prompt, a list of encoded images (bytes); t2i: []
     max_tokens: int | None = None  # a per-job limit under the worker's own
     transport: str = "shm"
     client_host: str = ""
@@ -78,13 +78,35 @@ class EncodeRequest:
             raise InvalidRequest(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
         if self.transport not in TRANSPORTS:
             raise InvalidRequest(f"unknown transport {self.transport!r}: expected one of {', '.join(TRANSPORTS)}")
-        if not isinstance(self.images, list) or not all(isinstance(b, (bytes, bytearray)) for b in self.images):
-            raise InvalidRequest("images must be a list of encoded image bytes (PNG, JPEG or WebP)")
+        self._validate_images()
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not isinstance(self.raw, bool):
             raise InvalidRequest(f"raw must be true or false, got {self.raw!r}")
         return self
+
+    def _validate_images(self) -> None:
+        imgs = self.images
+        if not isinstance(imgs, list):
+            raise InvalidRequest(f"images must be a list (one list of encoded images per prompt), "
+                                 f"got {type(imgs).__name__}")
+        if self.task == "t2i":
+            if any(imgs):
+                raise InvalidRequest("task 't2i' takes no images; send task='i2i' to encode prompts with images")
+            return
+        if len(imgs) != len(self.prompts):
+            raise InvalidRequest(f"task 'i2i' needs one list of images per prompt: {len(self.prompts)} prompt(s), "
+                                 f"{len(imgs)} list(s) in images")
+        for i, row in enumerate(imgs):
+            if not isinstance(row, list):
+                raise InvalidRequest(f"images[{i}] is a {type(row).__name__}, not a list of encoded images "
+                                     "(one list per prompt)")
+            if not row:
+                raise InvalidRequest(f"task 'i2i' needs at least one image per prompt; prompt {i} has none")
+            for j, b in enumerate(row):
+                if not isinstance(b, (bytes, bytearray)) or not b:
+                    what = "empty bytes" if isinstance(b, (bytes, bytearray)) else f"a {type(b).__name__}"
+                    raise InvalidRequest(f"images[{i}][{j}] is {what}, not an encoded image (PNG, JPEG, WebP, BMP)")
 
     def to_msgpack(self) -> bytes:
         return packb(as_dict(self))
@@ -193,6 +215,20 @@ class GenerateRequest:
     @classmethod
     def from_msgpack(cls, data: bytes) -> "GenerateRequest":
         return decode(cls, data, "generate request")
+
+
+def per_prompt_images(images, n_prompts: int) -> list:
+    """The `images` argument of EncoderClient.encode as EncodeRequest.images: None -> []; a flat list of encoded
+    images -> the same list for every prompt (a prompt and its negative); a list of lists -> as given."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)) and images and all(isinstance(b, (bytes, bytearray)) for b in images):
+        return [list(images) for _ in range(n_prompts)]
+    if isinstance(images, tuple):
+        images = list(images)
+    if isinstance(images, list):
+        return [list(row) if isinstance(row, tuple) else row for row in images]
+    return images  # validate() says what is wrong with it
 
 
 def _is_int(v) -> bool:

@@ -31,7 +31,8 @@ class ServiceEmbedder:
                                     transport=cc.transport)
 
     def embed(self, prompts: list[str], task: str, images: list[bytes]) -> list[torch.Tensor]:
-        return self.client.encode(prompts, task=task, images=images or None)
+        # one job: the prompt and its negative, each with the same condition images (features computed once)
+        return self.client.encode(prompts, task=task, images=per_prompt(prompts, images))
 
 
 class InProcessEmbedder:
@@ -49,7 +50,12 @@ class InProcessEmbedder:
         if "images" not in inspect.signature(self.encoder.encode).parameters:
             raise InvalidRequest(f"the {self.mode} encoder backend encodes text only (its encode() takes no images): "
                                  "i2i needs the vision path of workers.encoders")
-        return self.encoder.encode(prompts, task=task, images=images)
+        return self.encoder.encode(prompts, task=task, images=per_prompt(prompts, images))
+
+
+def per_prompt(prompts: list[str], images: list[bytes]) -> list[list[bytes]] | None:
+    """The condition images (encoded) as the encoders take them: the same list for every prompt, None for t2i."""
+    return [list(images) for _ in prompts] if images else None
 
 
 def make_embedder(cfg: DitWorkerConfig, device: str):

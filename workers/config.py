@@ -24,6 +24,10 @@ class EncoderWorkerConfig:
     max_wait_ms: float = 2.0  # how long a batch waits for more jobs after its first, when the device is idle
     max_queue_depth: int = 1024  # jobs waiting in the queue; past it clients get Overloaded at once (0: no bound)
     cache_max_bytes: int = 256 << 20  # recent encodings kept for repeats (0: off)
+    max_images_per_job: int = 4  # i2i: distinct images in one job, and images per prompt; more fails that job
+    max_image_pixels: int = 4096 * 4096  # an image's declared width x height; larger fails that job undecoded
+    max_image_side: int = 8192  # an image's declared width or height
+    image_cache_max_bytes: int = 256 << 20  # kernel backend: image features kept on the device by digest (0: off)
     job_heartbeat_ttl_s: int = 10  # a job whose worker is silent this long is retried or failed
     result_ttl_s: int = 60  # how long handles, blobs and segments wait for their client
     shm_prefix: str = "eb"

@@ -26,6 +26,7 @@ from workers.batching import BatchPolicy, split_by_tokens, unique_sequences
 from workers.config import EncoderWorkerConfig
 from workers.encoders.base import TokenizedBatch
 from workers.encoding_cache import EncodingCache, cache_key
+from workers.images import ImageLimits
 from workers.job_source import TakenJob
 from workers.result_writer import ResultWriter
 from workers.serve_loop import CONNECTION_ERRORS, ServeLoop
@@ -74,6 +75,8 @@ class Encoded:
     computed_tokens: int
     cache_hits: int
     cache_misses: int
+    vision_computed: int = 0  # images run through the vision tower
+    vision_reused: int = 0  # image occurrences served from the feature cache or a repeat in the batch
 
 
 class EncoderWorker(ServeLoop):
@@ -81,6 +84,9 @@ class EncoderWorker(ServeLoop):
         super().__init__(config.redis_url, config.queue, config.max_payload_bytes)
         self.config = config
         self.encoder = encoder
+        if hasattr(encoder, "configure_images"):
+            encoder.configure_images(ImageLimits(config.max_images_per_job, config.max_image_pixels,
+                                                 config.max_image_side), config.image_cache_max_bytes)
         self.maintenance_interval_s = config.sweep_interval_s
         self.heartbeat_ttl_s = config.job_heartbeat_ttl_s
         self.policy = BatchPolicy(config.max_batch_tokens, config.max_batch_requests, config.max_wait_ms)
@@ -240,9 +246,9 @@ class EncoderWorker(ServeLoop):
         if len(req.prompts) > self.config.max_prompts_per_job:
             raise InvalidRequest(f"{len(req.prompts)} prompts in one job, over max_prompts_per_job "
                                  f"{self.config.max_prompts_per_job}")
-        batch = self.encoder.tokenize(req.prompts, req.task, raw=req.raw)
+        batch = self.encoder.tokenize(req.prompts, req.task, raw=req.raw, images=req.images or None)
         if req.max_tokens is not None:
-            for i, n in enumerate(batch.output_lengths):
+            for i, n in enumerate(batch.text_lengths):
                 if n > req.max_tokens:
                     raise PromptTooLong(f"prompt {i} is {n} tokens, over the job's max_tokens {req.max_tokens}")
         return batch
@@ -264,22 +270,30 @@ class EncoderWorker(ServeLoop):
         t0 = time.time()
         outputs, errors = {}, {}
         computed = hits = misses = 0
+        vision_before = self._vision_counts()
         groups: dict[tuple[str, int], list[PreparedJob]] = {}  # raw inputs (drop_idx 0) run apart
         for p in batch.jobs:
             groups.setdefault((p.tokens.task, p.tokens.drop_idx), []).append(p)
         for (task, drop), group in groups.items():
-            seqs = [tuple(ids) for p in group for ids in p.tokens.ids]
-            uniq, index = unique_sequences(seqs)
-            keys = [cache_key(self.encoder.model_id, task, drop, s) for s in uniq]
+            # a sequence is its ids and its images' digests (i2i: same ids, other images -> another sequence)
+            flat = [(p.tokens, i) for p in group for i in range(len(p.tokens.ids))]
+            uniq, index = unique_sequences([t.sequence_key(i) for t, i in flat])
+            uniq_images = None  # per unique sequence, its images
+            if any(p.tokens.has_images for p in group):
+                uniq_images = [()] * len(uniq)
+                for (t, i), u in zip(flat, index):
+                    uniq_images[u] = t.images_of(i)
+            keys = [cache_key(self.encoder.model_id, task, drop, ids, digests) for ids, digests in uniq]
             states: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
             hits += sum(s is not None for s in states)
             todo = [i for i, s in enumerate(states) if s is None]
             misses += len(todo)
             failed_seq: dict[int, str] = {}
-            for chunk in split_by_tokens([len(uniq[i]) for i in todo], self.config.max_batch_tokens):
+            for chunk in split_by_tokens([len(uniq[i][0]) for i in todo], self.config.max_batch_tokens):
                 idx = [todo[c] for c in chunk]
+                sub_images = None if uniq_images is None else tuple(uniq_images[i] for i in idx)
                 try:
-                    res = self._run_encoder(TokenizedBatch(task, [list(uniq[i]) for i in idx], drop))
+                    res = self._run_encoder(TokenizedBatch(task, [list(uniq[i][0]) for i in idx], drop, sub_images))
                 except Exception as e:  # a failing batch fails its jobs, never the worker
                     log.exception("encoder failed on a batch of %d sequence(s)", len(idx))
                     failed_seq.update((i, f"encoder failed: {type(e).__name__}: {e}") for i in idx)
@@ -288,7 +302,7 @@ class EncoderWorker(ServeLoop):
                     states[i] = r
                     # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
                     self.cache.put(keys[i], r.clone() if r.untyped_storage().nbytes() > r.nbytes else r)
-                    computed += len(uniq[i])
+                    computed += len(uniq[i][0])
             pos = 0
             for p in group:
                 idx = index[pos:pos + len(p.tokens.ids)]
@@ -298,7 +312,11 @@ class EncoderWorker(ServeLoop):
                     errors[p.taken.job_id] = bad[0]
                 else:
                     outputs[p.taken.job_id] = [states[i] for i in idx]
-        return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses)
+        vision = [a - b for a, b in zip(self._vision_counts(), vision_before)]
+        return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses, *vision)
+
+    def _vision_counts(self) -> tuple[int, int]:
+        return (getattr(self.encoder, "vision_images_computed", 0), getattr(self.encoder, "vision_images_reused", 0))
 
     def _run_encoder(self, batch: TokenizedBatch) -> list[torch.Tensor]:
         """The batch's states on the CPU: one device-to-host copy of the packed output when the backend packs."""
@@ -346,7 +364,9 @@ class EncoderWorker(ServeLoop):
             stats = self.stats.batch(
                 jobs=len(enc.batch.jobs), failed=len(failed), prompts=sum(len(p.tokens.ids) for p in enc.batch.jobs),
                 tokens=enc.batch.tokens, computed_tokens=enc.computed_tokens, cache_hits=enc.cache_hits,
-                cache_misses=enc.cache_misses, latencies_ms=latencies, infer_ms=enc.infer_ms)
+                cache_misses=enc.cache_misses, latencies_ms=latencies, infer_ms=enc.infer_ms,
+                **({"vision_images_computed": enc.vision_computed, "vision_images_reused": enc.vision_reused}
+                   if enc.vision_computed or enc.vision_reused else {}))  # i2i: vision tower runs vs reuses
             try:
                 if len(blobs):
                     blobs.execute()  # before the handles that point at them

@@ -19,8 +19,9 @@ def load_tokenizer(path: str):
 
 def load_encoder(model_dir: str, backend: str = "baseline", device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
-                 **options) -> EncoderBase:
-    """Loads Qwen-Image's text encoder from `model_dir` (a Qwen-Image directory) with the chosen backend."""
+                 image_limits=None, **options) -> EncoderBase:
+    """Loads Qwen-Image's text encoder from `model_dir` (a Qwen-Image directory) with the chosen backend.
+    image_limits: a workers.images.ImageLimits for i2i (default: 4 images, 4096x4096 pixels, 8192 a side)."""
     device = torch.device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -32,9 +33,12 @@ def load_encoder(model_dir: str, backend: str = "baseline", device: str | torch.
     if backend == "baseline":
         from workers.encoders.baseline import BaselineEncoder
 
-        return BaselineEncoder(*args)
-    if backend == "kernel":
+        encoder = BaselineEncoder(*args)
+    elif backend == "kernel":
         from workers.encoders.kernel import KernelEncoder
 
-        return KernelEncoder(*args, **options)
-    raise ModelLoadError(f"unknown encoder backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        encoder = KernelEncoder(*args, **options)
+    else:
+        raise ModelLoadError(f"unknown encoder backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    encoder.configure_images(image_limits)
+    return encoder

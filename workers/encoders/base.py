@@ -9,6 +9,7 @@ import torch
 
 from broker.errors import InvalidRequest, PromptTooLong
 from workers.checkpoint import CheckpointPaths, TextConfig
+from workers.images import ImageLimits, ImagePreprocessor, PreparedImage, per_prompt_images
 from workers.templates import Template, template_for
 
 log = logging.getLogger(__name__)
@@ -33,15 +34,39 @@ def validate_prompts(prompts) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class TokenizedBatch:
-    """Token ids of templated prompts; `drop_idx` leading tokens of each are the shared template prefix."""
+    """Token ids of templated prompts; `drop_idx` leading tokens of each are the shared template prefix.
+
+    i2i: `images[i]` are sequence i's images in order, and each image's single `<|image_pad|>` is already
+    expanded to its `n_tokens` pads (as Qwen2-VL's processor expands them)."""
 
     task: str
     ids: list[list[int]]
     drop_idx: int
+    images: tuple[tuple[PreparedImage, ...], ...] | None = None
 
     @property
     def output_lengths(self) -> list[int]:
         return [len(x) - self.drop_idx for x in self.ids]
+
+    @property
+    def has_images(self) -> bool:
+        return self.images is not None and any(self.images)
+
+    def images_of(self, i: int) -> tuple[PreparedImage, ...]:
+        return () if self.images is None else self.images[i]
+
+    @property
+    def text_lengths(self) -> list[int]:
+        """Output lengths less the image tokens: what max_prompt_tokens bounds."""
+        return [n - sum(im.n_tokens for im in self.images_of(i)) for i, n in enumerate(self.output_lengths)]
+
+    def sequence_key(self, i: int) -> tuple:
+        """What sequence i's output depends on besides the model and task: its ids and its images' digests."""
+        return tuple(self.ids[i]), tuple(im.digest for im in self.images_of(i))
+
+    def select(self, index: list[int]) -> "TokenizedBatch":
+        images = None if self.images is None else tuple(self.images[i] for i in index)
+        return TokenizedBatch(self.task, [self.ids[i] for i in index], self.drop_idx, images)
 
 
 class EncoderBase:
@@ -59,7 +84,15 @@ class EncoderBase:
         self.max_prompt_tokens = max_prompt_tokens
         self.hidden_size = config.hidden_size
         self.model_id = paths.root
+        self.images = ImagePreprocessor(paths.processor, ImageLimits())
+        self.vision_images_computed = 0  # images run through the vision tower (counters for the worker's stats)
+        self.vision_images_reused = 0  # images whose features came from the cache or a repeat in the batch
         self._check_templates()
+
+    def configure_images(self, limits: ImageLimits | None = None, feature_cache_max_bytes: int | None = None) -> None:
+        """The worker's image limits and image-feature cache size (the kernel backend caches features)."""
+        if limits is not None:
+            self.images.limits = limits
 
     def _check_templates(self) -> None:
         # A tokenizer that splits the template prefix differently would silently shift every output.
@@ -69,31 +102,79 @@ class EncoderBase:
             if n != t.drop_idx:
                 raise InvalidRequest(f"tokenizer gives {n} tokens for the {task} template prefix, expected {t.drop_idx}")
 
-    def tokenize(self, prompts, task: str = "t2i", raw: bool = False) -> TokenizedBatch:
+    def tokenize(self, prompts, task: str = "t2i", raw: bool = False, images=None) -> TokenizedBatch:
         """Templated token ids. With `raw`, prompts are already full model inputs (as LightLLM's clients send
-        them): nothing is added and nothing dropped, and the limit covers the template prefix too."""
+        them): nothing is added and nothing dropped, and the limit covers the template prefix too.
+
+        images (i2i): one list of encoded images per prompt (a flat list: the same images for every prompt).
+        The template gets `Picture {i}: <|vision_start|><|image_pad|><|vision_end|>` per image before the
+        prompt; a raw input must hold one `<|image_pad|>` per image itself. max_prompt_tokens counts text
+        tokens only: each image adds about 200 tokens (a ~384x384 condition image), bounded by the image limits."""
         prompts = validate_prompts(prompts)
         template: Template = template_for(task)
-        if task != "t2i":
-            raise InvalidRequest(f"task {task!r} needs images; this encoder path takes text only")
-        texts = prompts if raw else [template.format(p) for p in prompts]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        batch = TokenizedBatch(task=task, ids=[list(x) for x in ids], drop_idx=0 if raw else template.drop_idx)
+        per_prompt = per_prompt_images(images, len(prompts))
+        n_images = [len(x) for x in per_prompt]
+        if task == "t2i" and any(n_images):
+            raise InvalidRequest("task 't2i' takes no images; send task='i2i' to encode prompts with images")
+        if task == "i2i" and not all(n_images):
+            raise InvalidRequest(f"task 'i2i' needs at least one image per prompt; prompt {n_images.index(0)} "
+                                 "has none")
+        texts = prompts if raw else [template.format(p, n) for p, n in zip(prompts, n_images)]
+        ids = [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        prepared = None
+        if task == "i2i":
+            self._check_i2i_available()
+            for i, seq in enumerate(ids):
+                self._check_image_pads(i, seq, n_images[i], raw)
+            prepared = tuple(self.images.prepare_job(per_prompt))
+            pad = self.config.image_token_id
+            ids = [expand_image_pads(seq, pad, [im.n_tokens for im in imgs]) for seq, imgs in zip(ids, prepared)]
+        batch = TokenizedBatch(task, ids, 0 if raw else template.drop_idx, prepared)
         limit = self.max_prompt_tokens + (template.drop_idx if raw else 0)
-        for i, n in enumerate(batch.output_lengths):
+        for i, n in enumerate(batch.text_lengths):
             if n > limit:
                 raise PromptTooLong(
-                    f"prompt {i} is {n} tokens after templating, over the limit of {limit} "
+                    f"prompt {i} is {n} text tokens after templating, over the limit of {limit} "
                     "(max_prompt_tokens in the encoder config)"
                 )
         if raw and any(len(x) == 0 for x in batch.ids):
             raise InvalidRequest("a raw input is empty: it must hold at least one token")
         return batch
 
-    def encode(self, prompts, task: str = "t2i") -> list[torch.Tensor]:
-        """One [L_i, D] tensor per prompt: last-layer hidden states after the template prefix, no padding."""
-        return self.encode_tokens(self.tokenize(prompts, task))
+    def _check_i2i_available(self) -> None:
+        """Raises InvalidRequest when this encoder can't encode images (a backend without a vision tower)."""
+
+    def _check_image_pads(self, i: int, seq: list[int], n_images: int, raw: bool) -> None:
+        pad = self.config.image_token_id
+        at = [k for k, t in enumerate(seq) if t == pad]
+        if len(at) != n_images:
+            how = ("a raw input holds one <|vision_start|><|image_pad|><|vision_end|> per image" if raw else
+                   "the template adds each image's <|image_pad|>; the prompt text must not hold one")
+            raise InvalidRequest(f"prompt {i} holds {len(at)} <|image_pad|> token(s) for {n_images} image(s): {how}")
+        if any(b - a == 1 for a, b in zip(at, at[1:])):
+            raise InvalidRequest(f"prompt {i}: two <|image_pad|> tokens side by side; separate images with text "
+                                 "(e.g. <|vision_end|><|vision_start|>)")
+
+    def encode(self, prompts, task: str = "t2i", images=None) -> list[torch.Tensor]:
+        """One [L_i, D] tensor per prompt: last-layer hidden states after the template prefix, no padding.
+        i2i: `images` is one list of encoded images (PNG, JPEG, WebP, BMP bytes) per prompt, or one flat list
+        for the same images in every prompt; each prompt's output includes its image tokens' states."""
+        return self.encode_tokens(self.tokenize(prompts, task, images=images))
 
     @torch.inference_mode()
     def encode_tokens(self, batch: TokenizedBatch) -> list[torch.Tensor]:
         raise NotImplementedError
+
+
+def expand_image_pads(seq: list[int], pad: int, counts: list[int]) -> list[int]:
+    """Each `pad` token in `seq` -> counts[k] copies, in order (the processor's placeholder expansion)."""
+    out: list[int] = []
+    k = 0
+    for t in seq:
+        if t == pad:
+            out.extend([pad] * counts[k])
+            k += 1
+        else:
+            out.append(t)
+    assert k == len(counts), "image pad count checked before expansion"
+    return out

@@ -4,6 +4,11 @@ Per batch: the host packs token ids, M-RoPE positions, cu_seqlens and the rows t
 (one non-blocking copy), the model runs over the packed tokens (only the user part when the template prefix's
 keys and values are cached), one gather cuts at drop_idx, and the prompts come back as views of one [sum L_i, D]
 tensor. Nothing in between waits for the device.
+
+i2i: the batch's distinct images (by digest of their bytes) that are not in the image-feature cache run through
+the vision tower in one forward; their features replace the image-pad rows' embeddings in order, and the
+sequences get Qwen2.5-VL's 3-D M-RoPE positions (workers.model.mrope_positions). The template prefix is text,
+at positions 0..P-1 on all three rows, so its cached keys and values serve i2i sequences too.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import logging
 import numpy as np
 import torch
 
-from broker.errors import ModelLoadError
+from broker.errors import InvalidRequest, ModelLoadError
 from workers.encoders.base import EncoderBase, TokenizedBatch
+from workers.encoding_cache import EncodingCache
+from workers.images import PreparedImage
 from workers.model.batch import HostBatch, Staging, pack, text_positions
+from workers.model.mrope_positions import mrope_positions
 from workers.model.ops import KernelOptions, log_once
 from workers.model.qwen2_5_vl_text import PrefixKV, load_model
 from workers.templates import template_for
@@ -25,8 +33,10 @@ log = logging.getLogger(__name__)
 
 class KernelEncoder(EncoderBase):
     """Options: prefix_cache (True), cuda_graphs (True on CUDA), graph_max_tokens (512), graph_max_seqs (16),
-    graph_buckets (None: the runner's default), and the KernelOptions switches (use_flash_attention_kernel,
-    use_triton_attention, use_rmsnorm_kernel, use_rope_kernel, use_silu_kernel)."""
+    graph_buckets (None: the runner's default), vision (None: load the vision tower when the checkpoint has
+    processor/ and visual.* weights), image_cache_max_bytes (256 MiB of image features kept on the device, by
+    image digest; 0: off), and the KernelOptions switches (use_flash_attention_kernel, use_triton_attention,
+    use_rmsnorm_kernel, use_rope_kernel, use_silu_kernel)."""
 
     backend = "kernel"
 
@@ -38,10 +48,18 @@ class KernelEncoder(EncoderBase):
         graph_max_tokens = int(options.pop("graph_max_tokens", 512))
         graph_max_seqs = int(options.pop("graph_max_seqs", 16))
         graph_buckets = options.pop("graph_buckets", None)
+        want_vision = options.pop("vision", None)
+        self.feature_cache = EncodingCache(int(options.pop("image_cache_max_bytes", 256 << 20)))
         kernel_options = KernelOptions.from_options(options)
         if options:
             raise ModelLoadError(f"unknown kernel encoder options: {', '.join(sorted(options))}")
         self.model = load_model(paths.text_encoder, config, device, dtype, kernel_options)
+        self.vision = None
+        if want_vision or (want_vision is None and paths.processor is not None):
+            from workers.model.vision import has_vision_weights, load_vision
+
+            if want_vision or has_vision_weights(paths.text_encoder):
+                self.vision = load_vision(paths.text_encoder, config.raw, device, dtype)
         self.staging = Staging(device)
         self._prefix_ids = {
             task: tuple(tokenizer(template_for(task).prefix, add_special_tokens=False)["input_ids"])
@@ -60,8 +78,57 @@ class KernelEncoder(EncoderBase):
     def warmup(self, task: str = "t2i") -> None:
         """Computes the task's prefix keys and values and captures its CUDA graphs before the first request."""
         prefix = self.prefix_for(task) if self.prefix_cache else None
+        if self.prefix_cache and self.vision is not None:
+            self.prefix_for("i2i")  # i2i batches run eager (spliced embeddings): no graphs, but the prefix
         if self.graphs is not None:
             self.graphs.capture(prefix)
+
+    def configure_images(self, limits=None, feature_cache_max_bytes: int | None = None) -> None:
+        super().configure_images(limits, feature_cache_max_bytes)
+        if feature_cache_max_bytes is not None:
+            self.feature_cache = EncodingCache(feature_cache_max_bytes)
+
+    def _check_i2i_available(self) -> None:
+        if self.vision is None:
+            raise InvalidRequest("this kernel encoder has no vision tower loaded (the checkpoint has no processor/ "
+                                 "or no visual.* weights, or vision=False): it encodes text only")
+
+    def image_features(self, images: list[PreparedImage]) -> dict[bytes, torch.Tensor]:
+        """Features [n_tokens, D] on the device per distinct digest among `images` (occurrences, in order):
+        from the cache, or from one vision forward over all the missing ones."""
+        feats: dict[bytes, torch.Tensor] = {}
+        todo: dict[bytes, PreparedImage] = {}
+        for im in images:
+            if im.digest in feats or im.digest in todo:
+                continue
+            hit = self.feature_cache.get(im.digest)
+            if hit is not None:
+                feats[im.digest] = hit
+            else:
+                todo[im.digest] = im
+        if todo:
+            run = list(todo.values())
+            pixel_values = torch.cat([im.pixel_values for im in run])  # [sum t*h*w, C*Tp*P*P]
+            grid = torch.tensor([im.grid_thw for im in run], dtype=torch.long)
+            out = self.vision(pixel_values, grid)  # [sum n_tokens, D]
+            for im, f in zip(run, torch.split(out, [im.n_tokens for im in run])):
+                feats[im.digest] = f
+                if self.feature_cache.max_bytes:
+                    self.feature_cache.put(im.digest, f.clone())  # its own storage, not a view of the batch
+        self.vision_images_computed += len(todo)
+        self.vision_images_reused += len(images) - len(todo)
+        return feats
+
+    def image_inputs(self, batch: TokenizedBatch) -> tuple[list[np.ndarray], torch.Tensor]:
+        """(per sequence [3, len] M-RoPE positions, [N, D] image features in image-pad order) for an i2i batch."""
+        self._check_i2i_available()
+        images = [im for i in range(len(batch.ids)) for im in batch.images_of(i)]
+        feats = self.image_features(images)
+        extra = torch.cat([feats[im.digest] for im in images])  # [N image tokens, D]
+        merge, pad = self.vision.merge_size, self.config.image_token_id
+        positions = [mrope_positions(ids, [im.grid_thw for im in batch.images_of(i)], pad, merge)
+                     for i, ids in enumerate(batch.ids)]
+        return positions, extra
 
     def prefix_for(self, task: str) -> PrefixKV:
         """The task's template prefix keys and values, computed on first use and kept for the process."""
@@ -92,8 +159,12 @@ class KernelEncoder(EncoderBase):
 
         positions: per sequence, [3, len(ids_i)] M-RoPE positions of the whole templated sequence (default:
         text positions 0..len-1 on all three rows); extra_embeds: [N, D] rows replacing, in order, the
-        embeddings of the image-pad tokens after the prefix (HF's masked_scatter). Both are for images (issue 5).
+        embeddings of the image-pad tokens after the prefix (HF's masked_scatter). Both are for images; left
+        out for a batch with images, they are computed here (vision tower, feature cache, M-RoPE positions).
         """
+        if extra_embeds is None and batch.has_images:
+            image_positions, extra_embeds = self.image_inputs(batch)
+            positions = positions if positions is not None else image_positions
         prefix = self._usable_prefix(batch)
         P = 0 if prefix is None else prefix.length
         drop = batch.drop_idx

@@ -1,0 +1,422 @@
+"""i2i (Qwen-Image-Edit's text encoding with condition images): kernel backend vs HF transformers on a random-init
+Qwen2.5-VL-7B-shaped checkpoint with its vision tower, in one run on one card.
+
+    PYTHONUNBUFFERED=1 python benchmarks/encoder_i2i.py          # GPU: 7B + 32-block vision tower, ~4-6 min on an H100
+    python benchmarks/encoder_i2i.py --tiny                      # CPU smoke test of the whole script path
+
+Phases (each prints progress): 1. a random checkpoint: the text weights benchmarks/encoder.py writes plus the real
+vision tower's `visual.*` weights (depth 32, hidden 1280, 16 heads, intermediate 3420, out 3584, patch 14, merge 2,
+window 112, full attention in blocks 7/15/23/31; std 0.02, bf16), the Qwen2 tokenizer and processor/ (Qwen2-VL
+image-processor settings); 2. correctness on edit prompts with 1 and 3 deterministic random images of varied aspect
+ratios: HF fp32 (the Edit pipeline's call, one prompt per call, with mm_token_type_ids) is the reference, HF bf16
+and the kernel backend (bf16) are measured against it with the t2i bar (rel L2 <= 1.1x HF bf16's, min cos >=
+HF bf16's - 0.0005); 3. latency of one prompt with 1 and with 3 images: HF (as the pipeline calls it), kernel
+with the vision tower run (cold) and with the image features cached (warm), the vision tower alone; 4. throughput
+of CFG-pair jobs (a prompt and " " with the same image(s), as DiT workers send them): HF batching 1..16 jobs
+(the tower runs for every occurrence) against kernel token-budget batches (each distinct image once); the CPU
+cost of decoding + resizing + preprocessing an image (the worker's intake thread). Image preprocessing is
+excluded from the GPU timings. JSON to $OUT/encoder_i2i_bench.json when OUT is set; a markdown table is printed
+last. Imports nothing that needs redis, rq or posix_ipc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import benchmarks.encoder as tb  # noqa: E402
+from workers.encoders.base import TokenizedBatch  # noqa: E402
+from workers.model.qwen2_5_vl_text import ModelArgs  # noqa: E402
+
+say = tb.say
+
+REAL_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
+                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                   fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, hidden_act="silu", tokens_per_second=2)
+
+EDIT_PROMPTS = [
+    "Make the sky a deep sunset orange and add a few birds flying over the hills.",
+    "Replace the red car with a vintage bicycle leaning against the wall; keep the shadows consistent.",
+    "Turn the photo into a watercolor painting with soft edges and visible paper texture.",
+    "Put the person from picture 1 in the jacket from picture 2, standing in the street of picture 3.",
+    "Remove the text on the sign and make it a plain wooden board.",
+    "Change the season to winter: snow on the roofs and trees, breath visible in the cold air.",
+]
+SIZES = [(1024, 768), (640, 960), (800, 800), (1280, 544), (500, 700), (1600, 900), (720, 1280), (900, 600)]
+
+
+# --- phase 1: the checkpoint -----------------------------------------------------------------------------------
+
+def vision_config(a: ModelArgs, tiny: bool) -> dict:
+    from workers.make_tiny import TINY_VISION
+
+    v = dict(TINY_VISION if tiny else REAL_VISION)
+    v["out_hidden_size"] = a.dim
+    return dict(v, model_type="qwen2_5_vl", initializer_range=0.02)
+
+
+def vision_shapes(v: dict) -> dict[str, tuple[int, ...]]:
+    """The tower's parameters as Qwen's checkpoints name them (visual.*)."""
+    d, i, merged = v["hidden_size"], v["intermediate_size"], v["hidden_size"] * v["spatial_merge_size"] ** 2
+    shapes = {"visual.patch_embed.proj.weight": (d, v["in_channels"], v["temporal_patch_size"], v["patch_size"],
+                                                 v["patch_size"])}
+    for b in range(v["depth"]):
+        p = f"visual.blocks.{b}."
+        shapes.update({p + "norm1.weight": (d,), p + "norm2.weight": (d,),
+                       p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,),
+                       p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
+                       p + "mlp.gate_proj.weight": (i, d), p + "mlp.gate_proj.bias": (i,),
+                       p + "mlp.up_proj.weight": (i, d), p + "mlp.up_proj.bias": (i,),
+                       p + "mlp.down_proj.weight": (d, i), p + "mlp.down_proj.bias": (d,)})
+    shapes.update({"visual.merger.ln_q.weight": (d,), "visual.merger.mlp.0.weight": (merged, merged),
+                   "visual.merger.mlp.0.bias": (merged,), "visual.merger.mlp.2.weight": (v["out_hidden_size"], merged),
+                   "visual.merger.mlp.2.bias": (v["out_hidden_size"],)})
+    return shapes
+
+
+def build_checkpoint(root: str, a: ModelArgs, tiny: bool, device: torch.device, seed: int = 0) -> str:
+    """A Qwen-Image-Edit-style directory (text_encoder/ with text + vision weights, tokenizer/, processor/),
+    reused when a finished one with the same shapes is there. Weights drawn on `device`: std 0.02, norms ~1."""
+    from safetensors.torch import save_file
+
+    cfg = tb.hf_config(a)
+    cfg["vision_config"] = vision_config(a, tiny)
+    tag = hashlib.sha1(json.dumps([cfg, seed, "i2i"], sort_keys=True).encode()).hexdigest()[:12]
+    marker = os.path.join(root, ".complete")
+    if os.path.exists(marker) and open(marker).read().strip() == tag:
+        say(f"checkpoint: reusing {root}")
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    te = os.path.join(root, "text_encoder")
+    os.makedirs(te)
+    with open(os.path.join(te, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    tb.write_tokenizer(os.path.join(root, "tokenizer"))
+    write_processor(os.path.join(root, "tokenizer"), os.path.join(root, "processor"))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shapes = {**tb.weight_shapes(a), **vision_shapes(cfg["vision_config"])}
+    shard, shard_bytes, names, weight_map, total = {}, 0, [], {}, 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"model-{len(names) + 1:05d}.safetensors"
+            save_file(shard, os.path.join(te, name), metadata={"format": "pt"})
+            names.append(name)
+            weight_map.update({k: name for k in shard})
+            shard, shard_bytes = {}, 0
+
+    for name, shape in shapes.items():
+        w = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        is_norm = name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight"))
+        w = 1.0 + 0.05 * w if is_norm else 0.02 * w
+        shard[name] = w.to(torch.bfloat16).cpu()
+        shard_bytes += shard[name].numel() * 2
+        total += shard[name].numel() * 2
+        if shard_bytes >= 4 << 30:
+            flush()
+            say(f"checkpoint: wrote shard {len(names)} ({total / 2**30:.1f} GiB so far)")
+    flush()
+    final = {n: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, n in enumerate(names)}
+    for n, dst in final.items():
+        os.rename(os.path.join(te, n), os.path.join(te, dst))
+    with open(os.path.join(te, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}},
+                  f, indent=1)
+    with open(marker, "w") as f:
+        f.write(tag + "\n")
+    say(f"checkpoint: {total / 2**30:.2f} GiB in {len(names)} shards at {root}")
+    return root
+
+
+def write_processor(tokenizer_dir: str, out: str) -> None:
+    """processor/ as Qwen-Image-Edit ships it: Qwen2-VL image-processor settings (var/tiny/processor's, which are
+    the real ones: patch 14, temporal patch 2, merge 2, CLIP mean/std) and the tokenizer files."""
+    from transformers import AutoTokenizer
+
+    from workers.make_tiny import write_processor as write
+
+    write(AutoTokenizer.from_pretrained(tokenizer_dir), out)
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------
+
+def image_png(w: int, h: int, seed: int) -> bytes:
+    """A deterministic photo-like image: smooth colour fields plus grain."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (max(2, h // 64), max(2, w // 64), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
+    arr = np.clip(smooth + rng.integers(-12, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def images_for(job: int, n: int) -> list[bytes]:
+    return [image_png(*SIZES[(job * 3 + k) % len(SIZES)], seed=1000 * job + k) for k in range(n)]
+
+
+def concat(a: TokenizedBatch, b: TokenizedBatch) -> TokenizedBatch:
+    return TokenizedBatch(a.task, a.ids + b.ids, a.drop_idx, (a.images or ()) + (b.images or ()))
+
+
+def pair_jobs(enc, n_jobs: int, n_images: int, seed: int) -> list[TokenizedBatch]:
+    """CFG-pair jobs: [prompt, " "] with the same images, tokenized and preprocessed (as the worker's intake)."""
+    return [enc.tokenize([EDIT_PROMPTS[(seed + j) % len(EDIT_PROMPTS)], " "], "i2i",
+                         images=images_for(seed + j, n_images)) for j in range(n_jobs)]
+
+
+def budget_batches(jobs: list[TokenizedBatch], budget: int) -> list[TokenizedBatch]:
+    out, cur = [], None
+    for j in jobs:
+        n = sum(map(len, j.ids))
+        if cur is not None and sum(map(len, cur.ids)) + n > budget:
+            out.append(cur)
+            cur = None
+        cur = j if cur is None else concat(cur, j)
+    return out + ([cur] if cur is not None else [])
+
+
+def job_batches(jobs: list[TokenizedBatch], per_batch: int) -> list[TokenizedBatch]:
+    out = []
+    for i in range(0, len(jobs), per_batch):
+        b = jobs[i]
+        for j in jobs[i + 1:i + per_batch]:
+            b = concat(b, j)
+        out.append(b)
+    return out
+
+
+# --- measuring -------------------------------------------------------------------------------------------------
+
+def pipeline_calls(hf, batch: TokenizedBatch) -> list[torch.Tensor]:
+    """HF as QwenImageEditPlusPipeline calls it: one prompt per call."""
+    return [hf.encode_tokens(batch.select([i]))[0] for i in range(len(batch.ids))]
+
+
+def throughput(fn, batches: list[TokenizedBatch], device, before_each=None) -> dict:
+    if before_each:
+        before_each()
+    fn(batches[0])  # warm-up
+    tb.sync(device)
+    if before_each:
+        before_each()
+    t = time.perf_counter()
+    for b in batches:
+        fn(b)
+    tb.sync(device)
+    dt = time.perf_counter() - t
+    jobs = sum(len(b.ids) for b in batches) // 2
+    tokens = sum(len(x) for b in batches for x in b.ids)
+    return {"jobs": jobs, "seconds": dt, "jobs_per_s": jobs / dt, "prompts_per_s": 2 * jobs / dt,
+            "templated_tokens_per_s": tokens / dt}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke test of the script")
+    ap.add_argument("--ckpt", default=None, help="where to write the random checkpoint (default: a temp dir)")
+    ap.add_argument("--jobs", type=int, default=None, help="CFG-pair jobs in the kernel throughput runs")
+    ap.add_argument("--hf-jobs-per-batch", default="1,4,8,16")
+    ap.add_argument("--token-budgets", default="8192,16384")
+    args = ap.parse_args(argv)
+
+    tiny = args.tiny
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("workers").setLevel(logging.INFO)
+    device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    if device.type != "cuda" and not tiny:
+        raise SystemExit("no CUDA device: run with --tiny for the CPU smoke test")
+    margs = ModelArgs.from_name("tiny" if tiny else "qwen2.5-vl-7b")
+    bf16 = torch.bfloat16
+    n_jobs = args.jobs or (8 if tiny else 96)
+    n_jobs_hf = min(n_jobs, 4 if tiny else 32)
+    iters, warm = (2, 1) if tiny else (20, 3)
+    hf_sizes = [int(x) for x in args.hf_jobs_per_batch.split(",")][: 2 if tiny else None]
+    budgets = [int(x) for x in args.token_budgets.split(",")]
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
+    torch.backends.cudnn.allow_tf32 = False
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "tiny": tiny, "argv": sys.argv[1:]}
+    for mod in ("transformers", "triton", "flash_attn", "torchvision", "PIL"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = None
+    say(f"env: {env}")
+    results: dict = {"env": env}
+
+    # 1. checkpoint
+    ckpt = args.ckpt or os.path.join(os.environ.get("TMPDIR", "/tmp"), "eb-bench-i2i-" + ("tiny" if tiny else "7b"))
+    build_checkpoint(ckpt, margs, tiny, device)
+    from workers.checkpoint import resolve_checkpoint
+    from workers.encoders import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_checkpoint(ckpt).tokenizer)
+
+    # 2a. HF fp32: the reference; it also tokenizes and preprocesses every input once (the same for all backends)
+    say("HF fp32: loading")
+    hf = tb.load_hf(ckpt, device, torch.float32, tokenizer)
+    say(f"image processor: {type(hf.images.processor).__name__}")
+    # one prompt per job (a job holds at most max_images_per_job distinct images)
+    inputs = [(EDIT_PROMPTS[j], images_for(j, 1)) for j in range(4)]
+    inputs += [(EDIT_PROMPTS[3 + j], images_for(10 + j, 3)) for j in range(2)]
+    t = time.perf_counter()
+    each = [hf.tokenize([p], "i2i", images=[imgs]) for p, imgs in inputs]
+    results["preprocess_ms_per_image"] = (time.perf_counter() - t) * 1e3 / (4 + 6)  # decode, resize, processor
+    corr_batch = each[0]
+    for b in each[1:]:
+        corr_batch = concat(corr_batch, b)
+    lat_one = hf.tokenize([EDIT_PROMPTS[0]], "i2i", images=[images_for(20, 1)])
+    lat_three = hf.tokenize([EDIT_PROMPTS[3]], "i2i", images=[images_for(21, 3)])
+    results["inputs"] = {"correctness_prompts": len(corr_batch.ids),
+                         "tokens": [len(x) for x in corr_batch.ids],
+                         "image_tokens": [[im.n_tokens for im in corr_batch.images_of(i)]
+                                          for i in range(len(corr_batch.ids))],
+                         "latency_tokens": {"1_image": len(lat_one.ids[0]), "3_images": len(lat_three.ids[0])}}
+    say(f"inputs: {results['inputs']}; preprocessing {results['preprocess_ms_per_image']:.1f} ms/image (CPU)")
+    ref = [x.float().cpu() for x in pipeline_calls(hf, corr_batch)]
+    hf = None
+    tb.free()
+    say("HF fp32: reference computed, model freed")
+
+    # 2b. HF bf16
+    hf = tb.load_hf(ckpt, device, bf16, tokenizer)
+    say("HF bf16: loaded")
+    corr = {"hf_bf16": tb.errors(pipeline_calls(hf, corr_batch), ref)}
+    say(f"HF bf16 vs fp32: {corr['hf_bf16']}")
+    lat = {"hf_1_image": tb.time_ms(lambda: hf.encode_tokens(lat_one), device, iters, warm),
+           "hf_3_images": tb.time_ms(lambda: hf.encode_tokens(lat_three), device, iters, warm)}
+    say(f"(a) HF: 1 image {lat['hf_1_image']['median_ms']:.2f} ms, 3 images {lat['hf_3_images']['median_ms']:.2f} ms")
+    thr = {}
+    jobs1 = pair_jobs(hf, n_jobs, 1, seed=100)
+    jobs3 = pair_jobs(hf, max(2, n_jobs // 3), 3, seed=300)
+    for k, jobs in (("1img", jobs1[:n_jobs_hf]), ("3img", jobs3[:max(2, n_jobs_hf // 3)])):
+        for bs in hf_sizes:
+            try:
+                thr[f"hf_{k}_jobs{bs}"] = throughput(hf.encode_tokens, job_batches(jobs, bs), device)
+            except torch.OutOfMemoryError:
+                say(f"(b) HF {k} {bs} jobs/batch: out of memory")
+                tb.free()
+                continue
+            say(f"(b) HF {k}, {bs} CFG-pair jobs per batch: {thr[f'hf_{k}_jobs{bs}']['jobs_per_s']:.1f} jobs/s")
+    hf = None
+    tb.free()
+    say("HF bf16: freed")
+
+    # 2c. kernel backend
+    from workers.encoders import load_encoder
+    from workers.encoding_cache import EncodingCache
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    kern = load_encoder(ckpt, backend="kernel", device=device, dtype=bf16)
+    say(f"kernel: loaded in {time.perf_counter() - t:.1f} s; attention {kern.model.ops.attention_name}; "
+        f"vision tower {kern.vision.parameters_bytes() / 2**30:.2f} GiB")
+    cache_bytes = 256 << 20
+
+    def cold():
+        kern.feature_cache = EncodingCache(0)
+
+    def warm_cache():
+        kern.feature_cache = EncodingCache(cache_bytes)
+
+    cold()
+    corr["kernel_bf16"] = tb.errors(list(torch.split(*kern.encode_packed(corr_batch))), ref)
+    kern.prefix_cache = False
+    corr["kernel_bf16_uncached"] = tb.errors(kern.encode_tokens(corr_batch), ref)
+    kern.prefix_cache = True
+    corr["kernel_bf16_singles"] = tb.errors(pipeline_calls(kern, corr_batch), ref)
+
+    def meets(e: dict) -> bool:
+        hb = corr["hf_bf16"]
+        return bool(e["finite"] and e["rel_l2"] <= 1.1 * hb["rel_l2"] and e["min_cos"] >= hb["min_cos"] - 5e-4)
+
+    corr["pass"] = all(meets(corr[k]) for k in ("kernel_bf16", "kernel_bf16_uncached", "kernel_bf16_singles"))
+    results["correctness"] = corr
+    for k in ("kernel_bf16", "kernel_bf16_uncached", "kernel_bf16_singles"):
+        say(f"{k} vs fp32: {corr[k]}")
+    say(f"correctness PASS={corr['pass']}")
+
+    # (a) latency: cold = the tower runs; warm = the features come from the cache
+    for name, b in (("1_image", lat_one), ("3_images", lat_three)):
+        cold()
+        lat[f"kernel_cold_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
+        warm_cache()
+        lat[f"kernel_warm_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
+        images = [im for im in b.images_of(0)]
+        pv = torch.cat([im.pixel_values for im in images])
+        grid = torch.tensor([im.grid_thw for im in images])
+        lat[f"vision_only_{name}"] = tb.time_ms(lambda: kern.vision(pv, grid), device, iters, warm)
+        say(f"(a) kernel {name}: cold {lat[f'kernel_cold_{name}']['median_ms']:.2f} ms, warm "
+            f"{lat[f'kernel_warm_{name}']['median_ms']:.2f} ms, vision alone "
+            f"{lat[f'vision_only_{name}']['median_ms']:.2f} ms")
+
+    # (b) throughput: fresh images every job; the cache is emptied before each timed run
+    for k, jobs in (("1img", jobs1), ("3img", jobs3)):
+        for budget in budgets:
+            c0 = kern.vision_images_computed
+            thr[f"kernel_{k}_{budget}"] = throughput(kern.encode_packed, budget_batches(jobs, budget), device,
+                                                     before_each=lambda: (cold(), warm_cache()))
+            thr[f"kernel_{k}_{budget}"]["vision_images_computed"] = kern.vision_images_computed - c0
+            say(f"(b) kernel {k}, {budget}-token batches: {thr[f'kernel_{k}_{budget}']['jobs_per_s']:.1f} jobs/s")
+    if device.type == "cuda":
+        results["memory"] = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+
+    results.update(latency=lat, throughput=thr, elapsed_s=time.perf_counter() - tb.T0)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "encoder_i2i_bench.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        say(f"wrote {os.path.join(out_dir, 'encoder_i2i_bench.json')}")
+    print_table(results)
+    return 0 if corr["pass"] else 1
+
+
+def print_table(r: dict) -> None:
+    c, lat, thr, env = r["correctness"], r["latency"], r["throughput"], r["env"]
+    lines = [f"\n### encoder i2i benchmark: {env['card']}, torch {env['torch']}, transformers {env['transformers']}, "
+             f"torchvision {env['torchvision']}",
+             "", f"inputs: {r['inputs']}; image preprocessing {r['preprocess_ms_per_image']:.1f} ms/image on the CPU",
+             "", "| correctness vs HF fp32 (1 and 3 images) | rel L2 | min cos |", "|---|---|---|"]
+    for k in ("hf_bf16", "kernel_bf16", "kernel_bf16_uncached", "kernel_bf16_singles"):
+        lines.append(f"| {k} | {c[k]['rel_l2']:.4f} | {c[k]['min_cos']:.5f} |")
+    lines += [f"\ncorrectness PASS: {c['pass']}\n", "| (a) one prompt | median ms | p90 ms |", "|---|---|---|"]
+    for k, v in lat.items():
+        lines.append(f"| {k} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} |")
+    lines += ["", "| (b) CFG-pair jobs (prompt + \" \", same images) | jobs/s | prompts/s | templated tok/s |",
+              "|---|---|---|---|"]
+    for k, v in thr.items():
+        lines.append(f"| {k} | {v['jobs_per_s']:.1f} | {v['prompts_per_s']:.1f} | {v['templated_tokens_per_s']:.0f} |")
+    for k in ("1img", "3img"):
+        hf_best = max((v["jobs_per_s"] for n, v in thr.items() if n.startswith(f"hf_{k}")), default=float("nan"))
+        k_best = max((v["jobs_per_s"] for n, v in thr.items() if n.startswith(f"kernel_{k}")), default=float("nan"))
+        lines.append(f"\n{k}: kernel best / HF best jobs/s: {k_best / hf_best:.2f}x")
+    if "memory" in r:
+        lines.append(f"kernel peak allocated {r['memory']['peak_allocated_bytes'] / 2**30:.2f} GiB")
+    lines.append(f"total {r['elapsed_s']:.0f} s")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
