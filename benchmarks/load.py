@@ -122,7 +122,7 @@ def start_stack(args, tmp):
     prefix = "ebload"
     cfg = write_config(os.path.join(tmp, "w.json"), model_dir=args.model_dir, backend=args.backend,
                        device=args.device, redis_url=server.url, queue="encode", shm_prefix=prefix,
-                       max_batch_requests=args.batch, max_queue_depth=0, cache_max_bytes=0, log_level="WARNING")
+                       max_batch_requests=args.batch, max_queue_depth=0, cache_max_bytes=0, log_level="INFO")
     log = os.path.join(tmp, "worker.log")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
@@ -194,6 +194,15 @@ def main():
                          "throughput_rps_incl_startup": len(lat) / wall,
                          "throughput_rps": n / (statistics.fmean(lat) / 1e3) if lat else 0})
             r = rows[-1]
+            import redis as _redis
+
+            from broker.stats import collect
+
+            st = collect(_redis.Redis.from_url(server.url))
+            r["worker_mean_batch_jobs"] = st["mean_batch_jobs"]
+            r["worker_batch_histogram"] = st["batch_histogram"]
+            print(f"  worker so far: mean batch {st['mean_batch_jobs']} jobs, histogram {st['batch_histogram']}; "
+                  f"last log lines:\n    " + "\n    ".join(open(log).read().splitlines()[-4:]), flush=True)
             print(f"{n} clients: p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, "
                   f"~{r['throughput_rps']:.0f} req/s, errors {errors}, segments left {len(left)}", flush=True)
     finally:

@@ -77,6 +77,8 @@ class Encoded:
     cache_misses: int
     vision_computed: int = 0  # images run through the vision tower
     vision_reused: int = 0  # image occurrences served from the feature cache or a repeat in the batch
+    copies: list = field(default_factory=list)  # CUDA events of device-to-host copies still in flight
+    to_cache: list = field(default_factory=list)  # (cache key, state) to keep once copied
 
 
 class EncoderWorker(ServeLoop):
@@ -91,6 +93,7 @@ class EncoderWorker(ServeLoop):
         self.heartbeat_ttl_s = config.job_heartbeat_ttl_s
         self.policy = BatchPolicy(config.max_batch_tokens, config.max_batch_requests, config.max_wait_ms)
         self.cache = EncodingCache(config.cache_max_bytes)
+        self._cache_lock = threading.Lock()  # read by the compute thread, filled by the output thread
         self.stats = WorkerStats(config.queue, self.name)
         self.writer = ResultWriter(host_id(), config.result_ttl_s, self.name, config.shm_prefix,
                                    config.shm_max_bytes)
@@ -270,6 +273,7 @@ class EncoderWorker(ServeLoop):
         t0 = time.time()
         outputs, errors = {}, {}
         computed = hits = misses = 0
+        events, to_cache = [], []  # device-to-host copies in flight; new states for the cache, once copied
         vision_before = self._vision_counts()
         groups: dict[tuple[str, int], list[PreparedJob]] = {}  # raw inputs (drop_idx 0) run apart
         for p in batch.jobs:
@@ -284,7 +288,8 @@ class EncoderWorker(ServeLoop):
                 for (t, i), u in zip(flat, index):
                     uniq_images[u] = t.images_of(i)
             keys = [cache_key(self.encoder.model_id, task, drop, ids, digests) for ids, digests in uniq]
-            states: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
+            with self._cache_lock:
+                states: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
             hits += sum(s is not None for s in states)
             todo = [i for i, s in enumerate(states) if s is None]
             misses += len(todo)
@@ -293,15 +298,17 @@ class EncoderWorker(ServeLoop):
                 idx = [todo[c] for c in chunk]
                 sub_images = None if uniq_images is None else tuple(uniq_images[i] for i in idx)
                 try:
-                    res = self._run_encoder(TokenizedBatch(task, [list(uniq[i][0]) for i in idx], drop, sub_images))
+                    res, copied = self._run_encoder(TokenizedBatch(task, [list(uniq[i][0]) for i in idx], drop,
+                                                                   sub_images))
                 except Exception as e:  # a failing batch fails its jobs, never the worker
                     log.exception("encoder failed on a batch of %d sequence(s)", len(idx))
                     failed_seq.update((i, f"encoder failed: {type(e).__name__}: {e}") for i in idx)
                     continue
+                if copied is not None:
+                    events.append(copied)
                 for i, r in zip(idx, res):
                     states[i] = r
-                    # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
-                    self.cache.put(keys[i], r.clone() if r.untyped_storage().nbytes() > r.nbytes else r)
+                    to_cache.append((keys[i], r))
                     computed += len(uniq[i][0])
             pos = 0
             for p in group:
@@ -313,18 +320,27 @@ class EncoderWorker(ServeLoop):
                 else:
                     outputs[p.taken.job_id] = [states[i] for i in idx]
         vision = [a - b for a, b in zip(self._vision_counts(), vision_before)]
-        return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses, *vision)
+        return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses, *vision,
+                       copies=events, to_cache=to_cache)
 
     def _vision_counts(self) -> tuple[int, int]:
         return (getattr(self.encoder, "vision_images_computed", 0), getattr(self.encoder, "vision_images_reused", 0))
 
-    def _run_encoder(self, batch: TokenizedBatch) -> list[torch.Tensor]:
-        """The batch's states on the CPU: one device-to-host copy of the packed output when the backend packs."""
+    def _run_encoder(self, batch: TokenizedBatch) -> tuple[list[torch.Tensor], object | None]:
+        """The batch's states as CPU tensors, and the CUDA event after which they hold their values (None when
+        they already do). With a packing backend on a GPU: one device-to-host copy into pinned memory, not waited
+        for here, so the device can start the next batch while the output thread waits for this one."""
         encode_packed = getattr(self.encoder, "encode_packed", None)
         if encode_packed is None:
-            return [r.to("cpu").contiguous() for r in self.encoder.encode_tokens(batch)]
+            return [r.to("cpu").contiguous() for r in self.encoder.encode_tokens(batch)], None
         packed, lengths = encode_packed(batch)
-        return list(torch.split(packed.to("cpu"), lengths))
+        if packed.device.type != "cuda":
+            return list(torch.split(packed, lengths)), None
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return list(torch.split(host, lengths)), copied
 
     # -- output ----------------------------------------------------------------------------------------
     def _output_loop(self) -> None:
@@ -346,6 +362,12 @@ class EncoderWorker(ServeLoop):
         self._output_finished.set()
 
     def _deliver(self, enc: Encoded) -> None:
+        for copied in enc.copies:
+            copied.synchronize()  # the states are in host memory from here on
+        with self._cache_lock:
+            for key, r in enc.to_cache:
+                # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
+                self.cache.put(key, r.clone() if r.untyped_storage().nbytes() > r.nbytes else r)
         done, failed, latencies, segments = [], [], [], []
         with self.connection.pipeline(transaction=False) as blobs:  # blob transport writes, if any
             for p in enc.batch.jobs:
@@ -376,9 +398,10 @@ class EncoderWorker(ServeLoop):
                 raise
         for t, reason in failed:
             log.warning("job %s failed: %s", t.job_id, reason)
-        log.info("batch: %d job(s), %d token(s) (%d computed, %d cache hit(s)), %d failed, %.1f ms on the encoder",
-                 len(enc.batch.jobs), enc.batch.tokens, enc.computed_tokens, enc.cache_hits, len(failed),
-                 enc.infer_ms)
+        log.info("batch: %d job(s), %d token(s) (%d computed, %d cache hit(s)), %d failed; formed in %.1f ms, "
+                 "%.1f ms on the encoder, %.1f ms to deliver", len(enc.batch.jobs), enc.batch.tokens,
+                 enc.computed_tokens, enc.cache_hits, len(failed), (enc.started_at - enc.batch.opened_at) * 1e3,
+                 enc.infer_ms, (time.time() - enc.started_at) * 1e3 - enc.infer_ms)
 
     @staticmethod
     def _unlink(names: list[str]) -> None:
