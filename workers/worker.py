@@ -274,6 +274,7 @@ class EncoderWorker(ServeLoop):
         outputs, errors = {}, {}
         computed = hits = misses = 0
         events, to_cache = [], []  # device-to-host copies in flight; new states for the cache, once copied
+        computed_events = []
         vision_before = self._vision_counts()
         groups: dict[tuple[str, int], list[PreparedJob]] = {}  # raw inputs (drop_idx 0) run apart
         for p in batch.jobs:
@@ -305,7 +306,8 @@ class EncoderWorker(ServeLoop):
                     failed_seq.update((i, f"encoder failed: {type(e).__name__}: {e}") for i in idx)
                     continue
                 if copied is not None:
-                    events.append(copied)
+                    computed_events.append(copied[0])
+                    events.append(copied[1])
                 for i, r in zip(idx, res):
                     states[i] = r
                     to_cache.append((keys[i], r))
@@ -319,6 +321,10 @@ class EncoderWorker(ServeLoop):
                     errors[p.taken.job_id] = bad[0]
                 else:
                     outputs[p.taken.job_id] = [states[i] for i in idx]
+        # Wait until the device has computed the batch (not for its copy to the host): "device idle" must mean
+        # it, or the next batch would close at once with whatever little has arrived, queued behind this one.
+        for ev in computed_events:
+            ev.synchronize()
         vision = [a - b for a, b in zip(self._vision_counts(), vision_before)]
         return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses, *vision,
                        copies=events, to_cache=to_cache)
@@ -326,21 +332,23 @@ class EncoderWorker(ServeLoop):
     def _vision_counts(self) -> tuple[int, int]:
         return (getattr(self.encoder, "vision_images_computed", 0), getattr(self.encoder, "vision_images_reused", 0))
 
-    def _run_encoder(self, batch: TokenizedBatch) -> tuple[list[torch.Tensor], object | None]:
-        """The batch's states as CPU tensors, and the CUDA event after which they hold their values (None when
-        they already do). With a packing backend on a GPU: one device-to-host copy into pinned memory, not waited
-        for here, so the device can start the next batch while the output thread waits for this one."""
+    def _run_encoder(self, batch: TokenizedBatch) -> tuple[list[torch.Tensor], tuple | None]:
+        """The batch's states as CPU tensors and, on a GPU, the CUDA events (computed, copied): the states hold
+        their values once `copied` has passed. With a packing backend: one device-to-host copy into pinned
+        memory, which the output thread waits for while the device starts the next batch."""
         encode_packed = getattr(self.encoder, "encode_packed", None)
         if encode_packed is None:
             return [r.to("cpu").contiguous() for r in self.encoder.encode_tokens(batch)], None
         packed, lengths = encode_packed(batch)
         if packed.device.type != "cuda":
             return list(torch.split(packed, lengths)), None
+        computed = torch.cuda.Event()
+        computed.record()
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        return list(torch.split(host, lengths)), copied
+        return list(torch.split(host, lengths)), (computed, copied)
 
     # -- output ----------------------------------------------------------------------------------------
     def _output_loop(self) -> None:
