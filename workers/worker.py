@@ -35,6 +35,13 @@ from workers.stats import WorkerStats
 log = logging.getLogger("workers")
 
 
+def wait_for(event) -> None:
+    """Waits for a CUDA event by polling: a blocking synchronize may keep the GIL, and the intake and output
+    threads must run while the device works (that is the point of them)."""
+    while not event.query():
+        time.sleep(0.0001)
+
+
 @dataclass(slots=True)
 class PreparedJob:
     """A started job with its token ids, waiting for (or in) a batch."""
@@ -324,7 +331,7 @@ class EncoderWorker(ServeLoop):
         # Wait until the device has computed the batch (not for its copy to the host): "device idle" must mean
         # it, or the next batch would close at once with whatever little has arrived, queued behind this one.
         for ev in computed_events:
-            ev.synchronize()
+            wait_for(ev)
         vision = [a - b for a, b in zip(self._vision_counts(), vision_before)]
         return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses, *vision,
                        copies=events, to_cache=to_cache)
@@ -371,7 +378,7 @@ class EncoderWorker(ServeLoop):
 
     def _deliver(self, enc: Encoded) -> None:
         for copied in enc.copies:
-            copied.synchronize()  # the states are in host memory from here on
+            wait_for(copied)  # the states are in host memory from here on
         with self._cache_lock:
             for key, r in enc.to_cache:
                 # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
