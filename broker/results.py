@@ -80,9 +80,13 @@ def read_shm(handle: Handle, copy: bool = True) -> list[torch.Tensor]:
             "or was swept before this client read it"
         ) from None
     try:
-        out = [seg.torch(off, shape, TORCH_DTYPES[handle.dtype]) for shape, off in zip(handle.shapes, handle.offsets)]
         if copy:
-            out = [t.clone() for t in out]
+            # One plain memcpy per prompt. (Tensor.clone would run torch's intra-op thread pool, whose spinning
+            # threads, times many client processes, starve the worker on the same host.)
+            out = _split(bytearray(seg.numpy(0, (handle.nbytes,), "uint8")), handle, copy=False)
+        else:
+            out = [seg.torch(off, shape, TORCH_DTYPES[handle.dtype])
+                   for shape, off in zip(handle.shapes, handle.offsets)]
     finally:
         seg.unlink()
         seg.close()

@@ -30,6 +30,10 @@ def load_configured_encoder(cfg: EncoderWorkerConfig):
     if cfg.make_tiny_if_missing:
         ensure_tiny(cfg.model_dir)
     device = pick_device(cfg.device)
+    if device.startswith("cuda"):
+        # On a GPU the process's CPU tensor work is bookkeeping (splits, small copies): torch's intra-op pool
+        # would only spin threads that the intake and output threads and the clients on this host need.
+        torch.set_num_threads(1)
     return load_encoder(cfg.model_dir, backend=pick_backend(cfg.backend, device), device=device, dtype=cfg.dtype,
                         max_prompt_tokens=cfg.max_prompt_tokens)
 

@@ -379,10 +379,11 @@ class EncoderWorker(ServeLoop):
     def _deliver(self, enc: Encoded) -> None:
         for copied in enc.copies:
             wait_for(copied)  # the states are in host memory from here on
-        with self._cache_lock:
-            for key, r in enc.to_cache:
-                # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
-                self.cache.put(key, r.clone() if r.untyped_storage().nbytes() > r.nbytes else r)
+        if self.cache.max_bytes:
+            with self._cache_lock:
+                for key, r in enc.to_cache:
+                    # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
+                    self.cache.put(key, r.clone() if r.untyped_storage().nbytes() > r.nbytes else r)
         done, failed, latencies, segments = [], [], [], []
         with self.connection.pipeline(transaction=False) as blobs:  # blob transport writes, if any
             for p in enc.batch.jobs:
