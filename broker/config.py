@@ -63,6 +63,20 @@ def take_known(cls, data: dict, what: str) -> dict:
     return {k: v for k, v in data.items() if k in known}
 
 
+def from_json_file(cls, path: str, path_fields: tuple[str, ...] = (), **overrides):
+    """A config dataclass from a JSON file: unknown keys refused, `path_fields` resolved against the file's
+    folder, redis_url from the file or else $EB_REDIS_URL, then the non-None `overrides` (command-line flags)."""
+    raw = load_json(path)
+    cfg = cls(**take_known(cls, raw, path))
+    for name in path_fields:
+        setattr(cfg, name, resolve_path(raw, getattr(cfg, name)))
+    cfg.redis_url = raw.get("redis_url") or redis_url_from_env(cfg.redis_url)
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    return cfg
+
+
 @dataclass(slots=True)
 class ClientConfig:
     redis_url: str = DEFAULT_REDIS_URL

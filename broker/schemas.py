@@ -27,6 +27,18 @@ def unpackb(data: bytes, what: str):
         raise ProtocolError(f"{what} is not valid msgpack: {e}") from None
 
 
+def validate_prompts(prompts) -> list[str]:
+    """A non-empty list (or tuple) of strings, else InvalidRequest naming what is wrong."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise InvalidRequest(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise InvalidRequest("prompts is empty: send at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise InvalidRequest(f"prompt {i} is a {type(p).__name__}, not a string")
+    return list(prompts)
+
+
 def as_dict(obj) -> dict:
     """A wire dataclass's fields, shallow (dataclasses.asdict deep-copies every list and bytes: slow)."""
     return {f.name: getattr(obj, f.name) for f in fields(obj)}
@@ -66,14 +78,7 @@ class EncodeRequest:
 
     def validate(self) -> "EncodeRequest":
         """Checks what can be checked without the model; raises InvalidRequest with the reason."""
-        p = self.prompts
-        if isinstance(p, (str, bytes)) or not isinstance(p, list):
-            raise InvalidRequest(f"prompts must be a list of strings, got {type(p).__name__}")
-        if not p:
-            raise InvalidRequest("prompts is empty: send at least one prompt")
-        for i, s in enumerate(p):
-            if not isinstance(s, str):
-                raise InvalidRequest(f"prompt {i} is a {type(s).__name__}, not a string")
+        validate_prompts(self.prompts)
         if self.task not in TASKS:
             raise InvalidRequest(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
         if self.transport not in TRANSPORTS:

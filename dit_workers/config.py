@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from broker.config import (DEFAULT_REDIS_URL, ClientConfig, load_json, normalize_text_encoder_type,
-                           redis_url_from_env, resolve_path, take_known)
+from broker.config import DEFAULT_REDIS_URL, ClientConfig, from_json_file, normalize_text_encoder_type
 
 
 @dataclass(slots=True)
@@ -43,14 +42,6 @@ class DitWorkerConfig:
 
     @classmethod
     def from_json(cls, path: str, **overrides) -> "DitWorkerConfig":
-        raw = load_json(path)
-        cfg = cls(**take_known(cls, raw, path))
+        cfg = from_json_file(cls, path, ("model_path", "edit_model_path", "output_dir"), **overrides)
         cfg.text_encoder_type = normalize_text_encoder_type(cfg.text_encoder_type)
-        cfg.model_path = resolve_path(raw, cfg.model_path)
-        cfg.edit_model_path = resolve_path(raw, cfg.edit_model_path)
-        cfg.output_dir = resolve_path(raw, cfg.output_dir)
-        cfg.redis_url = raw.get("redis_url") or redis_url_from_env(cfg.redis_url)
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(cfg, k, v)
         return cfg

@@ -1,32 +1,10 @@
-import os
-import zlib
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # triton.jit picks compiled or interpreted when the kernel modules are imported: set it before that
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # noqa: F401  (imports first: sets TRITON_INTERPRET)
+from workers.kernels import varlen_attention, varlen_attention_ref
 
-pytest.importorskip("triton")
-
-from workers.kernels import _triton_env, varlen_attention, varlen_attention_ref  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LENS = [[1], [7], [1, 7, 13, 33], [5, 0, 16, 2]]  # single tokens, odd lengths, an empty sequence
-
-
-def _tol(dtype: torch.dtype) -> float:
-    if dtype == torch.float32:
-        return 1e-5
-    if dtype == torch.bfloat16 and _triton_env.INTERPRET:
-        return 2e-2  # the interpreter casts fp32 -> bf16 by truncation, not round-to-nearest-even
-    return 1e-2
-
-
-def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def _cu_seqlens(lens: list[int]) -> torch.Tensor:
@@ -36,8 +14,8 @@ def _cu_seqlens(lens: list[int]) -> torch.Tensor:
     return torch.tensor(cu, dtype=torch.int32, device=DEVICE)
 
 
-def _inputs(lens, n_prefix, n_q, n_kv, head_dim, dtype, seed):
-    torch.manual_seed(zlib.crc32(repr(seed).encode()))
+def _inputs(lens, n_prefix, n_q, n_kv, head_dim, dtype, case_seed):
+    seed(case_seed)
     T = sum(lens)
     q, k, v = (torch.randn(T, h, head_dim, device=DEVICE, dtype=dtype) for h in (n_q, n_kv, n_kv))
     pk = pv = None
@@ -56,7 +34,7 @@ def _check(lens, n_prefix, n_q, n_kv, head_dim, dtype, max_seqlen=None):
     o = varlen_attention(q, k, v, cu, max_seqlen, scale, pk, pv, out=out)
     assert o is out and o.dtype == dtype
     assert not o.isnan().any(), "some output rows were never written"
-    assert _rel_l2(o, ref) < _tol(dtype)
+    assert rel_l2(o, ref) < tol(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

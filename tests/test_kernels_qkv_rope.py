@@ -1,42 +1,20 @@
-import os
-import zlib
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # triton.jit picks compiled or interpreted when the kernel modules are imported: set it before that
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # noqa: F401  (imports first: sets TRITON_INTERPRET)
+from workers.kernels import apply_mrope_ref, qkv_rope, qkv_rope_ref
 
-pytest.importorskip("triton")
-
-from workers.kernels import _triton_env, apply_mrope_ref, qkv_rope, qkv_rope_ref  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (Hq, Hk, Dh, mrope_section): the tiny model's, an odd split with Dh/2 not a power of two, the real model's
 HEADS = [(4, 2, 16, (2, 3, 3)), (3, 1, 48, (8, 9, 7)), (28, 4, 128, (16, 24, 24))]
-
-
-def _tol(dtype: torch.dtype) -> float:
-    if dtype == torch.float32:
-        return 1e-5
-    if dtype == torch.bfloat16 and _triton_env.INTERPRET:
-        return 2e-2  # the interpreter casts fp32 -> bf16 by truncation, not round-to-nearest-even
-    return 1e-2
-
-
-def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def _inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=DEVICE) / head_dim))
 
 
-def _inputs(T, heads, dtype, pos_dtype, seed):
+def _inputs(T, heads, dtype, pos_dtype, case_seed):
     n_q, n_k, head_dim, _ = heads
-    torch.manual_seed(zlib.crc32(repr(seed).encode()))
+    seed(case_seed)
     qkv = torch.randn(T, (n_q + 2 * n_k) * head_dim, device=DEVICE, dtype=dtype)
     # [3, T]: distinct t/h/w rows like image tokens, the first half text-like (equal rows, after a prefix)
     pos = torch.randint(0, 300, (3, T), device=DEVICE)
@@ -64,8 +42,8 @@ def test_qkv_rope_matches_ref(dtype, T, heads):
     assert q is out[0] and k is out[1] and v is out[2]
     for got in (q, k, v):
         assert not got.isnan().any(), "some outputs were never written"
-    assert _rel_l2(q, q_ref) < _tol(dtype)
-    assert _rel_l2(k, k_ref) < _tol(dtype)
+    assert rel_l2(q, q_ref) < tol(dtype)
+    assert rel_l2(k, k_ref) < tol(dtype)
     torch.testing.assert_close(v, v_ref, rtol=0, atol=0)  # v is copied bit for bit
     torch.testing.assert_close(qkv, before, rtol=0, atol=0)  # the GEMM output is only read
 
@@ -83,7 +61,7 @@ def test_qkv_rope_equals_split_then_apply_mrope(dtype):
     q2, k2, v2 = qkv_rope(qkv, pos, inv_freq, section, n_q, n_k)
     assert all(t.is_contiguous() for t in (q2, k2, v2))
     assert (q2.shape, k2.shape, v2.shape) == ((T, n_q, head_dim), (T, n_k, head_dim), (T, n_k, head_dim))
-    assert _rel_l2(q2, q_ref) < _tol(dtype) and _rel_l2(k2, k_ref) < _tol(dtype)
+    assert rel_l2(q2, q_ref) < tol(dtype) and rel_l2(k2, k_ref) < tol(dtype)
     torch.testing.assert_close(v2, v.reshape(T, n_k, head_dim), rtol=0, atol=0)
 
 

@@ -1,35 +1,8 @@
-import os
-import zlib
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # triton.jit picks compiled or interpreted when the kernel modules are imported: set it before that
-    os.environ["TRITON_INTERPRET"] = "1"
-
-pytest.importorskip("triton")
-
-from workers.kernels import _triton_env, rms_norm, rms_norm_ref, triton_available  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _tol(dtype: torch.dtype) -> float:
-    if dtype == torch.float32:
-        return 1e-5
-    if dtype == torch.bfloat16 and _triton_env.INTERPRET:
-        return 2e-2  # the interpreter casts fp32 -> bf16 by truncation, not round-to-nearest-even
-    return 1e-2
-
-
-def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def _seed(*parts) -> None:
-    torch.manual_seed(zlib.crc32(repr(parts).encode()))
+from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # noqa: F401  (imports first: sets TRITON_INTERPRET)
+from workers.kernels import rms_norm, rms_norm_ref, triton_available
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -37,7 +10,7 @@ def _seed(*parts) -> None:
 @pytest.mark.parametrize("D", [8, 24, 40, 96])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_ref(dtype, T, D, with_residual):
-    _seed("rms", dtype, T, D, with_residual)
+    seed("rms", dtype, T, D, with_residual)
     x = torch.randn(T, D, device=DEVICE, dtype=dtype)
     weight = (1.0 + 0.5 * torch.randn(D, device=DEVICE)).to(dtype)
     residual = torch.randn(T, D, device=DEVICE, dtype=dtype) if with_residual else None
@@ -49,10 +22,10 @@ def test_rms_norm_matches_ref(dtype, T, D, with_residual):
     y, r = rms_norm(x, weight, eps, residual, out=out, residual_out=r_out)
 
     assert y is out and y.dtype == dtype
-    assert _rel_l2(y, y_ref) < _tol(dtype)
+    assert rel_l2(y, y_ref) < tol(dtype)
     if with_residual:
         assert r is r_out
-        assert _rel_l2(r, r_ref) < _tol(dtype)
+        assert rel_l2(r, r_ref) < tol(dtype)
     else:
         assert r is None and r_ref is None
 
@@ -60,7 +33,7 @@ def test_rms_norm_matches_ref(dtype, T, D, with_residual):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_model_width_in_place_residual(dtype):
     # the real hidden size (3584, not a power of two); the residual stream is updated in place
-    _seed("rms-3584", dtype)
+    seed("rms-3584", dtype)
     T, D = 3, 3584
     x = torch.randn(T, D, device=DEVICE, dtype=dtype)
     weight = torch.randn(D, device=DEVICE, dtype=dtype)
@@ -68,8 +41,8 @@ def test_rms_norm_model_width_in_place_residual(dtype):
     y_ref, r_ref = rms_norm_ref(x, weight, 1e-6, residual)
     y, r = rms_norm(x, weight, 1e-6, residual, residual_out=residual)
     assert r is residual
-    assert _rel_l2(y, y_ref) < _tol(dtype)
-    assert _rel_l2(r, r_ref) < _tol(dtype)
+    assert rel_l2(y, y_ref) < tol(dtype)
+    assert rel_l2(r, r_ref) < tol(dtype)
 
 
 def test_rms_norm_empty():
@@ -93,7 +66,7 @@ def test_rms_norm_ref_matches_hf(dtype):
     # the reference reproduces HF's decoder layer: bf16 residual add, then Qwen2RMSNorm
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
-    _seed("rms-hf", dtype)
+    seed("rms-hf", dtype)
     T, D = 5, 40
     norm = Qwen2_5_VLRMSNorm(D, eps=1e-6).to(DEVICE, dtype)
     with torch.no_grad():
@@ -118,7 +91,7 @@ def test_triton_available_here():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_without_storing_the_residual(dtype):
     # the model's final norm: the sum is normalized but not kept
-    _seed("rms-no-store", dtype)
+    seed("rms-no-store", dtype)
     T, D = 5, 40
     x, residual = (torch.randn(T, D, device=DEVICE, dtype=dtype) for _ in range(2))
     weight = torch.randn(D, device=DEVICE, dtype=dtype)
@@ -127,6 +100,6 @@ def test_rms_norm_without_storing_the_residual(dtype):
     out = torch.full_like(x, float("nan"))
     y, r = rms_norm(x, weight, 1e-6, residual, out=out, store_residual=False)
     assert y is out and r is None
-    assert _rel_l2(y, y_ref) < _tol(dtype)
+    assert rel_l2(y, y_ref) < tol(dtype)
     with pytest.raises(AssertionError, match="store_residual"):
         rms_norm(x, weight, 1e-6, residual, residual_out=torch.empty_like(x), store_residual=False)

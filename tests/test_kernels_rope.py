@@ -1,33 +1,11 @@
-import os
-import zlib
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # triton.jit picks compiled or interpreted when the kernel modules are imported: set it before that
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # noqa: F401  (imports first: sets TRITON_INTERPRET)
+from workers.kernels import apply_mrope, apply_mrope_ref
 
-pytest.importorskip("triton")
-
-from workers.kernels import _triton_env, apply_mrope, apply_mrope_ref  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (Hq, Hk, Dh, mrope_section): the tiny model's, an odd split, the real model's
 HEADS = [(4, 2, 16, (2, 3, 3)), (3, 1, 32, (5, 6, 5)), (28, 4, 128, (16, 24, 24))]
-
-
-def _tol(dtype: torch.dtype) -> float:
-    if dtype == torch.float32:
-        return 1e-5
-    if dtype == torch.bfloat16 and _triton_env.INTERPRET:
-        return 2e-2  # the interpreter casts fp32 -> bf16 by truncation, not round-to-nearest-even
-    return 1e-2
-
-
-def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def _inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -47,7 +25,7 @@ def _positions(T: int, pos_dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"hq{h[0]}-hk{h[1]}-d{h[2]}")
 def test_apply_mrope_matches_ref(dtype, T, heads):
     n_q, n_k, head_dim, section = heads
-    torch.manual_seed(zlib.crc32(repr(("rope", dtype, T, heads)).encode()))
+    seed(("rope", dtype, T, heads))
     q = torch.randn(T, n_q, head_dim, device=DEVICE, dtype=dtype)
     k = torch.randn(T, n_k, head_dim, device=DEVICE, dtype=dtype)
     positions = _positions(T, torch.int64 if T != 3 else torch.int32)
@@ -57,8 +35,8 @@ def test_apply_mrope_matches_ref(dtype, T, heads):
     # in place: every element is rewritten, so there is nothing to poison; the originals must not survive
     q_out, k_out = apply_mrope(q, k, positions, inv_freq, section)
     assert q_out is q and k_out is k
-    assert _rel_l2(q, q_ref) < _tol(dtype)
-    assert _rel_l2(k, k_ref) < _tol(dtype)
+    assert rel_l2(q, q_ref) < tol(dtype)
+    assert rel_l2(k, k_ref) < tol(dtype)
 
 
 def test_apply_mrope_rejects_bad_section():
@@ -100,7 +78,7 @@ def _hf_mrope(q, k, positions, head_dim, section, theta):
 @pytest.mark.parametrize("heads", HEADS[:2] + [(4, 2, 128, (16, 24, 24))], ids=lambda h: f"d{h[2]}-{h[3]}")
 def test_apply_mrope_ref_matches_hf(heads):
     n_q, n_k, head_dim, section = heads
-    torch.manual_seed(zlib.crc32(repr(("rope-hf", heads)).encode()))
+    seed(("rope-hf", heads))
     T, theta = 19, 1e6
     q = torch.randn(T, n_q, head_dim, device=DEVICE)
     k = torch.randn(T, n_k, head_dim, device=DEVICE)

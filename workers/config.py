@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.config import DEFAULT_REDIS_URL, load_json, redis_url_from_env, resolve_path, take_known
+from broker.config import DEFAULT_REDIS_URL, from_json_file
 
 
 @dataclass(slots=True)
@@ -37,11 +37,4 @@ class EncoderWorkerConfig:
 
     @classmethod
     def from_json(cls, path: str, **overrides) -> "EncoderWorkerConfig":
-        raw = load_json(path)
-        cfg = cls(**take_known(cls, raw, path))
-        cfg.model_dir = resolve_path(raw, cfg.model_dir)
-        cfg.redis_url = raw.get("redis_url") or redis_url_from_env(cfg.redis_url)
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(cfg, k, v)
-        return cfg
+        return from_json_file(cls, path, ("model_dir",), **overrides)

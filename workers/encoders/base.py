@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from broker.errors import InvalidRequest, PromptTooLong
+from broker.schemas import validate_prompts
 from workers.checkpoint import CheckpointPaths, TextConfig
 from workers.images import ImageLimits, ImagePreprocessor, PreparedImage, per_prompt_images
 from workers.templates import Template, template_for
@@ -19,17 +20,6 @@ DEFAULT_MAX_PROMPT_TOKENS = 1024  # diffusers' tokenizer_max_length: tokens kept
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def validate_prompts(prompts) -> list[str]:
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
-        raise InvalidRequest(f"prompts must be a list of strings, got {type(prompts).__name__}")
-    if not prompts:
-        raise InvalidRequest("prompts is empty: send at least one prompt")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise InvalidRequest(f"prompt {i} is a {type(p).__name__}, not a string")
-    return list(prompts)
 
 
 @dataclass(frozen=True, slots=True)
