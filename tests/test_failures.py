@@ -18,7 +18,7 @@ from broker.queues import ENCODE_FUNCTION
 from broker.host import host_id
 from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest, Handle
-from tests.helpers import (REPO, RedisServer, shm_names, start_process, stop_process, wait_for_workers,
+from tests.helpers import (REPO, RedisServer, shm_names, start_process, stop_process,
                            write_config)
 
 

@@ -1,0 +1,178 @@
+"""The compute stage of the encoder worker: one batch of jobs through the encoder.
+
+Distinct sequences run once (identical prompts in a batch, and the same images by digest); repeats of recent
+ones come from the encoding cache; the rest run in token-budget chunks, the backend seeing only a flat batch of
+token sequences. On a GPU the states are copied to pinned host memory without waiting: the caller's output
+stage waits for the copy (`finish`) while the device starts the next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.batching import split_by_tokens, unique_sequences
+from workers.encoders.base import TokenizedBatch
+from workers.encoding_cache import EncodingCache, cache_key
+from workers.job_source import TakenJob
+
+log = logging.getLogger("workers")
+
+
+def wait_for(event) -> None:
+    """Waits for a CUDA event by polling: a blocking synchronize may keep the GIL, and the intake and output
+    threads must run while the device works (that is the point of them)."""
+    while not event.query():
+        time.sleep(0.0001)
+
+
+@dataclass(slots=True)
+class PreparedJob:
+    """A started job with its token ids, waiting for (or in) a batch."""
+
+    taken: TakenJob
+    tokens: TokenizedBatch
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(x) for x in self.tokens.ids)
+
+
+@dataclass(slots=True)
+class Batch:
+    jobs: list[PreparedJob] = field(default_factory=list)
+    tokens: int = 0
+    opened_at: float = 0.0
+
+    def add(self, job: PreparedJob) -> None:
+        if not self.jobs:
+            self.opened_at = time.time()
+        self.jobs.append(job)
+        self.tokens += job.n_tokens
+
+    def waited_ms(self) -> float:
+        return (time.time() - self.opened_at) * 1e3 if self.jobs else 0.0
+
+
+@dataclass(slots=True)
+class Encoded:
+    """The encoder's answer for a batch: tensors (CPU) or an error per job, and what it cost."""
+
+    batch: Batch
+    outputs: dict
+    errors: dict
+    started_at: float
+    infer_ms: float
+    computed_tokens: int
+    cache_hits: int
+    cache_misses: int
+    vision_computed: int = 0  # images run through the vision tower
+    vision_reused: int = 0  # image occurrences served from the feature cache or a repeat in the batch
+    copies: list = field(default_factory=list)  # CUDA events of device-to-host copies still in flight
+    to_cache: list = field(default_factory=list)  # (cache key, state) to keep once copied
+
+
+class BatchRunner:
+    def __init__(self, encoder, cache: EncodingCache, max_batch_tokens: int):
+        self.encoder = encoder
+        self.cache = cache
+        self.max_batch_tokens = max_batch_tokens
+        self._cache_lock = threading.Lock()  # read by the compute thread, filled by the output thread
+
+    def finish(self, enc: "Encoded") -> None:
+        """Waits for the batch's copies to the host, then keeps its new states in the cache."""
+        for copied in enc.copies:
+            wait_for(copied)  # the states are in host memory from here on
+        if self.cache.max_bytes:
+            with self._cache_lock:
+                for key, r in enc.to_cache:
+                    # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
+                    self.cache.put(key, r.clone() if r.untyped_storage().nbytes() > r.nbytes else r)
+
+    def run(self, batch: Batch) -> Encoded:
+        """Every job's tensors (CPU), computing each distinct sequence once and repeats from the cache;
+        or the error of each job whose sequences failed."""
+        t0 = time.time()
+        outputs, errors = {}, {}
+        computed = hits = misses = 0
+        events, to_cache = [], []  # device-to-host copies in flight; new states for the cache, once copied
+        computed_events = []
+        vision_before = self._vision_counts()
+        groups: dict[tuple[str, int], list[PreparedJob]] = {}  # raw inputs (drop_idx 0) run apart
+        for p in batch.jobs:
+            groups.setdefault((p.tokens.task, p.tokens.drop_idx), []).append(p)
+        for (task, drop), group in groups.items():
+            # a sequence is its ids and its images' digests (i2i: same ids, other images -> another sequence)
+            flat = [(p.tokens, i) for p in group for i in range(len(p.tokens.ids))]
+            uniq, index = unique_sequences([t.sequence_key(i) for t, i in flat])
+            uniq_images = None  # per unique sequence, its images
+            if any(p.tokens.has_images for p in group):
+                uniq_images = [()] * len(uniq)
+                for (t, i), u in zip(flat, index):
+                    uniq_images[u] = t.images_of(i)
+            keys = [cache_key(self.encoder.model_id, task, drop, ids, digests) for ids, digests in uniq]
+            with self._cache_lock:
+                states: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
+            hits += sum(s is not None for s in states)
+            todo = [i for i, s in enumerate(states) if s is None]
+            misses += len(todo)
+            failed_seq: dict[int, str] = {}
+            for chunk in split_by_tokens([len(uniq[i][0]) for i in todo], self.max_batch_tokens):
+                idx = [todo[c] for c in chunk]
+                sub_images = None if uniq_images is None else tuple(uniq_images[i] for i in idx)
+                try:
+                    res, copied = self._run_encoder(TokenizedBatch(task, [list(uniq[i][0]) for i in idx], drop,
+                                                                   sub_images))
+                except Exception as e:  # a failing batch fails its jobs, never the worker
+                    log.exception("encoder failed on a batch of %d sequence(s)", len(idx))
+                    failed_seq.update((i, f"encoder failed: {type(e).__name__}: {e}") for i in idx)
+                    continue
+                if copied is not None:
+                    computed_events.append(copied[0])
+                    events.append(copied[1])
+                for i, r in zip(idx, res):
+                    states[i] = r
+                    to_cache.append((keys[i], r))
+                    computed += len(uniq[i][0])
+            pos = 0
+            for p in group:
+                idx = index[pos:pos + len(p.tokens.ids)]
+                pos += len(idx)
+                bad = [failed_seq[i] for i in idx if i in failed_seq]
+                if bad:
+                    errors[p.taken.job_id] = bad[0]
+                else:
+                    outputs[p.taken.job_id] = [states[i] for i in idx]
+        # Wait until the device has computed the batch (not for its copy to the host): "device idle" must mean
+        # it, or the next batch would close at once with whatever little has arrived, queued behind this one.
+        for ev in computed_events:
+            wait_for(ev)
+        vision = [a - b for a, b in zip(self._vision_counts(), vision_before)]
+        return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses, *vision,
+                       copies=events, to_cache=to_cache)
+
+    def _vision_counts(self) -> tuple[int, int]:
+        return (getattr(self.encoder, "vision_images_computed", 0), getattr(self.encoder, "vision_images_reused", 0))
+
+    def _run_encoder(self, batch: TokenizedBatch) -> tuple[list[torch.Tensor], tuple | None]:
+        """The batch's states as CPU tensors and, on a GPU, the CUDA events (computed, copied): the states hold
+        their values once `copied` has passed. With a packing backend: one device-to-host copy into pinned
+        memory, which the output thread waits for while the device starts the next batch."""
+        encode_packed = getattr(self.encoder, "encode_packed", None)
+        if encode_packed is None:
+            return [r.to("cpu").contiguous() for r in self.encoder.encode_tokens(batch)], None
+        packed, lengths = encode_packed(batch)
+        if packed.device.type != "cuda":
+            return list(torch.split(packed, lengths)), None
+        computed = torch.cuda.Event()
+        computed.record()
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return list(torch.split(host, lengths)), (computed, copied)
+
