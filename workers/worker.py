@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from broker.enqueue import queue_bound_key
 from broker.errors import BrokerError, InvalidRequest, PromptTooLong
@@ -58,6 +60,7 @@ class EncoderWorker(ServeLoop):
         self._held: dict[str, TakenJob] = {}  # every started job not yet recorded: its heartbeat is ours
         self._held_lock = threading.Lock()
         self._output_finished = threading.Event()
+        self._image_pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="images")
 
     def describe(self) -> str:
         return f"queue {self.queue!r} with the {self.encoder.backend} encoder on {self.encoder.device}"
@@ -179,12 +182,18 @@ class EncoderWorker(ServeLoop):
         """Checks and tokenizes taken (already started) jobs: the good ones wait for a batch, the bad ones fail
         at once."""
         prepared, failed = [], [(t, t.error) for t in taken if t.error is not None]
-        for t in taken:
-            if t.error is None:
-                try:
-                    prepared.append(PreparedJob(t, self._tokenize(t)))
-                except BrokerError as e:
-                    failed.append((t, f"{type(e).__name__}: {e}"))
+        ok = [t for t in taken if t.error is None]
+        # Image jobs spend tens of ms a picture decoding and preprocessing (PIL and numpy let go of the GIL):
+        # several at once go through a thread pool.
+        if sum(1 for t in ok if t.request.images) > 1:
+            results = [self._image_pool.submit(self._tokenize, t) for t in ok]
+        else:
+            results = [None] * len(ok)
+        for t, future in zip(ok, results):
+            try:
+                prepared.append(PreparedJob(t, future.result() if future is not None else self._tokenize(t)))
+            except BrokerError as e:
+                failed.append((t, f"{type(e).__name__}: {e}"))
         with self._held_lock:
             self._held.update((p.taken.job_id, p.taken) for p in prepared)
         for t in taken:
