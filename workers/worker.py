@@ -165,9 +165,10 @@ class EncoderWorker(ServeLoop):
                 # Nothing queued: wait briefly for more, polling. (Redis checks blocking-command timeouts only
                 # about every 100 ms, so a BLMOVE of 2 ms would wait up to 100.) While the device is busy the
                 # polls are short, so the batch closes the moment the device frees up.
-                idle = self._device_idle.is_set()
-                wait_ms = min(self.policy.wait_left_ms(batch.waited_ms()), 1.0) if idle else 1.0
-                self._device_idle.wait(wait_ms / 1e3) if not idle else time.sleep(wait_ms / 1e3)
+                if self._device_idle.is_set():
+                    time.sleep(min(self.policy.wait_left_ms(batch.waited_ms()), 1.0) / 1e3)
+                else:
+                    self._device_idle.wait(1e-3)
             else:
                 first = self.source.wait_first(1.0)  # blocks until a job comes; the timeout only bounds stop checks
                 if first is None:
