@@ -24,47 +24,81 @@ def _inputs(lens, n_prefix, n_q, n_kv, head_dim, dtype, case_seed):
     return q, k, v, pk, pv
 
 
-def _check(lens, n_prefix, n_q, n_kv, head_dim, dtype, max_seqlen=None):
+def _check(lens, n_prefix, n_q, n_kv, head_dim, dtype, max_seqlen=None, pack_gqa=False):
     q, k, v, pk, pv = _inputs(lens, n_prefix, n_q, n_kv, head_dim, dtype, (lens, n_prefix, n_q, head_dim, dtype))
     cu = _cu_seqlens(lens)
     max_seqlen = max_seqlen or max(lens)
     scale = head_dim**-0.5
     ref = varlen_attention_ref(q, k, v, cu, max_seqlen, scale, pk, pv)
     out = torch.full_like(q, float("nan"))  # unwritten rows stay NaN and fail the comparison
-    o = varlen_attention(q, k, v, cu, max_seqlen, scale, pk, pv, out=out)
+    o = varlen_attention(q, k, v, cu, max_seqlen, scale, pk, pv, out=out, pack_gqa=pack_gqa)
     assert o is out and o.dtype == dtype
     assert not o.isnan().any(), "some output rows were never written"
     assert rel_l2(o, ref) < tol(dtype)
+    if pack_gqa:  # and the per-head kernel, which it is to replace, gives the same answer
+        assert rel_l2(o, varlen_attention(q, k, v, cu, max_seqlen, scale, pk, pv)) < tol(dtype)
 
 
+PACK = pytest.mark.parametrize("pack_gqa", [False, True], ids=["per_head", "packed"])
+
+
+@PACK
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_prefix", [0, 5, 34])
 @pytest.mark.parametrize("lens", LENS, ids=lambda lens: "-".join(map(str, lens)))
-def test_varlen_attention_matches_ref(dtype, n_prefix, lens):
-    _check(lens, n_prefix, n_q=4, n_kv=2, head_dim=16, dtype=dtype)
+def test_varlen_attention_matches_ref(dtype, n_prefix, lens, pack_gqa):
+    _check(lens, n_prefix, n_q=4, n_kv=2, head_dim=16, dtype=dtype, pack_gqa=pack_gqa)
 
 
+@PACK
 @pytest.mark.parametrize(
     "n_q, n_kv, head_dim, dtype",
-    [(4, 4, 32, torch.float16), (7, 1, 64, torch.bfloat16), (2, 1, 128, torch.float32)],
+    [(4, 4, 32, torch.float16), (7, 1, 64, torch.bfloat16), (2, 1, 128, torch.float32),
+     (28, 4, 128, torch.bfloat16)],  # the last: Qwen2.5-VL-7B's heads, G = 7
 )
-def test_varlen_attention_heads_and_head_dims(n_q, n_kv, head_dim, dtype):
-    _check([3, 18], 5, n_q, n_kv, head_dim, dtype)
+def test_varlen_attention_heads_and_head_dims(n_q, n_kv, head_dim, dtype, pack_gqa):
+    _check([3, 18], 5, n_q, n_kv, head_dim, dtype, pack_gqa=pack_gqa)
+
+
+@pytest.mark.parametrize("n_prefix", [0, 34])
+def test_varlen_attention_packed_qwen_heads(n_prefix):
+    # 28 query heads over 4 KV heads at head_dim 128, fp32 (the tight tolerance): single tokens, odd lengths
+    _check([1, 9, 2], n_prefix, 28, 4, 128, torch.float32, pack_gqa=True)
+
+
+def _set_blocks(monkeypatch, blocks, packed_only=False):
+    import importlib
+
+    attention = importlib.import_module("workers.kernels.attention")
+    config = attention._attention_config
+    monkeypatch.setattr(attention, "_attention_config", lambda head_dim, dtype, pack_gqa: (
+        (*blocks, 1, 1) if pack_gqa or not packed_only else config(head_dim, dtype, pack_gqa)))
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (64, 16)], ids=lambda b: f"m{b[0]}-n{b[1]}")
 def test_varlen_attention_tile_shapes(monkeypatch, blocks):
     # the GPU configs use BLOCK_M = 2 * BLOCK_N; cover equal tiles and a wider diagonal too
-    import importlib
-
-    attention = importlib.import_module("workers.kernels.attention")
-    monkeypatch.setattr(attention, "_attention_config", lambda head_dim, dtype: (*blocks, 1, 1))
+    _set_blocks(monkeypatch, blocks)
     _check([1, 7, 13, 33, 70], 5, 4, 2, 16, torch.float16)
 
 
-def test_varlen_attention_max_seqlen_may_overestimate():
+@pytest.mark.parametrize(
+    "blocks, n_q, n_kv",
+    [((16, 16), 7, 1), ((32, 16), 4, 4), ((16, 32), 6, 2), ((64, 16), 7, 1)],
+    ids=["m16-n16-g7", "m32-n16-g1", "m16-n32-g3", "m64-n16-g7"],
+)
+def test_varlen_attention_packed_tile_shapes(monkeypatch, blocks, n_q, n_kv):
+    # packed rows need no BLOCK_N | BLOCK_M; with G = 1 the diagonal spans several key tiles, with G = 7 a
+    # tile starts and ends mid-token; P = 21 puts a key tile across the prefix's end
+    # the per-head kernel it is compared with keeps its own sizes (it needs BLOCK_N | BLOCK_M)
+    _set_blocks(monkeypatch, blocks, packed_only=True)
+    _check([1, 7, 13, 33, 40], 21, n_q, n_kv, 16, torch.float16, pack_gqa=True)
+
+
+@PACK
+def test_varlen_attention_max_seqlen_may_overestimate(pack_gqa):
     # the grid comes from a host-side bound; extra query tiles must exit without writing
-    _check([3, 9], 5, 4, 2, 16, torch.float32, max_seqlen=50)
+    _check([3, 9], 5, 4, 2, 16, torch.float32, max_seqlen=50, pack_gqa=pack_gqa)
 
 
 def test_varlen_attention_rejects_bad_inputs():

@@ -1,4 +1,11 @@
-"""Causal GQA flash attention over packed varlen sequences, each also seeing a shared cached prefix."""
+"""Causal GQA flash attention over packed varlen sequences, each also seeing a shared cached prefix.
+
+Two kernels behind one launcher. The default gives each (sequence, query head) its own query tiles. With
+`pack_gqa=True`, the G = Hq / Hk query heads that share a KV head fill one tile together: row r of a
+sequence's packed rows is query token r // G of head kv_head * G + r % G, so a sequence of L tokens needs
+cdiv(G * L, BLOCK_M) tiles per KV head instead of cdiv(L, BLOCK_M) per query head, and each K/V tile is
+loaded once for the group rather than once per head (Qwen2.5-VL-7B: G = 7, prompts of ~100 tokens).
+"""
 
 from __future__ import annotations
 
@@ -142,10 +149,99 @@ def _varlen_attention_kernel(
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _attention_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N must divide BLOCK_M."""
+@triton.jit
+def _varlen_attention_packed_kernel(
+    Q, K, V, PK, PV, O, CU_SEQLENS,
+    n_prefix, qk_scale,
+    N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # grid (cdiv(max_seqlen * G, BLOCK_M), Hk, B); Q, O: [T, Hq, Dh]; K, V: [T, Hk, Dh]; PK, PV: [P, Hk, Dh]
+    # a tile's rows are (token, head) pairs, token-major: row r is token r // G of query head kv_head * G + r % G
+    GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last tiles see the most keys: launch them first
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    m_start = pid_m * BLOCK_M
+    if m_start >= seqlen * GROUP:
+        return
+
+    q_stride = N_Q_HEADS * HEAD_DIM
+    kv_stride = N_KV_HEADS * HEAD_DIM
+    rows = m_start + tl.arange(0, BLOCK_M)
+    tok = rows // GROUP  # [BLOCK_M] local query positions
+    row_ok = rows < seqlen * GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # each row is HEAD_DIM contiguous elements at a multiple of HEAD_DIM: 16-byte loads and stores
+    qo_rows = (start + tok).to(tl.int64) * q_stride + (kv_head * GROUP + rows % GROUP) * HEAD_DIM
+    q = tl.load(Q + qo_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # keys in one index space c = [prefix ++ own]: c < P is prefix key c, else own key c - P; a row of token t
+    # sees c iff c - P <= t (the prefix always). Key tiles start at c = 0 and may hold both kinds: a query tile
+    # whose last token is t visits cdiv(P + t + 1, BLOCK_N) of them, not cdiv(P, BLOCK_N) + cdiv(t + 1, BLOCK_N)
+    t_first = m_start // GROUP
+    n_end = n_prefix + tl.minimum((m_start + BLOCK_M - 1) // GROUP + 1, seqlen)  # keys past the last row's token
+    n_full = (n_prefix + t_first + 1) // BLOCK_N * BLOCK_N  # tiles before this are visible to every row
+    kv_off = kv_head * HEAD_DIM
+
+    for n in range(0, n_full, BLOCK_N):
+        cols = n + offs_n
+        k_ptrs, v_ptrs = _kv_ptrs(K, V, PK, PV, start, cols, offs_d, n_prefix, kv_stride, kv_off, HAS_PREFIX)
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k, v, qk_scale, None, False, PRECISION, UPCAST_DOT)
+
+    # the diagonal: causal mask per row's token; c = 0 is in the first tile visited and visible to every row,
+    # so m_i is finite before any fully masked row of a tile here (rows past the sequence are never stored)
+    for n in range(n_full, n_end, BLOCK_N):
+        cols = n + offs_n
+        col_ok = cols < n_end
+        k_ptrs, v_ptrs = _kv_ptrs(K, V, PK, PV, start, cols, offs_d, n_prefix, kv_stride, kv_off, HAS_PREFIX)
+        k = tl.load(k_ptrs, mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        visible = (cols[None, :] - n_prefix) <= tok[:, None]
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k, v, qk_scale, visible, True, PRECISION, UPCAST_DOT)
+
+    acc = acc / l_i[:, None]
+    tl.store(O + qo_rows[:, None] + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _kv_ptrs(K, V, PK, PV, start, cols, offs_d, n_prefix, kv_stride, kv_off, HAS_PREFIX: tl.constexpr):
+    # cols: [BLOCK_N] key indices in [prefix ++ own] -> K pointers [Dh, BLOCK_N] (transposed, so q @ k needs no
+    # tl.trans) and V pointers [BLOCK_N, Dh]. The prefix/own choice is made on the 2-D pointers: Triton's
+    # alignment analysis drops to 1 element through a select of 1-D row pointers (scalar loads, no cp.async),
+    # while a select whose condition is constant along Dh keeps the 16-byte loads.
+    own = (start + cols - n_prefix).to(tl.int64) * kv_stride + kv_off
+    k_ptrs = K + own[None, :] + offs_d[:, None]
+    v_ptrs = V + own[:, None] + offs_d[None, :]
+    if HAS_PREFIX:
+        in_prefix = cols < n_prefix
+        pre = cols.to(tl.int64) * kv_stride + kv_off
+        k_ptrs = tl.where(in_prefix[None, :], PK + pre[None, :] + offs_d[:, None], k_ptrs)
+        v_ptrs = tl.where(in_prefix[:, None], PV + pre[:, None] + offs_d[None, :], v_ptrs)
+    return k_ptrs, v_ptrs
+
+
+def _attention_config(head_dim: int, dtype: torch.dtype, pack_gqa: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N must divide BLOCK_M unless pack_gqa.
+
+    The packed kernel holds the same tiles as the per-head one and takes the same sizes for now: compiled for
+    sm_90 (bf16, head_dim 128) it needs 185 registers, no spills, 128 KiB shared memory, 16-byte cp.async
+    loads. Whether its short key loops want fewer stages or smaller tiles is for a GPU to say."""
+    del pack_gqa  # the same sizes for both kernels until measured
     if _triton_env.INTERPRET:
         # small tiles keep CPU tests quick; BLOCK_N < BLOCK_M like on GPUs, so the diagonal spans two key tiles
+        # (packed: with G = 7 a 32-row tile ends mid-token, and holds rows of up to 6 tokens)
         return 32, 16, 1, 1
     if dtype == torch.float32:
         # IEEE fp32 dots run on FMAs, not tensor cores; larger tiles spill registers at head_dim 128 (ptxas, sm_90)
@@ -166,12 +262,14 @@ def varlen_attention(
     prefix_v: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
+    pack_gqa: bool = False,
 ) -> torch.Tensor:
     """Causal attention of each packed sequence over [shared prefix ++ its own keys].
 
     q: [T, Hq, Dh]; k, v: [T, Hk, Dh] with Hq % Hk == 0; cu_seqlens: [B+1] int32 on q's device;
     max_seqlen: host int >= every sequence length (sizes the grid without a device sync);
     prefix_k, prefix_v: [P, Hk, Dh] or None. Returns o [T, Hq, Dh] in q's dtype.
+    pack_gqa: the kernel whose tiles hold the Hq / Hk query heads of a KV head together (module docstring).
     """
     check_launchable(q, "varlen_attention")
     assert q.dim() == 3 and k.dim() == 3 and v.dim() == 3, "varlen_attention: q, k, v must be [T, H, Dh]"
@@ -209,10 +307,15 @@ def varlen_attention(
     if T == 0 or n_seqs <= 0 or max_seqlen <= 0:
         return out
 
-    block_m, block_n, num_warps, num_stages = _attention_config(head_dim, q.dtype)
-    grid = (triton.cdiv(max_seqlen, block_m), n_q_heads, n_seqs)
+    block_m, block_n, num_warps, num_stages = _attention_config(head_dim, q.dtype, pack_gqa)
+    if pack_gqa:
+        kernel = _varlen_attention_packed_kernel
+        grid = (triton.cdiv(max_seqlen * (n_q_heads // n_kv_heads), block_m), n_kv_heads, n_seqs)
+    else:
+        kernel = _varlen_attention_kernel
+        grid = (triton.cdiv(max_seqlen, block_m), n_q_heads, n_seqs)
     has_prefix = n_prefix > 0
-    _varlen_attention_kernel[grid](
+    kernel[grid](
         q, k, v,
         prefix_k if has_prefix else k, prefix_v if has_prefix else v,
         out, cu_seqlens,

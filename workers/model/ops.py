@@ -19,6 +19,8 @@ Chosen once per model from the device and the switches of `KernelOptions`, never
       False                       either               | Triton             | Triton
 
   "library" is flash-attn, else torch varlen_attn, else (not on CUDA, not installed, failed its check) Triton.
+  `pack_gqa_attention` (off by default until measured on a GPU) makes "Triton" the launcher's GQA-packed
+  kernel: the Hq / Hk query heads of a KV head share each query tile and each K/V load.
   "Triton" is its torch reference where Triton can't run (use_triton=False, or a CPU without the
   interpreter); on CUDA a library kernel with the gather is preferred to the reference (a host loop) for
   prefixed batches then. A library kernel is checked once against the reference before it is trusted:
@@ -54,6 +56,7 @@ class KernelOptions:
     use_triton: bool = True  # False: torch references for norms, rope, silu and (non-library) attention
     use_flash_attention_kernel: bool = True  # flash-attn / torch varlen_attn for batches without a prefix
     use_triton_attention: bool = True  # our Triton varlen_attention for batches with a cached prefix (no gather)
+    pack_gqa_attention: bool = False  # Triton attention packs a KV head's query heads into one tile (pack_gqa)
     use_rmsnorm_kernel: bool = True
     use_rope_kernel: bool = True
     use_silu_kernel: bool = True
@@ -87,6 +90,10 @@ class AttnMeta:
 
 def _attn_triton(q, k, v, meta: AttnMeta, scale, pk, pv):
     return kernels.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale, pk, pv)
+
+
+def _attn_triton_packed(q, k, v, meta: AttnMeta, scale, pk, pv):
+    return kernels.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale, pk, pv, pack_gqa=True)
 
 
 def _attn_ref(q, k, v, meta: AttnMeta, scale, pk, pv):
@@ -218,7 +225,10 @@ class Ops:
     def _pick_attention(self, device, dtype, n_q, n_kv, head_dim, triton_ok):
         """((fn, name) without a prefix, (fn, name) with a cached prefix): see the module docstring."""
         opts = self.options
-        own = (_attn_triton, "triton") if triton_ok else (_attn_ref, "reference")
+        if triton_ok:
+            own = (_attn_triton_packed if opts.pack_gqa_attention else _attn_triton, "triton")
+        else:
+            own = (_attn_ref, "reference")
         library, library_prefix_ok = None, False
         if opts.use_flash_attention_kernel and device.type in LIBRARY_DEVICE_TYPES:
             library, library_prefix_ok = self._pick_library(device, dtype, n_q, n_kv, head_dim)
@@ -234,6 +244,8 @@ class Ops:
         else:
             log_once(f"attention: {plain[1]} for batches without a prefix, {prefixed[1]} for batches with a "
                      f"cached prefix ({how})")
+        if opts.pack_gqa_attention and "triton" in (plain[1], prefixed[1]):
+            log_once(f"attention: the Triton kernel packs each KV head's {n_q // n_kv} query heads into one tile")
         return plain, prefixed
 
     def _pick_library(self, device, dtype, n_q, n_kv, head_dim):
