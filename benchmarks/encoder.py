@@ -566,50 +566,36 @@ def main(argv=None) -> int:
     thr["gemm_only"] = {"tokens": M, "ms": gemm_big["median_ms"], "tokens_per_s": M / gemm_big["median_ms"] * 1e3}
     say(f"(b) GEMM-only at {M} tokens: {thr['gemm_only']['tokens_per_s']:.0f} tokens/s")
 
-    # triton attention for comparison (latency with graphs, throughput at the largest budget)
+    # other attention paths for comparison: correctness, latency with graphs, throughput at the largest budget
+    from workers.model.graph_runner import GraphRunner
     from workers.model.ops import KernelOptions, Ops
 
     served_options = kern.model.ops.options
     triton_prefix = kern.model.ops.attention_names["prefix"] == "triton"
-    if device.type == "cuda" and triton_prefix:
-        a = kern.model.args
-        kern.model.ops = Ops(device, bf16, a.n_heads, a.n_kv_heads, a.head_dim,
-                             KernelOptions(use_triton_attention=False))  # run 1's library + gather
-        from workers.model.graph_runner import GraphRunner
+    computed_big = n_tokens(batches, skip=T2I.drop_idx)
 
-        kern.graphs = GraphRunner(kern.model, device, 512, 16)
-        kern.warmup()
-        corr["kernel_bf16_library_attention"] = errors(kern.encode_tokens(real_batch), ref)
-        corr["kernel_bf16_library_attention"]["meets_bar"] = meets(corr["kernel_bf16_library_attention"])
-        lat["kernel_graphs_library_attention"] = time_ms(lambda: kern.encode_tokens(lat_batch), device, iters, warm)
-        thr[f"kernel_{big}_library_attention"] = run_throughput(kern.encode_packed, batches, device,
-                                                               n_tokens(batches, skip=T2I.drop_idx), templated)
-        say(f"library attention (+ prefix gather): latency {lat['kernel_graphs_library_attention']['median_ms']:.2f} ms, "
-            f"{thr[f'kernel_{big}_library_attention']['prompts_per_s']:.1f} prompts/s, "
-            f"error {corr['kernel_bf16_library_attention']}")
-
-    # the GQA-packed Triton attention (pack_gqa_attention, off by default until measured here), the rest as served;
-    # on a CPU only under TRITON_INTERPRET=1, and without graphs
-    if triton_prefix:
-        from workers.model.graph_runner import GraphRunner
-
+    def compare(name: str, options: KernelOptions, what: str) -> None:
         a = kern.model.args
         kern.graphs = None
         free()
-        kern.model.ops = Ops(device, bf16, a.n_heads, a.n_kv_heads, a.head_dim,
-                             dataclasses.replace(served_options, pack_gqa_attention=True))
+        kern.model.ops = Ops(device, bf16, a.n_heads, a.n_kv_heads, a.head_dim, options)
         kern.graphs = GraphRunner(kern.model, device, 512, 16) if device.type == "cuda" else None
         kern.warmup()
-        corr["kernel_bf16_packed_gqa_attention"] = errors(kern.encode_tokens(real_batch), ref)
-        corr["kernel_bf16_packed_gqa_attention"]["meets_bar"] = meets(corr["kernel_bf16_packed_gqa_attention"])
-        lat["kernel_graphs_packed_gqa_attention"] = time_ms(lambda: kern.encode_tokens(lat_batch), device, iters, warm)
-        thr[f"kernel_{big}_packed_gqa_attention"] = run_throughput(kern.encode_packed, batches, device,
-                                                                  n_tokens(batches, skip=T2I.drop_idx), templated)
-        say(f"packed GQA Triton attention: latency {lat['kernel_graphs_packed_gqa_attention']['median_ms']:.2f} ms "
-            f"(default Triton: {lat['kernel_graphs']['median_ms']:.2f}), "
-            f"{thr[f'kernel_{big}_packed_gqa_attention']['prompts_per_s']:.1f} prompts/s "
-            f"(default: {thr[f'kernel_{big}']['prompts_per_s']:.1f}), "
-            f"error {corr['kernel_bf16_packed_gqa_attention']}")
+        c = corr[f"kernel_bf16_{name}"] = errors(kern.encode_tokens(real_batch), ref)
+        c["meets_bar"] = meets(c)
+        l = lat[f"kernel_graphs_{name}"] = time_ms(lambda: kern.encode_tokens(lat_batch), device, iters, warm)
+        t = thr[f"kernel_{big}_{name}"] = run_throughput(kern.encode_packed, batches, device, computed_big,
+                                                        templated)
+        say(f"{what}: latency {l['median_ms']:.2f} ms (served: {lat['kernel_graphs']['median_ms']:.2f}), "
+            f"{t['prompts_per_s']:.1f} prompts/s (served: {thr[f'kernel_{big}']['prompts_per_s']:.1f}), error {c}")
+
+    if device.type == "cuda" and triton_prefix:  # run 1's path
+        compare("library_attention", KernelOptions(use_triton_attention=False), "library attention (+ prefix gather)")
+    # the GQA-packed Triton attention (pack_gqa_attention, off by default until measured here), the rest as served;
+    # on a CPU only under TRITON_INTERPRET=1, and without graphs
+    if triton_prefix:
+        compare("packed_gqa_attention", dataclasses.replace(served_options, pack_gqa_attention=True),
+                "packed GQA Triton attention")
     else:
         say(f"packed GQA Triton attention: skipped (prefixed batches use {kern.model.ops.attention_names['prefix']}"
             f"{'; set TRITON_INTERPRET=1 to run the kernels on the CPU' if device.type != 'cuda' else ''})")
