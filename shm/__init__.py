@@ -8,10 +8,10 @@ torch is imported only when a torch view is asked for.
 """
 from .errors import ShmError, ShmExistsError, ShmNotFoundError, ShmSpaceError
 from .names import DEFAULT_PREFIX, SHM_DIR, SegmentName
-from .segment import Segment, attach_segment, create_segment
+from .segment import Segment, attach_segment, create_segment, unlink_segment
 from .sweep import sweep
 
 __all__ = [
     "DEFAULT_PREFIX", "SHM_DIR", "Segment", "SegmentName", "ShmError", "ShmExistsError", "ShmNotFoundError",
-    "ShmSpaceError", "attach_segment", "create_segment", "sweep",
+    "ShmSpaceError", "attach_segment", "create_segment", "sweep", "unlink_segment",
 ]

@@ -65,7 +65,7 @@ def _check_budget(size: int, prefix: str, max_total_bytes: int, name: str = "", 
         )
 
 
-def _unlink_quiet(name: str) -> bool:
+def unlink_segment(name: str) -> bool:
     """Remove a name; True if we removed it, False if it was already gone."""
     try:
         posix_ipc.unlink_shared_memory(name)
@@ -158,7 +158,7 @@ class Segment:
     def unlink(self) -> None:
         """Remove the name from /dev/shm. Idempotent; a name already removed (by anyone) is not an error.
         Existing mappings and views stay valid; new attaches fail with ShmNotFoundError."""
-        _unlink_quiet(self.name)
+        unlink_segment(self.name)
 
 
 def _shape(shape) -> tuple[int, ...]:
@@ -208,7 +208,7 @@ def _create_named(name: str, size: int, prefix: str, max_total_bytes: int | None
             _check_budget(size, prefix, max_total_bytes, name=name, own=mapped)
         mm = mmap.mmap(mem.fd, mapped)
     except BaseException:
-        _unlink_quiet(name)
+        unlink_segment(name)
         raise
     finally:
         mem.close_fd()  # the mmap holds its own descriptor

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from broker.enqueue import queue_bound_key
 from broker.errors import BrokerError, InvalidRequest, PromptTooLong
 from broker.host import host_id
-from shm import sweep
+from shm import sweep, unlink_segment
 from workers.batch_runner import Batch, BatchRunner, Encoded, PreparedJob
 from workers.batching import BatchPolicy
 from workers.config import EncoderWorkerConfig
@@ -276,7 +276,8 @@ class EncoderWorker(ServeLoop):
                     blobs.execute()  # before the handles that point at them
                 self.source.record(done, failed, self.config.result_ttl_s, stats)
             except CONNECTION_ERRORS:
-                self._unlink(segments)  # nobody will be told where they are
+                for name in segments:  # nobody will be told where they are
+                    unlink_segment(name)
                 raise
         for t, reason in failed:
             log.warning("job %s failed: %s", t.job_id, reason)
@@ -285,12 +286,3 @@ class EncoderWorker(ServeLoop):
                  enc.computed_tokens, enc.cache_hits, len(failed), (enc.started_at - enc.batch.opened_at) * 1e3,
                  enc.infer_ms, (time.time() - enc.started_at) * 1e3 - enc.infer_ms)
 
-    @staticmethod
-    def _unlink(names: list[str]) -> None:
-        import posix_ipc
-
-        for name in names:
-            try:
-                posix_ipc.unlink_shared_memory(name)
-            except posix_ipc.ExistentialError:
-                pass
