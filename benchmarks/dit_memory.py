@@ -3,7 +3,7 @@
 process holds of the encoder (dit_workers.census).
 
     .venv/bin/python benchmarks/dit_memory.py [--model-path var/tiny] [--modes baseline,service]
-        [--width 256 --height 256 --steps 4] [--device auto]
+        [--width 256 --height 256 --steps 4] [--device auto] [--build-7b]
 
 Each mode runs in a fresh process (a real DitWorker, its generate() called directly) against a Redis started
 here; `service` also gets an encoder worker, whose own RSS is printed for context. Prints a Markdown table.
@@ -74,6 +74,22 @@ def mib(v) -> str:
     return "-" if v is None else f"{v / MIB:.0f}"
 
 
+def build_7b_pipeline(root: str) -> None:
+    """A pipeline whose text encoder has the real 7B shape (random weights, benchmarks/encoder.py's checkpoint)
+    and whose transformer and VAE are the tiny ones: the encoder's share of a DiT worker's memory is what differs
+    between the modes, and a 20B random transformer would only add the same ~41 GB to each."""
+    import torch
+
+    from benchmarks.encoder import build_checkpoint
+    from dit_workers.make_tiny_pipeline import write_pipeline_parts
+    from workers.model.qwen2_5_vl_text import ModelArgs
+
+    a = ModelArgs.from_name("qwen2.5-vl-7b")
+    build_checkpoint(root, a, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if not os.path.exists(os.path.join(root, "model_index.json")):
+        write_pipeline_parts(root, a.dim)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks/dit_memory.py", description=__doc__.split("\n")[0])
     ap.add_argument("--model-path", default=os.path.join(REPO, "var", "tiny"))
@@ -82,6 +98,9 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--build-7b", action="store_true",
+                    help="build (or reuse) at --model-path a pipeline with a 7B-shaped random text encoder and the "
+                         "tiny transformer and VAE")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--redis-url", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -91,7 +110,9 @@ def main(argv=None) -> int:
 
     from dit_workers.make_tiny_pipeline import ensure_tiny_pipeline, is_tiny_encoder_dir
 
-    if not os.path.exists(os.path.join(args.model_path, "model_index.json")) or is_tiny_encoder_dir(args.model_path):
+    if args.build_7b:
+        build_7b_pipeline(args.model_path)
+    elif not os.path.exists(os.path.join(args.model_path, "model_index.json")) or is_tiny_encoder_dir(args.model_path):
         ensure_tiny_pipeline(args.model_path)
     modes = args.modes.split(",")
     rows, encoder_rss = [], None

@@ -2,6 +2,7 @@
 
     python benchmarks/load.py [--clients 1,8,64] [--requests 200] [--backend baseline] [--device cpu]
                               [--tasks-per-process 1] [--redis-server PATH] [--model-dir DIR] [--json OUT]
+                              [--standin GIL_MS,WAIT_MS,SEQ_MS]
 
 Starts its own redis-server (no persistence, a free port) and one worker process, measures the same backend
 in process first (single-request latency, saturated throughput), then through the broker: throughput, p50/p99
@@ -88,6 +89,10 @@ def in_process(args):
     from workers.encoders import load_encoder
 
     enc = load_encoder(args.model_dir, backend=args.backend, device=args.device)
+    if args.standin:
+        from benchmarks.standin_worker import slow_down
+
+        slow_down(enc, *args.standin)
     sync = (lambda: torch.cuda.synchronize()) if args.device.startswith("cuda") else (lambda: None)
     for _ in range(5):
         enc.encode([PROMPTS[0] + " warm"])
@@ -112,6 +117,39 @@ def in_process(args):
     return {"single_p50_ms": pct(lat, 50), "single_p99_ms": pct(lat, 99), "throughput_rps": thr}
 
 
+def breakdown(url: str, n: int) -> dict:
+    """Where one lone request's time goes (same host, one clock): p50 of each stage over n sequential requests,
+    from the client's timestamps and the worker's per-job timings in the handle."""
+    from broker.client import EncoderClient
+    from broker.results import raise_for_error, read_shm
+    from broker.schemas import Handle
+
+    c = EncoderClient(url, timeout=60)
+    stages: dict[str, list[float]] = {}
+    for i in range(n + 5):
+        t0 = time.time()
+        deadline = c.wire.deadline()
+        payload, description = c._payload([PROMPTS[i % len(PROMPTS)] + f" #b{i}"], "t2i", None, deadline, False)
+        job_id = c.wire.submit(payload, deadline, description)
+        t1 = time.time()
+        handle = Handle.from_msgpack(raise_for_error(c.wire.wait(job_id, deadline)))
+        t2 = time.time()
+        read_shm(handle)
+        t3 = time.time()
+        if i < 5:
+            continue  # warm-up
+        tm = handle.timings
+        rows = {"submit (payload + ENQUEUE)": t1 - t0, "queue (enqueued -> taken)": tm["queue_ms"] / 1e3,
+                "taken -> on the encoder": tm["batch_ms"] / 1e3, "encoder": tm["infer_ms"] / 1e3,
+                "encoder done -> handle": tm["deliver_ms"] / 1e3,
+                "handle -> client has it (RECORD, XREAD)": t2 - tm["handed_at"], "read shm": t3 - t2,
+                "total": t3 - t0}
+        for k, v in rows.items():
+            stages.setdefault(k, []).append(v * 1e3)
+    c.close()
+    return {k: pct(v, 50) for k, v in stages.items()}
+
+
 def start_stack(args, tmp):
     from tests.helpers import RedisServer, free_port, wait_for_workers, write_config
 
@@ -126,10 +164,26 @@ def start_stack(args, tmp):
     log = os.path.join(tmp, "worker.log")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.Popen([sys.executable, "-m", "workers", "--config", cfg], cwd=REPO,
+    cmd = ["-m", "workers", "--config", cfg]
+    if args.standin:
+        gil_ms, wait_ms, per_seq_ms = args.standin
+        cmd = [os.path.join(REPO, "benchmarks", "standin_worker.py"), "--config", cfg, "--gil-ms", str(gil_ms),
+               "--wait-ms", str(wait_ms), "--per-seq-ms", str(per_seq_ms)]
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     wait_for_workers(server.url, 1, proc, log, timeout=600)
     return server, proc, prefix, log
+
+
+def start_py_spy(out_dir: str, pid: int, clients: int) -> list[subprocess.Popen]:
+    """Samples the worker while the clients run, twice over: every thread, idle ones too (where intake, compute
+    and output wait), and only the thread holding the GIL (who keeps the others waiting). Collapsed stacks."""
+    os.makedirs(out_dir, exist_ok=True)
+    return [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", "6", "--rate", "200",
+                              "--threads", "--nonblocking", "--format", "raw", "-o",
+                              os.path.join(out_dir, f"worker-{clients}c-{mode}.txt"), flag],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            for mode, flag in (("all", "--idle"), ("gil", "--gil"))]
 
 
 def main():
@@ -145,6 +199,10 @@ def main():
     ap.add_argument("--single-iters", type=int, default=200)
     ap.add_argument("--saturate-s", type=float, default=5.0)
     ap.add_argument("--json", help="write all numbers here")
+    ap.add_argument("--py-spy-dir", help="sample the worker with py-spy for 6 s at the start of each client count")
+    ap.add_argument("--standin", type=lambda v: [float(x) for x in v.split(",")], metavar="GIL_MS,WAIT_MS,SEQ_MS",
+                    help="add a GPU-like cost to each forward, in process and in the worker "
+                         "(benchmarks/standin_worker.py): GIL held, then waiting, per batch, plus per sequence")
     ap.add_argument("--build-7b", action="store_true",
                     help="build (or reuse) benchmarks/encoder.py's random 7B checkpoint at --model-dir first")
     args = ap.parse_args()
@@ -168,6 +226,9 @@ def main():
     server, worker, prefix, log = start_stack(args, tmp)
     rows = []
     try:
+        stages = breakdown(server.url, args.single_iters)
+        print("one request at a time, p50 of each stage (ms):\n" + "\n".join(f"  {k:42s} {v:8.3f}"
+                                                                           for k, v in stages.items()), flush=True)
         ctx = mp.get_context("spawn")
         for n in [int(x) for x in args.clients.split(",")]:
             tasks = min(args.tasks_per_process, n)
@@ -177,12 +238,15 @@ def main():
                      for i in range(procs_n)]
             for p in procs:
                 p.start()
+            spies = start_py_spy(args.py_spy_dir, worker.pid, n) if args.py_spy_dir else []
             # Clients import torch first (seconds); count from when the first result could start flowing.
             t0 = time.perf_counter()
             results = [q.get() for _ in procs]
             wall = time.perf_counter() - t0
             for p in procs:
                 p.join()
+            for spy in spies:
+                spy.wait()
             lat = [x for r in results for x in r[0]]
             errors = sum(r[1] for r in results)
             left = [f for f in os.listdir("/dev/shm") if f.startswith(prefix + ".")]
@@ -212,7 +276,7 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     overhead = rows[0]["p50_ms"] - local["single_p50_ms"] if rows and rows[0]["clients"] == 1 else None
     best = max((r["throughput_rps"] for r in rows), default=0)
-    summary = {"in_process": local, "broker": rows, "single_overhead_p50_ms": overhead,
+    summary = {"in_process": local, "broker": rows, "single_request_stages_ms": stages, "single_overhead_p50_ms": overhead,
                "saturated_fraction_of_in_process": best / local["throughput_rps"] if local["throughput_rps"] else None,
                "backend": args.backend, "device": args.device}
     if args.json:

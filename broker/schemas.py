@@ -132,7 +132,10 @@ class Handle:
     offsets: list  # byte offset of each prompt's states inside the segment / blob data
     nbytes: int
     expires_at: float  # unix seconds; after it the sweeper (shm) or Redis (blob) may drop the data
-    timings: dict = field(default_factory=dict)  # queue_ms, tokenize_ms, infer_ms, write_ms, batch_size
+    # the job's way through the worker: queue_ms (enqueued -> taken), batch_ms (taken -> on the encoder: checks,
+    # tokenizing, batching, waiting for the device), infer_ms (its batch on the encoder), deliver_ms (encoder done
+    # -> this handle: copy to the host, shm write), batch_jobs, handed_at (unix s)
+    timings: dict = field(default_factory=dict)
     worker: str = ""
     version: int = SCHEMA_VERSION
 

@@ -36,6 +36,10 @@ from workers.stats import WorkerStats
 log = logging.getLogger("workers")
 
 
+def ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
 class EncoderWorker(ServeLoop):
     def __init__(self, config: EncoderWorkerConfig, encoder):
         super().__init__(config.redis_url, config.queue, config.max_payload_bytes)
@@ -257,9 +261,11 @@ class EncoderWorker(ServeLoop):
                 if t.job_id in enc.errors:
                     failed.append((t, enc.errors[t.job_id]))
                     continue
-                queued = t.enqueued_at or enc.started_at
-                timings = dict(queue_ms=round((enc.started_at - queued) * 1e3, 3),
-                               infer_ms=round(enc.infer_ms, 3), batch_jobs=len(enc.batch.jobs))
+                queued = t.enqueued_at or t.taken_at
+                timings = dict(queue_ms=ms(t.taken_at - queued), batch_ms=ms(enc.started_at - t.taken_at),
+                               infer_ms=round(enc.infer_ms, 3),
+                               deliver_ms=ms(time.time() - enc.started_at - enc.infer_ms / 1e3),
+                               batch_jobs=len(enc.batch.jobs), handed_at=time.time())
                 handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], blobs, timings)
                 if handle.transport == "shm":
                     segments.append(handle.location)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one go, on a card whose Python lacks our service's packages (the device tool's machines):
+#   bash benchmarks/card.sh OUT_DIR [load] [encoder] [dit] [i2i]
+# Installs the cp312 wheels in .whl/ (rq, redis, posix-ipc, diffusers, py-spy, ...) into /tmp/site, puts the
+# redis-server build in .bin/ on PATH, builds the 7B-shaped random checkpoint once in /tmp/eb-bench-7b, then runs
+# the named benchmarks, each one's output to OUT_DIR/<name>.log. Results go to benchmarks/RESULTS.md by hand.
+set -uo pipefail
+out=${1:?usage: card.sh OUT_DIR [load] [encoder] [dit] [i2i]}
+shift
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+fi
+[ -d .bin ] && export PATH=$PWD/.bin:$PATH
+export PYTHONUNBUFFERED=1
+ckpt=/tmp/eb-bench-7b
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+git log -1 --format='commit %h %s' 2>/dev/null || true
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__)"
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    load) python3 benchmarks/load.py --build-7b --model-dir $ckpt --backend kernel --device cuda \
+            --clients "${LOAD_CLIENTS:-1,8,64}" --requests "${LOAD_REQUESTS:-100}" --single-iters 200 \
+            --saturate-s 4 --json "$out/load.json" --py-spy-dir "$out" 2>&1 | tee "$out/load.log" ;;
+    encoder) python3 benchmarks/encoder.py --ckpt $ckpt 2>&1 | tee "$out/encoder.log" ;;
+    dit) python3 benchmarks/dit_memory.py --build-7b --model-path $ckpt --device cuda --width 512 --height 512 \
+           --steps 4 2>&1 | tee "$out/dit.log" ;;
+    i2i) python3 benchmarks/encoder_i2i.py --ckpt $ckpt 2>&1 | tee "$out/i2i.log" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+echo "=== done $(date +%T)"
