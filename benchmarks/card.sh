@@ -24,7 +24,7 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     load) python3 benchmarks/load.py --build-7b --model-dir $ckpt --backend kernel --device cuda \
-            --clients "${LOAD_CLIENTS:-1,8,64}" --requests "${LOAD_REQUESTS:-100}" --single-iters 200 \
+            --clients "${LOAD_CLIENTS:-1,8,64,64x4}" --requests "${LOAD_REQUESTS:-100}" --single-iters 200 \
             --saturate-s 4 --json "$out/load.json" --py-spy-dir "$out" 2>&1 | tee "$out/load.log" ;;
     encoder) python3 benchmarks/encoder.py --ckpt $ckpt 2>&1 | tee "$out/encoder.log" ;;
     dit) python3 benchmarks/dit_memory.py --build-7b --model-path $ckpt --device cuda --width 512 --height 512 \

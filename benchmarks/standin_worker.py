@@ -48,12 +48,13 @@ def main(argv=None) -> int:
     ap.add_argument("--wait-ms", type=float, default=2.0)
     ap.add_argument("--per-seq-ms", type=float, default=0.05)
     args = ap.parse_args(argv)
-    from workers.__main__ import load_configured_encoder
+    from workers.__main__ import GIL_SWITCH_INTERVAL_S, load_configured_encoder
     from workers.config import EncoderWorkerConfig
     from workers.worker import EncoderWorker
 
     cfg = EncoderWorkerConfig.from_json(args.config)
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     encoder = load_configured_encoder(cfg)
     slow_down(encoder, args.gil_ms, args.wait_ms, args.per_seq_ms)
     EncoderWorker(cfg, encoder).run()

@@ -16,9 +16,13 @@ from broker.serializer import MsgpackSerializer
 
 QUEUES_SET = "rq:queues"
 
+# Most waiting workers a queue's wake-up list can wake at once (see wake_key).
+MAX_WAKE_TOKENS = 64
+
 # Atomic admission: a job is pushed only while the queue is shorter than the bound: the client's own (ARGV[1])
 # or, when that is 0, the one the queue's workers publish (KEYS[4], see queue_bound_key); 0 = unbounded.
-# KEYS: queue list, job hash, rq:queues, bound key. ARGV: bound, ttl, job id, then the hash's field/value pairs.
+# KEYS: queue list, job hash, rq:queues, bound key, wake-up list (see wake_key).
+# ARGV: bound, ttl, job id, then the hash's field/value pairs.
 # Returns the queue length after the push, or -(bound) - 1 when refused.
 ENQUEUE_SCRIPT = """
 local bound = tonumber(ARGV[1])
@@ -32,8 +36,11 @@ redis.call('HSET', KEYS[2], unpack(fields))
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 redis.call('SADD', KEYS[3], KEYS[1])
-return redis.call('RPUSH', KEYS[1], ARGV[3])
-"""
+local n = redis.call('RPUSH', KEYS[1], ARGV[3])
+redis.call('LPUSH', KEYS[5], '1')
+redis.call('LTRIM', KEYS[5], 0, %d)
+return n
+""" % (MAX_WAKE_TOKENS - 1)
 
 
 def queue_key(queue: str) -> str:
@@ -43,6 +50,13 @@ def queue_key(queue: str) -> str:
 def queue_bound_key(queue: str) -> str:
     """Where workers publish their queue's depth bound (config max_queue_depth) for clients' admission."""
     return f"eb:bound:{queue}"
+
+
+def wake_key(queue: str) -> str:
+    """One token per job pushed (at most MAX_WAKE_TOKENS): an idle worker blocks on this list with its take
+    pipelined behind the block, so a job is taken in the same round trip that wakes the worker
+    (workers.job_source); the take empties the list once the queue is empty."""
+    return f"eb:wake:{queue}"
 
 
 def job_key(job_id: str) -> str:
@@ -79,7 +93,7 @@ def new_job_mapping(payload: bytes, queue: str, *, function: str = ENCODE_FUNCTI
 
 
 def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int) -> tuple[list, list]:
-    keys = [queue_key(queue), job_key(job_id), QUEUES_SET, queue_bound_key(queue)]
+    keys = [queue_key(queue), job_key(job_id), QUEUES_SET, queue_bound_key(queue), wake_key(queue)]
     argv = [bound, ttl, job_id]
     for k, v in mapping.items():
         argv.extend((k, v))

@@ -13,12 +13,14 @@ import base64
 import time
 import zlib
 
+from broker.enqueue import wake_key
+
 ABANDONED_MESSAGE = (
     "AbandonedJob: the encoder worker running this job stopped (no heartbeat) and the job has no retries left"
 )
 ABANDONED_EXC_B64 = base64.b64encode(zlib.compress(ABANDONED_MESSAGE.encode())).decode()
 
-# KEYS: started registry, queue list, failed registry.
+# KEYS: started registry, queue list, failed registry, the queue's wake-up list (broker.enqueue.wake_key).
 # ARGV: now, failure ttl, exc_string (b64 of zlib, RQ's result format), exc_info (zlib), only this job id or ''.
 # Returns {requeued, failed}.
 RECOVER_SCRIPT = """
@@ -40,6 +42,7 @@ for _, entry in ipairs(expired) do
         redis.call('HSET', jkey, 'status', 'queued', 'retries_left', left - 1)
         redis.call('HINCRBY', jkey, 'number_of_retries', 1)
         redis.call('RPUSH', KEYS[2], job_id)
+        redis.call('LPUSH', KEYS[4], '1')
         requeued = requeued + 1
       else
         local ttl = tonumber(ARGV[2])
@@ -59,6 +62,6 @@ return {requeued, failed}
 
 
 def recover_args(queue: str, job_id: str = "", failure_ttl: int = 60) -> tuple[list, list]:
-    keys = [f"rq:wip:{queue}", f"rq:queue:{queue}", f"rq:failed:{queue}"]
+    keys = [f"rq:wip:{queue}", f"rq:queue:{queue}", f"rq:failed:{queue}", wake_key(queue)]
     argv = [time.time(), failure_ttl, ABANDONED_EXC_B64, zlib.compress(ABANDONED_MESSAGE.encode()), job_id]
     return keys, argv

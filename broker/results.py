@@ -70,9 +70,17 @@ def _split(buffer, handle_like, copy: bool) -> list[torch.Tensor]:
 
 def read_shm(handle: Handle, copy: bool = True) -> list[torch.Tensor]:
     """Reads the segment and unlinks it. With copy=False the tensors view the (unlinked) mapping directly."""
-    from shm import ShmNotFoundError, attach_segment
+    from shm import ShmNotFoundError, attach_segment, read_segment, unlink_segment
 
     try:
+        if copy:
+            # One read of the whole segment into memory of our own. (Tensor.clone of a mapping would fault its
+            # pages in one by one, and run torch's intra-op thread pool, whose spinning threads, times many
+            # client processes, starve the worker on the same host.)
+            try:
+                return _split(read_segment(handle.location), handle, copy=False)
+            finally:
+                unlink_segment(handle.location)
         seg = attach_segment(handle.location)
     except ShmNotFoundError:
         raise ResultLost(
@@ -80,17 +88,10 @@ def read_shm(handle: Handle, copy: bool = True) -> list[torch.Tensor]:
             "or was swept before this client read it"
         ) from None
     try:
-        if copy:
-            # One plain memcpy per prompt. (Tensor.clone would run torch's intra-op thread pool, whose spinning
-            # threads, times many client processes, starve the worker on the same host.)
-            out = _split(bytearray(seg.numpy(0, (handle.nbytes,), "uint8")), handle, copy=False)
-        else:
-            out = [seg.torch(off, shape, TORCH_DTYPES[handle.dtype])
-                   for shape, off in zip(handle.shapes, handle.offsets)]
+        return [seg.torch(off, shape, TORCH_DTYPES[handle.dtype]) for shape, off in zip(handle.shapes, handle.offsets)]
     finally:
         seg.unlink()
         seg.close()
-    return out
 
 
 def read_blob(raw: bytes | None, handle: Handle) -> list[torch.Tensor]:

@@ -67,6 +67,8 @@ def _check_budget(size: int, prefix: str, max_total_bytes: int, name: str = "", 
 
 def unlink_segment(name: str) -> bool:
     """Remove a name; True if we removed it, False if it was already gone."""
+    if not name.startswith("/"):
+        name = "/" + name
     try:
         posix_ipc.unlink_shared_memory(name)
         return True
@@ -213,6 +215,35 @@ def _create_named(name: str, size: int, prefix: str, max_total_bytes: int | None
     finally:
         mem.close_fd()  # the mmap holds its own descriptor
     return Segment(name, size, mm, writable=True)
+
+
+def read_segment(name: str) -> bytearray:
+    """A copy of a segment's bytes, read through its file descriptor: one read, no mapping (a mapping's page
+    faults cost more than the copy for results of ~100 KB and up)."""
+    if not name.startswith("/"):
+        name = "/" + name
+    try:
+        mem = posix_ipc.SharedMemory(name, 0, read_only=True)
+    except posix_ipc.ExistentialError:
+        raise ShmNotFoundError(f"shm segment {name} not found: already unlinked by a reader, swept after "
+                               f"expiry, or never created") from None
+    except posix_ipc.PermissionsError as e:
+        raise ShmError(f"shm segment {name}: permission denied ({e}); segments are 0600, attach as the "
+                       f"creator's user") from None
+    try:
+        size = os.fstat(mem.fd).st_size
+        if size == 0:
+            raise ShmError(f"shm segment {name} has no space reserved yet (its creator is mid-create or died)")
+        data = bytearray(size)
+        view, done = memoryview(data), 0
+        while done < size:  # a read may return less than asked
+            n = os.preadv(mem.fd, [view[done:]], done)
+            if n == 0:
+                raise ShmError(f"shm segment {name} shrank while being read ({done} of {size} bytes)")
+            done += n
+        return data
+    finally:
+        mem.close_fd()
 
 
 def attach_segment(name: str, writable: bool = False) -> Segment:

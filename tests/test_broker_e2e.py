@@ -196,3 +196,54 @@ def test_kernel_backend_worker_serves_the_same_states(tiny_dir, redis_server, tm
             assert (g - w).norm() / w.norm() < 1e-4
     finally:
         stop_process(proc)
+
+
+def test_take_reads_redis_clock_in_rqs_format(redis_server):
+    """The take script stamps jobs with Redis's clock (it may run long after the worker sent it, pipelined
+    behind a blocking wait): its date arithmetic, checked against Python's at random instants."""
+    import random
+    from datetime import datetime, timezone
+
+    from workers.job_source import LUA_RQ_NOW
+
+    r = redis.Redis.from_url(redis_server.url)
+    fixed = LUA_RQ_NOW.replace("local t = redis.call('TIME')", "local t = {ARGV[1], ARGV[2]}")
+    instants = [0, 951782400, 951868800, 1709164800, 4102444799] + [random.randrange(0, 4102444800)
+                                                                      for _ in range(300)]
+    for s in instants:
+        us = random.randrange(0, 10**6)
+        got = r.eval(fixed + "local _, text = rq_now() return text", 0, s, us).decode()
+        want = datetime.fromtimestamp(s, timezone.utc).replace(microsecond=us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert got == want, s
+    before = time.time()
+    text = r.eval(LUA_RQ_NOW + "local _, text = rq_now() return text", 0).decode()
+    stamped = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    assert before - 1 <= stamped <= time.time() + 1
+
+
+def test_jobs_are_started_after_enqueue_and_leave_no_wake_ups(client, encoder_worker):
+    from datetime import datetime
+
+    r = redis.Redis.from_url(encoder_worker["url"])
+    wire = client.wire
+    job_id = wire.submit(EncodeRequest(prompts=["stamps"], transport="blob").to_msgpack(), wire.deadline())
+    assert wire.wait(job_id, wire.deadline()).error is None
+    fields = r.hmget(f"rq:job:{job_id}", "enqueued_at", "started_at", "ended_at")
+    enqueued, started, ended = (datetime.strptime(f.decode(), "%Y-%m-%dT%H:%M:%S.%fZ") for f in fields)
+    assert enqueued <= started <= ended
+    assert r.llen("eb:wake:encode") == 0  # the take emptied the wake-up list with the queue
+
+
+def test_a_job_pushed_without_a_wake_up_is_still_taken(encoder_worker, baseline):
+    """Another enqueuer (RQ's own Queue.enqueue, say) pushes ids without our wake-up token: an idle worker
+    still takes the job when its blocking wait times out (1 s)."""
+    url = encoder_worker["url"]
+    payload = EncodeRequest(prompts=["no wake-up"], transport="blob").to_msgpack()
+    job_id, mapping = new_job_mapping(payload, "encode", job_timeout=30, result_ttl=30, failure_ttl=30, ttl=30,
+                                      retries=0)
+    r = redis.Redis.from_url(url)
+    r.hset(f"rq:job:{job_id}", mapping=mapping)
+    r.rpush("rq:queue:encode", job_id)
+    wire = JobWire(url, "encode", ENCODE_FUNCTION, timeout=30, retries=0)
+    outcome = wire.wait(job_id, time.time() + 30)
+    assert outcome.error is None and outcome.value is not None

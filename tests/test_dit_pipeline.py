@@ -251,7 +251,7 @@ def test_in_process_worker_keeps_a_long_jobs_heartbeat(baseline_engine, redis_se
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        worker.handle(worker.source.take(worker.source.wait_first(5.0), 0, 30))
+        worker.handle(worker.source.wait_and_take(1, 30, 5.0))
     finally:
         running.set()
         watcher.join()

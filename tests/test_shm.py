@@ -288,3 +288,21 @@ def test_torch_imported_lazily(prefix):
                   f"s = shm.create_segment(8, 5, {prefix!r}); s.write(0, np.ones(2, 'f4'))\n"
                   "s.numpy(0, 2, 'f4'); s.unlink(); s.close(); print('torch' in sys.modules)")
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_read_segment_copies_the_bytes_without_mapping(prefix):
+    data = np.random.default_rng().integers(0, 256, 3 * 4096 + 17, dtype=np.uint8)  # odd length, several pages
+    seg = shm.create_segment(data.nbytes, 60, prefix)
+    try:
+        seg.write(0, data)
+        seg.close()
+        got = shm.read_segment(seg.name.lstrip("/"))
+        assert isinstance(got, bytearray) and bytes(got) == data.tobytes()
+        got[0] ^= 0xFF  # our own memory: the segment is untouched
+        assert bytes(shm.read_segment(seg.name)) == data.tobytes()
+    finally:
+        seg.unlink()
+    with pytest.raises(ShmNotFoundError, match="not found"):
+        shm.read_segment(seg.name)
+    assert shm.unlink_segment(seg.name.lstrip("/")) is False  # names with or without the leading slash
+    assert _ours(prefix) == []

@@ -23,13 +23,6 @@ from workers.job_source import TakenJob
 log = logging.getLogger("workers")
 
 
-def wait_for(event) -> None:
-    """Waits for a CUDA event by polling: a blocking synchronize may keep the GIL, and the intake and output
-    threads must run while the device works (that is the point of them)."""
-    while not event.query():
-        time.sleep(0.0001)
-
-
 @dataclass(slots=True)
 class PreparedJob:
     """A started job with its token ids, waiting for (or in) a batch."""
@@ -86,7 +79,7 @@ class BatchRunner:
     def finish(self, enc: "Encoded") -> None:
         """Waits for the batch's copies to the host, then keeps its new states in the cache."""
         for copied in enc.copies:
-            wait_for(copied)  # the states are in host memory from here on
+            copied.synchronize()  # torch lets go of the GIL while it waits: intake and compute run on
         if self.cache.max_bytes:
             with self._cache_lock:
                 for key, r in enc.to_cache:
@@ -150,7 +143,7 @@ class BatchRunner:
         # Wait until the device has computed the batch (not for its copy to the host): "device idle" must mean
         # it, or the next batch would close at once with whatever little has arrived, queued behind this one.
         for ev in computed_events:
-            wait_for(ev)
+            ev.synchronize()
         vision = [a - b for a, b in zip(self._vision_counts(), vision_before)]
         return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses, *vision,
                        copies=events, to_cache=to_cache)

@@ -18,20 +18,42 @@ from datetime import datetime
 
 import redis
 
-from broker.enqueue import queue_key, rq_time
+from broker.enqueue import queue_key, rq_time, wake_key
 from broker.errors import BrokerError
 from broker.queues import ENCODE_FUNCTION
 from broker.recovery import RECOVER_SCRIPT, recover_args
 from broker.schemas import EncodeRequest
 from broker.serializer import MsgpackSerializer
 
-# KEYS: queue, its intermediate list, started registry (rq:wip:<q>), the worker's executions set.
-# ARGV: how many more ids to take, the first id ('' if none; BLMOVE already moved it), worker name, now (unix s),
-# now (RQ's text form), heartbeat ttl, execution id prefix.
+# Lua: Redis's clock as (unix seconds, RQ's text form): a take pipelined behind a blocking wait runs when the wait
+# ends, so the time must be read there, not when the worker sent the pipeline.
+LUA_RQ_NOW = """
+local function rq_now()
+  local t = redis.call('TIME')
+  local s, us = tonumber(t[1]), tonumber(t[2])
+  local days, sod = math.floor(s / 86400), s % 86400
+  local z = days + 719468  -- civil date from days since 1970-01-01 (H. Hinnant's algorithm)
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return s + us / 1e6, string.format('%04d-%02d-%02dT%02d:%02d:%02d.%06dZ', y, m, d, math.floor(sod / 3600),
+                                     math.floor(sod % 3600 / 60), sod % 60, us)
+end
+"""
+
+# KEYS: queue, its intermediate list, started registry (rq:wip:<q>), the worker's executions set, the queue's
+# wake-up list (broker.enqueue.wake_key).
+# ARGV: how many more ids to take, the first id ('' if none), worker name, heartbeat ttl, execution id prefix.
 # Moves the ids to the intermediate list (RQ's reliable-dequeue list), marks every job that still exists started
 # (job status, an execution with its registries, the started registry scored by the heartbeat deadline) as RQ's
-# worker does, takes it off the intermediate list, and returns id, execution id and the job's fields per job.
-TAKE_SCRIPT = """
+# worker does, takes it off the intermediate list, and returns id, execution id, enqueued_at, data and meta per
+# job. Empties the wake-up list once the queue is empty (no worker needs waking for jobs already taken).
+TAKE_SCRIPT = LUA_RQ_NOW + """
 local ids = {}
 if ARGV[2] ~= '' then ids[1] = ARGV[2] end
 for i = 1, tonumber(ARGV[1]) do
@@ -39,16 +61,18 @@ for i = 1, tonumber(ARGV[1]) do
   if not id then break end
   ids[#ids + 1] = id
 end
-local now, ttl = tonumber(ARGV[4]), tonumber(ARGV[6])
+if redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[5]) end
+local now, now_text = rq_now()
+local ttl = tonumber(ARGV[4])
 local out = {}
 for i, id in ipairs(ids) do
   local jkey = 'rq:job:' .. id
-  local fields = redis.call('HGETALL', jkey)
+  local fields = redis.call('HMGET', jkey, 'enqueued_at', 'data', 'meta')
   local exec_id = ''
-  if #fields > 0 then
-    exec_id = ARGV[7] .. i
+  if redis.call('EXISTS', jkey) == 1 then
+    exec_id = ARGV[5] .. i
     local composite = id .. ':' .. exec_id
-    redis.call('HSET', jkey, 'status', 'started', 'started_at', ARGV[5], 'last_heartbeat', ARGV[5],
+    redis.call('HSET', jkey, 'status', 'started', 'started_at', now_text, 'last_heartbeat', now_text,
                'worker_name', ARGV[3])
     redis.call('PERSIST', jkey)
     local ekey = 'rq:execution:' .. composite
@@ -63,7 +87,9 @@ for i, id in ipairs(ids) do
   redis.call('LREM', KEYS[2], 1, id)
   out[#out + 1] = id
   out[#out + 1] = exec_id
-  out[#out + 1] = fields
+  out[#out + 1] = fields[1] or ''
+  out[#out + 1] = fields[2] or ''
+  out[#out + 1] = fields[3] or ''
 end
 if #ids > 0 then redis.call('EXPIRE', KEYS[4], ttl + 60) end
 return out
@@ -187,6 +213,8 @@ class JobSource:
         self.finished_key = f"rq:finished:{queue}"
         self.failed_key = f"rq:failed:{queue}"
         self.executions_key = f"rq:worker:{worker_name}:executions"
+        self.wake_key = wake_key(queue)
+        self._take_keys = [self.queue_key, self.intermediate_key, self.started_key, self.executions_key, self.wake_key]
         self.worker_name = worker_name
         self.max_payload_bytes = max_payload_bytes
         self._take = connection.register_script(TAKE_SCRIPT)
@@ -196,34 +224,42 @@ class JobSource:
         self._exec_count = 0
 
     # -- taking --------------------------------------------------------------------------------------
-    def wait_first(self, timeout_s: float) -> str | None:
-        """Blocks until one job id is moved to the intermediate list, or the timeout passes. Redis checks
-        blocking timeouts only every ~100 ms: use this for waits of a second or so, not milliseconds."""
-        got = self.connection.blmove(self.queue_key, self.intermediate_key, timeout_s, "LEFT", "RIGHT")
-        return _text(got) if got is not None else None
+    def wait_and_take(self, more: int, heartbeat_ttl: int, timeout_s: float) -> list[TakenJob]:
+        """Blocks until a client's enqueue wakes this worker or `timeout_s` passes, then takes up to `more` jobs
+        (as `take`), in one round trip: the take is pipelined behind the blocking pop of the queue's wake-up
+        list. A job pushed without a wake-up (by another enqueuer) is still taken within `timeout_s`. Redis
+        checks blocking timeouts only every ~100 ms: use this for waits of a second or so."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.blpop([self.wake_key], timeout=timeout_s)
+            pipe.eval(TAKE_SCRIPT, 5, *self._take_keys, *self._take_args("", more, heartbeat_ttl))
+            _, flat = pipe.execute()
+        return self._parse_taken(flat)
 
     def take(self, first_id: str | None, more: int, heartbeat_ttl: int) -> list[TakenJob]:
         """Up to `more` further jobs (plus `first_id`), each marked started with `heartbeat_ttl`: from here on a
         job whose worker dies is found by broker.recovery. Jobs whose record vanished (expired) are dropped."""
+        return self._parse_taken(self._take(keys=self._take_keys,
+                                            args=self._take_args(first_id or "", more, heartbeat_ttl)))
+
+    def _take_args(self, first_id: str, more: int, heartbeat_ttl: int) -> list:
         self._exec_count += 1
-        flat = self._take(keys=[self.queue_key, self.intermediate_key, self.started_key, self.executions_key],
-                          args=[max(0, more), first_id or "", self.worker_name, time.time(), rq_time(),
-                                heartbeat_ttl, f"{self._exec_prefix}{self._exec_count}x"])
+        return [max(0, more), first_id, self.worker_name, heartbeat_ttl, f"{self._exec_prefix}{self._exec_count}x"]
+
+    def _parse_taken(self, flat: list) -> list[TakenJob]:
         taken = []
-        for i in range(0, len(flat), 3):
-            job_id, exec_id, raw = _text(flat[i]), _text(flat[i + 1]), flat[i + 2]
-            if raw:
-                taken.append(self._parse(job_id, exec_id, dict(zip(raw[0::2], raw[1::2]))))
+        for i in range(0, len(flat), 5):
+            job_id, exec_id, enqueued_at, data, meta = flat[i:i + 5]
+            if exec_id:  # '' when the job's record had vanished (expired)
+                taken.append(self._parse(_text(job_id), _text(exec_id), enqueued_at, data, meta))
         return taken
 
-    def _parse(self, job_id: str, exec_id: str, raw: dict) -> TakenJob:
-        t = TakenJob(job_id, exec_id, enqueued_at=_rq_timestamp(raw.get(b"enqueued_at")))
-        if raw.get(b"meta"):
+    def _parse(self, job_id: str, exec_id: str, enqueued_at: bytes, data: bytes, meta: bytes) -> TakenJob:
+        t = TakenJob(job_id, exec_id, enqueued_at=_rq_timestamp(enqueued_at))
+        if meta:
             try:
-                t.meta = MsgpackSerializer.loads(raw[b"meta"])
+                t.meta = MsgpackSerializer.loads(meta)
             except Exception:
                 t.meta = {}
-        data = raw.get(b"data", b"")
         try:
             data = zlib.decompress(data)
         except zlib.error:

@@ -99,11 +99,11 @@ class ServeLoop:
         while not self._stop:
             try:
                 self.housekeeping()
-                first = self.source.wait_first(1.0)
-                if first is None:
+                taken = self.source.wait_and_take(self.batch_size(), self.heartbeat_ttl_s, 1.0)
+                if not taken:
                     continue
                 self.rq_worker.set_state("busy")
-                self.handle(self.source.take(first, self.batch_size() - 1, self.heartbeat_ttl_s))
+                self.handle(taken)
                 self.rq_worker.set_state("idle")
                 backoff = 0.5
             except CONNECTION_ERRORS as e:

@@ -174,10 +174,11 @@ class EncoderWorker(ServeLoop):
                 else:
                     self._device_idle.wait(1e-3)
             else:
-                first = self.source.wait_first(1.0)  # blocks until a job comes; the timeout only bounds stop checks
-                if first is None:
+                # blocks until a job comes (the timeout only bounds stop checks)
+                taken = self.source.wait_and_take(room, self.heartbeat_ttl_s, 1.0)
+                if not taken:
                     return None
-                self._admit(self.source.take(first, room - 1, self.heartbeat_ttl_s))
+                self._admit(taken)
         if not batch.jobs:
             return None
         self._forming = Batch()
