@@ -1,4 +1,5 @@
-"""Named POSIX shared-memory segments: create (exclusive, 0600, space reserved), attach, view, unlink.
+"""Named POSIX shared-memory segments: create (exclusive, 0600, space reserved), attach, view, unlink; or, without
+mapping anything, write one whole (`write_segment`) and read one whole (`read_segment`).
 
 Lifetime of a mapping: every view (numpy array or torch tensor) is built on a memoryview slice of the
 segment's mmap object, and holds a reference to it (numpy through `.base`, torch through the storage's
@@ -190,12 +191,60 @@ def create_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, *,
     return _create_named(SegmentName.new(ttl_s, prefix).format(), int(size), prefix, max_total_bytes)
 
 
-def _create_named(name: str, size: int, prefix: str, max_total_bytes: int | None) -> Segment:
-    mapped = max(size, 1)  # mmap can't map 0 bytes; empty results still get a segment
+def write_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, parts=(), *,
+                  max_total_bytes: int | None = None) -> str:
+    """Create a new, uniquely named segment of `size` bytes (this user only, as create_segment) holding `parts`,
+    (byte offset, bytes-like) pairs, zeros elsewhere; return its name. Written through the file descriptor, never
+    mapped: no page faults for the writer, and a /dev/shm that fills up mid-write is an error (ShmSpaceError,
+    nothing left behind), never a SIGBUS, so no space is reserved (zeroed) first."""
+    if not isinstance(size, (int, np.integer)) or size < 0:
+        raise ValueError(f"shm segment size must be an int >= 0, got {size!r}")
+    if not ttl_s > 0:
+        raise ValueError(f"shm segment ttl_s must be > 0, got {ttl_s!r}")
+    check_prefix(prefix)
+    size = int(size)
+    _check_free(size)
+    if max_total_bytes is not None:
+        _check_budget(size, prefix, max_total_bytes)
+    name = SegmentName.new(ttl_s, prefix).format()
+    mem = _open_exclusive(name)
     try:
-        mem = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)  # size=0: no ftruncate
+        os.fchmod(mem.fd, 0o600)
+        os.ftruncate(mem.fd, max(size, 1))  # readers see the whole size; an empty result is 1 byte, as mapped
+        if max_total_bytes is not None:  # again, now counting ourselves: catches a concurrent create
+            _check_budget(size, prefix, max_total_bytes, name=name, own=max(size, 1))
+        for offset, data in parts:
+            view = memoryview(data).cast("B")
+            if offset < 0 or offset + len(view) > size:
+                raise ValueError(f"shm segment {name}: part [{offset}, {offset + len(view)}) outside [0, {size})")
+            done = 0
+            while done < len(view):
+                done += os.pwrite(mem.fd, view[done:], offset + done)
+    except OSError as e:
+        unlink_segment(name)
+        if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            free = _free_bytes()[0]
+            raise ShmSpaceError(f"shm segment {name}: writing {size} bytes failed ({e.strerror}); "
+                                f"{free} bytes free in {SHM_DIR}") from e
+        raise ShmError(f"shm segment {name}: writing failed: {e}") from e
+    except BaseException:
+        unlink_segment(name)
+        raise
+    finally:
+        mem.close_fd()
+    return name
+
+
+def _open_exclusive(name: str) -> posix_ipc.SharedMemory:
+    try:
+        return posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)  # size=0: no ftruncate
     except posix_ipc.ExistentialError:
         raise ShmExistsError(f"shm segment {name} already exists; creation is exclusive") from None
+
+
+def _create_named(name: str, size: int, prefix: str, max_total_bytes: int | None) -> Segment:
+    mapped = max(size, 1)  # mmap can't map 0 bytes; empty results still get a segment
+    mem = _open_exclusive(name)
     try:
         os.fchmod(mem.fd, 0o600)  # exact mode whatever the umask
         try:

@@ -306,3 +306,36 @@ def test_read_segment_copies_the_bytes_without_mapping(prefix):
         shm.read_segment(seg.name)
     assert shm.unlink_segment(seg.name.lstrip("/")) is False  # names with or without the leading slash
     assert _ours(prefix) == []
+
+
+def test_write_segment_writes_parts_through_the_descriptor(prefix):
+    rng = np.random.default_rng()
+    a = torch.randn(7, 33, dtype=torch.bfloat16)  # odd lengths: parts end off page and off cache line
+    b = rng.integers(0, 256, 4096 * 2 + 5, dtype=np.uint8)
+    off_b = 64 * ((a.numel() * 2 + 63) // 64)
+    size = off_b + b.nbytes + 11  # a tail no part covers reads as zeros
+    name = shm.write_segment(size, 60, prefix, [(0, a.reshape(-1).view(torch.uint8).numpy()), (off_b, b)])
+    try:
+        st = os.stat(os.path.join(shm.SHM_DIR, name.lstrip("/")))
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == size
+        with shm.attach_segment(name) as r:
+            assert torch.equal(r.torch(0, (7, 33), torch.bfloat16), a)
+            assert np.array_equal(r.numpy(off_b, (b.nbytes,), np.uint8), b)
+            assert not r.numpy(off_b + b.nbytes, (11,), np.uint8).any()
+        assert bytes(shm.read_segment(name))[off_b:off_b + b.nbytes] == b.tobytes()
+    finally:
+        shm.unlink_segment(name)
+    empty = shm.write_segment(0, 60, prefix)  # an empty result still gets a (1-byte) segment
+    assert os.stat(os.path.join(shm.SHM_DIR, empty.lstrip("/"))).st_size == 1
+    shm.unlink_segment(empty)
+    assert _ours(prefix) == []
+
+
+def test_write_segment_refusals_leave_nothing(prefix):
+    with pytest.raises(ValueError, match="outside"):
+        shm.write_segment(8, 60, prefix, [(4, b"12345")])
+    with pytest.raises(ShmSpaceError, match="budget"):
+        shm.write_segment(1 << 20, 60, prefix, [(0, b"x")], max_total_bytes=1 << 10)
+    with pytest.raises(ShmSpaceError, match="free"):
+        shm.write_segment(1 << 60, 60, prefix)
+    assert _ours(prefix) == []

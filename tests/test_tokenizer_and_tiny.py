@@ -37,6 +37,15 @@ def test_tokenizer_round_trips_unicode(baseline):
     assert max(ids) < 151643  # regular text never produces special ids
 
 
+def test_encoder_token_ids_equal_the_tokenizers(baseline):
+    """The encoder calls the fast tokenizer's backend directly: the ids must be what transformers' call gives,
+    special tokens inside the text, NFC normalization and odd whitespace included."""
+    texts = [T2I.format("a red fox in snow", 0), "<|im_start|>user\n<|image_pad|><|image_pad|>x<|im_end|>", "",
+             "e\u0301 (decomposed) vs \u00e9", "  leading and trailing  ", "1234567890" * 7, "🦊" * 5 + "\r\n\t"]
+    want = [list(x) for x in baseline.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert baseline.token_ids(texts) == want
+
+
 def test_tiny_weights_are_deterministic():
     a, b = tiny_state_dict(), tiny_state_dict()
     assert a.keys() == b.keys()

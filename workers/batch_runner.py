@@ -107,9 +107,12 @@ class BatchRunner:
                 uniq_images = [()] * len(uniq)
                 for (t, i), u in zip(flat, index):
                     uniq_images[u] = t.images_of(i)
-            keys = [cache_key(self.encoder.model_id, task, drop, ids, digests) for ids, digests in uniq]
-            with self._cache_lock:
-                states: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
+            if self.cache.max_bytes:
+                keys = [cache_key(self.encoder.model_id, task, drop, ids, digests) for ids, digests in uniq]
+                with self._cache_lock:
+                    states: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
+            else:  # no cache: no keys to hash
+                keys, states = [None] * len(uniq), [None] * len(uniq)
             hits += sum(s is not None for s in states)
             todo = [i for i, s in enumerate(states) if s is None]
             misses += len(todo)

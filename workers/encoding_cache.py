@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 
 def cache_key(model_id: str, task: str, drop_idx: int, ids, image_digests: tuple = ()) -> bytes:
     h = hashlib.blake2b(digest_size=20)
     h.update(f"{model_id}\0{task}\0{drop_idx}\0".encode())
-    h.update(b"".join(int(i).to_bytes(4, "little") for i in ids))
+    h.update(np.asarray(ids, dtype="<u4").tobytes())
     for d in image_digests:
         h.update(b"\0img" + d)
     return h.digest()

@@ -9,7 +9,7 @@ import torch
 
 from broker.queues import BLOB_KEY_PREFIX
 from broker.schemas import Blob, EncodeRequest, Handle
-from shm import ShmError, ShmSpaceError, create_segment
+from shm import ShmError, ShmSpaceError, write_segment
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,15 @@ class ResultWriter:
         common = dict(dtype=dtype, shapes=shapes, offsets=offsets, nbytes=total, expires_at=expires_at,
                       timings=timings, worker=self.worker_name)
         if request.transport == "shm" and request.client_host == self.host_id:
+            parts = [(off, t.reshape(-1).view(torch.uint8).numpy()) for t, off in zip(tensors, offsets) if t.numel()]
             try:
-                seg = create_segment(total, self.ttl_s, self.shm_prefix, max_total_bytes=self.shm_max_bytes)
+                name = write_segment(total, self.ttl_s, self.shm_prefix, parts, max_total_bytes=self.shm_max_bytes)
             except ShmSpaceError as e:
                 log.warning("job %s: %s; sending it as a Redis blob instead", job_id, e)
             except ShmError as e:
                 log.warning("job %s: shared memory failed (%s); sending it as a Redis blob instead", job_id, e)
             else:
-                try:
-                    for t, off in zip(tensors, offsets):
-                        seg.write(off, t)
-                finally:
-                    seg.close()
-                return Handle(transport="shm", location=seg.name, **common)
+                return Handle(transport="shm", location=name, **common)
         data = bytearray(total)
         view = memoryview(data)
         for t, off in zip(tensors, offsets):
