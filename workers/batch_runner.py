@@ -75,6 +75,12 @@ class BatchRunner:
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
         self._cache_lock = threading.Lock()  # read by the compute thread, filled by the output thread
+        # Clear while this thread launches a batch's kernels on a GPU. Every torch call lets go of the GIL and
+        # must take it back; if the intake and output threads run Python then, the launches fall behind the
+        # device (measured: 64-job batches 20-70% slower). They wait on this before each job's Python work,
+        # and do it while this thread waits for the device, GIL released.
+        self.launched = threading.Event()
+        self.launched.set()
 
     def finish(self, enc: "Encoded") -> None:
         """Waits for the batch's copies to the host, then keeps its new states in the cache."""
@@ -161,14 +167,20 @@ class BatchRunner:
         encode_packed = getattr(self.encoder, "encode_packed", None)
         if encode_packed is None:
             return [r.to("cpu").contiguous() for r in self.encoder.encode_tokens(batch)], None
-        packed, lengths = encode_packed(batch)
-        if packed.device.type != "cuda":
-            return list(torch.split(packed, lengths)), None
-        computed = torch.cuda.Event()
-        computed.record()
-        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return list(torch.split(host, lengths)), (computed, copied)
+        on_gpu = self.encoder.device.type == "cuda"
+        if on_gpu:
+            self.launched.clear()
+        try:
+            packed, lengths = encode_packed(batch)
+            if packed.device.type != "cuda":
+                return list(torch.split(packed, lengths)), None
+            computed = torch.cuda.Event()
+            computed.record()
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            return list(torch.split(host, lengths)), (computed, copied)
+        finally:
+            self.launched.set()
 

@@ -45,7 +45,7 @@ class ResultWriter:
         common = dict(dtype=dtype, shapes=shapes, offsets=offsets, nbytes=total, expires_at=expires_at,
                       timings=timings, worker=self.worker_name)
         if request.transport == "shm" and request.client_host == self.host_id:
-            parts = [(off, t.reshape(-1).view(torch.uint8).numpy()) for t, off in zip(tensors, offsets) if t.numel()]
+            parts = [(off, t.view(torch.uint8).numpy()) for t, off in zip(tensors, offsets) if t.numel()]
             try:
                 name = write_segment(total, self.ttl_s, self.shm_prefix, parts, max_total_bytes=self.shm_max_bytes)
             except ShmSpaceError as e:

@@ -36,6 +36,11 @@ from workers.stats import WorkerStats
 log = logging.getLogger("workers")
 
 
+# Longest the intake and output threads hold back, per job, while the compute thread launches kernels
+# (BatchRunner.launched): a bound, in case a launch phase includes waiting for the device.
+LAUNCH_WAIT_S = 0.05
+
+
 def ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
 
@@ -196,6 +201,7 @@ class EncoderWorker(ServeLoop):
         else:
             results = [None] * len(ok)
         for t, future in zip(ok, results):
+            self.runner.launched.wait(LAUNCH_WAIT_S)
             try:
                 prepared.append(PreparedJob(t, future.result() if future is not None else self._tokenize(t)))
             except BrokerError as e:
@@ -258,6 +264,7 @@ class EncoderWorker(ServeLoop):
         done, failed, latencies, segments = [], [], [], []
         with self.connection.pipeline(transaction=False) as blobs:  # blob transport writes, if any
             for p in enc.batch.jobs:
+                self.runner.launched.wait(LAUNCH_WAIT_S)
                 t = p.taken
                 if t.job_id in enc.errors:
                     failed.append((t, enc.errors[t.job_id]))
