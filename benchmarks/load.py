@@ -38,6 +38,13 @@ PROMPTS = [
 ]
 
 
+def client_prompt(seed: int, k: int | None, i: int) -> str:
+    """Request i of client k in the process seeded `seed`: distinct (no cache hits). In-process runs use the same
+    prompts: Qwen2 splits digits one by one, so the suffix alone is ~10 tokens and must match for a fair ratio."""
+    suffix = f" #{seed}.{i}" if k is None else f" #{seed}.{k}.{i}"
+    return PROMPTS[(seed + (k or 0) + i) % len(PROMPTS)] + suffix
+
+
 def pct(values, q):
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))] if s else float("nan")
@@ -53,7 +60,7 @@ def client_process(url, n_requests, tasks, seed, out_q, go):
     async def one_client(c, k):
         lat, errors = [], 0
         for i in range(n_requests):
-            prompt = PROMPTS[(seed + k + i) % len(PROMPTS)] + f" #{seed}.{k}.{i}"  # distinct: no cache hits
+            prompt = client_prompt(seed, k, i)
             t0 = time.perf_counter()
             try:
                 await c.aencode([prompt])
@@ -74,7 +81,7 @@ def client_process(url, n_requests, tasks, seed, out_q, go):
         c = EncoderClient(url, timeout=300)
         lat, errors = [], 0
         for i in range(n_requests):
-            prompt = PROMPTS[(seed + i) % len(PROMPTS)] + f" #{seed}.{i}"
+            prompt = client_prompt(seed, None, i)
             t0 = time.perf_counter()
             try:
                 c.encode([prompt])
@@ -103,10 +110,11 @@ def in_process(args):
     lat = []
     for i in range(args.single_iters):
         t0 = time.perf_counter()
-        out = enc.encode([PROMPTS[i % len(PROMPTS)] + f" #{i}"])
+        out = enc.encode([client_prompt(0, None, i)])  # as the lone client's
         out[0].cpu()
         lat.append((time.perf_counter() - t0) * 1e3)
-    batch = [PROMPTS[i % len(PROMPTS)] + f" #{i}" for i in range(args.batch)]
+    # as a full batch of the most clients' requests (64 processes of 4 tasks, 100 requests each)
+    batch = [client_prompt((j % 64) * 1000, j % 4, 50 + j % 50) for j in range(args.batch)]
     enc.encode(batch)
     sync()
     t0 = time.perf_counter()
@@ -132,7 +140,7 @@ def breakdown(url: str, n: int) -> dict:
     for i in range(n + 5):
         t0 = time.time()
         deadline = c.wire.deadline()
-        payload, description = c._payload([PROMPTS[i % len(PROMPTS)] + f" #b{i}"], "t2i", None, deadline, False)
+        payload, description = c._payload([client_prompt(0, None, i)], "t2i", None, deadline, False)
         job_id = c.wire.submit(payload, deadline, description)
         handle = Handle.from_msgpack(raise_for_error(c.wire.wait(job_id, deadline)))
         t2 = time.time()
@@ -149,6 +157,10 @@ def breakdown(url: str, n: int) -> dict:
         rows["total"] = t3 - t0
         for k, v in rows.items():
             stages.setdefault(k, []).append(v * 1e3)
+    for _ in range(n):  # context: this host's Redis round trip, the unit every stage above pays in
+        t0 = time.time()
+        c.wire.redis.ping()
+        stages.setdefault("(context) one Redis PING round trip", []).append((time.time() - t0) * 1e3)
     c.close()
     return {k: pct(v, 50) for k, v in stages.items()}
 
