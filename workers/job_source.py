@@ -10,6 +10,7 @@ stats), each one round trip, with the bookkeeping done inside Redis.
 from __future__ import annotations
 
 import base64
+import logging
 import secrets
 import time
 import zlib
@@ -24,6 +25,8 @@ from broker.queues import ENCODE_FUNCTION
 from broker.recovery import RECOVER_SCRIPT, recover_args
 from broker.schemas import EncodeRequest
 from broker.serializer import MsgpackSerializer
+
+log = logging.getLogger("workers")
 
 # Lua: Redis's clock as (unix seconds, RQ's text form): a take pipelined behind a blocking wait runs when the wait
 # ends, so the time must be read there, not when the worker sent the pipeline.
@@ -95,15 +98,14 @@ if #ids > 0 then redis.call('EXPIRE', KEYS[4], ttl + 60) end
 return out
 """
 
-# KEYS: started registry, finished registry, failed registry, the worker's executions set, its stats hash, the
-# queue's latency list.
-# ARGV: now (unix s), now (RQ's text form), result ttl, worker name, #done, #failed, #stat pairs, #latencies,
+# KEYS: started registry, finished registry, failed registry, the worker's executions set.
+# ARGV: now (unix s), now (RQ's text form), result ttl, worker name, #done, #failed,
 # then per done job: id, execution id, return value (b64, RQ's result format);
-# per failed job: id, execution id, exc_string (b64 of zlib, RQ's format), exc_info (zlib);
-# then stat field/increment pairs, then latencies (ms).
+# per failed job: id, execution id, exc_string (b64 of zlib, RQ's format), exc_info (zlib).
+# A client waiting on a result stream is answered once this whole script has run: it holds nothing else.
 RECORD_SCRIPT = """
 local now, ttl, worker = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4]
-local n_done, n_failed, n_stats, n_lat = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local n_done, n_failed = tonumber(ARGV[5]), tonumber(ARGV[6])
 local function end_execution(id, exec_id)
   if exec_id == '' then return end
   local composite = id .. ':' .. exec_id
@@ -112,7 +114,7 @@ local function end_execution(id, exec_id)
   redis.call('ZREM', 'rq:executions:' .. id, exec_id)
   redis.call('SREM', KEYS[4], composite)
 end
-local a = 9
+local a = 7
 for _ = 1, n_done do
   local id, exec_id, value = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   a = a + 3
@@ -137,22 +139,26 @@ for _ = 1, n_failed do
   redis.call('ZADD', KEYS[3], now + ttl, id)
   end_execution(id, exec_id)
 end
-if n_stats > 0 then
-  for _ = 1, n_stats do
-    redis.call('HINCRBYFLOAT', KEYS[5], ARGV[a], ARGV[a + 1])
-    a = a + 2
-  end
-  redis.call('HSET', KEYS[5], 'last_batch_at', now)
-  redis.call('EXPIRE', KEYS[5], 86400)
-end
-if n_lat > 0 then
-  local lat = {}
-  for i = 1, n_lat do lat[i] = ARGV[a + i - 1] end
-  redis.call('LPUSH', KEYS[6], unpack(lat))
-  redis.call('LTRIM', KEYS[6], 0, 1999)
-  redis.call('EXPIRE', KEYS[6], 86400)
-end
 return n_done + n_failed
+"""
+
+# KEYS: the worker's stats hash, the queue's latency list. ARGV: now, #stat pairs, the field/increment pairs,
+# then latencies (ms).
+STATS_SCRIPT = """
+local n_stats = tonumber(ARGV[2])
+local a = 3
+for _ = 1, n_stats do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+redis.call('HSET', KEYS[1], 'last_batch_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], 86400)
+if a <= #ARGV then
+  redis.call('LPUSH', KEYS[2], unpack(ARGV, a))
+  redis.call('LTRIM', KEYS[2], 0, 1999)
+  redis.call('EXPIRE', KEYS[2], 86400)
+end
+return n_stats
 """
 
 
@@ -219,6 +225,7 @@ class JobSource:
         self.max_payload_bytes = max_payload_bytes
         self._take = connection.register_script(TAKE_SCRIPT)
         self._record = connection.register_script(RECORD_SCRIPT)
+        self._stats = connection.register_script(STATS_SCRIPT)
         self._recover = connection.register_script(RECOVER_SCRIPT)
         self._exec_prefix = secrets.token_hex(6)
         self._exec_count = 0
@@ -305,24 +312,26 @@ class JobSource:
     # -- recording -----------------------------------------------------------------------------------
     def record(self, done: list[tuple[TakenJob, bytes]], failed: list[tuple[TakenJob, str]], result_ttl: int,
                stats: StatsUpdate | None = None) -> None:
-        """Finished jobs (their return value: msgpack bytes) and failed ones (the reason), plus the batch's
-        stats: one script call."""
-        if not done and not failed and stats is None:
-            return
-        argv: list = [time.time(), rq_time(), result_ttl, self.worker_name, len(done), len(failed),
-                      len(stats.increments) if stats else 0, len(stats.latencies_ms) if stats else 0]
-        for t, value in done:
-            argv += [t.job_id, t.exec_id, base64.b64encode(MsgpackSerializer.dumps(value))]
-        for t, reason in failed:
-            exc = zlib.compress(reason.encode())
-            argv += [t.job_id, t.exec_id, base64.b64encode(exc), exc]
+        """Finished jobs (their return value: msgpack bytes) and failed ones (the reason) in one script call,
+        then the batch's stats in another: the waiting clients are answered before the stats are counted."""
+        if done or failed:
+            argv: list = [time.time(), rq_time(), result_ttl, self.worker_name, len(done), len(failed)]
+            for t, value in done:
+                argv += [t.job_id, t.exec_id, base64.b64encode(MsgpackSerializer.dumps(value))]
+            for t, reason in failed:
+                exc = zlib.compress(reason.encode())
+                argv += [t.job_id, t.exec_id, base64.b64encode(exc), exc]
+            self._record(keys=[self.started_key, self.finished_key, self.failed_key, self.executions_key],
+                         args=argv)
         if stats is not None:
+            argv = [time.time(), len(stats.increments)]
             for k, v in stats.increments.items():
                 argv += [k, v]
             argv += [round(x, 3) for x in stats.latencies_ms]
-        keys = [self.started_key, self.finished_key, self.failed_key, self.executions_key,
-                stats.key if stats else "eb:nostats", stats.latency_key if stats else "eb:nolatency"]
-        self._record(keys=keys, args=argv)
+            try:
+                self._stats(keys=[stats.key, stats.latency_key], args=argv)
+            except (redis.ConnectionError, redis.TimeoutError) as e:  # the jobs are recorded: only counts are lost
+                log.warning("a batch's stats were not recorded (%s)", e)
 
     def requeue_abandoned(self) -> list[int]:
         """Jobs whose worker stopped heart-beating are retried or failed (broker.recovery); [requeued, failed]."""

@@ -148,6 +148,7 @@ class EncoderWorker(ServeLoop):
                 continue
             if batch is not None:
                 self._ready.put(batch)
+                time.sleep(0)  # lets the woken compute thread take the GIL now, not a switch interval later
         # Stopping: what is formed or pending still runs, so no started job is dropped.
         while self._forming.jobs or self._pending:
             batch, self._forming = self._forming, Batch()
