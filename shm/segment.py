@@ -266,37 +266,8 @@ def _create_named(name: str, size: int, prefix: str, max_total_bytes: int | None
     return Segment(name, size, mm, writable=True)
 
 
-def read_segment(name: str) -> bytearray:
-    """A copy of a segment's bytes, read through its file descriptor: one read, no mapping (a mapping's page
-    faults cost more than the copy for results of ~100 KB and up)."""
-    if not name.startswith("/"):
-        name = "/" + name
-    try:
-        mem = posix_ipc.SharedMemory(name, 0, read_only=True)
-    except posix_ipc.ExistentialError:
-        raise ShmNotFoundError(f"shm segment {name} not found: already unlinked by a reader, swept after "
-                               f"expiry, or never created") from None
-    except posix_ipc.PermissionsError as e:
-        raise ShmError(f"shm segment {name}: permission denied ({e}); segments are 0600, attach as the "
-                       f"creator's user") from None
-    try:
-        size = os.fstat(mem.fd).st_size
-        if size == 0:
-            raise ShmError(f"shm segment {name} has no space reserved yet (its creator is mid-create or died)")
-        data = bytearray(size)
-        view, done = memoryview(data), 0
-        while done < size:  # a read may return less than asked
-            n = os.preadv(mem.fd, [view[done:]], done)
-            if n == 0:
-                raise ShmError(f"shm segment {name} shrank while being read ({done} of {size} bytes)")
-            done += n
-        return data
-    finally:
-        mem.close_fd()
-
-
-def attach_segment(name: str, writable: bool = False) -> Segment:
-    """Map an existing segment. Read-only by default (a private copy-on-write mapping of an O_RDONLY fd)."""
+def _open_existing(name: str, writable: bool) -> tuple[str, posix_ipc.SharedMemory, int]:
+    """(the name with its leading slash, the open segment, its size); the caller closes the descriptor."""
     if not name.startswith("/"):
         name = "/" + name
     try:
@@ -311,6 +282,33 @@ def attach_segment(name: str, writable: bool = False) -> Segment:
         size = os.fstat(mem.fd).st_size
         if size == 0:
             raise ShmError(f"shm segment {name} has no space reserved yet (its creator is mid-create or died)")
+    except BaseException:
+        mem.close_fd()
+        raise
+    return name, mem, size
+
+
+def read_segment(name: str) -> bytearray:
+    """A copy of a segment's bytes, read through its file descriptor: one read, no mapping (a mapping's page
+    faults cost more than the copy for results of ~100 KB and up)."""
+    name, mem, size = _open_existing(name, writable=False)
+    try:
+        data = bytearray(size)
+        view, done = memoryview(data), 0
+        while done < size:  # a read may return less than asked
+            n = os.preadv(mem.fd, [view[done:]], done)
+            if n == 0:
+                raise ShmError(f"shm segment {name} shrank while being read ({done} of {size} bytes)")
+            done += n
+        return data
+    finally:
+        mem.close_fd()
+
+
+def attach_segment(name: str, writable: bool = False) -> Segment:
+    """Map an existing segment. Read-only by default (a private copy-on-write mapping of an O_RDONLY fd)."""
+    name, mem, size = _open_existing(name, writable)
+    try:
         mm = mmap.mmap(mem.fd, size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY)
     finally:
         mem.close_fd()

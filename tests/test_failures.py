@@ -182,7 +182,7 @@ def test_overload_is_refused_at_once(workers):
     os.kill(proc.pid, signal.SIGSTOP)  # the queue fills while its worker is frozen
     accepted = 0
     try:
-        # A frozen worker may still hold one pending BLMOVE that Redis serves: fill until the bound refuses.
+        # A frozen worker's pending wake-up wait (and the take behind it) may still be served: fill until refused.
         with pytest.raises(Overloaded, match="full"):
             for _ in range(4):
                 submit(workers.url, ["queued"], queue="busy")

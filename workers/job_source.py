@@ -3,8 +3,9 @@
 Jobs and registries keep RQ's layout (rq:job:<id>, rq:queue:<q> and its intermediate list, rq:wip:<q> started
 registry with executions, rq:finished:<q>, rq:failed:<q>, rq:results:<id> streams), so rq-dashboard, `rq info`
 and RQ's own abandoned-job cleanup read them as they read RQ's. But where RQ spends ~70 commands a job, a batch
-here costs two script calls: TAKE (move ids, read the jobs, mark them started) and RECORD (results, registries,
-stats), each one round trip, with the bookkeeping done inside Redis.
+here costs three script calls, with the bookkeeping done inside Redis: TAKE (move ids, read the jobs, mark them
+started; an idle worker's TAKE rides behind its blocking wait for a wake-up, in the same round trip), RECORD
+(results and registries: the waiting clients are answered when it ends) and STATS (the batch's counters).
 """
 
 from __future__ import annotations
