@@ -1,5 +1,5 @@
-"""A worker's counters, batch-size histogram and recent latencies, written to Redis inside each batch's RECORD
-script call (no extra round trip) and read by `python -m broker stats`."""
+"""A worker's counters, batch-size histogram and recent latencies, written to Redis by one script call a batch
+right after its results (workers.job_source STATS) and read by `python -m broker stats`."""
 
 from __future__ import annotations
 
