@@ -296,7 +296,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     overhead = rows[0]["p50_ms"] - local["single_p50_ms"] if rows and rows[0]["clients"] == 1 else None
     best = max((r["throughput_rps"] for r in rows), default=0)
-    summary = {"in_process": local, "broker": rows, "single_request_stages_ms": stages, "single_overhead_p50_ms": overhead,
+    summary = {"in_process": local, "broker": rows, "single_request_stages_ms": stages,
+               "single_overhead_p50_ms": overhead,
                "saturated_fraction_of_in_process": best / local["throughput_rps"] if local["throughput_rps"] else None,
                "backend": args.backend, "device": args.device}
     if args.json:

@@ -134,7 +134,7 @@ class EncoderBase:
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """The tokenizer's ids for each text, no special tokens added. A fast tokenizer's Rust backend is called
         directly: transformers' wrapper around it costs more than the tokenizing (the worker's intake thread
-        tokenizes every job while holding the GIL)."""
+        tokenizes every job, in Python time the compute thread also needs)."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             return [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
