@@ -20,7 +20,7 @@ from datetime import datetime
 
 import redis
 
-from broker.enqueue import queue_key, rq_time, wake_key
+from broker.enqueue import queue_key, wake_key
 from broker.errors import BrokerError
 from broker.queues import ENCODE_FUNCTION
 from broker.recovery import RECOVER_SCRIPT, recover_args
@@ -100,13 +100,14 @@ return out
 """
 
 # KEYS: started registry, finished registry, failed registry, the worker's executions set.
-# ARGV: now (unix s), now (RQ's text form), result ttl, worker name, #done, #failed,
+# ARGV: result ttl, worker name, #done, #failed,
 # then per done job: id, execution id, return value (b64, RQ's result format);
 # per failed job: id, execution id, exc_string (b64 of zlib, RQ's format), exc_info (zlib).
 # A client waiting on a result stream is answered once this whole script has run: it holds nothing else.
-RECORD_SCRIPT = """
-local now, ttl, worker = tonumber(ARGV[1]), tonumber(ARGV[3]), ARGV[4]
-local n_done, n_failed = tonumber(ARGV[5]), tonumber(ARGV[6])
+RECORD_SCRIPT = LUA_RQ_NOW + """
+local now, now_text = rq_now()  -- the clock that stamped started_at (TAKE)
+local ttl, worker = tonumber(ARGV[1]), ARGV[2]
+local n_done, n_failed = tonumber(ARGV[3]), tonumber(ARGV[4])
 local function end_execution(id, exec_id)
   if exec_id == '' then return end
   local composite = id .. ':' .. exec_id
@@ -115,12 +116,12 @@ local function end_execution(id, exec_id)
   redis.call('ZREM', 'rq:executions:' .. id, exec_id)
   redis.call('SREM', KEYS[4], composite)
 end
-local a = 7
+local a = 5
 for _ = 1, n_done do
   local id, exec_id, value = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   a = a + 3
   local jkey, rkey = 'rq:job:' .. id, 'rq:results:' .. id
-  redis.call('HSET', jkey, 'status', 'finished', 'ended_at', ARGV[2])
+  redis.call('HSET', jkey, 'status', 'finished', 'ended_at', now_text)
   redis.call('EXPIRE', jkey, ttl)
   redis.call('XADD', rkey, 'MAXLEN', '10', '*', 'type', '1', 'worker_name', worker, 'return_value', value,
              'execution_id', exec_id)
@@ -132,7 +133,7 @@ for _ = 1, n_failed do
   local id, exec_id, exc_string, exc_info = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   a = a + 4
   local jkey, rkey = 'rq:job:' .. id, 'rq:results:' .. id
-  redis.call('HSET', jkey, 'status', 'failed', 'ended_at', ARGV[2], 'exc_info', exc_info)
+  redis.call('HSET', jkey, 'status', 'failed', 'ended_at', now_text, 'exc_info', exc_info)
   redis.call('EXPIRE', jkey, ttl)
   redis.call('XADD', rkey, 'MAXLEN', '10', '*', 'type', '2', 'worker_name', worker, 'exc_string', exc_string,
              'execution_id', exec_id)
@@ -316,7 +317,7 @@ class JobSource:
         """Finished jobs (their return value: msgpack bytes) and failed ones (the reason) in one script call,
         then the batch's stats in another: the waiting clients are answered before the stats are counted."""
         if done or failed:
-            argv: list = [time.time(), rq_time(), result_ttl, self.worker_name, len(done), len(failed)]
+            argv: list = [result_ttl, self.worker_name, len(done), len(failed)]
             for t, value in done:
                 argv += [t.job_id, t.exec_id, base64.b64encode(MsgpackSerializer.dumps(value))]
             for t, reason in failed:
