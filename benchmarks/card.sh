@@ -4,6 +4,12 @@
 # Installs the cp312 wheels in .whl/ (rq, redis, posix-ipc, diffusers, py-spy, ...) into /tmp/site, puts the
 # redis-server build in .bin/ on PATH, builds the 7B-shaped random checkpoint once in /tmp/eb-bench-7b, then runs
 # the named benchmarks, each one's output to OUT_DIR/<name>.log. Results go to benchmarks/RESULTS.md by hand.
+# Filling .whl/ and .bin/ here (both git-ignored through .git/info/exclude), for a card with Python 3.12:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl rq==3.0.0 redis==8.1.0 \
+#     posix-ipc==1.3.2 croniter tzdata importlib_metadata diffusers==0.42.1 py-spy
+#   .bin/redis-server.bin: a copy of this machine's redis-server, .bin/lib/: the libraries `ldd` lists for it,
+#   .bin/redis-server: a script that runs redis-server.bin with LD_LIBRARY_PATH=.bin/lib.
 set -uo pipefail
 out=${1:?usage: card.sh OUT_DIR [load] [encoder] [dit] [i2i]}
 shift
