@@ -116,30 +116,25 @@ local function end_execution(id, exec_id)
   redis.call('ZREM', 'rq:executions:' .. id, exec_id)
   redis.call('SREM', KEYS[4], composite)
 end
-local a = 5
-for _ = 1, n_done do
-  local id, exec_id, value = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  a = a + 3
+-- ends a job as RQ does: status, its result entry (RQ's result types: 1 finished, 2 failed), a registry
+local function end_job(id, exec_id, status, extra, result_type, result_field, result, registry)
   local jkey, rkey = 'rq:job:' .. id, 'rq:results:' .. id
-  redis.call('HSET', jkey, 'status', 'finished', 'ended_at', now_text)
+  redis.call('HSET', jkey, 'status', status, 'ended_at', now_text, unpack(extra))
   redis.call('EXPIRE', jkey, ttl)
-  redis.call('XADD', rkey, 'MAXLEN', '10', '*', 'type', '1', 'worker_name', worker, 'return_value', value,
+  redis.call('XADD', rkey, 'MAXLEN', '10', '*', 'type', result_type, 'worker_name', worker, result_field, result,
              'execution_id', exec_id)
   redis.call('EXPIRE', rkey, ttl)
-  redis.call('ZADD', KEYS[2], now + ttl, id)
+  redis.call('ZADD', registry, now + ttl, id)
   end_execution(id, exec_id)
 end
+local a = 5
+for _ = 1, n_done do
+  end_job(ARGV[a], ARGV[a + 1], 'finished', {}, '1', 'return_value', ARGV[a + 2], KEYS[2])
+  a = a + 3
+end
 for _ = 1, n_failed do
-  local id, exec_id, exc_string, exc_info = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  end_job(ARGV[a], ARGV[a + 1], 'failed', {'exc_info', ARGV[a + 3]}, '2', 'exc_string', ARGV[a + 2], KEYS[3])
   a = a + 4
-  local jkey, rkey = 'rq:job:' .. id, 'rq:results:' .. id
-  redis.call('HSET', jkey, 'status', 'failed', 'ended_at', now_text, 'exc_info', exc_info)
-  redis.call('EXPIRE', jkey, ttl)
-  redis.call('XADD', rkey, 'MAXLEN', '10', '*', 'type', '2', 'worker_name', worker, 'exc_string', exc_string,
-             'execution_id', exec_id)
-  redis.call('EXPIRE', rkey, ttl)
-  redis.call('ZADD', KEYS[3], now + ttl, id)
-  end_execution(id, exec_id)
 end
 return n_done + n_failed
 """
