@@ -393,21 +393,33 @@ def token_budget_batches(tokenizer, users: list[list[int]], budget: int) -> list
 
 # --- main ----------------------------------------------------------------------------------------------------------
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def common_args(description: str) -> argparse.ArgumentParser:
+    """The options every encoder benchmark takes (this one and benchmarks/encoder_i2i.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke test of the script")
     ap.add_argument("--ckpt", default=None, help="where to write the random checkpoint (default: a temp dir)")
-    ap.add_argument("--mix-prompts", type=int, default=None, help="prompts in the throughput mix")
-    ap.add_argument("--hf-batch-sizes", default="8,16,32,64")
     ap.add_argument("--token-budgets", default="8192,16384")
-    args = ap.parse_args(argv)
+    return ap
 
-    tiny = args.tiny
+
+def bench_device(tiny: bool) -> torch.device:
+    """Logging for a benchmark run, and its device: the GPU, or the CPU for --tiny."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("workers").setLevel(logging.INFO)  # backend choices, fallbacks, graph capture times
     device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
     if device.type != "cuda" and not tiny:
         raise SystemExit("no CUDA device: run with --tiny for the CPU smoke test")
+    return device
+
+
+def main(argv=None) -> int:
+    ap = common_args(__doc__.split("\n")[0])
+    ap.add_argument("--mix-prompts", type=int, default=None, help="prompts in the throughput mix")
+    ap.add_argument("--hf-batch-sizes", default="8,16,32,64")
+    args = ap.parse_args(argv)
+
+    tiny = args.tiny
+    device = bench_device(tiny)
     margs = ModelArgs.from_name("tiny" if tiny else "qwen2.5-vl-7b")
     bf16 = torch.bfloat16
     n_mix = args.mix_prompts or (48 if tiny else 2048)

@@ -21,11 +21,9 @@ last. Imports nothing that needs redis, rq or posix_ipc.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
-import logging
 import os
 import platform
 import shutil
@@ -229,20 +227,13 @@ def throughput(fn, batches: list[TokenizedBatch], device, before_each=None) -> d
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke test of the script")
-    ap.add_argument("--ckpt", default=None, help="where to write the random checkpoint (default: a temp dir)")
+    ap = tb.common_args(__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=None, help="CFG-pair jobs in the kernel throughput runs")
     ap.add_argument("--hf-jobs-per-batch", default="1,4,8,16")
-    ap.add_argument("--token-budgets", default="8192,16384")
     args = ap.parse_args(argv)
 
     tiny = args.tiny
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("workers").setLevel(logging.INFO)
-    device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
-    if device.type != "cuda" and not tiny:
-        raise SystemExit("no CUDA device: run with --tiny for the CPU smoke test")
+    device = tb.bench_device(tiny)
     margs = ModelArgs.from_name("tiny" if tiny else "qwen2.5-vl-7b")
     bf16 = torch.bfloat16
     n_jobs = args.jobs or (8 if tiny else 96)
