@@ -86,60 +86,67 @@ def weight_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 def build_checkpoint(root: str, a: ModelArgs, device: torch.device, seed: int = 0) -> str:
     """A Qwen-Image-style directory (text_encoder/, tokenizer/), reused when a finished one with the same
-    shapes is there. Weights drawn on `device` (std 0.02 like HF's init; norms ~1; small biases), bf16."""
-    from safetensors.torch import save_file
-
+    shapes is there (weights: write_random_weights)."""
     cfg = hf_config(a)
     tag = hashlib.sha1(json.dumps([cfg, seed], sort_keys=True).encode()).hexdigest()[:12]
-    marker = os.path.join(root, ".complete")
-    if os.path.exists(marker) and open(marker).read().strip() == tag:
-        say(f"checkpoint: reusing {root}")
+    if checkpoint_is_built(root, tag):
         return root
-    shutil.rmtree(root, ignore_errors=True)
     te = os.path.join(root, "text_encoder")
-    os.makedirs(te)
     with open(os.path.join(te, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     write_tokenizer(os.path.join(root, "tokenizer"))
+    write_random_weights(root, tag, weight_shapes(a), device, seed, lambda name: name.endswith("norm.weight"))
+    return root
+
+
+def checkpoint_is_built(root: str, tag: str) -> bool:
+    """True if `root` holds a finished checkpoint made with `tag`; else it is emptied to text_encoder/ alone."""
+    marker = os.path.join(root, ".complete")
+    if os.path.exists(marker) and open(marker).read().strip() == tag:
+        say(f"checkpoint: reusing {root}")
+        return True
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(os.path.join(root, "text_encoder"))
+    return False
+
+
+def write_random_weights(root: str, tag: str, shapes: dict, device: torch.device, seed: int, is_norm) -> None:
+    """text_encoder/ weights of `shapes` drawn on `device` (std 0.02 like HF's init; norm scales ~1), bf16, in
+    4 GiB safetensors shards with HF's index, then the marker that checkpoint_is_built reads."""
+    from safetensors.torch import save_file
+
+    te = os.path.join(root, "text_encoder")
     gen = torch.Generator(device=device).manual_seed(seed)
-    shard, shard_bytes, n_shard, weight_map, total = {}, 0, 0, {}, 0
+    shard, shard_bytes, names, weight_map, total = {}, 0, [], {}, 0
 
     def flush():
-        nonlocal shard, shard_bytes, n_shard
+        nonlocal shard, shard_bytes
         if shard:
-            n_shard += 1
-            name = f"model-{n_shard:05d}.safetensors"
+            name = f"model-{len(names) + 1:05d}.safetensors"
             save_file(shard, os.path.join(te, name), metadata={"format": "pt"})
+            names.append(name)
             weight_map.update({k: name for k in shard})
             shard, shard_bytes = {}, 0
 
-    for name, shape in weight_shapes(a).items():
+    for name, shape in shapes.items():
         w = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-        if name.endswith("norm.weight"):
-            w = 1.0 + 0.05 * w
-        else:
-            w = 0.02 * w
+        w = 1.0 + 0.05 * w if is_norm(name) else 0.02 * w
         shard[name] = w.to(torch.bfloat16).cpu()
         shard_bytes += shard[name].numel() * 2
         total += shard[name].numel() * 2
         if shard_bytes >= 4 << 30:
             flush()
-            say(f"checkpoint: wrote shard {n_shard} ({total / 2**30:.1f} GiB so far)")
+            say(f"checkpoint: wrote shard {len(names)} ({total / 2**30:.1f} GiB so far)")
     flush()
-    # rename to the usual -of- names and write the index
-    final = {}
-    for i in range(1, n_shard + 1):
-        src = f"model-{i:05d}.safetensors"
-        dst = f"model-{i:05d}-of-{n_shard:05d}.safetensors"
-        os.rename(os.path.join(te, src), os.path.join(te, dst))
-        final[src] = dst
+    final = {n: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, n in enumerate(names)}
+    for n, dst in final.items():  # the usual -of- names, now that the count is known
+        os.rename(os.path.join(te, n), os.path.join(te, dst))
     with open(os.path.join(te, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total},
-                   "weight_map": {k: final[v] for k, v in weight_map.items()}}, f, indent=1)
-    with open(marker, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}},
+                  f, indent=1)
+    with open(os.path.join(root, ".complete"), "w") as f:
         f.write(tag + "\n")
-    say(f"checkpoint: {total / 2**30:.2f} GiB in {n_shard} shards at {root}")
-    return root
+    say(f"checkpoint: {total / 2**30:.2f} GiB in {len(names)} shards at {root}")
 
 
 def write_tokenizer(path: str) -> None:

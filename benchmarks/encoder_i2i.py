@@ -26,7 +26,6 @@ import io
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 
@@ -89,55 +88,18 @@ def vision_shapes(v: dict) -> dict[str, tuple[int, ...]]:
 def build_checkpoint(root: str, a: ModelArgs, tiny: bool, device: torch.device, seed: int = 0) -> str:
     """A Qwen-Image-Edit-style directory (text_encoder/ with text + vision weights, tokenizer/, processor/),
     reused when a finished one with the same shapes is there. Weights drawn on `device`: std 0.02, norms ~1."""
-    from safetensors.torch import save_file
-
     cfg = tb.hf_config(a)
     cfg["vision_config"] = vision_config(a, tiny)
     tag = hashlib.sha1(json.dumps([cfg, seed, "i2i"], sort_keys=True).encode()).hexdigest()[:12]
-    marker = os.path.join(root, ".complete")
-    if os.path.exists(marker) and open(marker).read().strip() == tag:
-        say(f"checkpoint: reusing {root}")
+    if tb.checkpoint_is_built(root, tag):
         return root
-    shutil.rmtree(root, ignore_errors=True)
-    te = os.path.join(root, "text_encoder")
-    os.makedirs(te)
-    with open(os.path.join(te, "config.json"), "w") as f:
+    with open(os.path.join(root, "text_encoder", "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     tb.write_tokenizer(os.path.join(root, "tokenizer"))
     write_processor(os.path.join(root, "tokenizer"), os.path.join(root, "processor"))
-    gen = torch.Generator(device=device).manual_seed(seed)
     shapes = {**tb.weight_shapes(a), **vision_shapes(cfg["vision_config"])}
-    shard, shard_bytes, names, weight_map, total = {}, 0, [], {}, 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        if shard:
-            name = f"model-{len(names) + 1:05d}.safetensors"
-            save_file(shard, os.path.join(te, name), metadata={"format": "pt"})
-            names.append(name)
-            weight_map.update({k: name for k in shard})
-            shard, shard_bytes = {}, 0
-
-    for name, shape in shapes.items():
-        w = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-        is_norm = name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight"))
-        w = 1.0 + 0.05 * w if is_norm else 0.02 * w
-        shard[name] = w.to(torch.bfloat16).cpu()
-        shard_bytes += shard[name].numel() * 2
-        total += shard[name].numel() * 2
-        if shard_bytes >= 4 << 30:
-            flush()
-            say(f"checkpoint: wrote shard {len(names)} ({total / 2**30:.1f} GiB so far)")
-    flush()
-    final = {n: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, n in enumerate(names)}
-    for n, dst in final.items():
-        os.rename(os.path.join(te, n), os.path.join(te, dst))
-    with open(os.path.join(te, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}},
-                  f, indent=1)
-    with open(marker, "w") as f:
-        f.write(tag + "\n")
-    say(f"checkpoint: {total / 2**30:.2f} GiB in {len(names)} shards at {root}")
+    tb.write_random_weights(root, tag, shapes, device, seed,
+                            lambda name: name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")))
     return root
 
 
