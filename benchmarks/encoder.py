@@ -149,6 +149,16 @@ def write_random_weights(root: str, tag: str, shapes: dict, device: torch.device
     say(f"checkpoint: {total / 2**30:.2f} GiB in {len(names)} shards at {root}")
 
 
+def write_out_json(results: dict, filename: str) -> None:
+    """All of a run's numbers into $OUT (the device tool brings that folder back), when it is set."""
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, filename), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        say(f"wrote {os.path.join(out_dir, filename)}")
+
+
 def write_tokenizer(path: str) -> None:
     try:
         from workers.tokenizer import build_qwen2_tokenizer
@@ -636,12 +646,7 @@ def main(argv=None) -> int:
     }
     results["targets"] = targets
     results["elapsed_s"] = time.perf_counter() - T0
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "encoder_bench.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        say(f"wrote {os.path.join(out_dir, 'encoder_bench.json')}")
+    write_out_json(results, "encoder_bench.json")
     print_table(results, hf_best, k_best)
     return 0 if corr["pass"] else 1
 

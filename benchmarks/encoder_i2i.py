@@ -336,12 +336,7 @@ def main(argv=None) -> int:
         results["memory"] = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device)}
 
     results.update(latency=lat, throughput=thr, elapsed_s=time.perf_counter() - tb.T0)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "encoder_i2i_bench.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        say(f"wrote {os.path.join(out_dir, 'encoder_i2i_bench.json')}")
+    tb.write_out_json(results, "encoder_i2i_bench.json")
     print_table(results)
     return 0 if corr["pass"] else 1
 
