@@ -11,6 +11,8 @@ import uuid
 import zlib
 from datetime import datetime, timezone
 
+import msgpack
+
 from broker.queues import ENCODE_FUNCTION
 from broker.serializer import MsgpackSerializer
 
@@ -22,7 +24,8 @@ MAX_WAKE_TOKENS = 64
 # Atomic admission: a job is pushed only while the queue is shorter than the bound: the client's own (ARGV[1])
 # or, when that is 0, the one the queue's workers publish (KEYS[4], see queue_bound_key); 0 = unbounded.
 # KEYS: queue list, job hash, rq:queues, bound key, wake-up list (see wake_key).
-# ARGV: bound, ttl, job id, then the hash's field/value pairs.
+# ARGV: bound, ttl, job id, the hash's field/value pairs as one msgpack array (one argument instead of ~34: the
+# client packs each argument in Python, and this runs before every job can start).
 # Returns the queue length after the push, or -(bound) - 1 when refused.
 ENQUEUE_SCRIPT = """
 local bound = tonumber(ARGV[1])
@@ -30,9 +33,7 @@ if bound == 0 then bound = tonumber(redis.call('GET', KEYS[4]) or '0') or 0 end
 if bound > 0 and redis.call('LLEN', KEYS[1]) >= bound then
   return -bound - 1
 end
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[2], unpack(fields))
+redis.call('HSET', KEYS[2], unpack(cmsgpack.unpack(ARGV[4])))
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 redis.call('SADD', KEYS[3], KEYS[1])
@@ -94,7 +95,8 @@ def new_job_mapping(payload: bytes, queue: str, *, function: str = ENCODE_FUNCTI
 
 def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int) -> tuple[list, list]:
     keys = [queue_key(queue), job_key(job_id), QUEUES_SET, queue_bound_key(queue), wake_key(queue)]
-    argv = [bound, ttl, job_id]
+    fields = []
     for k, v in mapping.items():
-        argv.extend((k, v))
-    return keys, argv
+        fields.extend((k, v))
+    # Redis's Lua cmsgpack reads only msgpack's original raw strings: no bin type.
+    return keys, [bound, ttl, job_id, msgpack.packb(fields, use_bin_type=False)]
