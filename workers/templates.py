@@ -21,8 +21,12 @@ class Template:
         return self.text.split("{}")[0]
 
     def format(self, prompt: str, num_images: int = 0) -> str:
-        images = "".join(IMAGE_PROMPT.format(i + 1) for i in range(num_images))
-        return self.text.format(images + prompt)
+        return self.text.format(self.user_part(prompt, num_images))
+
+    @staticmethod
+    def user_part(prompt: str, num_images: int = 0) -> str:
+        """What goes in the template's "{}": the images' placeholders, then the prompt."""
+        return "".join(IMAGE_PROMPT.format(i + 1) for i in range(num_images)) + prompt
 
 
 T2I = Template(

@@ -11,6 +11,7 @@ from broker.errors import InvalidRequest, PromptTooLong
 from broker.schemas import validate_prompts
 from workers.checkpoint import CheckpointPaths, TextConfig
 from workers.images import ImageLimits, ImagePreprocessor, PreparedImage, per_prompt_images
+from workers.template_ids import SplitTemplate, split_template
 from workers.templates import Template, template_for
 
 log = logging.getLogger(__name__)
@@ -86,11 +87,20 @@ class EncoderBase:
 
     def _check_templates(self) -> None:
         # A tokenizer that splits the template prefix differently would silently shift every output.
+        self._split_templates: dict[str, SplitTemplate] = {}
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        specials = [t.content for t in backend.get_added_tokens_decoder().values() if t.special] if backend else []
         for task in ("t2i", "i2i"):
             t = template_for(task)
             n = len(self.tokenizer(t.prefix, add_special_tokens=False)["input_ids"])
             if n != t.drop_idx:
                 raise InvalidRequest(f"tokenizer gives {n} tokens for the {task} template prefix, expected {t.drop_idx}")
+            split = split_template(t, specials, self.token_ids)
+            if split is not None:
+                self._split_templates[task] = split
+            else:
+                log.info("the %s template is tokenized whole for every prompt (no exact cut at its special tokens "
+                         "with this tokenizer)", task)
 
     def tokenize(self, prompts, task: str = "t2i", raw: bool = False, images=None) -> TokenizedBatch:
         """Templated token ids. With `raw`, prompts are already full model inputs (as LightLLM's clients send
@@ -109,8 +119,14 @@ class EncoderBase:
         if task == "i2i" and not all(n_images):
             raise InvalidRequest(f"task 'i2i' needs at least one image per prompt; prompt {n_images.index(0)} "
                                  "has none")
-        texts = prompts if raw else [template.format(p, n) for p, n in zip(prompts, n_images)]
-        ids = self.token_ids(texts)
+        split = self._split_templates.get(task)
+        if raw:
+            ids = self.token_ids(prompts)
+        elif split is not None:
+            middles = self.token_ids([split.middle(template.user_part(p, n)) for p, n in zip(prompts, n_images)])
+            ids = [split.ids(m) for m in middles]
+        else:
+            ids = self.token_ids([template.format(p, n) for p, n in zip(prompts, n_images)])
         prepared = None
         if task == "i2i":
             self._check_i2i_available()
