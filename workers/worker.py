@@ -3,7 +3,8 @@
 Three stages overlap, each in its own thread (TEI's shape): intake takes jobs, checks and tokenizes them, marks
 them started and forms the next batch while the device runs the current one (exactly one batch waits ready);
 the main thread runs the encoder (workers.batch_runner); output writes segments / blobs and records results (one
-script call a batch, then one for its stats). While the main thread launches a batch's kernels, the other two
+script call a batch, then one for its stats); a batch that is all the worker holds, the main thread delivers
+itself. While the main thread launches a batch's kernels, the other two
 hold their per-job Python work (see BatchRunner.launched).
 A housekeeping thread heartbeats, keeps held jobs' deadlines fresh, recovers dead workers' jobs and sweeps
 segments. Bad jobs fail alone; a failing batch fails its jobs; Redis restarts are ridden out.
@@ -69,6 +70,7 @@ class EncoderWorker(ServeLoop):
         self._forming = Batch()
         self._held: dict[str, TakenJob] = {}  # every started job not yet recorded: its heartbeat is ours
         self._held_lock = threading.Lock()
+        self._delivering = threading.Lock()  # held by whichever thread delivers a batch (see _deliver_alone)
         self._output_finished = threading.Event()
         self._image_pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="images")
 
@@ -239,8 +241,27 @@ class EncoderWorker(ServeLoop):
             if batch is None:
                 break
             self._device_idle.clear()
-            self._done.put(self.runner.run(batch))
+            enc = self.runner.run(batch)
+            if not self._deliver_alone(enc):
+                self._done.put(enc)
         self._done.put(None)
+
+    def _deliver_alone(self, enc: Encoded) -> bool:
+        """Delivers the batch on this thread when it is all the work the worker holds: no other job started,
+        the output thread idle. A lone request then skips a hand-over to a sleeping thread (a wake-up on its
+        path); with more work around, the output thread delivers while the device runs the next batch."""
+        if not self._delivering.acquire(blocking=False):
+            return False
+        try:
+            with self._held_lock:
+                alone = len(self._held) == len(enc.batch.jobs)
+            if not alone or not self._done.empty():
+                return False
+            self._device_idle.set()  # a job arriving now closes its batch at once; it runs after this delivery
+            self._deliver_logged(enc)
+            return True
+        finally:
+            self._delivering.release()
 
     # -- output ----------------------------------------------------------------------------------------
     def _output_loop(self) -> None:
@@ -248,18 +269,23 @@ class EncoderWorker(ServeLoop):
             enc = self._done.get()
             if enc is None:
                 break
-            try:
-                self._deliver(enc)
-            except CONNECTION_ERRORS as e:
-                log.error("Redis unreachable; the results of %d job(s) could not be delivered (%s)",
-                          len(enc.batch.jobs), e)
-            except Exception:
-                log.exception("delivering a batch failed")
-            finally:
-                with self._held_lock:
-                    for p in enc.batch.jobs:
-                        self._held.pop(p.taken.job_id, None)
+            with self._delivering:
+                self._deliver_logged(enc)
         self._output_finished.set()
+
+    def _deliver_logged(self, enc: Encoded) -> None:
+        """Delivers a batch; failures are logged, never raised (the jobs stay started: recovery retries them)."""
+        try:
+            self._deliver(enc)
+        except CONNECTION_ERRORS as e:
+            log.error("Redis unreachable; the results of %d job(s) could not be delivered (%s)",
+                      len(enc.batch.jobs), e)
+        except Exception:
+            log.exception("delivering a batch failed")
+        finally:
+            with self._held_lock:
+                for p in enc.batch.jobs:
+                    self._held.pop(p.taken.job_id, None)
 
     def _deliver(self, enc: Encoded) -> None:
         self.runner.finish(enc)
