@@ -6,7 +6,9 @@
 
 Starts its own redis-server (no persistence, a free port) and one worker process, measures the same backend
 in process first (single-request latency, saturated throughput), then through the broker: throughput, p50/p99
-latency, errors, segments left in /dev/shm, and the overhead against in-process. Prints a markdown table last.
+latency, errors, segments left in /dev/shm. The single-request overhead comes from lone requests in blocks that
+alternate with the same prompts in process (one window: drift hits both alike), with where their time went.
+Prints a markdown table last.
 With --tasks-per-process K, each client process runs K asyncio clients (N clients = N/K processes).
 """
 
@@ -93,7 +95,14 @@ def client_process(url, n_requests, tasks, seed, out_q, go):
     out_q.put(asyncio.run(main()))
 
 
+def encode_in_process(enc, prompt: str) -> None:
+    """One request in process, as a DiT worker with its own encoder runs it: states on the host."""
+    enc.encode([prompt])[0].cpu()
+
+
 def in_process(args):
+    """(the encoder, its numbers): single-request latency and saturated throughput in this process. The encoder
+    is kept for the paired single-request run (single_requests)."""
     import torch
 
     from workers.encoders import load_encoder
@@ -110,8 +119,7 @@ def in_process(args):
     lat = []
     for i in range(args.single_iters):
         t0 = time.perf_counter()
-        out = enc.encode([client_prompt(0, None, i)])  # as the lone client's
-        out[0].cpu()
+        encode_in_process(enc, client_prompt(0, None, i))  # as the lone client's
         lat.append((time.perf_counter() - t0) * 1e3)
     # as a full batch of the most clients' requests (64 processes of 4 tasks, 100 requests each)
     batch = [client_prompt((j % 64) * 1000, j % 4, 50 + j % 50) for j in range(args.batch)]
@@ -124,30 +132,37 @@ def in_process(args):
             t.cpu()
         n += len(batch)
     thr = n / (time.perf_counter() - t0)
-    del enc
-    return {"single_p50_ms": pct(lat, 50), "single_p99_ms": pct(lat, 99), "throughput_rps": thr}
+    return enc, {"single_p50_ms": pct(lat, 50), "single_p99_ms": pct(lat, 99), "throughput_rps": thr}
 
 
-def breakdown(url: str, n: int) -> dict:
-    """Where one lone request's time goes (same host, one clock): p50 of each stage over n sequential requests,
-    from the client's timestamps and the worker's per-job timings in the handle."""
+PAIRED_BLOCK = 25  # requests in a row of one kind in single_requests
+
+
+def single_requests(url: str, n: int, enc) -> dict:
+    """A lone request's overhead and where its time goes: n prompts, each sent once through the broker (one sync
+    client, as a DiT worker calls it) and once to `enc` in this process, in alternating blocks (PAIRED_BLOCK
+    requests of one, then of the other) so that drift (GPU clocks, host load) hits both alike, while each
+    request still follows one of its own kind as in a steady stream. (Alternating single requests would let the
+    worker idle through each in-process request: a colder start than a lone client's steady stream gives it.)
+    p50 of each broker stage (one clock: the client's timestamps and the worker's per-job timings in the handle),
+    of the in-process requests, and the overhead."""
     from broker.client import EncoderClient
     from broker.results import raise_for_error, read_shm
     from broker.schemas import Handle
 
     c = EncoderClient(url, timeout=60)
     stages: dict[str, list[float]] = {}
-    for i in range(n + 5):
+    local = []
+
+    def through_broker(prompt: str) -> dict:
         t0 = time.time()
         deadline = c.wire.deadline()
-        payload, description = c._payload([client_prompt(0, None, i)], "t2i", None, deadline, False)
+        payload, description = c._payload([prompt], "t2i", None, deadline, False)
         job_id = c.wire.submit(payload, deadline, description)
         handle = Handle.from_msgpack(raise_for_error(c.wire.wait(job_id, deadline)))
         t2 = time.time()
         read_shm(handle)
         t3 = time.time()
-        if i < 5:
-            continue  # warm-up
         tm = handle.timings
         rows = {"queue (enqueued -> taken: ENQUEUE, wake-up, TAKE)": tm["queue_ms"] / 1e3,
                 "taken -> on the encoder": tm["batch_ms"] / 1e3, "encoder": tm["infer_ms"] / 1e3,
@@ -155,14 +170,31 @@ def breakdown(url: str, n: int) -> dict:
                 "handle -> client has it (shm write, RECORD, XREAD)": t2 - tm["handed_at"], "read shm": t3 - t2}
         rows["client: request built, job stamped"] = t3 - t0 - sum(rows.values())
         rows["total"] = t3 - t0
-        for k, v in rows.items():
-            stages.setdefault(k, []).append(v * 1e3)
+        return rows
+
+    def in_process_ms(prompt: str) -> float:
+        t0 = time.perf_counter()
+        encode_in_process(enc, prompt)
+        return (time.perf_counter() - t0) * 1e3
+
+    for prompt in (client_prompt(0, None, i) for i in range(5)):  # warm-up
+        in_process_ms(prompt)
+        through_broker(prompt)
+    for start in range(0, n, PAIRED_BLOCK):
+        prompts = [client_prompt(0, None, i) for i in range(start, min(n, start + PAIRED_BLOCK))]
+        local.extend(in_process_ms(p) for p in prompts)
+        for p in prompts:
+            for k, v in through_broker(p).items():
+                stages.setdefault(k, []).append(v * 1e3)
     for _ in range(n):  # context: this host's Redis round trip, the unit every stage above pays in
         t0 = time.time()
         c.wire.redis.ping()
         stages.setdefault("(context) one Redis PING round trip", []).append((time.time() - t0) * 1e3)
     c.close()
-    return {k: pct(v, 50) for k, v in stages.items()}
+    out = {k: pct(v, 50) for k, v in stages.items()}
+    out["in process, same prompts, alternating blocks"] = pct(local, 50)
+    out["overhead (total - in process)"] = out["total"] - out["in process, same prompts, alternating blocks"]
+    return out
 
 
 def start_stack(args, tmp):
@@ -235,14 +267,15 @@ def main():
     elif args.model_dir == os.path.join(REPO, "var", "tiny"):
         ensure_tiny(args.model_dir)
     print("in-process ...", flush=True)
-    local = in_process(args)
+    enc, local = in_process(args)
     print(f"in-process: single p50 {local['single_p50_ms']:.2f} ms, throughput {local['throughput_rps']:.0f} "
           "prompts/s", flush=True)
     tmp = tempfile.mkdtemp(prefix="eb-load-")
     server, worker, prefix, log = start_stack(args, tmp)
     rows = []
     try:
-        stages = breakdown(server.url, args.single_iters)
+        stages = single_requests(server.url, args.single_iters, enc)
+        del enc  # the worker has the device to itself from here on
         print("one request at a time, p50 of each stage (ms):\n" + "\n".join(f"  {k:52s} {v:8.3f}"
                                                                            for k, v in stages.items()), flush=True)
         ctx = mp.get_context("spawn")
@@ -294,10 +327,11 @@ def main():
         worker.wait(30)
         server.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
-    overhead = rows[0]["p50_ms"] - local["single_p50_ms"] if rows and rows[0]["clients"] == 1 else None
+    overhead = stages["overhead (total - in process)"]
+    one_client = rows[0]["p50_ms"] - local["single_p50_ms"] if rows and rows[0]["clients"] == 1 else None
     best = max((r["throughput_rps"] for r in rows), default=0)
     summary = {"in_process": local, "broker": rows, "single_request_stages_ms": stages,
-               "single_overhead_p50_ms": overhead,
+               "single_overhead_p50_ms": overhead, "one_client_p50_minus_in_process_single_p50_ms": one_client,
                "saturated_fraction_of_in_process": best / local["throughput_rps"] if local["throughput_rps"] else None,
                "backend": args.backend, "device": args.device}
     if args.json:
@@ -310,8 +344,10 @@ def main():
               f"{r['segments_left']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['throughput_rps']:.0f} |")
     print(f"\nin-process ({args.backend}, {args.device}): single p50 {local['single_p50_ms']:.2f} ms, "
           f"saturated {local['throughput_rps']:.0f} prompts/s (batch {args.batch})")
-    if overhead is not None:
-        print(f"single-request broker overhead (p50, shm, loopback): {overhead:.2f} ms")
+    print(f"single-request broker overhead (p50, shm, loopback; {args.single_iters} requests in blocks alternating "
+          f"with the same in process): {overhead:.2f} ms")
+    if one_client is not None:
+        print(f"(1-client run p50 - in-process single p50, measured apart: {one_client:.2f} ms)")
     print(f"best broker throughput / in-process: {summary['saturated_fraction_of_in_process']:.2f}")
 
 
