@@ -44,6 +44,7 @@ def test_encoder_token_ids_equal_the_tokenizers(baseline):
              "e\u0301 (decomposed) vs \u00e9", "  leading and trailing  ", "1234567890" * 7, "🦊" * 5 + "\r\n\t"]
     want = [list(x) for x in baseline.tokenizer(texts, add_special_tokens=False)["input_ids"]]
     assert baseline.token_ids(texts) == want
+    assert [baseline.token_ids([t])[0] for t in texts] == want  # one text alone takes another call
 
 
 def test_tiny_weights_are_deterministic():

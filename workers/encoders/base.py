@@ -154,6 +154,8 @@ class EncoderBase:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             return [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        if len(texts) == 1:  # most jobs: skips handing one text to the batch call's thread pool
+            return [backend.encode(texts[0], add_special_tokens=False).ids]
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
     def _check_i2i_available(self) -> None:
