@@ -138,59 +138,83 @@ def in_process(args):
 PAIRED_BLOCK = 25  # requests in a row of one kind in single_requests
 
 
-def single_requests(url: str, n: int, enc) -> dict:
-    """A lone request's overhead and where its time goes: n prompts, each sent once through the broker (one sync
-    client, as a DiT worker calls it) and once to `enc` in this process, in alternating blocks (PAIRED_BLOCK
-    requests of one, then of the other) so that drift (GPU clocks, host load) hits both alike, while each
-    request still follows one of its own kind as in a steady stream. (Alternating single requests would let the
-    worker idle through each in-process request: a colder start than a lone client's steady stream gives it.)
-    p50 of each broker stage (one clock: the client's timestamps and the worker's per-job timings in the handle),
-    of the in-process requests, and the overhead."""
-    from broker.client import EncoderClient
+def through_broker(c, prompt: str) -> dict:
+    """One request through the broker with client `c`: seconds spent in each stage (one clock: the client's
+    timestamps and the worker's per-job timings in the handle)."""
     from broker.results import raise_for_error, read_shm
     from broker.schemas import Handle
 
-    c = EncoderClient(url, timeout=60)
-    stages: dict[str, list[float]] = {}
-    local = []
+    t0 = time.time()
+    deadline = c.wire.deadline()
+    payload, description = c._payload([prompt], "t2i", None, deadline, False)
+    job_id = c.wire.submit(payload, deadline, description)
+    handle = Handle.from_msgpack(raise_for_error(c.wire.wait(job_id, deadline)))
+    t2 = time.time()
+    read_shm(handle)
+    t3 = time.time()
+    tm = handle.timings
+    rows = {"queue (enqueued -> taken: ENQUEUE, wake-up, TAKE)": tm["queue_ms"] / 1e3,
+            "taken -> on the encoder": tm["batch_ms"] / 1e3, "encoder": tm["infer_ms"] / 1e3,
+            "encoder done -> handle": tm["deliver_ms"] / 1e3,
+            "handle -> client has it (shm write, RECORD, XREAD)": t2 - tm["handed_at"], "read shm": t3 - t2}
+    rows["client: request built, job stamped"] = t3 - t0 - sum(rows.values())
+    rows["total"] = t3 - t0
+    return rows
 
-    def through_broker(prompt: str) -> dict:
+
+def broker_block_server(url: str, blocks, results) -> None:
+    """A lone client in a process of its own, as a DiT worker's: runs each block of prompts it is sent through
+    the broker, one request at a time, and sends back their stages (then PING round trips, on None)."""
+    from broker.client import EncoderClient
+
+    c = EncoderClient(url, timeout=60)
+    results.put("ready")
+    while (prompts := blocks.get()) is not None:
+        results.put([through_broker(c, p) for p in prompts])
+    pings = []
+    for _ in range(100):  # context: this host's Redis round trip, the unit every stage pays in
         t0 = time.time()
-        deadline = c.wire.deadline()
-        payload, description = c._payload([prompt], "t2i", None, deadline, False)
-        job_id = c.wire.submit(payload, deadline, description)
-        handle = Handle.from_msgpack(raise_for_error(c.wire.wait(job_id, deadline)))
-        t2 = time.time()
-        read_shm(handle)
-        t3 = time.time()
-        tm = handle.timings
-        rows = {"queue (enqueued -> taken: ENQUEUE, wake-up, TAKE)": tm["queue_ms"] / 1e3,
-                "taken -> on the encoder": tm["batch_ms"] / 1e3, "encoder": tm["infer_ms"] / 1e3,
-                "encoder done -> handle": tm["deliver_ms"] / 1e3,
-                "handle -> client has it (shm write, RECORD, XREAD)": t2 - tm["handed_at"], "read shm": t3 - t2}
-        rows["client: request built, job stamped"] = t3 - t0 - sum(rows.values())
-        rows["total"] = t3 - t0
-        return rows
+        c.wire.redis.ping()
+        pings.append(time.time() - t0)
+    c.close()
+    results.put(pings)
+
+
+def single_requests(url: str, n: int, enc) -> dict:
+    """A lone request's overhead and where its time goes: n prompts, each sent once through the broker (by a
+    lone client in a clean process of its own, as a DiT worker's) and once to `enc` in this process, in
+    alternating blocks (PAIRED_BLOCK requests of one, then of the other) so that drift (GPU clocks, host load)
+    hits both alike, while each request still follows one of its own kind as in a steady stream. (Alternating
+    single requests would let the worker idle through each in-process request: a colder start than a lone
+    client's steady stream gives it.) p50 of each broker stage, of the in-process requests, and the overhead."""
+    ctx = mp.get_context("spawn")
+    blocks, results = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=broker_block_server, args=(url, blocks, results))
+    proc.start()
+    assert results.get() == "ready"
 
     def in_process_ms(prompt: str) -> float:
         t0 = time.perf_counter()
         encode_in_process(enc, prompt)
         return (time.perf_counter() - t0) * 1e3
 
-    for prompt in (client_prompt(0, None, i) for i in range(5)):  # warm-up
-        in_process_ms(prompt)
-        through_broker(prompt)
+    warm = [client_prompt(0, None, i) for i in range(5)]
+    for p in warm:
+        in_process_ms(p)
+    blocks.put(warm)
+    results.get()
+    stages: dict[str, list[float]] = {}
+    local = []
     for start in range(0, n, PAIRED_BLOCK):
         prompts = [client_prompt(0, None, i) for i in range(start, min(n, start + PAIRED_BLOCK))]
         local.extend(in_process_ms(p) for p in prompts)
-        for p in prompts:
-            for k, v in through_broker(p).items():
+        blocks.put(prompts)
+        for rows in results.get():
+            for k, v in rows.items():
                 stages.setdefault(k, []).append(v * 1e3)
-    for _ in range(n):  # context: this host's Redis round trip, the unit every stage above pays in
-        t0 = time.time()
-        c.wire.redis.ping()
-        stages.setdefault("(context) one Redis PING round trip", []).append((time.time() - t0) * 1e3)
-    c.close()
+    blocks.put(None)
+    stages["(context) one Redis PING round trip"] = [x * 1e3 for x in results.get()]
+    proc.join()
     out = {k: pct(v, 50) for k, v in stages.items()}
     out["in process, same prompts, alternating blocks"] = pct(local, 50)
     out["overhead (total - in process)"] = out["total"] - out["in process, same prompts, alternating blocks"]
