@@ -49,7 +49,7 @@ def read_result(client, job_id: str, deadline: float) -> torch.Tensor:
 
 def test_a_batch_alone_is_delivered_by_the_compute_thread(worker_and_client, baseline):
     worker, client = worker_and_client
-    (job_id, deadline), = [submit(client, "a lone red fox")]
+    job_id, deadline = submit(client, "a lone red fox")
     worker._admit(worker.source.take(None, 1, 60))
     enc = worker.runner.run(batch_of(worker, 1))
     assert worker._deliver_alone(enc)

@@ -4,8 +4,8 @@ Three stages overlap, each in its own thread (TEI's shape): intake takes jobs, c
 them started and forms the next batch while the device runs the current one (exactly one batch waits ready);
 the main thread runs the encoder (workers.batch_runner); output writes segments / blobs and records results (one
 script call a batch, then one for its stats); a batch that is all the worker holds, the main thread delivers
-itself. While the main thread launches a batch's kernels, the other two
-hold their per-job Python work (see BatchRunner.launched).
+itself. While the main thread launches a batch's kernels, the other two hold their per-job Python work (see
+BatchRunner.launched).
 A housekeeping thread heartbeats, keeps held jobs' deadlines fresh, recovers dead workers' jobs and sweeps
 segments. Bad jobs fail alone; a failing batch fails its jobs; Redis restarts are ridden out.
 """

@@ -86,7 +86,8 @@ class EncoderBase:
             self.images.limits = limits
 
     def _check_templates(self) -> None:
-        # A tokenizer that splits the template prefix differently would silently shift every output.
+        # A tokenizer that splits the template prefix differently would silently shift every output. Where the
+        # template's fixed text can be tokenized once (workers.template_ids), its cut is kept for tokenize.
         self._split_templates: dict[str, SplitTemplate] = {}
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         specials = [t.content for t in backend.get_added_tokens_decoder().values() if t.special] if backend else []
