@@ -1,5 +1,6 @@
 """Named POSIX shared-memory segments: create (exclusive, 0600, space reserved), attach, view, unlink; or, without
-mapping anything, write one whole (`write_segment`) and read one whole (`read_segment`).
+mapping anything, write one whole (`write_segment`, or `reserve_segment` ahead and `fill_segment` later) and read
+one whole (`read_segment`).
 
 Lifetime of a mapping: every view (numpy array or torch tensor) is built on a memoryview slice of the
 segment's mmap object, and holds a reference to it (numpy through `.base`, torch through the storage's
@@ -197,6 +198,31 @@ def write_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, parts=(
     (byte offset, bytes-like) pairs, zeros elsewhere; return its name. Written through the file descriptor, never
     mapped: no page faults for the writer, and a /dev/shm that fills up mid-write is an error (ShmSpaceError,
     nothing left behind), never a SIGBUS, so no space is reserved (zeroed) first."""
+    return _new_segment(size, ttl_s, prefix, max_total_bytes, parts=parts)
+
+
+def reserve_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, *,
+                    max_total_bytes: int | None = None) -> str:
+    """Create a new, uniquely named segment of `size` bytes (this user only) with its memory allocated (and zeroed)
+    now, for `fill_segment` to write later: the allocation, most of a write's cost, is paid ahead (a worker
+    reserves a result's segment while the device computes it). Raises ShmSpaceError (nothing left behind) when
+    the space or the budget is short."""
+    return _new_segment(size, ttl_s, prefix, max_total_bytes, allocate=True)
+
+
+def fill_segment(name: str, parts) -> None:
+    """Write `parts`, (byte offset, bytes-like) pairs, into an existing segment through its descriptor."""
+    name, mem, size = _open_existing(name, writable=True)
+    try:
+        _write_parts(mem.fd, name, size, parts)
+    except OSError as e:
+        raise ShmError(f"shm segment {name}: writing failed: {e}") from e
+    finally:
+        mem.close_fd()
+
+
+def _new_segment(size, ttl_s: float, prefix: str, max_total_bytes: int | None, *, parts=(),
+                 allocate: bool = False) -> str:
     if not isinstance(size, (int, np.integer)) or size < 0:
         raise ValueError(f"shm segment size must be an int >= 0, got {size!r}")
     if not ttl_s > 0:
@@ -210,16 +236,13 @@ def write_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, parts=(
     mem = _open_exclusive(name)
     try:
         os.fchmod(mem.fd, 0o600)
-        os.ftruncate(mem.fd, max(size, 1))  # readers see the whole size; an empty result is 1 byte, as mapped
+        if allocate:
+            os.posix_fallocate(mem.fd, 0, max(size, 1))
+        else:
+            os.ftruncate(mem.fd, max(size, 1))  # readers see the whole size; an empty result is 1 byte, as mapped
         if max_total_bytes is not None:  # again, now counting ourselves: catches a concurrent create
             _check_budget(size, prefix, max_total_bytes, name=name, own=max(size, 1))
-        for offset, data in parts:
-            view = memoryview(data).cast("B")
-            if offset < 0 or offset + len(view) > size:
-                raise ValueError(f"shm segment {name}: part [{offset}, {offset + len(view)}) outside [0, {size})")
-            done = 0
-            while done < len(view):
-                done += os.pwrite(mem.fd, view[done:], offset + done)
+        _write_parts(mem.fd, name, size, parts)
     except OSError as e:
         unlink_segment(name)
         if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
@@ -233,6 +256,16 @@ def write_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, parts=(
     finally:
         mem.close_fd()
     return name
+
+
+def _write_parts(fd: int, name: str, size: int, parts) -> None:
+    for offset, data in parts:
+        view = memoryview(data).cast("B")
+        if offset < 0 or offset + len(view) > size:
+            raise ValueError(f"shm segment {name}: part [{offset}, {offset + len(view)}) outside [0, {size})")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _open_exclusive(name: str) -> posix_ipc.SharedMemory:

@@ -88,6 +88,16 @@ def wait_for_workers(url: str, count: int, proc: subprocess.Popen, log_path: str
     raise RuntimeError(f"worker did not register within {timeout}s:\n{open(log_path).read()[-4000:]}")
 
 
+def eventually(check, timeout=20.0, interval=0.05) -> bool:
+    """Whether `check()` comes true within `timeout` seconds (the timeout only bounds a wait)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def stop_process(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()

@@ -18,17 +18,8 @@ from broker.queues import ENCODE_FUNCTION
 from broker.host import host_id
 from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest, Handle
-from tests.helpers import (REPO, RedisServer, shm_names, start_process, stop_process,
+from tests.helpers import (REPO, RedisServer, eventually, shm_names, start_process, stop_process,
                            write_config)
-
-
-def eventually(check, timeout=20.0, interval=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return True
-        time.sleep(interval)
-    return False
 
 
 class Workers:
@@ -201,6 +192,8 @@ def test_stats_show_batches_cache_and_workers(workers):
     client = EncoderClient(workers.url, timeout=30)
     client.encode([" ", "a fox", " "])  # duplicates in one job: computed once
     client.encode([" "])  # across clients/jobs: a cache hit
+    r = redis.Redis.from_url(workers.url)
+    assert eventually(lambda: r.llen("eb:latency:encode") == 2)  # stats are written just after the results
     out = subprocess.run([sys.executable, "-m", "broker", "stats", "--redis-url", workers.url, "--json"],
                          cwd=REPO, capture_output=True, text=True, check=True, timeout=60)
     s = json.loads(out.stdout)

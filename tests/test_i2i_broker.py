@@ -12,6 +12,7 @@ from broker.client import EncoderClient
 from broker.errors import EncodeFailed, InvalidRequest
 from broker.queues import ENCODE_FUNCTION
 from broker.rq_wire import JobWire
+from tests.helpers import eventually
 from tests.test_broker_e2e import assert_same, raw_job
 from tests.test_i2i_encoder import BAD, SQUARE, TALL, WIDE, noise_png, rel_l2
 
@@ -98,19 +99,26 @@ def kernel_worker(tiny_dir, redis_server, tmp_path_factory):
     stop_process(proc)
 
 
-def vision_stats(url: str) -> tuple[int, int]:
+def vision_stats(url: str, want: tuple[int, int]) -> tuple[int, int]:
+    """The worker's (images computed, images reused) once they reach `want` or after a bounded wait: the stats
+    are written just after the results the client already has."""
     r = redis.Redis.from_url(url)
-    (key,) = r.keys("eb:stats:encode-i2i:*")
-    s = r.hgetall(key)
-    return int(s.get(b"vision_images_computed", 0)), int(s.get(b"vision_images_reused", 0))
+
+    def now() -> tuple[int, int]:
+        keys = r.keys("eb:stats:encode-i2i:*")
+        s = r.hgetall(keys[0]) if keys else {}
+        return int(float(s.get(b"vision_images_computed", 0))), int(float(s.get(b"vision_images_reused", 0)))
+
+    eventually(lambda: now() == want, timeout=10)
+    return now()
 
 
 def test_kernel_worker_runs_a_cfg_pairs_images_once(kernel_worker, baseline):
     with EncoderClient(kernel_worker["url"], queue="encode-i2i", timeout=60) as c:
         got = c.encode(PAIR, task="i2i", images=[WIDE, TALL])
-        assert vision_stats(kernel_worker["url"]) == (2, 2)  # two images computed once, reused by the negative
+        assert vision_stats(kernel_worker["url"], (2, 2)) == (2, 2)  # two images computed once, reused by the negative
         again = c.encode(["make the sky green", " "], task="i2i", images=[TALL, WIDE])
-        assert vision_stats(kernel_worker["url"]) == (2, 6)  # every image from the feature cache
+        assert vision_stats(kernel_worker["url"], (2, 6)) == (2, 6)  # every image from the feature cache
         with pytest.raises(EncodeFailed, match="4 distinct images in one job, over max_images_per_job 3"):
             c.encode(["x", "y"], task="i2i", images=[[WIDE, TALL], [SQUARE, noise_png(64, 64, 7)]])
         one = c.encode(["x", "y"], task="i2i", images=[[SQUARE], [SQUARE]])

@@ -339,3 +339,29 @@ def test_write_segment_refusals_leave_nothing(prefix):
     with pytest.raises(ShmSpaceError, match="free"):
         shm.write_segment(1 << 60, 60, prefix)
     assert _ours(prefix) == []
+
+
+def test_reserved_segment_is_allocated_now_and_filled_later(prefix):
+    rng = np.random.default_rng()
+    a = rng.integers(0, 256, 4096 * 3 + 7, dtype=np.uint8)  # odd length
+    b = rng.integers(0, 256, 101, dtype=np.uint8)
+    size = 64 * ((a.nbytes + 63) // 64) + b.nbytes
+    name = shm.reserve_segment(size, 60, prefix)
+    try:
+        st = os.stat(os.path.join(shm.SHM_DIR, name.lstrip("/")))
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == size
+        assert st.st_blocks * 512 >= size  # the memory is there before any write
+        assert not np.frombuffer(shm.read_segment(name), np.uint8).any()  # zeros until filled
+        off_b = size - b.nbytes
+        shm.fill_segment(name, [(0, a), (off_b, b)])
+        got = np.frombuffer(shm.read_segment(name), np.uint8)
+        assert np.array_equal(got[:a.nbytes], a) and np.array_equal(got[off_b:], b)
+        with pytest.raises(ValueError, match="outside"):
+            shm.fill_segment(name, [(size - 2, b)])
+    finally:
+        shm.unlink_segment(name)
+    with pytest.raises(ShmNotFoundError):
+        shm.fill_segment(name, [(0, b)])
+    with pytest.raises(ShmSpaceError, match="budget"):
+        shm.reserve_segment(4096, 60, prefix, max_total_bytes=1024)
+    assert _ours(prefix) == []  # nothing left behind by the refused one

@@ -1,15 +1,18 @@
-"""Who delivers a batch: the compute thread itself when the batch is all the worker holds, else the output thread.
-A real worker object (its threads not started), a real Redis, the tiny encoder; the results are read back as a
-client reads them."""
+"""Who delivers a batch: the compute thread itself when the batch is all the worker holds, else the output thread;
+and result segments reserved while the batch computes. A real worker object (its threads not started), a real
+Redis, the tiny encoder; the results are read back as a client reads them."""
 
+import os
 import uuid
 
 import pytest
 import torch
 
 from broker.client import EncoderClient
-from broker.results import read_shm
+from broker.errors import EncodeFailed
+from broker.results import raise_for_error, read_shm
 from broker.schemas import Handle
+from shm import SHM_DIR
 from tests.helpers import write_config
 from workers.batch_runner import Batch
 from workers.config import EncoderWorkerConfig
@@ -76,3 +79,39 @@ def test_a_batch_with_other_jobs_held_goes_to_the_output_thread(worker_and_clien
     assert worker._deliver_alone(enc)
     got = read_result(client, *second)
     assert torch.equal(got, baseline.encode(["second prompt"])[0].to(got.dtype))
+
+
+def test_result_segments_are_reserved_while_the_batch_computes(worker_and_client, baseline):
+    worker, client = worker_and_client
+    ok, bad = submit(client, "kept result"), submit(client, "a job that fails")
+    worker._admit(worker.source.take(None, 2, 60))
+    batch = batch_of(worker, 2)
+    enc = worker.runner.run(batch, while_device_runs=lambda: worker._reserve_segments(batch))
+    reserved = dict(worker._reserved)
+    assert set(reserved) == {ok[0], bad[0]}
+    paths = {job: os.path.join(SHM_DIR, name.lstrip("/")) for job, (name, _) in reserved.items()}
+    for job, (_, nbytes) in reserved.items():
+        assert os.stat(paths[job]).st_size == nbytes  # sized from the token counts before the states exist
+    enc.errors[bad[0]] = "encoder failed: as if its sequences had"
+    del enc.outputs[bad[0]]
+    worker._deliver_logged(enc)
+    assert not worker._reserved and not os.path.exists(paths[bad[0]])  # the failed job's segment is gone
+    outcome = client.wire.wait(*ok)
+    handle = Handle.from_msgpack(raise_for_error(outcome))
+    assert handle.location.lstrip("/") == reserved[ok[0]][0].lstrip("/")  # the result went into its reservation
+    got = read_shm(handle)[0]
+    assert torch.equal(got, baseline.encode(["kept result"])[0].to(got.dtype))
+    with pytest.raises(EncodeFailed, match="as if its sequences had"):
+        raise_for_error(client.wire.wait(*bad))
+
+
+def test_a_reservation_of_another_size_is_dropped_for_a_fresh_segment(worker_and_client):
+    worker, client = worker_and_client
+    job_id, _ = submit(client, "any prompt")
+    (taken,) = worker.source.take(None, 1, 60)
+    name = worker.writer.reserve(job_id, 64)
+    states = torch.randn(3, 9)  # 108 bytes, 128 laid out: not the 64 reserved
+    handle = worker.writer.write(job_id, taken.request, [states], None, {}, reserved=(name, 64))
+    assert handle.transport == "shm" and handle.location.lstrip("/") != name.lstrip("/")
+    assert not os.path.exists(os.path.join(SHM_DIR, name.lstrip("/")))
+    assert torch.equal(read_shm(handle)[0], states)

@@ -20,6 +20,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from broker.enqueue import queue_bound_key
 from broker.errors import BrokerError, InvalidRequest, PromptTooLong
 from broker.host import host_id
@@ -31,7 +33,7 @@ from workers.encoders.base import TokenizedBatch
 from workers.encoding_cache import EncodingCache
 from workers.images import ImageLimits
 from workers.job_source import TakenJob
-from workers.result_writer import ResultWriter
+from workers.result_writer import ResultWriter, layout_of
 from workers.serve_loop import CONNECTION_ERRORS, ServeLoop
 from workers.stats import WorkerStats
 
@@ -71,6 +73,8 @@ class EncoderWorker(ServeLoop):
         self._held: dict[str, TakenJob] = {}  # every started job not yet recorded: its heartbeat is ours
         self._held_lock = threading.Lock()
         self._delivering = threading.Lock()  # held by whichever thread delivers a batch (see _deliver_alone)
+        self._reserved: dict[str, tuple[str, int]] = {}  # job id -> (segment, bytes) made ahead for its result
+        self._itemsize = torch.empty((), dtype=encoder.dtype).element_size()
         self._output_finished = threading.Event()
         self._image_pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="images")
 
@@ -241,10 +245,31 @@ class EncoderWorker(ServeLoop):
             if batch is None:
                 break
             self._device_idle.clear()
-            enc = self.runner.run(batch)
+            enc = self.runner.run(batch, while_device_runs=lambda: self._reserve_segments(batch))
             if not self._deliver_alone(enc):
                 self._done.put(enc)
         self._done.put(None)
+
+    def _reserve_segments(self, batch: Batch) -> None:
+        """Creates the batch's shared-memory result segments while the device computes it: their memory
+        allocation (~0.1 ms for a 500 KB result on an H100 host) is then off the results' path. The output sizes
+        are known from the token counts; a result of another size gets a segment of its own at delivery."""
+        try:
+            for p in batch.jobs:
+                if self.writer.goes_by_shm(p.taken.request):
+                    shapes = [[n, self.encoder.hidden_size] for n in p.tokens.output_lengths]
+                    nbytes = layout_of(shapes, self._itemsize)[2]
+                    name = self.writer.reserve(p.taken.job_id, nbytes)
+                    if name is not None:
+                        self._reserved[p.taken.job_id] = (name, nbytes)
+        except Exception:  # only a head start: delivery writes segments of its own without it
+            log.exception("reserving result segments failed")
+
+    def _release_reserved(self, job_ids) -> None:
+        for job_id in job_ids:
+            reserved = self._reserved.pop(job_id, None)
+            if reserved is not None:
+                unlink_segment(reserved[0])
 
     def _deliver_alone(self, enc: Encoded) -> bool:
         """Delivers the batch on this thread when it is all the work the worker holds: no other job started,
@@ -283,6 +308,7 @@ class EncoderWorker(ServeLoop):
         except Exception:
             log.exception("delivering a batch failed")
         finally:
+            self._release_reserved(p.taken.job_id for p in enc.batch.jobs)  # of jobs not delivered by shm
             with self._held_lock:
                 for p in enc.batch.jobs:
                     self._held.pop(p.taken.job_id, None)
@@ -302,7 +328,8 @@ class EncoderWorker(ServeLoop):
                                infer_ms=round(enc.infer_ms, 3),
                                deliver_ms=ms(time.time() - enc.started_at - enc.infer_ms / 1e3),
                                batch_jobs=len(enc.batch.jobs), handed_at=time.time())
-                handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], blobs, timings)
+                handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], blobs, timings,
+                                           reserved=self._reserved.pop(t.job_id, None))
                 if handle.transport == "shm":
                     segments.append(handle.location)
                 done.append((t, handle.to_msgpack()))
