@@ -95,9 +95,11 @@ def client_process(url, n_requests, tasks, seed, out_q, go):
     out_q.put(asyncio.run(main()))
 
 
-def encode_in_process(enc, prompt: str) -> None:
-    """One request in process, as a DiT worker with its own encoder runs it: states on the host."""
+def in_process_ms(enc, prompt: str) -> float:
+    """One request in process, as a DiT worker with its own encoder runs it (states on the host): its ms."""
+    t0 = time.perf_counter()
     enc.encode([prompt])[0].cpu()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def in_process(args):
@@ -116,11 +118,7 @@ def in_process(args):
     for _ in range(5):
         enc.encode([PROMPTS[0] + " warm"])
     sync()
-    lat = []
-    for i in range(args.single_iters):
-        t0 = time.perf_counter()
-        encode_in_process(enc, client_prompt(0, None, i))  # as the lone client's
-        lat.append((time.perf_counter() - t0) * 1e3)
+    lat = [in_process_ms(enc, client_prompt(0, None, i)) for i in range(args.single_iters)]  # as the lone client's
     # as a full batch of the most clients' requests (64 processes of 4 tasks, 100 requests each)
     batch = [client_prompt((j % 64) * 1000, j % 4, 50 + j % 50) for j in range(args.batch)]
     enc.encode(batch)
@@ -193,21 +191,16 @@ def single_requests(url: str, n: int, enc) -> dict:
     proc.start()
     assert results.get() == "ready"
 
-    def in_process_ms(prompt: str) -> float:
-        t0 = time.perf_counter()
-        encode_in_process(enc, prompt)
-        return (time.perf_counter() - t0) * 1e3
-
     warm = [client_prompt(0, None, i) for i in range(5)]
     for p in warm:
-        in_process_ms(p)
+        in_process_ms(enc, p)
     blocks.put(warm)
     results.get()
     stages: dict[str, list[float]] = {}
     local = []
     for start in range(0, n, PAIRED_BLOCK):
         prompts = [client_prompt(0, None, i) for i in range(start, min(n, start + PAIRED_BLOCK))]
-        local.extend(in_process_ms(p) for p in prompts)
+        local.extend(in_process_ms(enc, p) for p in prompts)
         blocks.put(prompts)
         for rows in results.get():
             for k, v in rows.items():

@@ -181,15 +181,22 @@ def create_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, *,
     The space is reserved up front (posix_fallocate), so writes can't SIGBUS later when /dev/shm fills up.
     `max_total_bytes` caps the bytes this process may hold in `prefix` segments at once. Raises
     ShmSpaceError (nothing is left behind) when the space or the budget is short."""
+    size = _checked_request(size, ttl_s, prefix, max_total_bytes)
+    return _create_named(SegmentName.new(ttl_s, prefix).format(), size, prefix, max_total_bytes)
+
+
+def _checked_request(size, ttl_s: float, prefix: str, max_total_bytes: int | None) -> int:
+    """The size of a new segment as an int, once the arguments are valid and the space and the budget hold it."""
     if not isinstance(size, (int, np.integer)) or size < 0:
         raise ValueError(f"shm segment size must be an int >= 0, got {size!r}")
     if not ttl_s > 0:
         raise ValueError(f"shm segment ttl_s must be > 0, got {ttl_s!r}")
     check_prefix(prefix)
-    _check_free(int(size))
+    size = int(size)
+    _check_free(size)
     if max_total_bytes is not None:
-        _check_budget(int(size), prefix, max_total_bytes)
-    return _create_named(SegmentName.new(ttl_s, prefix).format(), int(size), prefix, max_total_bytes)
+        _check_budget(size, prefix, max_total_bytes)
+    return size
 
 
 def write_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, parts=(), *,
@@ -223,15 +230,7 @@ def fill_segment(name: str, parts) -> None:
 
 def _new_segment(size, ttl_s: float, prefix: str, max_total_bytes: int | None, *, parts=(),
                  allocate: bool = False) -> str:
-    if not isinstance(size, (int, np.integer)) or size < 0:
-        raise ValueError(f"shm segment size must be an int >= 0, got {size!r}")
-    if not ttl_s > 0:
-        raise ValueError(f"shm segment ttl_s must be > 0, got {ttl_s!r}")
-    check_prefix(prefix)
-    size = int(size)
-    _check_free(size)
-    if max_total_bytes is not None:
-        _check_budget(size, prefix, max_total_bytes)
+    size = _checked_request(size, ttl_s, prefix, max_total_bytes)
     name = SegmentName.new(ttl_s, prefix).format()
     mem = _open_exclusive(name)
     try:
