@@ -136,17 +136,22 @@ def in_process(args):
 PAIRED_BLOCK = 25  # requests in a row of one kind in single_requests
 
 
+VIA_DOORBELL = "(share of results by doorbell, 0-1)"
+
+
 def through_broker(c, prompt: str) -> dict:
     """One request through the broker with client `c`: seconds spent in each stage (one clock: the client's
     timestamps and the worker's per-job timings in the handle)."""
-    from broker.results import raise_for_error, read_shm
+    from broker.results import discard_result, raise_for_error, read_shm
     from broker.schemas import Handle
 
     t0 = time.time()
     deadline = c.wire.deadline()
-    payload, description = c._payload([prompt], "t2i", None, deadline, False)
+    bell = c._doorbell()
+    payload, description = c._payload([prompt], "t2i", None, deadline, False, bell)
     job_id = c.wire.submit(payload, deadline, description)
-    handle = Handle.from_msgpack(raise_for_error(c.wire.wait(job_id, deadline)))
+    outcome = c.wire.wait(job_id, deadline, bell, stale=discard_result)
+    handle = Handle.from_msgpack(raise_for_error(outcome))
     t2 = time.time()
     read_shm(handle)
     t3 = time.time()
@@ -154,9 +159,11 @@ def through_broker(c, prompt: str) -> dict:
     rows = {"queue (enqueued -> taken: ENQUEUE, wake-up, TAKE)": tm["queue_ms"] / 1e3,
             "taken -> on the encoder": tm["batch_ms"] / 1e3, "encoder": tm["infer_ms"] / 1e3,
             "encoder done -> handle": tm["deliver_ms"] / 1e3,
-            "handle -> client has it (shm write, RECORD, XREAD)": t2 - tm["handed_at"], "read shm": t3 - t2}
+            "handle -> client has it (shm write, doorbell or RECORD + XREAD)": t2 - tm["handed_at"],
+            "read shm": t3 - t2}
     rows["client: request built, job stamped"] = t3 - t0 - sum(rows.values())
     rows["total"] = t3 - t0
+    rows[VIA_DOORBELL] = 1.0 if outcome.via == "doorbell" else 0.0  # not a time: single_requests averages it
     return rows
 
 
@@ -204,11 +211,13 @@ def single_requests(url: str, n: int, enc) -> dict:
         blocks.put(prompts)
         for rows in results.get():
             for k, v in rows.items():
-                stages.setdefault(k, []).append(v * 1e3)
+                stages.setdefault(k, []).append(v if k == VIA_DOORBELL else v * 1e3)
     blocks.put(None)
     stages["(context) one Redis PING round trip"] = [x * 1e3 for x in results.get()]
     proc.join()
+    share = stages.pop(VIA_DOORBELL)
     out = {k: pct(v, 50) for k, v in stages.items()}
+    out[VIA_DOORBELL] = statistics.mean(share)
     out["in process, same prompts, alternating blocks"] = pct(local, 50)
     out["overhead (total - in process)"] = out["total"] - out["in process, same prompts, alternating blocks"]
     return out

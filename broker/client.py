@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from broker.config import ClientConfig, load_json, normalize_text_encoder_type
+from broker.doorbell import Doorbell
 from broker.errors import InvalidRequest
 from broker.host import host_id
 from broker.queues import DEFAULT_QUEUE, ENCODE_FUNCTION
-from broker.results import raise_for_error, read_blob, read_shm
+from broker.results import discard_result, raise_for_error, read_blob, read_shm
 from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest, Handle, per_prompt_images
 
@@ -21,17 +24,21 @@ class EncoderClient:
     `max_queue_depth` refuses new jobs at once with `Overloaded` while the queue is that long; 0 takes the
     bound the queue's workers publish (their config's max_queue_depth).
     `copy=False` returns tensors that view the (already unlinked) shared memory instead of copies.
+    `doorbell` (shm transport, sync `encode`): a worker on this host hands the result straight to this process
+    (broker.doorbell) instead of through Redis, ~0.2 ms sooner; results still reach Redis and its registries.
     """
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_QUEUE,
                  timeout: float = 30.0, retries: int = 3, transport: str = "shm", *,
-                 max_queue_depth: int = 0, copy: bool = True):
+                 max_queue_depth: int = 0, copy: bool = True, doorbell: bool = True):
         if transport not in ("shm", "blob"):
             raise ValueError(f"transport must be 'shm' or 'blob', not {transport!r}")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.transport = transport
         self.copy = copy
+        self.use_doorbell = doorbell and transport == "shm"
+        self._bell: Doorbell | None = None
         self.wire = JobWire(redis_url, queue, ENCODE_FUNCTION, timeout, retries, max_queue_depth)
 
     @classmethod
@@ -47,13 +54,22 @@ class EncoderClient:
         kw.update(overrides)
         return cls(**kw)
 
-    def _payload(self, prompts, task: str, images, deadline: float, raw: bool) -> tuple[bytes, str]:
+    def _doorbell(self) -> Doorbell | None:
+        if not self.use_doorbell:
+            return None
+        if self._bell is None or self._bell.pid != os.getpid():  # a forked child binds its own
+            self._bell = Doorbell()
+        return self._bell
+
+    def _payload(self, prompts, task: str, images, deadline: float, raw: bool,
+                 bell: Doorbell | None = None) -> tuple[bytes, str]:
         if isinstance(prompts, str):
             raise InvalidRequest("prompts must be a list of strings; wrap a single prompt in a list")
         prompts = list(prompts) if isinstance(prompts, tuple) else prompts
         n = len(prompts) if isinstance(prompts, list) else 0
         req = EncodeRequest(prompts=prompts, task=task, images=per_prompt_images(images, n),
-                            transport=self.transport, client_host=host_id(), deadline=deadline, raw=raw).validate()
+                            transport=self.transport, client_host=host_id(), deadline=deadline, raw=raw,
+                            bell=bell.name if bell is not None else "").validate()
         return req.to_msgpack(), f"encode {len(req.prompts)} {task} prompt(s)"
 
     def encode(self, prompts: list[str], task: str = "t2i", images: list | None = None,
@@ -65,9 +81,11 @@ class EncoderClient:
         list of bytes for the same images in every prompt (a prompt and its negative: one job, the images'
         features computed once)."""
         deadline = self.wire.deadline()
-        payload, description = self._payload(prompts, task, images, deadline, raw)
+        bell = self._doorbell()
+        payload, description = self._payload(prompts, task, images, deadline, raw, bell)
         job_id = self.wire.submit(payload, deadline, description)
-        handle = Handle.from_msgpack(raise_for_error(self.wire.wait(job_id, deadline)))
+        outcome = self.wire.wait(job_id, deadline, bell, stale=discard_result)
+        handle = Handle.from_msgpack(raise_for_error(outcome))
         if handle.transport == "shm":
             return read_shm(handle, copy=self.copy)
         return read_blob(self.wire.getdel(handle.location), handle)
@@ -85,6 +103,9 @@ class EncoderClient:
 
     def close(self) -> None:
         self.wire.close()
+        if self._bell is not None and self._bell.pid == os.getpid():
+            self._bell.close()
+        self._bell = None
 
     async def aclose(self) -> None:
         await self.wire.aclose()

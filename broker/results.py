@@ -22,6 +22,7 @@ RESULT_SUCCESSFUL, RESULT_FAILED, RESULT_STOPPED, RESULT_RETRIED, RESULT_MAX_RET
 class JobOutcome:
     value: bytes | None  # the job's return value: msgpack of a Handle, GenerateResult, ...
     error: str | None
+    via: str = "redis"  # how it came: "redis" (the job's result stream) or "doorbell" (broker.doorbell)
 
 
 def parse_result_entry(fields: dict) -> JobOutcome:
@@ -40,6 +41,14 @@ def parse_result_entry(fields: dict) -> JobOutcome:
     text = zlib.decompress(base64.b64decode(exc)).decode() if exc else ""
     reason = {RESULT_STOPPED: "stopped", RESULT_MAX_RETRIES: "out of retries"}.get(kind, "failed")
     return JobOutcome(None, last_line(text) or f"job {reason}")
+
+
+def result_fields(xread_reply: list) -> dict:
+    """The fields of the one entry a raw `XREAD COUNT 1 STREAMS <key> ...` reply holds (RESP2: a list of
+    [key, entries]; RESP3: a map of key to entries)."""
+    (_key, entries), = xread_reply.items() if isinstance(xread_reply, dict) else xread_reply
+    (_entry_id, flat), = entries[:1]
+    return dict(zip(flat[::2], flat[1::2]))
 
 
 def last_line(exc_string: str) -> str:
@@ -92,6 +101,22 @@ def read_shm(handle: Handle, copy: bool = True) -> list[torch.Tensor]:
     finally:
         seg.unlink()
         seg.close()
+
+
+def discard_result(handle_bytes: bytes) -> None:
+    """Unlinks the segment of a result nobody will read (a doorbell ring for a job its client no longer waits
+    for); anything that is not a handle to one of our segments, or a segment already gone, is left alone."""
+    from shm import SegmentName, ShmError, unlink_segment
+
+    try:
+        handle = Handle.from_msgpack(handle_bytes)
+    except ProtocolError:
+        return
+    if handle.transport == "shm" and SegmentName.parse(handle.location) is not None:
+        try:
+            unlink_segment(handle.location)
+        except ShmError:
+            pass
 
 
 def read_blob(raw: bytes | None, handle: Handle) -> list[torch.Tensor]:

@@ -1,21 +1,25 @@
 """Submitting one job and waiting for its result over Redis, sync and asyncio, with one deadline for both.
 
 Jobs are RQ-compatible records (see broker.enqueue); results are read from RQ's result stream with a
-blocking XREAD, so a waiting client costs Redis nothing and hears of the result at once.
+blocking XREAD, so a waiting client costs Redis nothing and hears of the result at once. A sync client with a
+doorbell (broker.doorbell) waits on it and on the XREAD together, and takes whichever answers first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import time
+from collections.abc import Callable
 
 import redis
 import redis.asyncio as aredis
 
+from broker.doorbell import Doorbell
 from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
 from broker.recovery import RECOVER_SCRIPT, recover_args
-from broker.results import JobOutcome, parse_result_entry
+from broker.results import JobOutcome, parse_result_entry, result_fields
 
 RESULT_KEY = "rq:results:{}"
 RESULT_TTL_S = 60  # how long a result waits in Redis for a client that is slow to read it
@@ -44,6 +48,10 @@ class JobWire:
         self._recover = self.redis.register_script(RECOVER_SCRIPT)
         self._aredis: aredis.Redis | None = None
         self._aenqueue = self._arecover = None
+        # A connection of its own for XREADs raced against a doorbell: when the doorbell wins, its XREAD's
+        # reply is still to come (the worker records the result just after ringing) and is read before reuse.
+        self._race_conn = None
+        self._race_pending = False
 
     @property
     def aredis(self) -> aredis.Redis:
@@ -96,7 +104,12 @@ class JobWire:
                 time.sleep(delay)
                 delay *= 2
 
-    def wait(self, job_id: str, deadline: float) -> JobOutcome:
+    def wait(self, job_id: str, deadline: float, bell: Doorbell | None = None,
+             stale: Callable[[bytes], None] | None = None) -> JobOutcome:
+        """The job's outcome from its result stream, or from `bell` if a worker rings it first (its value is
+        then the handle). `stale` gets the handles of rings for other jobs."""
+        if bell is not None:
+            return self._wait_either(job_id, deadline, bell, stale or (lambda handle: None))
         key = RESULT_KEY.format(job_id)
         while True:
             block_ms = self._block_ms(job_id, deadline)
@@ -109,6 +122,56 @@ class JobWire:
                 raise self.unavailable(e) from None
             if got:
                 return parse_result_entry(got[0][1][0][1])
+
+    def _wait_either(self, job_id: str, deadline: float, bell: Doorbell, stale) -> JobOutcome:
+        key = RESULT_KEY.format(job_id)
+        try:
+            conn = self._race_connection()
+            while True:
+                if not self._race_pending:
+                    conn.send_command("XREAD", "COUNT", 1, "BLOCK", self._block_ms(job_id, deadline),
+                                      "STREAMS", key, "0-0")
+                    self._race_pending = True
+                readable, _, _ = select.select([bell, conn._sock], [], [], max(0.0, deadline - time.time()) + 1.0)
+                if bell in readable or not readable:
+                    handle, others = bell.take(job_id)
+                    for h in others:
+                        stale(h)
+                    if handle is not None:
+                        return JobOutcome(handle, None, via="doorbell")
+                if conn._sock in readable:
+                    got = conn.read_response()
+                    self._race_pending = False
+                    if got:
+                        return parse_result_entry(result_fields(got))
+                    keys, argv = recover_args(self.queue, job_id)
+                    self._recover(keys=keys, args=argv)
+                elif not readable:
+                    raise self._timed_out(job_id)
+        except CONNECTION_ERRORS as e:
+            self._drop_race_connection()
+            raise self.unavailable(e) from None
+
+    def _race_connection(self):
+        """The racing XREADs' connection, with no reply outstanding: a reply still on its way after a doorbell
+        won is read if it has come, else the connection is replaced (its XREAD may block for seconds)."""
+        if self._race_conn is None:
+            self._race_conn = self.redis.connection_pool.get_connection()
+        elif self._race_pending:
+            if self._race_conn.can_read(timeout=0):
+                self._race_conn.read_response()
+                self._race_pending = False
+            else:
+                self._drop_race_connection()
+                self._race_conn = self.redis.connection_pool.get_connection()
+        return self._race_conn
+
+    def _drop_race_connection(self) -> None:
+        if self._race_conn is not None:
+            self._race_conn.disconnect()
+            self.redis.connection_pool.release(self._race_conn)
+        self._race_conn = None
+        self._race_pending = False
 
     def getdel(self, key: str) -> bytes | None:
         try:
@@ -152,6 +215,7 @@ class JobWire:
             raise self.unavailable(e) from None
 
     def close(self) -> None:
+        self._drop_race_connection()
         self.redis.close()
 
     async def aclose(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 
 import msgpack
@@ -12,6 +13,8 @@ SCHEMA_VERSION = 1
 TASKS = ("t2i", "i2i")
 TRANSPORTS = ("shm", "blob")
 DTYPES = ("bfloat16", "float16", "float32")
+BELL_PREFIX = "eb-bell-"  # a doorbell's name (broker.doorbell): the prefix, the client's pid, 16 random hex digits
+BELL_NAME = re.compile(r"eb-bell-[0-9]+-[0-9a-f]{16}")
 
 
 def packb(obj) -> bytes:
@@ -37,6 +40,10 @@ def validate_prompts(prompts) -> list[str]:
         if not isinstance(p, str):
             raise InvalidRequest(f"prompt {i} is a {type(p).__name__}, not a string")
     return list(prompts)
+
+
+def is_bell_name(name) -> bool:
+    return isinstance(name, str) and BELL_NAME.fullmatch(name) is not None
 
 
 def as_dict(obj) -> dict:
@@ -74,6 +81,7 @@ class EncodeRequest:
     client_host: str = ""
     deadline: float = 0.0  # unix seconds after which the client has given up; 0 = none
     raw: bool = False  # prompts are already templated model inputs; every token's state is returned
+    bell: str = ""  # the client's doorbell (broker.doorbell), rung with the handle of a shm result; "" = none
     version: int = SCHEMA_VERSION
 
     def validate(self) -> "EncodeRequest":
@@ -88,6 +96,8 @@ class EncodeRequest:
             raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not isinstance(self.raw, bool):
             raise InvalidRequest(f"raw must be true or false, got {self.raw!r}")
+        if self.bell and not is_bell_name(self.bell):
+            raise InvalidRequest(f"bell {self.bell!r} is not a doorbell name (eb-bell-<pid>-<16 hex digits>)")
         return self
 
     def _validate_images(self) -> None:

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from broker.doorbell import Ringer
 from broker.enqueue import queue_bound_key
 from broker.errors import BrokerError, InvalidRequest, PromptTooLong
 from broker.host import host_id
@@ -64,6 +65,7 @@ class EncoderWorker(ServeLoop):
         self.stats = WorkerStats(config.queue, self.name)
         self.writer = ResultWriter(host_id(), config.result_ttl_s, self.name, config.shm_prefix,
                                    config.shm_max_bytes)
+        self.ringer = Ringer()
         self._ready: queue.Queue[Batch | None] = queue.Queue(maxsize=1)  # exactly one batch prefetched
         self._done: queue.Queue[Encoded | None] = queue.Queue(maxsize=2)
         self._device_idle = threading.Event()
@@ -330,9 +332,13 @@ class EncoderWorker(ServeLoop):
                                batch_jobs=len(enc.batch.jobs), handed_at=time.time())
                 handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], blobs, timings,
                                            reserved=self._reserved.pop(t.job_id, None))
-                if handle.transport == "shm":
+                value = handle.to_msgpack()
+                # A client waiting on a doorbell has its result now, before Redis does (broker.doorbell).
+                rung = (handle.transport == "shm" and t.request.bell != ""
+                        and self.ringer.ring(t.request.bell, t.job_id, value))
+                if handle.transport == "shm" and not rung:
                     segments.append(handle.location)
-                done.append((t, handle.to_msgpack()))
+                done.append((t, value))
                 latencies.append((time.time() - queued) * 1e3)
             stats = self.stats.batch(
                 jobs=len(enc.batch.jobs), failed=len(failed), prompts=sum(len(p.tokens.ids) for p in enc.batch.jobs),
@@ -345,7 +351,7 @@ class EncoderWorker(ServeLoop):
                     blobs.execute()  # before the handles that point at them
                 self.source.record(done, failed, self.config.result_ttl_s, stats)
             except CONNECTION_ERRORS:
-                for name in segments:  # nobody will be told where they are
+                for name in segments:  # nobody will be told where they are (rung ones are being read)
                     unlink_segment(name)
                 raise
         for t, reason in failed:

@@ -1,0 +1,207 @@
+"""The doorbell shortcut (broker.doorbell): a worker on the client's host hands a shm result's handle straight to
+the waiting client; Redis stays the source of truth. Real sockets, a real Redis, the real worker process."""
+
+import base64
+import multiprocessing as mp
+import os
+import socket
+import time
+import uuid
+
+import pytest
+import redis
+import torch
+
+from broker.client import EncoderClient
+from broker.doorbell import Doorbell, Ring, Ringer
+from broker.errors import InvalidRequest
+from broker.host import host_id
+from broker.queues import ENCODE_FUNCTION
+from broker.results import read_shm
+from broker.rq_wire import JobWire
+from broker.schemas import EncodeRequest, Handle
+from broker.serializer import MsgpackSerializer
+from shm import SHM_DIR, write_segment
+from tests.helpers import eventually
+
+def shm_handle(name: str, nbytes: int = 8) -> bytes:
+    return Handle(transport="shm", location=name, dtype="bfloat16", shapes=[[1, nbytes // 2]], offsets=[0],
+                  nbytes=nbytes, expires_at=time.time() + 30).to_msgpack()
+
+
+def segment_exists(name: str) -> bool:
+    return os.path.exists(os.path.join(SHM_DIR, name.lstrip("/")))
+
+
+def submit(client: EncoderClient, prompt: str, bell: str = "") -> tuple[str, float]:
+    deadline = client.wire.deadline()
+    req = EncodeRequest(prompts=[prompt], transport="shm", client_host=host_id(), deadline=deadline, bell=bell)
+    return client.wire.submit(req.validate().to_msgpack(), deadline, "test"), deadline
+
+
+def test_a_ring_reaches_its_bell_and_rings_for_other_jobs_are_set_apart():
+    bell, ringer = Doorbell(), Ringer()
+    try:
+        assert ringer.ring(bell.name, "other-job", b"old handle")
+        assert ringer.ring(bell.name, "my-job", b"my handle")
+        mine, stale = bell.take("my-job")
+        assert mine == b"my handle" and stale == [b"old handle"]
+        assert bell.take("my-job") == (None, [])  # nothing left queued
+    finally:
+        bell.close()
+        ringer.close()
+
+
+def test_datagrams_that_are_not_rings_are_dropped():
+    bell = Doorbell()
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sender.sendto(os.urandom(40), "\0" + bell.name)
+        sender.sendto(Ring("j", b"h").to_msgpack()[:-3], "\0" + bell.name)  # truncated msgpack
+        assert bell.take("j") == (None, [])
+    finally:
+        sender.close()
+        bell.close()
+
+
+def test_ringing_a_bell_nobody_listens_on_fails_softly():
+    bell, ringer = Doorbell(), Ringer()
+    name = bell.name
+    bell.close()
+    assert ringer.ring(name, "j", b"h") is False
+    ringer.close()
+
+
+def test_a_request_names_only_a_doorbell():
+    ok = EncodeRequest(prompts=["x"], bell=Doorbell().name)
+    assert ok.validate() is ok
+    for bad in ("/dev/shm/x", "eb-bell-1-xyz", "eb-bell-12-0123456789abcdef\n", 7):
+        with pytest.raises(InvalidRequest, match="doorbell"):
+            EncodeRequest(prompts=["x"], bell=bad).validate()
+
+
+def test_the_worker_rings_the_result_to_its_client_and_records_it_in_redis(encoder_worker, baseline):
+    client = EncoderClient(encoder_worker["url"], timeout=30)
+    try:
+        bell = client._doorbell()
+        job_id, deadline = submit(client, "a heron at dawn", bell.name)
+        outcome = client.wire.wait(job_id, deadline, bell)
+        assert outcome.via == "doorbell" and outcome.error is None
+        got = read_shm(Handle.from_msgpack(outcome.value))[0]
+        ref = baseline.encode(["a heron at dawn"])[0]
+        assert got.shape == ref.shape and torch.equal(got, ref.to(got.dtype))
+        # the result reaches Redis as well: status, registry and result stream, with the same handle
+        r = redis.Redis.from_url(encoder_worker["url"])
+        assert eventually(lambda: r.hget(f"rq:job:{job_id}", "status") == b"finished")
+        assert r.zscore("rq:finished:encode", job_id) is not None
+        entry = r.xrange(f"rq:results:{job_id}")[-1][1]
+        assert MsgpackSerializer.loads(base64.b64decode(entry[b"return_value"])) == outcome.value
+    finally:
+        client.close()
+
+
+def test_a_result_nobody_rings_comes_through_redis(encoder_worker, baseline):
+    """A job whose worker can't ring (here: the request names no bell, as a worker on another host would not
+    ring) is still answered while the client waits on its bell."""
+    client = EncoderClient(encoder_worker["url"], timeout=30)
+    try:
+        job_id, deadline = submit(client, "a quiet harbour")
+        outcome = client.wire.wait(job_id, deadline, client._doorbell())
+        assert outcome.via == "redis" and outcome.error is None
+        got = read_shm(Handle.from_msgpack(outcome.value))[0]
+        assert torch.equal(got, baseline.encode(["a quiet harbour"])[0].to(got.dtype))
+    finally:
+        client.close()
+
+
+def test_a_worker_whose_ring_is_not_heard_still_delivers_through_redis(encoder_worker, baseline):
+    client = EncoderClient(encoder_worker["url"], timeout=30, doorbell=False)
+    try:
+        gone = Doorbell()
+        name = gone.name
+        gone.close()
+        job_id, deadline = submit(client, "nobody at the door", name)
+        outcome = client.wire.wait(job_id, deadline)
+        assert outcome.via == "redis" and outcome.error is None
+        got = read_shm(Handle.from_msgpack(outcome.value))[0]
+        assert torch.equal(got, baseline.encode(["nobody at the door"])[0].to(got.dtype))
+    finally:
+        client.close()
+
+
+def test_a_stale_ring_is_dropped_and_its_segment_unlinked(encoder_worker, baseline):
+    client = EncoderClient(encoder_worker["url"], timeout=30)
+    ringer = Ringer()
+    try:
+        bell = client._doorbell()
+        stale = write_segment(8, 30, "ebstale", [(0, b"\0" * 8)])
+        assert ringer.ring(bell.name, uuid.uuid4().hex, shm_handle(stale))
+        got = client.encode(["the lighthouse keeper"])[0]
+        assert torch.equal(got, baseline.encode(["the lighthouse keeper"])[0].to(got.dtype))
+        assert not segment_exists(stale)
+    finally:
+        ringer.close()
+        client.close()
+
+
+def test_a_ring_that_wins_leaves_the_wire_usable(redis_server):
+    """When the ring comes first, the XREAD raced against it is still pending; the next wait reads its reply or,
+    if it has not come (here: never), replaces the connection."""
+    queue = "bell-" + uuid.uuid4().hex[:8]
+    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
+    bell, ringer = Doorbell(), Ringer()
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        first = wire.submit(b"payload", wire.deadline())
+        assert ringer.ring(bell.name, first, b"rung")
+        outcome = wire.wait(first, wire.deadline(), bell)
+        assert (outcome.value, outcome.via) == (b"rung", "doorbell")  # its XREAD never gets an answer
+        second = wire.submit(b"payload", wire.deadline())
+        value = base64.b64encode(MsgpackSerializer.dumps(b"from redis"))
+        r.xadd(f"rq:results:{second}", {"type": 1, "return_value": value, "execution_id": ""})
+        outcome = wire.wait(second, wire.deadline(), bell)
+        assert (outcome.value, outcome.via) == (b"from redis", "redis")
+        # a third, whose previous XREAD reply has come (the second's): read off before the next XREAD
+        third = wire.submit(b"payload", wire.deadline())
+        assert ringer.ring(bell.name, third, b"rung again")
+        assert wire.wait(third, wire.deadline(), bell).value == b"rung again"
+        r.xadd(f"rq:results:{third}", {"type": 1, "return_value": value, "execution_id": ""})
+        fourth = wire.submit(b"payload", wire.deadline())
+        assert ringer.ring(bell.name, fourth, b"fourth")
+        assert wire.wait(fourth, wire.deadline(), bell).value == b"fourth"
+    finally:
+        wire.close()
+        bell.close()
+        ringer.close()
+
+
+def _encode_in_child(url: str, out) -> None:
+    client = _shared_client[0]
+    try:
+        got = client.encode(["a forked reader"])[0]
+        out.put((client._bell.pid == os.getpid(), got.shape[0]))
+    except Exception as e:  # reported to the parent, which fails the test
+        out.put(repr(e))
+
+
+_shared_client: list = []
+
+
+def test_a_forked_child_binds_a_doorbell_of_its_own(encoder_worker, baseline):
+    client = EncoderClient(encoder_worker["url"], timeout=30)
+    _shared_client[:] = [client]
+    try:
+        client.encode(["before the fork"])
+        parent_bell = client._bell.name
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_encode_in_child, args=(encoder_worker["url"], out))
+        child.start()
+        got = out.get(timeout=60)
+        child.join()
+        assert got == (True, baseline.encode(["a forked reader"])[0].shape[0])
+        assert client._bell.name == parent_bell  # the parent's own is untouched
+        assert client.encode(["after the fork"])[0].shape[0] > 0
+    finally:
+        _shared_client.clear()
+        client.close()
