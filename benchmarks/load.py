@@ -142,28 +142,22 @@ VIA_DOORBELL = "(share of results by doorbell, 0-1)"
 def through_broker(c, prompt: str) -> dict:
     """One request through the broker with client `c`: seconds spent in each stage (one clock: the client's
     timestamps and the worker's per-job timings in the handle)."""
-    from broker.results import discard_result, raise_for_error, read_shm
-    from broker.schemas import Handle
+    from broker.results import read_shm
 
     t0 = time.time()
-    deadline = c.wire.deadline()
-    bell = c._doorbell()
-    payload, description = c._payload([prompt], "t2i", None, deadline, False, bell)
-    job_id = c.wire.submit(payload, deadline, description)
-    outcome = c.wire.wait(job_id, deadline, bell, stale=discard_result)
-    handle = Handle.from_msgpack(raise_for_error(outcome))
+    handle, via = c.handle_of([prompt])
     t2 = time.time()
     read_shm(handle)
     t3 = time.time()
     tm = handle.timings
-    rows = {"queue (enqueued -> taken: ENQUEUE, wake-up, TAKE)": tm["queue_ms"] / 1e3,
+    rows = {"queue (enqueued -> taken: ENQUEUE, ring or wake-up, claim or TAKE)": tm["queue_ms"] / 1e3,
             "taken -> on the encoder": tm["batch_ms"] / 1e3, "encoder": tm["infer_ms"] / 1e3,
             "encoder done -> handle": tm["deliver_ms"] / 1e3,
             "handle -> client has it (shm write, doorbell or RECORD + XREAD)": t2 - tm["handed_at"],
             "read shm": t3 - t2}
     rows["client: request built, job stamped"] = t3 - t0 - sum(rows.values())
     rows["total"] = t3 - t0
-    rows[VIA_DOORBELL] = 1.0 if outcome.via == "doorbell" else 0.0  # not a time: single_requests averages it
+    rows[VIA_DOORBELL] = 1.0 if via == "doorbell" else 0.0  # not a time: single_requests averages it
     return rows
 
 
@@ -344,8 +338,9 @@ def main():
             st = collect(_redis.Redis.from_url(server.url))
             r["worker_mean_batch_jobs"] = st["mean_batch_jobs"]
             r["worker_batch_histogram"] = st["batch_histogram"]
-            print(f"  worker so far: mean batch {st['mean_batch_jobs']} jobs, histogram {st['batch_histogram']}; "
-                  f"last log lines:\n    " + "\n    ".join(open(log).read().splitlines()[-4:]), flush=True)
+            print(f"  worker so far: mean batch {st['mean_batch_jobs']} jobs, histogram {st['batch_histogram']}, "
+                  f"{st['totals']['jobs_claimed_by_ring']} jobs claimed when rung, "
+                  f"{st['totals']['results_rung']} results rung; last log lines:\n    " + "\n    ".join(open(log).read().splitlines()[-4:]), flush=True)
             print(f"{n} clients: p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, "
                   f"~{r['throughput_rps']:.0f} req/s, errors {errors}, segments left {len(left)}", flush=True)
     finally:

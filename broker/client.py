@@ -114,16 +114,21 @@ class EncoderClient:
         images (task "i2i"): one list of encoded images (PNG, JPEG, WebP or BMP bytes) per prompt, or one flat
         list of bytes for the same images in every prompt (a prompt and its negative: one job, the images'
         features computed once)."""
+        handle, _via = self.handle_of(prompts, task, images, raw)
+        if handle.transport == "shm":
+            return read_shm(handle, copy=self.copy)
+        return read_blob(self.wire.getdel(handle.location), handle)
+
+    def handle_of(self, prompts: list[str], task: str = "t2i", images: list | None = None,
+                  raw: bool = False) -> tuple[Handle, str]:
+        """`encode` up to the result's handle, not yet read: (the handle, how it came: "redis" or "doorbell")."""
         deadline = self.wire.deadline()
         bell = self._doorbell()
         payload, description = self._payload(prompts, task, images, deadline, raw, bell)
         job_id = self.wire.submit(payload, deadline, description, ring=self._ring_workers())
         self._refresh_worker_bells()
         outcome = self.wire.wait(job_id, deadline, bell, stale=discard_result)
-        handle = Handle.from_msgpack(raise_for_error(outcome))
-        if handle.transport == "shm":
-            return read_shm(handle, copy=self.copy)
-        return read_blob(self.wire.getdel(handle.location), handle)
+        return Handle.from_msgpack(raise_for_error(outcome)), outcome.via
 
     async def aencode(self, prompts: list[str], task: str = "t2i", images: list | None = None,
                       raw: bool = False) -> list[torch.Tensor]:
