@@ -71,16 +71,16 @@ class EncoderClient:
             self._bell = Doorbell()
         return self._bell
 
-    def _ring_workers(self):
-        """What JobWire.submit calls to ring this host's workers with a job id (it returns how many it reached);
-        None when there are none."""
+    def _ring_workers(self, request: bytes):
+        """What JobWire.submit calls to ring this host's workers with a job id and its `request` (it returns how
+        many it reached); None when there are none."""
         if not self.use_doorbell or not self._worker_bells or \
                 not 0 <= self.wire.last_queue_length <= self.RING_MAX_QUEUE:
             return None
         if self._ringer is None:
             self._ringer = Ringer()
         ringer, bells = self._ringer, self._worker_bells
-        return lambda job_id: sum(ringer.ring(bell, job_id) for bell in bells)
+        return lambda job_id: sum(ringer.ring(bell, job_id, request=request) for bell in bells)
 
     def _refresh_worker_bells(self) -> None:
         """Re-reads which workers on this host take rings, every WORKER_BELLS_REFRESH_S (after a submit: the
@@ -125,7 +125,7 @@ class EncoderClient:
         deadline = self.wire.deadline()
         bell = self._doorbell()
         payload, description = self._payload(prompts, task, images, deadline, raw, bell)
-        job_id = self.wire.submit(payload, deadline, description, ring=self._ring_workers())
+        job_id = self.wire.submit(payload, deadline, description, ring=self._ring_workers(payload))
         self._refresh_worker_bells()
         outcome = self.wire.wait(job_id, deadline, bell, stale=discard_result)
         return Handle.from_msgpack(raise_for_error(outcome)), outcome.via

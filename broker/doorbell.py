@@ -16,10 +16,12 @@ other job (a late ring for a job the client took from Redis, a retried job's sec
 segment unlinked, since it was addressed to this client and nobody else will read it.
 
 The way in has the same shortcut: a worker binds a doorbell too and advertises it in Redis (worker_bells_key);
-a client on its host rings it with the job's id as soon as the job is enqueued, and an idle worker claims that
-job from the queue at once (workers.job_source.JobSource.claim) instead of waiting for Redis to wake it. The job
-itself still goes through the queue: a ring for a job already taken, or not yet there, claims nothing, and the
-job is taken as any other.
+a client on its host rings it with the job's id (and its request, when small) as soon as the enqueue is sent,
+and the worker claims that job from the queue (workers.job_source.JobSource.claims), tokenizing the request
+while the claim runs, instead of waiting for Redis to wake it: Redis's wake-up and the worker's run side by side,
+not one after the other. The job itself still goes through the queue, and only a claimed job runs: a ring for a
+job already taken claims nothing, and a job rung without a wake-up token is still taken by any worker's next
+take (workers.job_source TAKE leaves a token while jobs remain).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from broker.errors import ProtocolError
 from broker.schemas import BELL_PREFIX, SCHEMA_VERSION, as_dict, decode, is_bell_name, packb
 
 MAX_RING_BYTES = 64 * 1024  # a handle is a few hundred bytes; a ring larger than this is not ours
+MAX_RUNG_REQUEST_BYTES = 32 * 1024  # a larger request (images) is rung without it: the worker reads it from Redis
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 WORKER_BELL_TTL_S = 30  # a worker's advertised doorbell lapses this long after its last heartbeat
 MAX_WORKER_BELLS = 16  # a client rings at most this many of its host's workers
@@ -46,6 +49,7 @@ class Ring:
 
     job_id: str
     handle: bytes = b""  # b"" rings a worker: a job to claim
+    request: bytes = b""  # a ring to a worker may carry the job's request, to work on while the claim runs
     version: int = SCHEMA_VERSION
 
     def to_msgpack(self) -> bytes:
@@ -54,8 +58,9 @@ class Ring:
     @classmethod
     def from_msgpack(cls, data: bytes) -> "Ring":
         ring = decode(cls, data, "doorbell ring")
-        if not isinstance(ring.job_id, str) or not isinstance(ring.handle, bytes):
-            raise ProtocolError("a doorbell ring must carry a job id (str) and a handle (bytes)")
+        if not isinstance(ring.job_id, str) or not isinstance(ring.handle, bytes) or \
+                not isinstance(ring.request, bytes):
+            raise ProtocolError("a doorbell ring must carry a job id (str), a handle and a request (bytes)")
         return ring
 
 
@@ -118,11 +123,13 @@ class Ringer:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.setblocking(False)
 
-    def ring(self, bell: str, job_id: str, handle: bytes = b"") -> bool:
+    def ring(self, bell: str, job_id: str, handle: bytes = b"", request: bytes = b"") -> bool:
         """True when the ring was queued on the doorbell; False when nobody listens there (its process is gone,
         or in another network namespace) or its queue is full: the other side then hears through Redis."""
+        if len(request) > MAX_RUNG_REQUEST_BYTES:
+            request = b""
         try:
-            self.sock.sendto(Ring(job_id, handle).to_msgpack(), "\0" + bell)
+            self.sock.sendto(Ring(job_id, handle, request).to_msgpack(), "\0" + bell)
             return True
         except OSError:
             return False

@@ -13,7 +13,7 @@ import redis
 import torch
 
 from broker.client import EncoderClient
-from broker.doorbell import Doorbell, Ring, Ringer, local_bells
+from broker.doorbell import MAX_RUNG_REQUEST_BYTES, Doorbell, Ring, Ringer, local_bells
 from broker.enqueue import queue_key, wake_key
 from broker.errors import InvalidRequest
 from broker.host import host_id
@@ -239,11 +239,14 @@ def test_workers_are_rung_only_while_the_queue_is_about_empty(redis_server):
     with EncoderClient(redis_server.url, queue="rings-" + uuid.uuid4().hex[:8]) as client:
         client._worker_bells = [bell.name]
         client.wire.last_queue_length = 1
-        assert client._ring_workers()("job-a") == 1 and [r.job_id for r in bell.drain()] == ["job-a"]
+        assert client._ring_workers(b"request")("job-a") == 1
+        assert [(r.job_id, r.request) for r in bell.drain()] == [("job-a", b"request")]
+        client._ring_workers(b"x" * (MAX_RUNG_REQUEST_BYTES + 1))("job-b")
+        assert [(r.job_id, r.request) for r in bell.drain()] == [("job-b", b"")]  # too big to carry: Redis has it
         client.wire.last_queue_length = EncoderClient.RING_MAX_QUEUE + 1  # workers busy: Redis wakes one
-        assert client._ring_workers() is None
+        assert client._ring_workers(b"request") is None
         client.wire.last_queue_length = -3  # refused: the queue is full
-        assert client._ring_workers() is None
+        assert client._ring_workers(b"request") is None
     bell.close()
 
 

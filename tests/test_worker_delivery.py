@@ -115,3 +115,53 @@ def test_a_reservation_of_another_size_is_dropped_for_a_fresh_segment(worker_and
     assert handle.transport == "shm" and handle.location.lstrip("/") != name.lstrip("/")
     assert not os.path.exists(os.path.join(SHM_DIR, name.lstrip("/")))
     assert torch.equal(read_shm(handle)[0], states)
+
+
+def ring_worker(client, worker, prompt: str, rung_request: bytes | None = None) -> tuple[str, float]:
+    """Enqueues `prompt` as a client on this host does when it rings the worker (the ring carries
+    `rung_request`, by default the job's own request)."""
+    from broker.doorbell import Ringer
+
+    ringer = Ringer()
+    deadline = client.wire.deadline()
+    payload, description = client._payload([prompt], "t2i", None, deadline, False)
+    job_id = client.wire.submit(payload, deadline, description, ring=lambda job_id: ringer.ring(
+        worker.bell.name, job_id, request=payload if rung_request is None else rung_request))
+    ringer.close()
+    return job_id, deadline
+
+
+def test_a_rung_job_is_claimed_with_its_request_tokenized_while_the_claim_runs(worker_and_client, baseline):
+    worker, client = worker_and_client
+    job_id, deadline = ring_worker(client, worker, "a heron in reeds")
+    taken = worker._claim_rung()
+    assert [(t.job_id, t.rung) for t in taken] == [(job_id, True)]
+    early = worker._early_tokens[job_id]
+    assert early.ids == worker._tokenize_request(taken[0].request).ids
+    worker._admit(taken)
+    assert not worker._early_tokens  # used for the job
+    enc = worker.runner.run(batch_of(worker, 1))
+    assert worker._deliver_alone(enc)
+    got = read_result(client, job_id, deadline)
+    assert torch.equal(got, baseline.encode(["a heron in reeds"])[0].to(got.dtype))
+
+
+def test_a_ring_whose_request_differs_from_the_queued_job_is_not_trusted(worker_and_client, baseline):
+    worker, client = worker_and_client
+    other = client._payload(["something else entirely"], "t2i", None, client.wire.deadline(), False)[0]
+    job_id, deadline = ring_worker(client, worker, "the queued prompt", rung_request=other)
+    (taken,) = worker._claim_rung()
+    assert taken.job_id == job_id and not worker._early_tokens  # Redis's record decides what runs
+    worker._admit([taken])
+    enc = worker.runner.run(batch_of(worker, 1))
+    assert worker._deliver_alone(enc)
+    got = read_result(client, job_id, deadline)
+    assert torch.equal(got, baseline.encode(["the queued prompt"])[0].to(got.dtype))
+
+
+def test_a_ring_for_a_job_another_worker_took_claims_nothing(worker_and_client):
+    worker, client = worker_and_client
+    job_id, _ = ring_worker(client, worker, "taken elsewhere")
+    (elsewhere,) = worker.source.take(None, 1, 60)  # as another worker's take would
+    assert elsewhere.job_id == job_id
+    assert worker._claim_rung() == [] and not worker._early_tokens

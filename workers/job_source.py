@@ -30,9 +30,7 @@ from broker.serializer import MsgpackSerializer
 
 log = logging.getLogger("workers")
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-# A ring can reach a worker a moment before its client's enqueue has run in Redis: the claim is tried again
-# while the job's record does not exist yet.
-CLAIM_ATTEMPTS, CLAIM_RETRY_S = 5, 0.0005
+CLAIM_ATTEMPTS, CLAIM_RETRY_S = 5, 0.0005  # see JobSource._claim_again
 
 # Lua: Redis's clock as (unix seconds, RQ's text form): a take pipelined behind a blocking wait runs when the wait
 # ends, so the time must be read there, not when the worker sent the pipeline.
@@ -182,6 +180,7 @@ class TakenJob:
     meta: dict = field(default_factory=dict)
     taken_at: float = field(default_factory=time.time)
     rung: bool = False  # claimed when its client rang this worker (broker.doorbell), not woken through Redis
+    payload: bytes = b""  # the request as the client packed it (what a ring may carry ahead of the claim)
 
     @property
     def key(self) -> str:
@@ -240,6 +239,7 @@ class JobSource:
         self._exec_count = 0
         self._wait_conn = None  # begin_wait's connection (a blocking wait holds it)
         self._waiting = False
+        self._claim_conn = None  # claims' connection (their replies are read while the worker tokenizes)
 
     # -- taking --------------------------------------------------------------------------------------
     def wait_and_take(self, more: int, heartbeat_ttl: int, timeout_s: float) -> list[TakenJob]:
@@ -304,14 +304,55 @@ class JobSource:
     def claim(self, job_id: str, heartbeat_ttl: int) -> list[TakenJob]:
         """The job a client on this host rang this worker with (broker.doorbell), if it is still queued; []
         when another worker took it, or its enqueue never ran (refused, or its client lost Redis)."""
+        return self.claims([job_id], heartbeat_ttl)()
+
+    def claims(self, job_ids: list[str], heartbeat_ttl: int):
+        """`claim` in two halves: sends the claims now, on a connection of its own, and returns what reads
+        their outcome (all the jobs claimed), so the caller can work on the rung requests meanwhile."""
+        if self._claim_conn is None:
+            self._claim_conn = self.connection.connection_pool.get_connection()
+        conn = self._claim_conn
+        commands = [("EVAL", TAKE_SCRIPT, 5, *self._take_keys, *self._take_args(job_id, 0, heartbeat_ttl))
+                    for job_id in job_ids]
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+        except CONNECTION_ERRORS:
+            self._drop_claim_connection()
+            raise
+
+        def outcome() -> list[TakenJob]:
+            try:
+                replies = [conn.read_response() for _ in commands]
+            except BaseException:  # replies left unread would answer the next claims: start afresh
+                self._drop_claim_connection()
+                raise
+            taken = []
+            for job_id, flat in zip(job_ids, replies):
+                got = self._parse_taken(flat)
+                if not got and not self.connection.exists(job_key(job_id)):
+                    got = self._claim_again(job_id, heartbeat_ttl)
+                for t in got:
+                    t.rung = True
+                taken += got
+            return taken
+
+        return outcome
+
+    def _claim_again(self, job_id: str, heartbeat_ttl: int) -> list[TakenJob]:
+        """A ring can come a moment before its client's enqueue has run in Redis: tried again while the job's
+        record does not exist yet."""
         for _ in range(CLAIM_ATTEMPTS):
+            time.sleep(CLAIM_RETRY_S)
             taken = self.take(job_id, 0, heartbeat_ttl)
-            for t in taken:
-                t.rung = True
             if taken or self.connection.exists(job_key(job_id)):
                 return taken
-            time.sleep(CLAIM_RETRY_S)
         return []
+
+    def _drop_claim_connection(self) -> None:
+        if self._claim_conn is not None:
+            self._claim_conn.disconnect()
+            self.connection.connection_pool.release(self._claim_conn)
+        self._claim_conn = None
 
     def wake_others(self, n: int) -> None:
         """Pushes `n` wake-up tokens: for jobs rung to this worker that it will not claim (it is stopping)."""
@@ -356,6 +397,7 @@ class JobSource:
         elif len(args[0]) > self.max_payload_bytes:
             t.error = f"payload is {len(args[0])} bytes, over max_payload_bytes {self.max_payload_bytes}"
         else:
+            t.payload = args[0]
             try:
                 t.request = self.parse_request(args[0]).validate()
             except BrokerError as e:

@@ -26,6 +26,7 @@ import torch
 from broker.doorbell import Doorbell, Ringer, advertise_bell, worker_bells_key
 from broker.enqueue import queue_bound_key
 from broker.errors import BrokerError, InvalidRequest, PromptTooLong
+from broker.schemas import EncodeRequest
 from broker.host import host_id
 from shm import sweep, unlink_segment
 from workers.batch_runner import Batch, BatchRunner, Encoded, PreparedJob
@@ -69,6 +70,7 @@ class EncoderWorker(ServeLoop):
         self.ringer = Ringer()
         self.bell = Doorbell()  # clients on this host ring it with a job to claim (broker.doorbell)
         self._rung_unclaimed: list[str] = []  # rung jobs drained from the bell, not yet claimed
+        self._early_tokens: dict[str, TokenizedBatch] = {}  # claimed job -> its request tokenized ahead
         self._ready: queue.Queue[Batch | None] = queue.Queue(maxsize=1)  # exactly one batch prefetched
         self._done: queue.Queue[Encoded | None] = queue.Queue(maxsize=2)
         self._device_idle = threading.Event()
@@ -225,13 +227,26 @@ class EncoderWorker(ServeLoop):
         return taken
 
     def _claim_rung(self) -> list[TakenJob]:
-        """Claims the jobs clients rang this worker with. Every ring is answered with a claim: a rung job
-        wakes no worker through Redis (broker.doorbell)."""
-        taken = []
-        self._rung_unclaimed += [ring.job_id for ring in self.bell.drain()]
-        while self._rung_unclaimed:
-            taken += self.source.claim(self._rung_unclaimed[0], self.heartbeat_ttl_s)
-            self._rung_unclaimed.pop(0)
+        """Claims the jobs clients rang this worker with (every ring is answered with a claim: a rung job wakes
+        no worker through Redis, broker.doorbell), and tokenizes the requests the rings carry while the claims
+        run. Jobs claimed carry their tokens in self._early_tokens."""
+        rings = self.bell.drain()
+        self._rung_unclaimed += [ring.job_id for ring in rings]
+        if not self._rung_unclaimed:
+            return []
+        outcome = self.source.claims(self._rung_unclaimed, self.heartbeat_ttl_s)
+        early = {}
+        for ring in rings:
+            if ring.request:
+                try:
+                    early[ring.job_id] = (ring.request, self._tokenize_request(EncodeRequest.from_msgpack(
+                        ring.request).validate()))
+                except Exception:  # BrokerError and the like: the claimed job's own check reports it
+                    pass
+        taken = outcome()
+        self._rung_unclaimed = []
+        self._early_tokens = {t.job_id: early[t.job_id][1] for t in taken
+                              if t.job_id in early and early[t.job_id][0] == t.payload}
         return taken
 
     def _admit(self, taken: list[TakenJob]) -> None:
@@ -242,13 +257,18 @@ class EncoderWorker(ServeLoop):
         # Image jobs spend tens of ms a picture decoding and preprocessing (PIL and numpy let go of the GIL):
         # several at once go through a thread pool.
         if sum(1 for t in ok if t.request.images) > 1:
-            results = [self._image_pool.submit(self._tokenize, t) for t in ok]
+            results = [self._image_pool.submit(self._tokenize_request, t.request) for t in ok]
         else:
             results = [None] * len(ok)
         for t, future in zip(ok, results):
             self.runner.launched.wait(LAUNCH_WAIT_S)
             try:
-                prepared.append(PreparedJob(t, future.result() if future is not None else self._tokenize(t)))
+                early = self._early_tokens.pop(t.job_id, None)
+                if early is not None:
+                    tokens = early
+                else:
+                    tokens = future.result() if future is not None else self._tokenize_request(t.request)
+                prepared.append(PreparedJob(t, tokens))
             except BrokerError as e:
                 failed.append((t, f"{type(e).__name__}: {e}"))
         with self._held_lock:
@@ -262,8 +282,7 @@ class EncoderWorker(ServeLoop):
             for t, reason in failed:
                 log.warning("job %s failed: %s", t.job_id, reason)
 
-    def _tokenize(self, t: TakenJob) -> TokenizedBatch:
-        req = t.request
+    def _tokenize_request(self, req: EncodeRequest) -> TokenizedBatch:
         if len(req.prompts) > self.config.max_prompts_per_job:
             raise InvalidRequest(f"{len(req.prompts)} prompts in one job, over max_prompts_per_job "
                                  f"{self.config.max_prompts_per_job}")
