@@ -150,7 +150,7 @@ def through_broker(c, prompt: str) -> dict:
     read_shm(handle)
     t3 = time.time()
     tm = handle.timings
-    rows = {"queue (enqueued -> taken: ENQUEUE, ring or wake-up, claim or TAKE)": tm["queue_ms"] / 1e3,
+    rows = {"queue (enqueued -> taken: ENQUEUE, wake-up, TAKE)": tm["queue_ms"] / 1e3,
             "taken -> on the encoder": tm["batch_ms"] / 1e3, "encoder": tm["infer_ms"] / 1e3,
             "encoder done -> handle": tm["deliver_ms"] / 1e3,
             "handle -> client has it (shm write, doorbell or RECORD + XREAD)": t2 - tm["handed_at"],
@@ -339,8 +339,8 @@ def main():
             r["worker_mean_batch_jobs"] = st["mean_batch_jobs"]
             r["worker_batch_histogram"] = st["batch_histogram"]
             print(f"  worker so far: mean batch {st['mean_batch_jobs']} jobs, histogram {st['batch_histogram']}, "
-                  f"{st['totals']['jobs_claimed_by_ring']} jobs claimed when rung, "
-                  f"{st['totals']['results_rung']} results rung; last log lines:\n    " + "\n    ".join(open(log).read().splitlines()[-4:]), flush=True)
+                  f"{st['totals']['results_rung']} results rung; last log lines:\n    "
+                  + "\n    ".join(open(log).read().splitlines()[-4:]), flush=True)
             print(f"{n} clients: p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, "
                   f"~{r['throughput_rps']:.0f} req/s, errors {errors}, segments left {len(left)}", flush=True)
     finally:

@@ -14,14 +14,6 @@ A ring is taken only from a process of the client's own user (or root), checked 
 the datagram, and only for the job the client waits for, whose id only Redis and the client know. A ring for any
 other job (a late ring for a job the client took from Redis, a retried job's second result) is dropped and its
 segment unlinked, since it was addressed to this client and nobody else will read it.
-
-The way in has the same shortcut: a worker binds a doorbell too and advertises it in Redis (worker_bells_key);
-a client on its host rings it with the job's id (and its request, when small) as soon as the enqueue is sent,
-and the worker claims that job from the queue (workers.job_source.JobSource.claims), tokenizing the request
-while the claim runs, instead of waiting for Redis to wake it: Redis's wake-up and the worker's run side by side,
-not one after the other. The job itself still goes through the queue, and only a claimed job runs: a ring for a
-job already taken claims nothing, and a job rung without a wake-up token is still taken by any worker's next
-take (workers.job_source TAKE leaves a token while jobs remain).
 """
 
 from __future__ import annotations
@@ -30,17 +22,13 @@ import os
 import secrets
 import socket
 import struct
-import time
 from dataclasses import dataclass
 
 from broker.errors import ProtocolError
-from broker.schemas import BELL_PREFIX, SCHEMA_VERSION, as_dict, decode, is_bell_name, packb
+from broker.schemas import BELL_PREFIX, SCHEMA_VERSION, as_dict, decode, packb
 
 MAX_RING_BYTES = 64 * 1024  # a handle is a few hundred bytes; a ring larger than this is not ours
-MAX_RUNG_REQUEST_BYTES = 32 * 1024  # a larger request (images) is rung without it: the worker reads it from Redis
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
-WORKER_BELL_TTL_S = 30  # a worker's advertised doorbell lapses this long after its last heartbeat
-MAX_WORKER_BELLS = 16  # a client rings at most this many of its host's workers
 
 
 @dataclass(slots=True)
@@ -48,8 +36,7 @@ class Ring:
     """What a worker sends to a doorbell: the job and its result's handle (msgpack of broker.schemas.Handle)."""
 
     job_id: str
-    handle: bytes = b""  # b"" rings a worker: a job to claim
-    request: bytes = b""  # a ring to a worker may carry the job's request, to work on while the claim runs
+    handle: bytes
     version: int = SCHEMA_VERSION
 
     def to_msgpack(self) -> bytes:
@@ -58,9 +45,8 @@ class Ring:
     @classmethod
     def from_msgpack(cls, data: bytes) -> "Ring":
         ring = decode(cls, data, "doorbell ring")
-        if not isinstance(ring.job_id, str) or not isinstance(ring.handle, bytes) or \
-                not isinstance(ring.request, bytes):
-            raise ProtocolError("a doorbell ring must carry a job id (str), a handle and a request (bytes)")
+        if not isinstance(ring.job_id, str) or not isinstance(ring.handle, bytes):
+            raise ProtocolError("a doorbell ring must carry a job id (str) and a handle (bytes)")
         return ring
 
 
@@ -83,27 +69,21 @@ class Doorbell:
     def take(self, job_id: str) -> tuple[bytes | None, list[bytes]]:
         """Reads every ring queued: (the handle for `job_id` or None, the handles of rings for other jobs)."""
         mine, stale = None, []
-        for ring in self.drain():
-            if ring.job_id == job_id and mine is None:
-                mine = ring.handle
-            else:
-                stale.append(ring.handle)
-        return mine, stale
-
-    def drain(self) -> list[Ring]:
-        """Every ring queued, from processes of this user; anything else is dropped."""
-        rings = []
         while True:
             try:
                 data, ancillary, _flags, _addr = self.sock.recvmsg(MAX_RING_BYTES, socket.CMSG_SPACE(UCRED.size))
             except (BlockingIOError, InterruptedError):
-                return rings
+                return mine, stale
             if not self._from_own_user(ancillary):
                 continue
             try:
-                rings.append(Ring.from_msgpack(data))
+                ring = Ring.from_msgpack(data)
             except ProtocolError:
-                continue  # not a ring: nothing to act on
+                continue  # not a worker's ring: nothing to act on
+            if ring.job_id == job_id and mine is None:
+                mine = ring.handle
+            else:
+                stale.append(ring.handle)
 
     def _from_own_user(self, ancillary) -> bool:
         for level, kind, value in ancillary:
@@ -123,44 +103,14 @@ class Ringer:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.setblocking(False)
 
-    def ring(self, bell: str, job_id: str, handle: bytes = b"", request: bytes = b"") -> bool:
-        """True when the ring was queued on the doorbell; False when nobody listens there (its process is gone,
-        or in another network namespace) or its queue is full: the other side then hears through Redis."""
-        if len(request) > MAX_RUNG_REQUEST_BYTES:
-            request = b""
+    def ring(self, bell: str, job_id: str, handle: bytes) -> bool:
+        """True when the ring was queued on the client's doorbell; False when nobody listens there (the client
+        is gone, or in another network namespace) or its queue is full: the client then reads Redis."""
         try:
-            self.sock.sendto(Ring(job_id, handle, request).to_msgpack(), "\0" + bell)
+            self.sock.sendto(Ring(job_id, handle).to_msgpack(), "\0" + bell)
             return True
         except OSError:
             return False
 
     def close(self) -> None:
         self.sock.close()
-
-
-def worker_bells_key(queue: str) -> str:
-    """Hash of the queue's workers' doorbells: name -> "<host id> <unix seconds it lapses at>"."""
-    return f"eb:bells:{queue}"
-
-
-def advertise_bell(pipe, queue: str, bell: str, host: str) -> None:
-    """A worker's doorbell, for clients on its host to ring (refreshed with each heartbeat)."""
-    key = worker_bells_key(queue)
-    pipe.hset(key, bell, f"{host} {time.time() + WORKER_BELL_TTL_S:.0f}")
-    pipe.expire(key, WORKER_BELL_TTL_S)
-
-
-def local_bells(advertised: dict, host: str, now: float | None = None) -> list[str]:
-    """The doorbells of `advertised` (worker_bells_key's hash) on `host` that have not lapsed."""
-    now = time.time() if now is None else now
-    bells = []
-    for name, value in advertised.items():
-        name, value = (x.decode() if isinstance(x, bytes) else x for x in (name, value))
-        where, _, lapses = value.rpartition(" ")
-        try:
-            alive = float(lapses) > now
-        except ValueError:
-            alive = False
-        if where == host and alive and is_bell_name(name):
-            bells.append(name)
-    return bells[:MAX_WORKER_BELLS]

@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aredis
 
 from broker.doorbell import Doorbell
-from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_mapping, wake_commands
+from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
 from broker.recovery import RECOVER_SCRIPT, recover_args
 from broker.results import JobOutcome, parse_result_entry, result_fields
@@ -52,7 +52,6 @@ class JobWire:
         # reply is still to come (the worker records the result just after ringing) and is read before reuse.
         self._race_conn = None
         self._race_pending = False
-        self.last_queue_length = 0  # the queue's length just after this client's last job joined it
 
     @property
     def aredis(self) -> aredis.Redis:
@@ -65,14 +64,13 @@ class JobWire:
     def deadline(self) -> float:
         return time.time() + self.timeout
 
-    def _job(self, payload: bytes, deadline: float, description: str,
-             wake: bool = True) -> tuple[str, list, list]:
+    def _job(self, payload: bytes, deadline: float, description: str) -> tuple[str, list, list]:
         remaining = max(1, int(deadline - time.time()) + 1)
         job_id, mapping = new_job_mapping(
             payload, self.queue, function=self.function, job_timeout=remaining + 5, result_ttl=RESULT_TTL_S,
             failure_ttl=RESULT_TTL_S, ttl=remaining, retries=self.retries, description=description,
         )
-        keys, argv = enqueue_args(job_id, mapping, self.queue, self.max_queue_depth, remaining, wake)
+        keys, argv = enqueue_args(job_id, mapping, self.queue, self.max_queue_depth, remaining)
         return job_id, keys, argv
 
     def _admitted(self, pushed: int) -> None:
@@ -93,46 +91,18 @@ class JobWire:
         return BrokerTimeout(f"no result for job {job_id} on queue {self.queue!r} within {self.timeout:.1f}s")
 
     # -- sync ------------------------------------------------------------------------------------------
-    def submit(self, payload: bytes, deadline: float, description: str = "",
-               ring: Callable[[str], int] | None = None) -> str:
-        """Enqueues the job; its id. `ring(job_id)` rings workers' doorbells (broker.doorbell) once the enqueue is
-        on its way to Redis, before its reply, and returns how many it reached; the job then wakes no worker
-        through Redis unless it reached none: a worker rung claims it from the queue itself."""
-        job_id, keys, argv = self._job(payload, deadline, description, wake=ring is None)
+    def submit(self, payload: bytes, deadline: float, description: str = "") -> str:
+        job_id, keys, argv = self._job(payload, deadline, description)
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
-                if ring is None:
-                    pushed = self._enqueue(keys=keys, args=argv)
-                else:
-                    pushed = self._enqueue_then_ring(keys, argv, lambda: ring(job_id))
-                self.last_queue_length = pushed
-                self._admitted(pushed)
+                self._admitted(self._enqueue(keys=keys, args=argv))
                 return job_id
             except CONNECTION_ERRORS as e:
                 if attempt == self.retries or time.time() + delay >= deadline:
                     raise self.unavailable(e) from None
                 time.sleep(delay)
                 delay *= 2
-
-    def _enqueue_then_ring(self, keys: list, argv: list, ring: Callable[[], int]) -> int:
-        # EVAL, not EVALSHA: a script missing from Redis's cache must not cost a second round trip after the ring
-        pool = self.redis.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_command("EVAL", ENQUEUE_SCRIPT, len(keys), *keys, *argv)
-            wake = [] if ring() else wake_commands(self.queue)
-            if wake:
-                conn.send_packed_command(conn.pack_commands(wake))
-            pushed = conn.read_response()
-            for _ in wake:
-                conn.read_response()
-            return pushed
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
 
     def wait(self, job_id: str, deadline: float, bell: Doorbell | None = None,
              stale: Callable[[bytes], None] | None = None) -> JobOutcome:
@@ -202,7 +172,6 @@ class JobWire:
             self.redis.connection_pool.release(self._race_conn)
         self._race_conn = None
         self._race_pending = False
-        self.last_queue_length = 0  # the queue's length just after this client's last job joined it
 
     def getdel(self, key: str) -> bytes | None:
         try:

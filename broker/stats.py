@@ -8,7 +8,7 @@ import time
 import redis
 
 STAT_FIELDS = ("batches", "jobs", "failed", "prompts", "tokens", "computed_tokens", "cache_hits", "cache_misses",
-               "jobs_claimed_by_ring", "results_rung")  # the last two: broker.doorbell's shortcuts taken
+               "results_rung")  # results_rung: handed to their clients' doorbells (broker.doorbell)
 
 
 def _text(x):
@@ -81,9 +81,8 @@ def format_stats(s: dict) -> str:
         f"latency (last {s['latency_ms']['samples']} jobs, enqueue to result): p50 {f(s['latency_ms']['p50'])} ms, "
         f"p99 {f(s['latency_ms']['p99'])} ms",
         f"cache hit rate {f(s['cache_hit_rate'] and s['cache_hit_rate'] * 100)}%, mean batch "
-        f"{f(s['mean_batch_jobs'])} jobs, {s['totals']['computed_tokens']} of {s['totals']['tokens']} tokens computed",
-        f"same-host doorbells: {s['totals']['jobs_claimed_by_ring']} jobs claimed when rung, "
-        f"{s['totals']['results_rung']} results rung to their clients",
+        f"{f(s['mean_batch_jobs'])} jobs, {s['totals']['computed_tokens']} of {s['totals']['tokens']} tokens computed, "
+        f"{s['totals']['results_rung']} results rung to their clients' doorbells",
         "batch sizes (jobs): " + (", ".join(f"{k.replace('batch_', '')}: {v}" for k, v in s["batch_histogram"].items())
                                   or "none yet"),
         f"workers ({len(s['workers'])}):",

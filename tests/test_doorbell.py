@@ -13,8 +13,7 @@ import redis
 import torch
 
 from broker.client import EncoderClient
-from broker.doorbell import MAX_RUNG_REQUEST_BYTES, Doorbell, Ring, Ringer, local_bells
-from broker.enqueue import queue_key, wake_key
+from broker.doorbell import Doorbell, Ring, Ringer
 from broker.errors import InvalidRequest
 from broker.host import host_id
 from broker.queues import ENCODE_FUNCTION
@@ -24,7 +23,6 @@ from broker.schemas import EncodeRequest, Handle
 from broker.serializer import MsgpackSerializer
 from shm import SHM_DIR, write_segment
 from tests.helpers import eventually
-from workers.job_source import JobSource
 
 def shm_handle(name: str, nbytes: int = 8) -> bytes:
     return Handle(transport="shm", location=name, dtype="bfloat16", shapes=[[1, nbytes // 2]], offsets=[0],
@@ -82,9 +80,17 @@ def test_a_request_names_only_a_doorbell():
             EncodeRequest(prompts=["x"], bell=bad).validate()
 
 
+def results_rung(url: str) -> int:
+    """The queue's workers' count of results rung to their clients (python -m broker stats shows it)."""
+    from broker.stats import collect
+
+    return collect(redis.Redis.from_url(url))["totals"]["results_rung"]
+
+
 def test_the_worker_rings_the_result_to_its_client_and_records_it_in_redis(encoder_worker, baseline):
     client = EncoderClient(encoder_worker["url"], timeout=30)
     try:
+        rung_before = results_rung(encoder_worker["url"])
         bell = client._doorbell()
         job_id, deadline = submit(client, "a heron at dawn", bell.name)
         outcome = client.wire.wait(job_id, deadline, bell)
@@ -98,6 +104,7 @@ def test_the_worker_rings_the_result_to_its_client_and_records_it_in_redis(encod
         assert r.zscore("rq:finished:encode", job_id) is not None
         entry = r.xrange(f"rq:results:{job_id}")[-1][1]
         assert MsgpackSerializer.loads(base64.b64decode(entry[b"return_value"])) == outcome.value
+        assert eventually(lambda: results_rung(encoder_worker["url"]) == rung_before + 1)  # counted in the stats
     finally:
         client.close()
 
@@ -207,126 +214,3 @@ def test_a_forked_child_binds_a_doorbell_of_its_own(encoder_worker, baseline):
     finally:
         _shared_client.clear()
         client.close()
-
-
-def claim_stats(url: str, queue: str = "encode") -> tuple[int, int]:
-    """(jobs claimed when rung, results rung) summed over the queue's workers."""
-    r = redis.Redis.from_url(url)
-    claimed = rung = 0
-    for key in r.keys(f"eb:stats:{queue}:*"):
-        s = r.hgetall(key)
-        claimed += int(float(s.get(b"jobs_claimed_by_ring", 0)))
-        rung += int(float(s.get(b"results_rung", 0)))
-    return claimed, rung
-
-
-def test_a_rung_worker_claims_the_job_at_once(encoder_worker, baseline):
-    with EncoderClient(encoder_worker["url"], timeout=30) as client:
-        client.encode(["learning where the workers are"])  # the first request finds this host's workers' bells
-        assert client._worker_bells, "the worker advertises its doorbell"
-        before = claim_stats(encoder_worker["url"])
-        prompts = [f"a paper lantern no. {i}" for i in range(6)]
-        for p in prompts:
-            got = client.encode([p])[0]
-            assert torch.equal(got, baseline.encode([p])[0].to(got.dtype))
-        assert eventually(lambda: claim_stats(encoder_worker["url"])[1] >= before[1] + len(prompts))
-        # (a claim can miss when Redis runs the enqueue late on a loaded machine: the job then comes as any other)
-        assert claim_stats(encoder_worker["url"])[0] - before[0] >= len(prompts) // 2
-
-
-def test_workers_are_rung_only_while_the_queue_is_about_empty(redis_server):
-    bell = Doorbell()
-    with EncoderClient(redis_server.url, queue="rings-" + uuid.uuid4().hex[:8]) as client:
-        client._worker_bells = [bell.name]
-        client.wire.last_queue_length = 1
-        assert client._ring_workers(b"request")("job-a") == 1
-        assert [(r.job_id, r.request) for r in bell.drain()] == [("job-a", b"request")]
-        client._ring_workers(b"x" * (MAX_RUNG_REQUEST_BYTES + 1))("job-b")
-        assert [(r.job_id, r.request) for r in bell.drain()] == [("job-b", b"")]  # too big to carry: Redis has it
-        client.wire.last_queue_length = EncoderClient.RING_MAX_QUEUE + 1  # workers busy: Redis wakes one
-        assert client._ring_workers(b"request") is None
-        client.wire.last_queue_length = -3  # refused: the queue is full
-        assert client._ring_workers(b"request") is None
-    bell.close()
-
-
-def test_only_live_doorbells_of_this_host_are_rung():
-    live, lapsed, elsewhere = (Doorbell().name for _ in range(3))
-    now = time.time()
-    advertised = {live.encode(): f"{host_id()} {now + 20:.0f}".encode(),
-                  lapsed: f"{host_id()} {now - 1:.0f}",
-                  elsewhere: f"another-host/boot/1 {now + 20:.0f}",
-                  "not-a-bell": f"{host_id()} {now + 20:.0f}",
-                  Doorbell().name: "garbage"}
-    assert local_bells(advertised, host_id(), now) == [live]
-
-
-def wake_tokens(r, queue: str) -> int:
-    return r.llen(wake_key(queue))
-
-
-def test_a_job_rung_to_a_worker_wakes_none_through_redis_unless_the_ring_reached_none(redis_server):
-    queue = "ring-" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_server.url)
-    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
-    try:
-        rung = []
-        job = wire.submit(b"payload", wire.deadline(), ring=lambda job_id: rung.append(job_id) or 1)
-        assert rung == [job] and r.lrange(queue_key(queue), 0, -1) == [job.encode()]
-        assert wake_tokens(r, queue) == 0  # the worker rung claims it itself
-        missed = wire.submit(b"payload", wire.deadline(), ring=lambda job_id: 0)
-        assert wake_tokens(r, queue) == 1  # nobody heard: a worker is woken through Redis
-        plain = wire.submit(b"payload", wire.deadline())
-        assert wake_tokens(r, queue) == 2
-        assert r.lrange(queue_key(queue), 0, -1) == [job.encode(), missed.encode(), plain.encode()]
-    finally:
-        wire.close()
-
-
-def test_a_claim_takes_only_a_job_still_queued(redis_server):
-    queue = "claim-" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_server.url)
-    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
-    source = JobSource(r, queue, "claimer-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
-    try:
-        req = EncodeRequest(prompts=["claimed"]).to_msgpack()
-        first, second = (wire.submit(req, wire.deadline(), ring=lambda job_id: 1) for _ in range(2))
-        (taken,) = source.claim(second, 60)  # out of queue order: the one rung
-        assert (taken.job_id, taken.rung, taken.request.prompts) == (second, True, ["claimed"])
-        assert r.hget(f"rq:job:{second}", "status") == b"started"
-        assert r.zcard(f"rq:wip:{queue}") == 1
-        assert r.lrange(queue_key(queue), 0, -1) == [first.encode()]
-        assert wake_tokens(r, queue) == 1  # jobs remain, rung without a token: the next wait must not block
-        assert source.claim(second, 60) == []  # taken already
-        assert source.claim(uuid.uuid4().hex, 60) == []  # never enqueued: given up after a few tries
-        (rest,) = source.take(None, 5, 60)
-        assert rest.job_id == first and not rest.rung
-        assert wake_tokens(r, queue) == 0
-    finally:
-        wire.close()
-
-
-def test_a_wait_in_two_halves_ends_when_a_job_comes(redis_server):
-    queue = "halves-" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_server.url)
-    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
-    source = JobSource(r, queue, "waiter-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
-    try:
-        source.begin_wait(4, 60, 5.0)
-        source.begin_wait(4, 60, 5.0)  # one wait at a time: a second begin is a no-op
-        assert source.end_wait() is None  # nothing yet
-        job = wire.submit(EncodeRequest(prompts=["waited for"]).to_msgpack(), wire.deadline())
-        got = []
-        assert eventually(lambda: got.extend(source.end_wait() or []) or got)
-        assert [t.job_id for t in got] == [job] and not got[0].rung
-        assert source.end_wait() == []  # no wait under way
-    finally:
-        wire.close()
-
-
-def test_a_stopping_worker_wakes_others_for_the_jobs_rung_to_it(redis_server):
-    queue = "handover-" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_server.url)
-    source = JobSource(r, queue, "stopping-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
-    source.wake_others(3)
-    assert wake_tokens(r, queue) == 3

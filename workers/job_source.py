@@ -4,8 +4,7 @@ Jobs and registries keep RQ's layout (rq:job:<id>, rq:queue:<q> and its intermed
 registry with executions, rq:finished:<q>, rq:failed:<q>, rq:results:<id> streams), so rq-dashboard, `rq info`
 and RQ's own abandoned-job cleanup read them as they read RQ's. But where RQ spends ~70 commands a job, a batch
 here costs three script calls, with the bookkeeping done inside Redis: TAKE (move ids, read the jobs, mark them
-started; an idle worker's TAKE rides behind its blocking wait for a wake-up, in the same round trip, or claims
-the one job a client on its host rang it with), RECORD
+started; an idle worker's TAKE rides behind its blocking wait for a wake-up, in the same round trip), RECORD
 (results and registries: the waiting clients are answered when it ends) and STATS (the batch's counters).
 """
 
@@ -21,7 +20,7 @@ from datetime import datetime
 
 import redis
 
-from broker.enqueue import job_key, queue_key, wake_commands, wake_key
+from broker.enqueue import queue_key, wake_key
 from broker.errors import BrokerError
 from broker.queues import ENCODE_FUNCTION
 from broker.recovery import RECOVER_SCRIPT, recover_args
@@ -29,8 +28,6 @@ from broker.schemas import EncodeRequest
 from broker.serializer import MsgpackSerializer
 
 log = logging.getLogger("workers")
-CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-CLAIM_ATTEMPTS, CLAIM_RETRY_S = 5, 0.0005  # see JobSource._claim_again
 
 # Lua: Redis's clock as (unix seconds, RQ's text form): a take pipelined behind a blocking wait runs when the wait
 # ends, so the time must be read there, not when the worker sent the pipeline.
@@ -55,26 +52,20 @@ end
 
 # KEYS: queue, its intermediate list, started registry (rq:wip:<q>), the worker's executions set, the queue's
 # wake-up list (broker.enqueue.wake_key).
-# ARGV: how many more ids to take, an id to claim first ('' if none: taken only if it is still queued; a client
-# rang this worker with it, see broker.doorbell), worker name, heartbeat ttl, execution id prefix.
+# ARGV: how many more ids to take, the first id ('' if none), worker name, heartbeat ttl, execution id prefix.
 # Moves the ids to the intermediate list (RQ's reliable-dequeue list), marks every job that still exists started
 # (job status, an execution with its registries, the started registry scored by the heartbeat deadline) as RQ's
 # worker does, takes it off the intermediate list, and returns id, execution id, enqueued_at, data and meta per
-# job. Empties the wake-up list once the queue is empty (no worker needs waking for jobs already taken), and
-# leaves a token on it while jobs remain (a job rung to a worker comes without one: see broker.doorbell).
+# job. Empties the wake-up list once the queue is empty (no worker needs waking for jobs already taken).
 TAKE_SCRIPT = LUA_RQ_NOW + """
 local ids = {}
-if ARGV[2] ~= '' and redis.call('LREM', KEYS[1], 1, ARGV[2]) == 1 then ids[1] = ARGV[2] end
+if ARGV[2] ~= '' then ids[1] = ARGV[2] end
 for i = 1, tonumber(ARGV[1]) do
   local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
   if not id then break end
   ids[#ids + 1] = id
 end
-if redis.call('LLEN', KEYS[1]) == 0 then
-  redis.call('DEL', KEYS[5])
-elseif redis.call('LLEN', KEYS[5]) == 0 then
-  redis.call('LPUSH', KEYS[5], '1')
-end
+if redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[5]) end
 local now, now_text = rq_now()
 local ttl = tonumber(ARGV[4])
 local out = {}
@@ -179,8 +170,6 @@ class TakenJob:
     enqueued_at: float | None = None  # unix seconds, from the job record
     meta: dict = field(default_factory=dict)
     taken_at: float = field(default_factory=time.time)
-    rung: bool = False  # claimed when its client rang this worker (broker.doorbell), not woken through Redis
-    payload: bytes = b""  # the request as the client packed it (what a ring may carry ahead of the claim)
 
     @property
     def key(self) -> str:
@@ -237,9 +226,6 @@ class JobSource:
         self._recover = connection.register_script(RECOVER_SCRIPT)
         self._exec_prefix = secrets.token_hex(6)
         self._exec_count = 0
-        self._wait_conn = None  # begin_wait's connection (a blocking wait holds it)
-        self._waiting = False
-        self._claim_conn = None  # claims' connection (their replies are read while the worker tokenizes)
 
     # -- taking --------------------------------------------------------------------------------------
     def wait_and_take(self, more: int, heartbeat_ttl: int, timeout_s: float) -> list[TakenJob]:
@@ -247,120 +233,17 @@ class JobSource:
         (as `take`), in one round trip: the take is pipelined behind the blocking pop of the queue's wake-up
         list. A job pushed without a wake-up (by another enqueuer) is still taken within `timeout_s`. Redis
         checks blocking timeouts only every ~100 ms: use this for waits of a second or so."""
-        self.begin_wait(more, heartbeat_ttl, timeout_s)
-        return self.end_wait(block=True)
-
-    def begin_wait(self, more: int, heartbeat_ttl: int, timeout_s: float) -> None:
-        """`wait_and_take` in two halves, on a connection of its own: this sends the wait (unless one is under
-        way); `end_wait` reads what it took. In between, `wait_socket` turns readable when it has ended."""
-        if self._waiting:
-            return
-        if self._wait_conn is None:
-            self._wait_conn = self.connection.connection_pool.get_connection()
-        conn = self._wait_conn
-        try:
-            conn.send_packed_command(conn.pack_commands([
-                ("BLPOP", self.wake_key, timeout_s),
-                ("EVAL", TAKE_SCRIPT, 5, *self._take_keys, *self._take_args("", more, heartbeat_ttl))]))
-        except CONNECTION_ERRORS:
-            self._drop_wait_connection()
-            raise
-        self._waiting = True
-
-    def wait_socket(self):
-        return self._wait_conn._sock
-
-    def end_wait(self, block: bool = False) -> list[TakenJob] | None:
-        """The jobs the wait took ([] if none came in time); None if it is still waiting (and not `block`).
-        Jobs taken are started: whoever begins a wait must end it, or they wait for recovery."""
-        if not self._waiting:
-            return []
-        conn = self._wait_conn
-        try:
-            if not block and not conn.can_read(timeout=0):
-                return None
-            self._waiting = False
-            conn.read_response()  # the wake-up token, or None when the wait timed out
-            flat = conn.read_response()
-        except CONNECTION_ERRORS:
-            self._drop_wait_connection()
-            raise
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.blpop([self.wake_key], timeout=timeout_s)
+            pipe.eval(TAKE_SCRIPT, 5, *self._take_keys, *self._take_args("", more, heartbeat_ttl))
+            _, flat = pipe.execute()
         return self._parse_taken(flat)
 
-    def _drop_wait_connection(self) -> None:
-        if self._wait_conn is not None:
-            self._wait_conn.disconnect()
-            self.connection.connection_pool.release(self._wait_conn)
-        self._wait_conn = None
-        self._waiting = False
-
     def take(self, first_id: str | None, more: int, heartbeat_ttl: int) -> list[TakenJob]:
-        """Up to `more` jobs (after `first_id`, if that is still queued), each marked started with
-        `heartbeat_ttl`: from here on a job whose worker dies is found by broker.recovery. Jobs whose record
-        vanished (expired) are dropped."""
+        """Up to `more` further jobs (plus `first_id`), each marked started with `heartbeat_ttl`: from here on a
+        job whose worker dies is found by broker.recovery. Jobs whose record vanished (expired) are dropped."""
         return self._parse_taken(self._take(keys=self._take_keys,
                                             args=self._take_args(first_id or "", more, heartbeat_ttl)))
-
-    def claim(self, job_id: str, heartbeat_ttl: int) -> list[TakenJob]:
-        """The job a client on this host rang this worker with (broker.doorbell), if it is still queued; []
-        when another worker took it, or its enqueue never ran (refused, or its client lost Redis)."""
-        return self.claims([job_id], heartbeat_ttl)()
-
-    def claims(self, job_ids: list[str], heartbeat_ttl: int):
-        """`claim` in two halves: sends the claims now, on a connection of its own, and returns what reads
-        their outcome (all the jobs claimed), so the caller can work on the rung requests meanwhile."""
-        if self._claim_conn is None:
-            self._claim_conn = self.connection.connection_pool.get_connection()
-        conn = self._claim_conn
-        commands = [("EVAL", TAKE_SCRIPT, 5, *self._take_keys, *self._take_args(job_id, 0, heartbeat_ttl))
-                    for job_id in job_ids]
-        try:
-            conn.send_packed_command(conn.pack_commands(commands))
-        except CONNECTION_ERRORS:
-            self._drop_claim_connection()
-            raise
-
-        def outcome() -> list[TakenJob]:
-            try:
-                replies = [conn.read_response() for _ in commands]
-            except BaseException:  # replies left unread would answer the next claims: start afresh
-                self._drop_claim_connection()
-                raise
-            taken = []
-            for job_id, flat in zip(job_ids, replies):
-                got = self._parse_taken(flat)
-                if not got and not self.connection.exists(job_key(job_id)):
-                    got = self._claim_again(job_id, heartbeat_ttl)
-                for t in got:
-                    t.rung = True
-                taken += got
-            return taken
-
-        return outcome
-
-    def _claim_again(self, job_id: str, heartbeat_ttl: int) -> list[TakenJob]:
-        """A ring can come a moment before its client's enqueue has run in Redis: tried again while the job's
-        record does not exist yet."""
-        for _ in range(CLAIM_ATTEMPTS):
-            time.sleep(CLAIM_RETRY_S)
-            taken = self.take(job_id, 0, heartbeat_ttl)
-            if taken or self.connection.exists(job_key(job_id)):
-                return taken
-        return []
-
-    def _drop_claim_connection(self) -> None:
-        if self._claim_conn is not None:
-            self._claim_conn.disconnect()
-            self.connection.connection_pool.release(self._claim_conn)
-        self._claim_conn = None
-
-    def wake_others(self, n: int) -> None:
-        """Pushes `n` wake-up tokens: for jobs rung to this worker that it will not claim (it is stopping)."""
-        with self.connection.pipeline(transaction=False) as pipe:
-            for _ in range(n):
-                for command in wake_commands(self.queue):
-                    pipe.execute_command(*command)
-            pipe.execute()
 
     def _take_args(self, first_id: str, more: int, heartbeat_ttl: int) -> list:
         self._exec_count += 1
@@ -397,7 +280,6 @@ class JobSource:
         elif len(args[0]) > self.max_payload_bytes:
             t.error = f"payload is {len(args[0])} bytes, over max_payload_bytes {self.max_payload_bytes}"
         else:
-            t.payload = args[0]
             try:
                 t.request = self.parse_request(args[0]).validate()
             except BrokerError as e:

@@ -16,17 +16,15 @@ import collections
 import logging
 import os
 import queue
-import select
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from broker.doorbell import Doorbell, Ringer, advertise_bell, worker_bells_key
+from broker.doorbell import Ringer
 from broker.enqueue import queue_bound_key
 from broker.errors import BrokerError, InvalidRequest, PromptTooLong
-from broker.schemas import EncodeRequest
 from broker.host import host_id
 from shm import sweep, unlink_segment
 from workers.batch_runner import Batch, BatchRunner, Encoded, PreparedJob
@@ -68,9 +66,6 @@ class EncoderWorker(ServeLoop):
         self.writer = ResultWriter(host_id(), config.result_ttl_s, self.name, config.shm_prefix,
                                    config.shm_max_bytes)
         self.ringer = Ringer()
-        self.bell = Doorbell()  # clients on this host ring it with a job to claim (broker.doorbell)
-        self._rung_unclaimed: list[str] = []  # rung jobs drained from the bell, not yet claimed
-        self._early_tokens: dict[str, TokenizedBatch] = {}  # claimed job -> its request tokenized ahead
         self._ready: queue.Queue[Batch | None] = queue.Queue(maxsize=1)  # exactly one batch prefetched
         self._done: queue.Queue[Encoded | None] = queue.Queue(maxsize=2)
         self._device_idle = threading.Event()
@@ -130,8 +125,6 @@ class EncoderWorker(ServeLoop):
                     self.heartbeat(pipe)
                     self.source.refresh(held, self.heartbeat_ttl_s, pipe)
                     self._publish_bound(pipe)
-                    if not self._stop:
-                        advertise_bell(pipe, self.queue, self.bell.name, self.writer.host_id)
                     pipe.execute()
                 if down:
                     log.info("Redis is back")
@@ -165,16 +158,7 @@ class EncoderWorker(ServeLoop):
             if batch is not None:
                 self._ready.put(batch)
                 time.sleep(0)  # lets the woken compute thread take the GIL now, not a switch interval later
-        # Stopping: what is formed or pending still runs, so no started job is dropped (a wait under way may
-        # still take some). Jobs rung to this worker from now on are left to the others, woken through Redis.
-        try:
-            self.connection.hdel(worker_bells_key(self.queue), self.bell.name)
-            self._rung_unclaimed += [ring.job_id for ring in self.bell.drain()]
-            self.bell.close()  # a client's ring now fails, and the client wakes a worker through Redis
-            self.source.wake_others(len(self._rung_unclaimed))
-            self._admit(self.source.end_wait(block=True))
-        except CONNECTION_ERRORS:
-            pass  # jobs it took are started: recovery retries them; jobs rung and not taken: see job_source
+        # Stopping: what is formed or pending still runs, so no started job is dropped.
         while self._forming.jobs or self._pending:
             batch, self._forming = self._forming, Batch()
             while self._pending and self.policy.fits(len(batch.jobs), batch.tokens, self._pending[0].n_tokens):
@@ -193,9 +177,7 @@ class EncoderWorker(ServeLoop):
                 break
             room = self.policy.max_batch_requests - len(batch.jobs)
             if batch.jobs:
-                taken = self._claim_rung()
-                taken += self.source.end_wait() or []  # a wait begun while idle may have taken jobs since
-                taken += self.source.take(None, room - len(taken), self.heartbeat_ttl_s)
+                taken = self.source.take(None, room, self.heartbeat_ttl_s)
                 if taken:
                     self._admit(taken)
                     continue
@@ -207,7 +189,8 @@ class EncoderWorker(ServeLoop):
                 else:
                     self._device_idle.wait(1e-3)
             else:
-                taken = self._wait_for_jobs(room)
+                # blocks until a job comes (the timeout only bounds stop checks)
+                taken = self.source.wait_and_take(room, self.heartbeat_ttl_s, 1.0)
                 if not taken:
                     return None
                 self._admit(taken)
@@ -215,39 +198,6 @@ class EncoderWorker(ServeLoop):
             return None
         self._forming = Batch()
         return batch
-
-    def _wait_for_jobs(self, room: int) -> list[TakenJob]:
-        """Blocks until Redis wakes this worker for jobs (as `wait_and_take`) or a client on this host rings it
-        with one, which is then claimed at once: a wake-up through Redis costs ~0.3 ms more on an idle host.
-        The timeout only bounds stop checks."""
-        self.source.begin_wait(room, self.heartbeat_ttl_s, 1.0)
-        readable, _, _ = select.select([self.bell, self.source.wait_socket()], [], [], 1.5)
-        taken = self._claim_rung() if self.bell in readable else []
-        taken += self.source.end_wait() or []
-        return taken
-
-    def _claim_rung(self) -> list[TakenJob]:
-        """Claims the jobs clients rang this worker with (every ring is answered with a claim: a rung job wakes
-        no worker through Redis, broker.doorbell), and tokenizes the requests the rings carry while the claims
-        run. Jobs claimed carry their tokens in self._early_tokens."""
-        rings = self.bell.drain()
-        self._rung_unclaimed += [ring.job_id for ring in rings]
-        if not self._rung_unclaimed:
-            return []
-        outcome = self.source.claims(self._rung_unclaimed, self.heartbeat_ttl_s)
-        early = {}
-        for ring in rings:
-            if ring.request:
-                try:
-                    early[ring.job_id] = (ring.request, self._tokenize_request(EncodeRequest.from_msgpack(
-                        ring.request).validate()))
-                except Exception:  # BrokerError and the like: the claimed job's own check reports it
-                    pass
-        taken = outcome()
-        self._rung_unclaimed = []
-        self._early_tokens = {t.job_id: early[t.job_id][1] for t in taken
-                              if t.job_id in early and early[t.job_id][0] == t.payload}
-        return taken
 
     def _admit(self, taken: list[TakenJob]) -> None:
         """Checks and tokenizes taken (already started) jobs: the good ones wait for a batch, the bad ones fail
@@ -257,18 +207,13 @@ class EncoderWorker(ServeLoop):
         # Image jobs spend tens of ms a picture decoding and preprocessing (PIL and numpy let go of the GIL):
         # several at once go through a thread pool.
         if sum(1 for t in ok if t.request.images) > 1:
-            results = [self._image_pool.submit(self._tokenize_request, t.request) for t in ok]
+            results = [self._image_pool.submit(self._tokenize, t) for t in ok]
         else:
             results = [None] * len(ok)
         for t, future in zip(ok, results):
             self.runner.launched.wait(LAUNCH_WAIT_S)
             try:
-                early = self._early_tokens.pop(t.job_id, None)
-                if early is not None:
-                    tokens = early
-                else:
-                    tokens = future.result() if future is not None else self._tokenize_request(t.request)
-                prepared.append(PreparedJob(t, tokens))
+                prepared.append(PreparedJob(t, future.result() if future is not None else self._tokenize(t)))
             except BrokerError as e:
                 failed.append((t, f"{type(e).__name__}: {e}"))
         with self._held_lock:
@@ -282,7 +227,8 @@ class EncoderWorker(ServeLoop):
             for t, reason in failed:
                 log.warning("job %s failed: %s", t.job_id, reason)
 
-    def _tokenize_request(self, req: EncodeRequest) -> TokenizedBatch:
+    def _tokenize(self, t: TakenJob) -> TokenizedBatch:
+        req = t.request
         if len(req.prompts) > self.config.max_prompts_per_job:
             raise InvalidRequest(f"{len(req.prompts)} prompts in one job, over max_prompts_per_job "
                                  f"{self.config.max_prompts_per_job}")
@@ -398,8 +344,7 @@ class EncoderWorker(ServeLoop):
             stats = self.stats.batch(
                 jobs=len(enc.batch.jobs), failed=len(failed), prompts=sum(len(p.tokens.ids) for p in enc.batch.jobs),
                 tokens=enc.batch.tokens, computed_tokens=enc.computed_tokens, cache_hits=enc.cache_hits,
-                cache_misses=enc.cache_misses, latencies_ms=latencies, infer_ms=enc.infer_ms,
-                jobs_claimed_by_ring=sum(p.taken.rung for p in enc.batch.jobs), results_rung=rung_results,
+                cache_misses=enc.cache_misses, latencies_ms=latencies, infer_ms=enc.infer_ms, results_rung=rung_results,
                 **({"vision_images_computed": enc.vision_computed, "vision_images_reused": enc.vision_reused}
                    if enc.vision_computed or enc.vision_reused else {}))  # i2i: vision tower runs vs reuses
             try:
