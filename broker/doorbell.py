@@ -2,13 +2,14 @@
 
 A lone request's result otherwise reaches its client through Redis: the worker's RECORD script adds it to the
 job's result stream, Redis wakes the client's blocking XREAD. That hop costs two process wake-ups and Redis's
-reply parsing (~0.3 ms on an idle H100 host, benchmarks/hops.py); a datagram on a Unix socket costs one. So a
-client that reads results by shared memory binds a doorbell (an abstract-namespace Unix datagram socket: it
-vanishes with the process, nothing to clean up) and names it in its request; a worker on the same host sends the
-handle there the moment the segment is filled, then records the result in Redis as always. Redis stays the
-source of truth: the client waits on both at once (broker.rq_wire), so a result from a worker that can't ring
-(another host, another network namespace, an older version) or a failure arrives as before, and the RQ registries
-are written as before, a moment after the client has its result.
+reply parsing (~0.5 ms between idle processes on an H100 host, against ~0.1 ms for a datagram on a Unix socket,
+which costs one wake-up: benchmarks/hops.py, RESULTS.md run 14). So a client that reads results by shared memory
+binds a doorbell (an abstract-namespace Unix datagram socket: it vanishes with the process, nothing to clean up)
+and names it in its request; a worker on the same host sends the handle there the moment the segment is filled,
+then records the result in Redis as always. Redis stays the source of truth: the client waits on both at once
+(broker.rq_wire), so a result from a worker that can't ring (another host, another network namespace, an older
+version) or a failure arrives as before, and the RQ registries are written as before, a moment after the client
+has its result.
 
 A ring is taken only from a process of the client's own user (or root), checked by the kernel's credentials on
 the datagram, and only for the job the client waits for, whose id only Redis and the client know. A ring for any

@@ -132,7 +132,12 @@ class JobWire:
                     conn.send_command("XREAD", "COUNT", 1, "BLOCK", self._block_ms(job_id, deadline),
                                       "STREAMS", key, "0-0")
                     self._race_pending = True
-                readable, _, _ = select.select([bell, conn._sock], [], [], max(0.0, deadline - time.time()) + 1.0)
+                # poll, not select: a process with over 1024 descriptors open can't select on them
+                poller = select.poll()
+                poller.register(bell.fileno(), select.POLLIN)
+                poller.register(conn._sock.fileno(), select.POLLIN)
+                ready = {fd for fd, _ in poller.poll((max(0.0, deadline - time.time()) + 1.0) * 1e3)}
+                readable = [x for x in (bell, conn._sock) if x.fileno() in ready]
                 if bell in readable or not readable:
                     handle, others = bell.take(job_id)
                     for h in others:
