@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -26,7 +27,7 @@ class EncoderClient:
     `copy=False` returns tensors that view the (already unlinked) shared memory instead of copies.
     `doorbell` (shm transport, sync `encode`): a worker on this host hands the result straight to this process
     (broker.doorbell) instead of through Redis, ~0.3 ms sooner on an idle H100 host; results still reach Redis
-    and its registries.
+    and its registries. One thread at a time waits on the doorbell; others sharing the client wait on Redis alone.
     """
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_QUEUE,
@@ -40,6 +41,7 @@ class EncoderClient:
         self.copy = copy
         self.use_doorbell = doorbell and transport == "shm"
         self._bell: Doorbell | None = None
+        self._bell_in_use = threading.Lock()  # held by the one thread waiting on the doorbell
         self.wire = JobWire(redis_url, queue, ENCODE_FUNCTION, timeout, retries, max_queue_depth)
 
     @classmethod
@@ -56,6 +58,7 @@ class EncoderClient:
         return cls(**kw)
 
     def _doorbell(self) -> Doorbell | None:
+        """This process's doorbell (its waits are serialized by _bell_in_use)."""
         if not self.use_doorbell:
             return None
         if self._bell is None or self._bell.pid != os.getpid():  # a forked child binds its own
@@ -90,10 +93,15 @@ class EncoderClient:
                   raw: bool = False) -> tuple[Handle, str]:
         """`encode` up to the result's handle, not yet read: (the handle, how it came: "redis" or "doorbell")."""
         deadline = self.wire.deadline()
-        bell = self._doorbell()
-        payload, description = self._payload(prompts, task, images, deadline, raw, bell)
-        job_id = self.wire.submit(payload, deadline, description)
-        outcome = self.wire.wait(job_id, deadline, bell, stale=discard_result)
+        ringable = self.use_doorbell and self._bell_in_use.acquire(blocking=False)
+        try:
+            bell = self._doorbell() if ringable else None
+            payload, description = self._payload(prompts, task, images, deadline, raw, bell)
+            job_id = self.wire.submit(payload, deadline, description)
+            outcome = self.wire.wait(job_id, deadline, bell, stale=discard_result)
+        finally:
+            if ringable:
+                self._bell_in_use.release()
         return Handle.from_msgpack(raise_for_error(outcome)), outcome.via
 
     async def aencode(self, prompts: list[str], task: str = "t2i", images: list | None = None,

@@ -214,3 +214,17 @@ def test_a_forked_child_binds_a_doorbell_of_its_own(encoder_worker, baseline):
     finally:
         _shared_client.clear()
         client.close()
+
+
+def test_threads_sharing_a_client_each_get_their_own_results(encoder_worker, baseline):
+    """One thread at a time waits on the doorbell (the others on Redis): no thread takes another's ring."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"a shared client, thread request {i}" for i in range(12)]
+    with EncoderClient(encoder_worker["url"], timeout=60) as client, ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: client.handle_of([p]), prompts))
+        for p, (handle, _via) in zip(prompts, got):
+            (states,) = read_shm(handle)
+            # (jobs of one batch: padding may move the last bits, as in tests/test_broker_e2e.py)
+            torch.testing.assert_close(states, baseline.encode([p])[0].to(states.dtype), rtol=1e-5, atol=1e-5)
+        assert {via for _, via in got} <= {"doorbell", "redis"} and any(via == "doorbell" for _, via in got)
