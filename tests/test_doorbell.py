@@ -33,6 +33,13 @@ def segment_exists(name: str) -> bool:
     return os.path.exists(os.path.join(SHM_DIR, name.lstrip("/")))
 
 
+def assert_encoded(outcome, via: str, prompt: str, baseline) -> None:
+    """`outcome` came `via` where expected and its segment holds `prompt`'s states."""
+    assert outcome.via == via and outcome.error is None
+    got = read_shm(Handle.from_msgpack(outcome.value))[0]
+    assert torch.equal(got, baseline.encode([prompt])[0].to(got.dtype))
+
+
 def submit(client: EncoderClient, prompt: str, bell: str = "") -> tuple[str, float]:
     deadline = client.wire.deadline()
     req = EncodeRequest(prompts=[prompt], transport="shm", client_host=host_id(), deadline=deadline, bell=bell)
@@ -94,10 +101,7 @@ def test_the_worker_rings_the_result_to_its_client_and_records_it_in_redis(encod
         bell = client._doorbell()
         job_id, deadline = submit(client, "a heron at dawn", bell.name)
         outcome = client.wire.wait(job_id, deadline, bell)
-        assert outcome.via == "doorbell" and outcome.error is None
-        got = read_shm(Handle.from_msgpack(outcome.value))[0]
-        ref = baseline.encode(["a heron at dawn"])[0]
-        assert got.shape == ref.shape and torch.equal(got, ref.to(got.dtype))
+        assert_encoded(outcome, "doorbell", "a heron at dawn", baseline)
         # the result reaches Redis as well: status, registry and result stream, with the same handle
         r = redis.Redis.from_url(encoder_worker["url"])
         assert eventually(lambda: r.hget(f"rq:job:{job_id}", "status") == b"finished")
@@ -115,10 +119,7 @@ def test_a_result_nobody_rings_comes_through_redis(encoder_worker, baseline):
     client = EncoderClient(encoder_worker["url"], timeout=30)
     try:
         job_id, deadline = submit(client, "a quiet harbour")
-        outcome = client.wire.wait(job_id, deadline, client._doorbell())
-        assert outcome.via == "redis" and outcome.error is None
-        got = read_shm(Handle.from_msgpack(outcome.value))[0]
-        assert torch.equal(got, baseline.encode(["a quiet harbour"])[0].to(got.dtype))
+        assert_encoded(client.wire.wait(job_id, deadline, client._doorbell()), "redis", "a quiet harbour", baseline)
     finally:
         client.close()
 
@@ -130,10 +131,7 @@ def test_a_worker_whose_ring_is_not_heard_still_delivers_through_redis(encoder_w
         name = gone.name
         gone.close()
         job_id, deadline = submit(client, "nobody at the door", name)
-        outcome = client.wire.wait(job_id, deadline)
-        assert outcome.via == "redis" and outcome.error is None
-        got = read_shm(Handle.from_msgpack(outcome.value))[0]
-        assert torch.equal(got, baseline.encode(["nobody at the door"])[0].to(got.dtype))
+        assert_encoded(client.wire.wait(job_id, deadline), "redis", "nobody at the door", baseline)
     finally:
         client.close()
 
