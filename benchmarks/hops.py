@@ -1,6 +1,8 @@
 """How long one notification takes to reach a process that has been idle, by each way a worker can tell a client
 its result is ready: a Redis script's XADD to a client blocked in XREAD (the RQ result stream), or a datagram
-to the client's doorbell socket (broker.doorbell) while the same XREAD is pending beside it.
+to the client's doorbell socket (broker.doorbell) while the same XREAD is pending beside it. Then a whole ~250 KB
+result from the start of its fill to the client's copy: rung after the fill (as now), or with an early ring
+before it (the client wakes during the fill and stays awake for the result's ring).
 
     python benchmarks/hops.py [--redis-server PATH] [--n 400] [--idle-ms 8]
 
@@ -46,6 +48,68 @@ def receiver(url: str, bell_name: str, mode: str, n: int, ready, out) -> None:
             conn.read_response()  # the XADD behind the datagram
         ready.put(i)
     out.put(got)
+
+
+RESULT_MODES = ("ring after fill", "early ring")  # a ~250 KB result: filled, rung, read by the client
+
+
+def result_receiver(bell_name: str, n: int, ready, out) -> None:
+    from broker.results import read_shm
+    from broker.schemas import Handle
+
+    bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    bell.bind("\0" + bell_name)
+    ready.put(1)
+    done = []
+    for i in range(n):
+        select.select([bell], [], [], 5.0)
+        msg = bell.recv(65536)
+        if msg == b"soon":  # woken early: stay awake until the result is rung
+            bell.setblocking(False)
+            while True:
+                try:
+                    msg = bell.recv(65536)
+                    break
+                except BlockingIOError:
+                    pass
+            bell.setblocking(True)
+        rows = RESULT_BYTES // 7168
+        read_shm(Handle(transport="shm", location=msg.decode(), dtype="bfloat16", shapes=[[rows, 3584]],
+                        offsets=[0], nbytes=RESULT_BYTES, expires_at=time.time() + 30))
+        done.append(time.perf_counter())
+        ready.put(i)
+    out.put(done)
+
+
+RESULT_BYTES = 35 * 7168  # one 35-token prompt's states, 7B
+
+
+def run_result(mode: str, n: int, idle_s: float) -> list[float]:
+    """us from the worker starting to fill the result to the client holding a copy."""
+    from shm import fill_segment, reserve_segment
+
+    ctx = mp.get_context("spawn")
+    ready, out = ctx.Queue(), ctx.Queue()
+    name = f"eb-hops-{os.getpid()}-result"
+    proc = ctx.Process(target=result_receiver, args=(name, n, ready, out))
+    proc.start()
+    ready.get()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    data = os.urandom(RESULT_BYTES)
+    started = []
+    for _ in range(n):
+        segment = reserve_segment(RESULT_BYTES, 30, "ebhops")  # as while the device computes
+        time.sleep(idle_s)
+        t = time.perf_counter()
+        if mode == "early ring":
+            sock.sendto(b"soon", "\0" + name)
+        fill_segment(segment, [(0, data)])
+        sock.sendto(segment.encode(), "\0" + name)
+        started.append(t)
+        ready.get()
+    done = out.get()
+    proc.join()
+    return [(d - s) * 1e6 for d, s in zip(done, started)]
 
 
 def run(url: str, mode: str, n: int, idle_s: float) -> list[float]:
@@ -100,6 +164,12 @@ def main() -> None:
         for rnd in range(2):
             for mode in ("redis", "doorbell"):
                 lat = run(server.url, mode, args.n, args.idle_ms / 1e3)[10:]
+                print(f"| {mode} (round {rnd + 1}) | {pct(lat, 50):.0f} | {pct(lat, 90):.0f} |", flush=True)
+        print(f"\n| a ~250 KB result, fill start -> the client has its copy | p50 us | p90 us |")
+        print("|---|---|---|")
+        for rnd in range(2):
+            for mode in RESULT_MODES:
+                lat = run_result(mode, args.n, args.idle_ms / 1e3)[10:]
                 print(f"| {mode} (round {rnd + 1}) | {pct(lat, 50):.0f} | {pct(lat, 90):.0f} |", flush=True)
     finally:
         server.stop()
