@@ -15,6 +15,15 @@ A ring is taken only from a process of the client's own user (or root), checked 
 the datagram, and only for the job the client waits for, whose id only Redis and the client know. A ring for any
 other job (a late ring for a job the client took from Redis, a retried job's second result) is dropped and its
 segment unlinked, since it was addressed to this client and nobody else will read it.
+
+The way in has the same shortcut: a worker binds a doorbell too and advertises it in Redis (worker_bells_key).
+While the queue is about empty, a client on its host rings one of them (in turns) with the job's id and its
+request (when small), then enqueues the job without a wake-up token. An idle worker runs the request at once and
+claims the job from the queue while it runs (workers.worker.EncoderWorker._take_rung); a busy one hands it on
+with a wake-up token through Redis. The job itself still goes through the queue and its registries, and only a
+claimed job's result is delivered: a ring for a job already taken claims nothing (the run is dropped), and a job
+rung without a wake-up token is still taken by any worker's next take (workers.job_source TAKE leaves a token
+while jobs remain).
 """
 
 from __future__ import annotations
@@ -23,13 +32,17 @@ import os
 import secrets
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from broker.errors import ProtocolError
-from broker.schemas import BELL_PREFIX, SCHEMA_VERSION, as_dict, decode, packb
+from broker.schemas import BELL_PREFIX, SCHEMA_VERSION, as_dict, decode, is_bell_name, packb
 
 MAX_RING_BYTES = 64 * 1024  # a handle is a few hundred bytes; a ring larger than this is not ours
+MAX_RUNG_REQUEST_BYTES = 32 * 1024  # a larger request (images) is rung without it: the worker reads it from Redis
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+WORKER_BELL_TTL_S = 30  # a worker's advertised doorbell lapses this long after its last heartbeat
+MAX_WORKER_BELLS = 16  # a client rings at most this many of its host's workers
 
 
 @dataclass(slots=True)
@@ -37,7 +50,8 @@ class Ring:
     """What a worker sends to a doorbell: the job and its result's handle (msgpack of broker.schemas.Handle)."""
 
     job_id: str
-    handle: bytes
+    handle: bytes = b""  # b"" rings a worker: a job to claim
+    request: bytes = b""  # a ring to a worker may carry the job's request, to work on while the claim runs
     version: int = SCHEMA_VERSION
 
     def to_msgpack(self) -> bytes:
@@ -46,8 +60,9 @@ class Ring:
     @classmethod
     def from_msgpack(cls, data: bytes) -> "Ring":
         ring = decode(cls, data, "doorbell ring")
-        if not isinstance(ring.job_id, str) or not isinstance(ring.handle, bytes):
-            raise ProtocolError("a doorbell ring must carry a job id (str) and a handle (bytes)")
+        if not isinstance(ring.job_id, str) or not isinstance(ring.handle, bytes) or \
+                not isinstance(ring.request, bytes):
+            raise ProtocolError("a doorbell ring must carry a job id (str), a handle and a request (bytes)")
         return ring
 
 
@@ -70,21 +85,27 @@ class Doorbell:
     def take(self, job_id: str) -> tuple[bytes | None, list[bytes]]:
         """Reads every ring queued: (the handle for `job_id` or None, the handles of rings for other jobs)."""
         mine, stale = None, []
-        while True:
-            try:
-                data, ancillary, _flags, _addr = self.sock.recvmsg(MAX_RING_BYTES, socket.CMSG_SPACE(UCRED.size))
-            except (BlockingIOError, InterruptedError):
-                return mine, stale
-            if not self._from_own_user(ancillary):
-                continue
-            try:
-                ring = Ring.from_msgpack(data)
-            except ProtocolError:
-                continue  # not a worker's ring: nothing to act on
+        for ring in self.drain():
             if ring.job_id == job_id and mine is None:
                 mine = ring.handle
             else:
                 stale.append(ring.handle)
+        return mine, stale
+
+    def drain(self) -> list[Ring]:
+        """Every ring queued, from processes of this user; anything else is dropped."""
+        rings = []
+        while True:
+            try:
+                data, ancillary, _flags, _addr = self.sock.recvmsg(MAX_RING_BYTES, socket.CMSG_SPACE(UCRED.size))
+            except (BlockingIOError, InterruptedError):
+                return rings
+            if not self._from_own_user(ancillary):
+                continue
+            try:
+                rings.append(Ring.from_msgpack(data))
+            except ProtocolError:
+                continue  # not a ring: nothing to act on
 
     def _from_own_user(self, ancillary) -> bool:
         for level, kind, value in ancillary:
@@ -104,14 +125,44 @@ class Ringer:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.setblocking(False)
 
-    def ring(self, bell: str, job_id: str, handle: bytes) -> bool:
-        """True when the ring was queued on the client's doorbell; False when nobody listens there (the client
-        is gone, or in another network namespace) or its queue is full: the client then reads Redis."""
+    def ring(self, bell: str, job_id: str, handle: bytes = b"", request: bytes = b"") -> bool:
+        """True when the ring was queued on the doorbell; False when nobody listens there (its process is gone,
+        or in another network namespace) or its queue is full: the other side then hears through Redis."""
+        if len(request) > MAX_RUNG_REQUEST_BYTES:
+            request = b""
         try:
-            self.sock.sendto(Ring(job_id, handle).to_msgpack(), "\0" + bell)
+            self.sock.sendto(Ring(job_id, handle, request).to_msgpack(), "\0" + bell)
             return True
         except OSError:
             return False
 
     def close(self) -> None:
         self.sock.close()
+
+
+def worker_bells_key(queue: str) -> str:
+    """Hash of the queue's workers' doorbells: name -> "<host id> <unix seconds it lapses at>"."""
+    return f"eb:bells:{queue}"
+
+
+def advertise_bell(pipe, queue: str, bell: str, host: str) -> None:
+    """A worker's doorbell, for clients on its host to ring (refreshed with each heartbeat)."""
+    key = worker_bells_key(queue)
+    pipe.hset(key, bell, f"{host} {time.time() + WORKER_BELL_TTL_S:.0f}")
+    pipe.expire(key, WORKER_BELL_TTL_S)
+
+
+def local_bells(advertised: dict, host: str, now: float | None = None) -> list[str]:
+    """The doorbells of `advertised` (worker_bells_key's hash) on `host` that have not lapsed."""
+    now = time.time() if now is None else now
+    bells = []
+    for name, value in advertised.items():
+        name, value = (x.decode() if isinstance(x, bytes) else x for x in (name, value))
+        where, _, lapses = value.rpartition(" ")
+        try:
+            alive = float(lapses) > now
+        except ValueError:
+            alive = False
+        if where == host and alive and is_bell_name(name):
+            bells.append(name)
+    return bells[:MAX_WORKER_BELLS]

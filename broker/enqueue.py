@@ -25,7 +25,8 @@ MAX_WAKE_TOKENS = 64
 # or, when that is 0, the one the queue's workers publish (KEYS[4], see queue_bound_key); 0 = unbounded.
 # KEYS: queue list, job hash, rq:queues, bound key, wake-up list (see wake_key).
 # ARGV: bound, ttl, job id, the hash's field/value pairs as one msgpack array (one argument instead of ~34: the
-# client packs each argument in Python, and this runs before every job can start).
+# client packs each argument in Python, and this runs before every job can start), whether to push a wake-up
+# token ('1'; '0' when the client rings workers on its host instead, see broker.doorbell).
 # Returns the queue length after the push, or -(bound) - 1 when refused.
 ENQUEUE_SCRIPT = """
 local bound = tonumber(ARGV[1])
@@ -38,8 +39,10 @@ local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 redis.call('SADD', KEYS[3], KEYS[1])
 local n = redis.call('RPUSH', KEYS[1], ARGV[3])
-redis.call('LPUSH', KEYS[5], '1')
-redis.call('LTRIM', KEYS[5], 0, %d)
+if ARGV[5] ~= '0' then
+  redis.call('LPUSH', KEYS[5], '1')
+  redis.call('LTRIM', KEYS[5], 0, %d)
+end
 return n
 """ % (MAX_WAKE_TOKENS - 1)
 
@@ -69,9 +72,13 @@ def rq_time(t: datetime | None = None) -> str:
     return (t or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
 def new_job_mapping(payload: bytes, queue: str, *, function: str = ENCODE_FUNCTION, job_timeout: int,
                     result_ttl: int, failure_ttl: int, ttl: int, retries: int,
-                    description: str = "") -> tuple[str, dict]:
+                    description: str = "", job_id: str | None = None) -> tuple[str, dict]:
     """(job id, the job hash's fields) as RQ's Queue.enqueue_call writes them for `function(payload)`."""
     stamp = rq_time()
     mapping = {
@@ -90,13 +97,20 @@ def new_job_mapping(payload: bytes, queue: str, *, function: str = ENCODE_FUNCTI
     }
     if retries > 0:
         mapping.update(retries_left=retries, retry_intervals="[0]")
-    return uuid.uuid4().hex, mapping
+    return job_id or new_job_id(), mapping
 
 
-def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int) -> tuple[list, list]:
+def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int,
+                 wake: bool = True) -> tuple[list, list]:
     keys = [queue_key(queue), job_key(job_id), QUEUES_SET, queue_bound_key(queue), wake_key(queue)]
     fields = []
     for k, v in mapping.items():
         fields.extend((k, v))
     # Redis's Lua cmsgpack reads only msgpack's original raw strings: no bin type.
-    return keys, [bound, ttl, job_id, msgpack.packb(fields, use_bin_type=False)]
+    return keys, [bound, ttl, job_id, msgpack.packb(fields, use_bin_type=False), "1" if wake else "0"]
+
+
+def wake_commands(queue: str) -> list[tuple]:
+    """What ENQUEUE does to wake a worker, as plain commands: for a job enqueued without (see ENQUEUE_SCRIPT)
+    that the worker rung with it leaves to the others (workers.job_source.JobSource.wake_others)."""
+    return [("LPUSH", wake_key(queue), "1"), ("LTRIM", wake_key(queue), 0, MAX_WAKE_TOKENS - 1)]

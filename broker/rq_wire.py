@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aredis
 
 from broker.doorbell import Doorbell
-from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_mapping
+from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_id, new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
 from broker.recovery import RECOVER_SCRIPT, recover_args
 from broker.results import JobOutcome, parse_result_entry, result_fields
@@ -52,6 +52,7 @@ class JobWire:
         # reply is still to come (the worker records the result just after ringing) and is read before reuse.
         self._race_conn = None
         self._race_pending = False
+        self.last_queue_length = 0  # the queue's length just after this client's last job joined it
 
     @property
     def aredis(self) -> aredis.Redis:
@@ -64,13 +65,14 @@ class JobWire:
     def deadline(self) -> float:
         return time.time() + self.timeout
 
-    def _job(self, payload: bytes, deadline: float, description: str) -> tuple[str, list, list]:
+    def _job(self, payload: bytes, deadline: float, description: str, job_id: str | None = None,
+             wake: bool = True) -> tuple[str, list, list]:
         remaining = max(1, int(deadline - time.time()) + 1)
         job_id, mapping = new_job_mapping(
             payload, self.queue, function=self.function, job_timeout=remaining + 5, result_ttl=RESULT_TTL_S,
-            failure_ttl=RESULT_TTL_S, ttl=remaining, retries=self.retries, description=description,
+            failure_ttl=RESULT_TTL_S, ttl=remaining, retries=self.retries, description=description, job_id=job_id,
         )
-        keys, argv = enqueue_args(job_id, mapping, self.queue, self.max_queue_depth, remaining)
+        keys, argv = enqueue_args(job_id, mapping, self.queue, self.max_queue_depth, remaining, wake)
         return job_id, keys, argv
 
     def _admitted(self, pushed: int) -> None:
@@ -91,12 +93,20 @@ class JobWire:
         return BrokerTimeout(f"no result for job {job_id} on queue {self.queue!r} within {self.timeout:.1f}s")
 
     # -- sync ------------------------------------------------------------------------------------------
-    def submit(self, payload: bytes, deadline: float, description: str = "") -> str:
-        job_id, keys, argv = self._job(payload, deadline, description)
+    def submit(self, payload: bytes, deadline: float, description: str = "",
+               ring: Callable[[str], int] | None = None) -> str:
+        """Enqueues the job; its id. `ring(job_id)` first rings a worker's doorbell with it (broker.doorbell) and
+        returns how many it reached: a job rung wakes no worker through Redis, since the worker rung claims it
+        from the queue itself (it runs the job meanwhile: the ring goes out before the enqueue is even built)."""
+        job_id = new_job_id()
+        wake = ring is None or not ring(job_id)
+        job_id, keys, argv = self._job(payload, deadline, description, job_id, wake)
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
-                self._admitted(self._enqueue(keys=keys, args=argv))
+                pushed = self._enqueue(keys=keys, args=argv)
+                self.last_queue_length = pushed
+                self._admitted(pushed)
                 return job_id
             except CONNECTION_ERRORS as e:
                 if attempt == self.retries or time.time() + delay >= deadline:

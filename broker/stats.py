@@ -8,7 +8,9 @@ import time
 import redis
 
 STAT_FIELDS = ("batches", "jobs", "failed", "prompts", "tokens", "computed_tokens", "cache_hits", "cache_misses",
-               "results_rung")  # results_rung: handed to their clients' doorbells (broker.doorbell)
+               "jobs_claimed_by_ring", "jobs_run_ahead", "runs_ahead_lost", "results_rung")
+# the last four: broker.doorbell's shortcuts (jobs rung to a worker; of those, run while their claim went to Redis,
+# and run but taken by another worker; results rung to their client)
 
 
 def _text(x):
@@ -81,8 +83,10 @@ def format_stats(s: dict) -> str:
         f"latency (last {s['latency_ms']['samples']} jobs, enqueue to result): p50 {f(s['latency_ms']['p50'])} ms, "
         f"p99 {f(s['latency_ms']['p99'])} ms",
         f"cache hit rate {f(s['cache_hit_rate'] and s['cache_hit_rate'] * 100)}%, mean batch "
-        f"{f(s['mean_batch_jobs'])} jobs, {s['totals']['computed_tokens']} of {s['totals']['tokens']} tokens computed, "
-        f"{s['totals']['results_rung']} results rung to their clients' doorbells",
+        f"{f(s['mean_batch_jobs'])} jobs, {s['totals']['computed_tokens']} of {s['totals']['tokens']} tokens computed",
+        f"same-host doorbells: {s['totals']['jobs_claimed_by_ring']} jobs claimed when rung "
+        f"({s['totals']['jobs_run_ahead']} run ahead of the claim, {s['totals']['runs_ahead_lost']} run and lost "
+        f"to another worker), {s['totals']['results_rung']} results rung to their clients",
         "batch sizes (jobs): " + (", ".join(f"{k.replace('batch_', '')}: {v}" for k, v in s["batch_histogram"].items())
                                   or "none yet"),
         f"workers ({len(s['workers'])}):",

@@ -4,7 +4,9 @@ the waiting client; Redis stays the source of truth. Real sockets, a real Redis,
 import base64
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
+import threading
 import time
 import uuid
 
@@ -13,7 +15,8 @@ import redis
 import torch
 
 from broker.client import EncoderClient
-from broker.doorbell import Doorbell, Ring, Ringer
+from broker.doorbell import MAX_RUNG_REQUEST_BYTES, Doorbell, Ring, Ringer, local_bells
+from broker.enqueue import queue_key, wake_key
 from broker.errors import InvalidRequest
 from broker.host import host_id
 from broker.queues import ENCODE_FUNCTION
@@ -23,6 +26,7 @@ from broker.schemas import EncodeRequest, Handle
 from broker.serializer import MsgpackSerializer
 from shm import SHM_DIR, write_segment
 from tests.helpers import eventually
+from workers.job_source import JobSource
 
 def shm_handle(name: str, nbytes: int = 8) -> bytes:
     return Handle(transport="shm", location=name, dtype="bfloat16", shapes=[[1, nbytes // 2]], offsets=[0],
@@ -87,17 +91,9 @@ def test_a_request_names_only_a_doorbell():
             EncodeRequest(prompts=["x"], bell=bad).validate()
 
 
-def results_rung(url: str) -> int:
-    """The queue's workers' count of results rung to their clients (python -m broker stats shows it)."""
-    from broker.stats import collect
-
-    return collect(redis.Redis.from_url(url))["totals"]["results_rung"]
-
-
 def test_the_worker_rings_the_result_to_its_client_and_records_it_in_redis(encoder_worker, baseline):
     client = EncoderClient(encoder_worker["url"], timeout=30)
     try:
-        rung_before = results_rung(encoder_worker["url"])
         bell = client._doorbell()
         job_id, deadline = submit(client, "a heron at dawn", bell.name)
         outcome = client.wire.wait(job_id, deadline, bell)
@@ -108,7 +104,6 @@ def test_the_worker_rings_the_result_to_its_client_and_records_it_in_redis(encod
         assert r.zscore("rq:finished:encode", job_id) is not None
         entry = r.xrange(f"rq:results:{job_id}")[-1][1]
         assert MsgpackSerializer.loads(base64.b64decode(entry[b"return_value"])) == outcome.value
-        assert eventually(lambda: results_rung(encoder_worker["url"]) == rung_before + 1)  # counted in the stats
     finally:
         client.close()
 
@@ -226,3 +221,172 @@ def test_threads_sharing_a_client_each_get_their_own_results(encoder_worker, bas
             # (jobs of one batch: padding may move the last bits, as in tests/test_broker_e2e.py)
             torch.testing.assert_close(states, baseline.encode([p])[0].to(states.dtype), rtol=1e-5, atol=1e-5)
         assert {via for _, via in got} <= {"doorbell", "redis"} and any(via == "doorbell" for _, via in got)
+
+
+def claim_stats(url: str, queue: str = "encode") -> tuple[int, int, int]:
+    """(jobs claimed when rung, of those run ahead of the claim, results rung) summed over the queue's workers."""
+    r = redis.Redis.from_url(url)
+    totals = [0, 0, 0]
+    for key in r.keys(f"eb:stats:{queue}:*"):
+        s = r.hgetall(key)
+        for i, name in enumerate((b"jobs_claimed_by_ring", b"jobs_run_ahead", b"results_rung")):
+            totals[i] += int(float(s.get(name, 0)))
+    return tuple(totals)
+
+
+def test_an_idle_rung_worker_runs_the_job_at_once(encoder_worker, baseline):
+    with EncoderClient(encoder_worker["url"], timeout=30) as client:
+        client.encode(["learning where the workers are"])  # the first request finds this host's workers' bells
+        assert client._worker_bells, "the worker advertises its doorbell"
+        before = claim_stats(encoder_worker["url"])
+        prompts = [f"a paper lantern no. {i}" for i in range(6)]
+        for p in prompts:
+            got = client.encode([p])[0]
+            assert torch.equal(got, baseline.encode([p])[0].to(got.dtype))
+        assert eventually(lambda: claim_stats(encoder_worker["url"])[2] >= before[2] + len(prompts))
+        # (a worker still delivering the last result is busy and hands a ring on: that job comes through Redis)
+        after = claim_stats(encoder_worker["url"])
+        assert after[0] - before[0] >= len(prompts) // 2 and after[1] - before[1] >= len(prompts) // 2
+
+
+def test_jobs_are_rung_to_one_worker_each_in_turn_skipping_a_gone_one(redis_server):
+    bells = [Doorbell() for _ in range(2)]
+    gone = Doorbell()
+    gone.close()
+    with EncoderClient(redis_server.url, queue="turns-" + uuid.uuid4().hex[:8]) as client:
+        client._worker_bells = [bells[0].name, gone.name, bells[1].name]
+        reached = [client._ring_workers(b"request")(f"job-{i}") for i in range(6)]
+        assert reached == [1] * 6
+        got = [[r.job_id for r in bell.drain()] for bell in bells]
+        assert sorted(got[0] + got[1]) == [f"job-{i}" for i in range(6)]  # each job rung once
+        assert len(got[0]) >= 2 and len(got[1]) >= 2  # in turns (the gone one's turns go to the next)
+        bells[0].close()
+        bells[1].close()
+        assert client._ring_workers(b"request")("job-x") == 0  # nobody listens: Redis wakes a worker
+
+
+def test_workers_are_rung_only_while_the_queue_is_about_empty(redis_server):
+    bell = Doorbell()
+    with EncoderClient(redis_server.url, queue="rings-" + uuid.uuid4().hex[:8]) as client:
+        client._worker_bells = [bell.name]
+        client.wire.last_queue_length = 1
+        assert client._ring_workers(b"request")("job-a") == 1
+        assert [(r.job_id, r.request) for r in bell.drain()] == [("job-a", b"request")]
+        client._ring_workers(b"x" * (MAX_RUNG_REQUEST_BYTES + 1))("job-b")
+        assert [(r.job_id, r.request) for r in bell.drain()] == [("job-b", b"")]  # too big to carry: Redis has it
+        client.wire.last_queue_length = EncoderClient.RING_MAX_QUEUE + 1  # workers busy: Redis wakes one
+        assert client._ring_workers(b"request") is None
+        client.wire.last_queue_length = -3  # refused: the queue is full
+        assert client._ring_workers(b"request") is None
+    bell.close()
+
+
+def test_only_live_doorbells_of_this_host_are_rung():
+    live, lapsed, elsewhere = (Doorbell().name for _ in range(3))
+    now = time.time()
+    advertised = {live.encode(): f"{host_id()} {now + 20:.0f}".encode(),
+                  lapsed: f"{host_id()} {now - 1:.0f}",
+                  elsewhere: f"another-host/boot/1 {now + 20:.0f}",
+                  "not-a-bell": f"{host_id()} {now + 20:.0f}",
+                  Doorbell().name: "garbage"}
+    assert local_bells(advertised, host_id(), now) == [live]
+
+
+def wake_tokens(r, queue: str) -> int:
+    return r.llen(wake_key(queue))
+
+
+def test_a_job_rung_to_a_worker_wakes_none_through_redis_unless_the_ring_reached_none(redis_server):
+    queue = "ring-" + uuid.uuid4().hex[:8]
+    r = redis.Redis.from_url(redis_server.url)
+    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
+    try:
+        rung = []
+        job = wire.submit(b"payload", wire.deadline(), ring=lambda job_id: rung.append(job_id) or 1)
+        assert rung == [job] and r.lrange(queue_key(queue), 0, -1) == [job.encode()]
+        assert wake_tokens(r, queue) == 0  # the worker rung claims it itself
+        missed = wire.submit(b"payload", wire.deadline(), ring=lambda job_id: 0)
+        assert wake_tokens(r, queue) == 1  # nobody heard: a worker is woken through Redis
+        plain = wire.submit(b"payload", wire.deadline())
+        assert wake_tokens(r, queue) == 2
+        assert r.lrange(queue_key(queue), 0, -1) == [job.encode(), missed.encode(), plain.encode()]
+    finally:
+        wire.close()
+
+
+def test_a_claim_takes_only_a_job_still_queued(redis_server):
+    queue = "claim-" + uuid.uuid4().hex[:8]
+    r = redis.Redis.from_url(redis_server.url)
+    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
+    source = JobSource(r, queue, "claimer-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
+    try:
+        req = EncodeRequest(prompts=["claimed"]).to_msgpack()
+        first, second = (wire.submit(req, wire.deadline(), ring=lambda job_id: 1) for _ in range(2))
+        (taken,) = source.claim([second], 60)  # out of queue order: the one rung
+        assert (taken.job_id, taken.rung, taken.request.prompts) == (second, True, ["claimed"])
+        assert r.hget(f"rq:job:{second}", "status") == b"started"
+        assert r.zcard(f"rq:wip:{queue}") == 1
+        assert r.lrange(queue_key(queue), 0, -1) == [first.encode()]
+        assert wake_tokens(r, queue) == 1  # jobs remain, rung without a token: the next wait must not block
+        assert source.claim([second], 60) == []  # taken already
+        (rest,) = source.take(None, 5, 60)
+        assert rest.job_id == first and not rest.rung
+        assert wake_tokens(r, queue) == 0
+        assert source.claim([uuid.uuid4().hex], 60) == []  # never enqueued: given up after a moment ...
+        assert wake_tokens(r, queue) == 1  # ... leaving a wake-up, should its enqueue (without one) still run
+    finally:
+        wire.close()
+
+
+def test_a_claim_that_reaches_redis_before_its_enqueue_waits_for_it(redis_server):
+    """A client rings before it enqueues: the worker's claim can come first."""
+    queue = "early-" + uuid.uuid4().hex[:8]
+    r = redis.Redis.from_url(redis_server.url)
+    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
+    source = JobSource(r, queue, "early-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
+    rung = queue_module.Queue()
+    try:
+        request = EncodeRequest(prompts=["rung first"]).to_msgpack()
+
+        def ring_then_pause(job_id: str) -> int:
+            rung.put(job_id)
+            time.sleep(0.005)  # the enqueue runs well after the claim was sent
+            return 1
+
+        enqueuer = threading.Thread(target=wire.submit, args=(request, wire.deadline()),
+                                    kwargs=dict(ring=ring_then_pause))
+        enqueuer.start()
+        job_id = rung.get(timeout=10)
+        assert not r.exists(f"rq:job:{job_id}")
+        (taken,) = source.claim([job_id], 60)
+        enqueuer.join()
+        assert (taken.job_id, taken.request.prompts) == (job_id, ["rung first"])
+        assert r.llen(queue_key(queue)) == 0 and wake_tokens(r, queue) == 0
+    finally:
+        wire.close()
+
+
+def test_a_wait_in_two_halves_ends_when_a_job_comes(redis_server):
+    queue = "halves-" + uuid.uuid4().hex[:8]
+    r = redis.Redis.from_url(redis_server.url)
+    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
+    source = JobSource(r, queue, "waiter-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
+    try:
+        source.begin_wait(4, 60, 5.0)
+        source.begin_wait(4, 60, 5.0)  # one wait at a time: a second begin is a no-op
+        assert source.end_wait() is None  # nothing yet
+        job = wire.submit(EncodeRequest(prompts=["waited for"]).to_msgpack(), wire.deadline())
+        got = []
+        assert eventually(lambda: got.extend(source.end_wait() or []) or got)
+        assert [t.job_id for t in got] == [job] and not got[0].rung
+        assert source.end_wait() == []  # no wait under way
+    finally:
+        wire.close()
+
+
+def test_a_stopping_worker_wakes_others_for_the_jobs_rung_to_it(redis_server):
+    queue = "handover-" + uuid.uuid4().hex[:8]
+    r = redis.Redis.from_url(redis_server.url)
+    source = JobSource(r, queue, "stopping-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
+    source.wake_others(3)
+    assert wake_tokens(r, queue) == 3

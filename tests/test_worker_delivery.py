@@ -3,6 +3,7 @@ and result segments reserved while the batch computes. A real worker object (its
 Redis, the tiny encoder; the results are read back as a client reads them."""
 
 import os
+import time
 import uuid
 
 import pytest
@@ -87,15 +88,16 @@ def test_result_segments_are_reserved_while_the_batch_computes(worker_and_client
     worker._admit(worker.source.take(None, 2, 60))
     batch = batch_of(worker, 2)
     enc = worker.runner.run(batch, while_device_runs=lambda: worker._reserve_segments(batch))
-    reserved = dict(worker._reserved)
-    assert set(reserved) == {ok[0], bad[0]}
+    reserved = {p.taken.job_id: p.reserved for p in batch.jobs}
+    assert set(reserved) == {ok[0], bad[0]} and None not in reserved.values()
     paths = {job: os.path.join(SHM_DIR, name.lstrip("/")) for job, (name, _) in reserved.items()}
     for job, (_, nbytes) in reserved.items():
         assert os.stat(paths[job]).st_size == nbytes  # sized from the token counts before the states exist
     enc.errors[bad[0]] = "encoder failed: as if its sequences had"
     del enc.outputs[bad[0]]
     worker._deliver_logged(enc)
-    assert not worker._reserved and not os.path.exists(paths[bad[0]])  # the failed job's segment is gone
+    assert not any(p.reserved for p in batch.jobs)
+    assert not os.path.exists(paths[bad[0]])  # the failed job's segment is gone
     outcome = client.wire.wait(*ok)
     handle = Handle.from_msgpack(raise_for_error(outcome))
     assert handle.location.lstrip("/") == reserved[ok[0]][0].lstrip("/")  # the result went into its reservation
@@ -115,3 +117,102 @@ def test_a_reservation_of_another_size_is_dropped_for_a_fresh_segment(worker_and
     assert handle.transport == "shm" and handle.location.lstrip("/") != name.lstrip("/")
     assert not os.path.exists(os.path.join(SHM_DIR, name.lstrip("/")))
     assert torch.equal(read_shm(handle)[0], states)
+
+
+def ring_worker(client, worker, prompt: str, rung_request: bytes | None = None) -> tuple[str, float]:
+    """Enqueues `prompt` as a client on this host does when it rings the worker (the ring carries
+    `rung_request`, by default the job's own request)."""
+    from broker.doorbell import Ringer
+
+    ringer = Ringer()
+    deadline = client.wire.deadline()
+    payload, description = client._payload([prompt], "t2i", None, deadline, False)
+    job_id = client.wire.submit(payload, deadline, description, ring=lambda job_id: ringer.ring(
+        worker.bell.name, job_id, request=payload if rung_request is None else rung_request))
+    ringer.close()
+    return job_id, deadline
+
+
+def worker_stats(worker) -> dict:
+    import redis
+
+    raw = redis.Redis.from_url(worker.config.redis_url).hgetall(worker.stats.key)
+    return {k.decode(): float(v) for k, v in raw.items()}
+
+
+def segments_of(worker) -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(worker.config.shm_prefix)}
+
+
+def run_ahead_batch(worker) -> Batch:
+    """The batch _take_rung handed to the compute thread (this test's worker runs no threads)."""
+    batch = worker._ready.get_nowait()
+    assert batch.claims_settled is not None and batch.claims_settled.is_set()
+    return batch
+
+
+def test_an_idle_worker_runs_a_rung_job_while_its_claim_runs(worker_and_client, baseline):
+    worker, client = worker_and_client
+    job_id, deadline = ring_worker(client, worker, "a heron in reeds")
+    assert worker._take_rung() == []  # nothing left to admit: the job already runs
+    batch = run_ahead_batch(worker)
+    (p,) = batch.jobs
+    assert (p.taken.job_id, p.taken.rung, p.lost) == (job_id, True, False)
+    assert p.taken.exec_id  # the claimed job, started in Redis
+    assert list(worker._held) == [job_id]
+    enc = worker.runner.run(batch, while_device_runs=lambda: worker._reserve_segments(batch))
+    assert worker._deliver_alone(enc)
+    got = read_result(client, job_id, deadline)
+    assert torch.equal(got, baseline.encode(["a heron in reeds"])[0].to(got.dtype))
+    stats = worker_stats(worker)
+    assert (stats["jobs"], stats["jobs_claimed_by_ring"], stats["jobs_run_ahead"]) == (1, 1, 1)
+    assert not worker._held
+
+
+def test_a_ring_whose_request_differs_from_the_queued_job_is_not_trusted(worker_and_client, baseline):
+    worker, client = worker_and_client
+    other = client._payload(["something else entirely"], "t2i", None, client.wire.deadline(), False)[0]
+    job_id, deadline = ring_worker(client, worker, "the queued prompt", rung_request=other)
+    (taken,) = worker._take_rung()  # claimed: Redis's record decides what runs
+    assert taken.job_id == job_id and taken.request.prompts == ["the queued prompt"]
+    ahead = run_ahead_batch(worker)
+    assert [p.lost for p in ahead.jobs] == [True]
+    enc = worker.runner.run(ahead, while_device_runs=lambda: worker._reserve_segments(ahead))
+    worker._deliver_logged(enc)  # delivers nothing
+    assert not segments_of(worker)
+    worker._admit([taken])
+    enc = worker.runner.run(batch_of(worker, 1))
+    assert worker._deliver_alone(enc)
+    got = read_result(client, job_id, deadline)
+    assert torch.equal(got, baseline.encode(["the queued prompt"])[0].to(got.dtype))
+
+
+def test_a_job_run_ahead_that_another_worker_took_is_dropped(worker_and_client, baseline):
+    worker, client = worker_and_client
+    job_id, deadline = ring_worker(client, worker, "taken elsewhere")
+    (elsewhere,) = worker.source.take(None, 1, 60)  # as another worker's take would
+    assert elsewhere.job_id == job_id
+    assert worker._take_rung() == []
+    ahead = run_ahead_batch(worker)
+    assert [p.lost for p in ahead.jobs] == [True] and not worker._held
+    enc = worker.runner.run(ahead, while_device_runs=lambda: worker._reserve_segments(ahead))
+    assert worker._deliver_alone(enc)
+    assert not segments_of(worker)  # its reserved segment is gone
+    assert worker_stats(worker)["runs_ahead_lost"] == 1 and "jobs" not in worker_stats(worker)
+    with pytest.raises(Exception):  # nothing recorded for it: the other worker's to answer
+        client.wire.wait(job_id, time.time() + 0.5)
+
+
+def test_a_busy_worker_hands_rung_jobs_on_through_redis(worker_and_client):
+    import redis
+
+    from broker.enqueue import queue_key, wake_key
+
+    worker, client = worker_and_client
+    r = redis.Redis.from_url(worker.config.redis_url)
+    worker._device_idle.clear()  # as while the device runs a batch
+    job_id, _ = ring_worker(client, worker, "a busy moment")
+    assert r.llen(wake_key(worker.queue)) == 0  # rung: no wake-up through Redis yet
+    assert worker._take_rung() == [] and worker._ready.empty()
+    assert r.llen(wake_key(worker.queue)) == 1  # any worker's wait now takes it
+    assert r.lrange(queue_key(worker.queue), 0, -1) == [job_id.encode()]

@@ -25,10 +25,13 @@ log = logging.getLogger("workers")
 
 @dataclass(slots=True)
 class PreparedJob:
-    """A started job with its token ids, waiting for (or in) a batch."""
+    """A started job with its token ids, waiting for (or in) a batch. A job run ahead of its claim (a client on
+    this host rang the worker with it, workers.worker) is not started yet: `lost` once another worker has it."""
 
     taken: TakenJob
     tokens: TokenizedBatch
+    reserved: tuple[str, int] | None = None  # (segment, bytes) made ahead for its result
+    lost: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -40,6 +43,15 @@ class Batch:
     jobs: list[PreparedJob] = field(default_factory=list)
     tokens: int = 0
     opened_at: float = 0.0
+    # A batch run ahead of its jobs' claims: set once every claim is answered (each job then started or lost);
+    # its results wait for it. None: its jobs were started before it ran.
+    claims_settled: threading.Event | None = None
+
+    def settle(self) -> list[PreparedJob]:
+        """Waits for the claims of a batch run ahead of them; the jobs to deliver (the ones started)."""
+        if self.claims_settled is not None:
+            self.claims_settled.wait()
+        return [p for p in self.jobs if not p.lost]
 
     def add(self, job: PreparedJob) -> None:
         if not self.jobs:

@@ -4,7 +4,8 @@ Jobs and registries keep RQ's layout (rq:job:<id>, rq:queue:<q> and its intermed
 registry with executions, rq:finished:<q>, rq:failed:<q>, rq:results:<id> streams), so rq-dashboard, `rq info`
 and RQ's own abandoned-job cleanup read them as they read RQ's. But where RQ spends ~70 commands a job, a batch
 here costs three script calls, with the bookkeeping done inside Redis: TAKE (move ids, read the jobs, mark them
-started; an idle worker's TAKE rides behind its blocking wait for a wake-up, in the same round trip), RECORD
+started; an idle worker's TAKE rides behind its blocking wait for a wake-up, in the same round trip, or claims
+the one job a client on its host rang it with), RECORD
 (results and registries: the waiting clients are answered when it ends) and STATS (the batch's counters).
 """
 
@@ -20,7 +21,7 @@ from datetime import datetime
 
 import redis
 
-from broker.enqueue import queue_key, wake_key
+from broker.enqueue import job_key, queue_key, wake_commands, wake_key
 from broker.errors import BrokerError
 from broker.queues import ENCODE_FUNCTION
 from broker.recovery import RECOVER_SCRIPT, recover_args
@@ -28,6 +29,8 @@ from broker.schemas import EncodeRequest
 from broker.serializer import MsgpackSerializer
 
 log = logging.getLogger("workers")
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+CLAIM_WAIT_S, CLAIM_RETRY_S = 0.02, 0.0002  # see JobSource._claim_when_enqueued
 
 # Lua: Redis's clock as (unix seconds, RQ's text form): a take pipelined behind a blocking wait runs when the wait
 # ends, so the time must be read there, not when the worker sent the pipeline.
@@ -52,20 +55,26 @@ end
 
 # KEYS: queue, its intermediate list, started registry (rq:wip:<q>), the worker's executions set, the queue's
 # wake-up list (broker.enqueue.wake_key).
-# ARGV: how many more ids to take, the first id ('' if none), worker name, heartbeat ttl, execution id prefix.
+# ARGV: how many more ids to take, an id to claim first ('' if none: taken only if it is still queued; a client
+# rang this worker with it, see broker.doorbell), worker name, heartbeat ttl, execution id prefix.
 # Moves the ids to the intermediate list (RQ's reliable-dequeue list), marks every job that still exists started
 # (job status, an execution with its registries, the started registry scored by the heartbeat deadline) as RQ's
 # worker does, takes it off the intermediate list, and returns id, execution id, enqueued_at, data and meta per
-# job. Empties the wake-up list once the queue is empty (no worker needs waking for jobs already taken).
+# job. Empties the wake-up list once the queue is empty (no worker needs waking for jobs already taken), and
+# leaves a token on it while jobs remain (a job rung to a worker comes without one: see broker.doorbell).
 TAKE_SCRIPT = LUA_RQ_NOW + """
 local ids = {}
-if ARGV[2] ~= '' then ids[1] = ARGV[2] end
+if ARGV[2] ~= '' and redis.call('LREM', KEYS[1], 1, ARGV[2]) == 1 then ids[1] = ARGV[2] end
 for i = 1, tonumber(ARGV[1]) do
   local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
   if not id then break end
   ids[#ids + 1] = id
 end
-if redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[5]) end
+if redis.call('LLEN', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[5])
+elseif redis.call('LLEN', KEYS[5]) == 0 then
+  redis.call('LPUSH', KEYS[5], '1')
+end
 local now, now_text = rq_now()
 local ttl = tonumber(ARGV[4])
 local out = {}
@@ -170,6 +179,8 @@ class TakenJob:
     enqueued_at: float | None = None  # unix seconds, from the job record
     meta: dict = field(default_factory=dict)
     taken_at: float = field(default_factory=time.time)
+    rung: bool = False  # claimed when its client rang this worker (broker.doorbell), not woken through Redis
+    payload: bytes = b""  # the request as the client packed it (what a ring may carry ahead of the claim)
 
     @property
     def key(self) -> str:
@@ -226,6 +237,8 @@ class JobSource:
         self._recover = connection.register_script(RECOVER_SCRIPT)
         self._exec_prefix = secrets.token_hex(6)
         self._exec_count = 0
+        self._wait_conn = None  # begin_wait's connection (a blocking wait holds it)
+        self._waiting = False
 
     # -- taking --------------------------------------------------------------------------------------
     def wait_and_take(self, more: int, heartbeat_ttl: int, timeout_s: float) -> list[TakenJob]:
@@ -233,17 +246,94 @@ class JobSource:
         (as `take`), in one round trip: the take is pipelined behind the blocking pop of the queue's wake-up
         list. A job pushed without a wake-up (by another enqueuer) is still taken within `timeout_s`. Redis
         checks blocking timeouts only every ~100 ms: use this for waits of a second or so."""
-        with self.connection.pipeline(transaction=False) as pipe:
-            pipe.blpop([self.wake_key], timeout=timeout_s)
-            pipe.eval(TAKE_SCRIPT, 5, *self._take_keys, *self._take_args("", more, heartbeat_ttl))
-            _, flat = pipe.execute()
+        self.begin_wait(more, heartbeat_ttl, timeout_s)
+        return self.end_wait(block=True)
+
+    def begin_wait(self, more: int, heartbeat_ttl: int, timeout_s: float) -> None:
+        """`wait_and_take` in two halves, on a connection of its own: this sends the wait (unless one is under
+        way); `end_wait` reads what it took. In between, `wait_socket` turns readable when it has ended."""
+        if self._waiting:
+            return
+        if self._wait_conn is None:
+            self._wait_conn = self.connection.connection_pool.get_connection()
+        conn = self._wait_conn
+        try:
+            conn.send_packed_command(conn.pack_commands([
+                ("BLPOP", self.wake_key, timeout_s),
+                ("EVAL", TAKE_SCRIPT, 5, *self._take_keys, *self._take_args("", more, heartbeat_ttl))]))
+        except CONNECTION_ERRORS:
+            self._drop_wait_connection()
+            raise
+        self._waiting = True
+
+    def wait_socket(self):
+        return self._wait_conn._sock
+
+    def end_wait(self, block: bool = False) -> list[TakenJob] | None:
+        """The jobs the wait took ([] if none came in time); None if it is still waiting (and not `block`).
+        Jobs taken are started: whoever begins a wait must end it, or they wait for recovery."""
+        if not self._waiting:
+            return []
+        conn = self._wait_conn
+        try:
+            if not block and not conn.can_read(timeout=0):
+                return None
+            self._waiting = False
+            conn.read_response()  # the wake-up token, or None when the wait timed out
+            flat = conn.read_response()
+        except CONNECTION_ERRORS:
+            self._drop_wait_connection()
+            raise
         return self._parse_taken(flat)
 
+    def _drop_wait_connection(self) -> None:
+        if self._wait_conn is not None:
+            self._wait_conn.disconnect()
+            self.connection.connection_pool.release(self._wait_conn)
+        self._wait_conn = None
+        self._waiting = False
+
     def take(self, first_id: str | None, more: int, heartbeat_ttl: int) -> list[TakenJob]:
-        """Up to `more` further jobs (plus `first_id`), each marked started with `heartbeat_ttl`: from here on a
-        job whose worker dies is found by broker.recovery. Jobs whose record vanished (expired) are dropped."""
+        """Up to `more` jobs (after `first_id`, if that is still queued), each marked started with
+        `heartbeat_ttl`: from here on a job whose worker dies is found by broker.recovery. Jobs whose record
+        vanished (expired) are dropped."""
         return self._parse_taken(self._take(keys=self._take_keys,
                                             args=self._take_args(first_id or "", more, heartbeat_ttl)))
+
+    def claim(self, job_ids: list[str], heartbeat_ttl: int) -> list[TakenJob]:
+        """The jobs clients on this host rang this worker with (broker.doorbell) that are still queued, taken:
+        not those another worker took, nor those whose enqueue never ran (refused, or the client lost Redis).
+        A ring goes out before its client's enqueue: a job not in Redis yet is waited for a moment."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                self._take(keys=self._take_keys, args=self._take_args(job_id, 0, heartbeat_ttl), client=pipe)
+            replies = pipe.execute()
+        taken = []
+        for job_id, flat in zip(job_ids, replies):
+            got = self._parse_taken(flat) or self._claim_when_enqueued(job_id, heartbeat_ttl)
+            for t in got:
+                t.rung = True
+            taken += got
+        return taken
+
+    def _claim_when_enqueued(self, job_id: str, heartbeat_ttl: int) -> list[TakenJob]:
+        """Claims `job_id` again while its record does not exist yet, for up to CLAIM_WAIT_S. If it never shows,
+        a wake-up token goes to Redis: should its enqueue still run (rung, so without one), a worker takes it."""
+        give_up = time.monotonic() + CLAIM_WAIT_S
+        while not self.connection.exists(job_key(job_id)):
+            if time.monotonic() > give_up:
+                self.wake_others(1)
+                return []
+            time.sleep(CLAIM_RETRY_S)
+        return self.take(job_id, 0, heartbeat_ttl)  # [] when another worker has it
+
+    def wake_others(self, n: int) -> None:
+        """Pushes `n` wake-up tokens: for jobs rung to this worker that it will not claim (it is stopping)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for _ in range(n):
+                for command in wake_commands(self.queue):
+                    pipe.execute_command(*command)
+            pipe.execute()
 
     def _take_args(self, first_id: str, more: int, heartbeat_ttl: int) -> list:
         self._exec_count += 1
@@ -280,6 +370,7 @@ class JobSource:
         elif len(args[0]) > self.max_payload_bytes:
             t.error = f"payload is {len(args[0])} bytes, over max_payload_bytes {self.max_payload_bytes}"
         else:
+            t.payload = args[0]
             try:
                 t.request = self.parse_request(args[0]).validate()
             except BrokerError as e:

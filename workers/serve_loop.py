@@ -12,12 +12,11 @@ import redis
 from rq import Queue, SimpleWorker
 
 from broker.serializer import MsgpackSerializer
-from workers.job_source import JobSource, TakenJob
+from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
 
 log = logging.getLogger("workers")
 
 HEARTBEAT_TTL_S = 30  # default: a job whose worker is silent this long is retried or failed
-CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
 class ServeLoop:

@@ -38,3 +38,7 @@ class WorkerStats:
 
     def failures(self, failed: int) -> StatsUpdate:
         return StatsUpdate(self.key, self.latency_key, {"failed": failed})
+
+    def runs_lost(self, lost: int) -> StatsUpdate:
+        """Jobs run ahead of their claims (workers.worker) that another worker took."""
+        return StatsUpdate(self.key, self.latency_key, {"runs_ahead_lost": lost})

@@ -4,8 +4,9 @@ Three stages overlap, each in its own thread (TEI's shape): intake takes jobs, c
 them started and forms the next batch while the device runs the current one (exactly one batch waits ready);
 the main thread runs the encoder (workers.batch_runner); output writes segments / blobs and records results (one
 script call a batch, then one for its stats); a batch that is all the worker holds, the main thread delivers
-itself. While the main thread launches a batch's kernels, the other two hold their per-job Python work (see
-BatchRunner.launched).
+itself. An idle worker rung by a client on its host (broker.doorbell) runs the job at once and claims it from
+the queue while it runs (see _take_rung). While the main thread launches a batch's kernels, the other two hold
+their per-job Python work (see BatchRunner.launched).
 A housekeeping thread heartbeats, keeps held jobs' deadlines fresh, recovers dead workers' jobs and sweeps
 segments. Bad jobs fail alone; a failing batch fails its jobs; Redis restarts are ridden out.
 """
@@ -16,13 +17,14 @@ import collections
 import logging
 import os
 import queue
+import select
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from broker.doorbell import Ringer
+from broker.doorbell import Doorbell, Ringer, advertise_bell, worker_bells_key
 from broker.enqueue import queue_bound_key
 from broker.errors import BrokerError, InvalidRequest, PromptTooLong
 from broker.host import host_id
@@ -40,6 +42,9 @@ from workers.stats import WorkerStats
 
 log = logging.getLogger("workers")
 
+
+# How often intake, waiting to hand a batch to the busy compute thread, hands on jobs rung to this worker.
+HAND_ON_POLL_S = 0.002
 
 # Longest the intake and output threads hold back, per job, while the compute thread launches kernels
 # (BatchRunner.launched): a bound, in case a launch phase includes waiting for the device.
@@ -66,6 +71,7 @@ class EncoderWorker(ServeLoop):
         self.writer = ResultWriter(host_id(), config.result_ttl_s, self.name, config.shm_prefix,
                                    config.shm_max_bytes)
         self.ringer = Ringer()
+        self.bell = Doorbell()  # clients on this host ring it with their jobs (broker.doorbell)
         self._ready: queue.Queue[Batch | None] = queue.Queue(maxsize=1)  # exactly one batch prefetched
         self._done: queue.Queue[Encoded | None] = queue.Queue(maxsize=2)
         self._device_idle = threading.Event()
@@ -75,7 +81,6 @@ class EncoderWorker(ServeLoop):
         self._held: dict[str, TakenJob] = {}  # every started job not yet recorded: its heartbeat is ours
         self._held_lock = threading.Lock()
         self._delivering = threading.Lock()  # held by whichever thread delivers a batch (see _deliver_alone)
-        self._reserved: dict[str, tuple[str, int]] = {}  # job id -> (segment, bytes) made ahead for its result
         self._itemsize = torch.empty((), dtype=encoder.dtype).element_size()
         self._output_finished = threading.Event()
         self._image_pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="images")
@@ -125,6 +130,8 @@ class EncoderWorker(ServeLoop):
                     self.heartbeat(pipe)
                     self.source.refresh(held, self.heartbeat_ttl_s, pipe)
                     self._publish_bound(pipe)
+                    if not self._stop:
+                        advertise_bell(pipe, self.queue, self.bell.name, self.writer.host_id)
                     pipe.execute()
                 if down:
                     log.info("Redis is back")
@@ -156,9 +163,18 @@ class EncoderWorker(ServeLoop):
                 time.sleep(0.5)
                 continue
             if batch is not None:
-                self._ready.put(batch)
+                self._put_ready(batch)
                 time.sleep(0)  # lets the woken compute thread take the GIL now, not a switch interval later
-        # Stopping: what is formed or pending still runs, so no started job is dropped.
+        # Stopping: what is formed or pending still runs, so no started job is dropped (a wait under way may
+        # still take some). Jobs rung to this worker from now on are left to the others, woken through Redis.
+        try:
+            self.connection.hdel(worker_bells_key(self.queue), self.bell.name)
+            rung = self.bell.drain()
+            self.bell.close()  # a client's ring now fails, and the client wakes a worker through Redis
+            self.source.wake_others(len(rung))
+            self._admit(self.source.end_wait(block=True))
+        except CONNECTION_ERRORS:
+            pass  # jobs it took are started: recovery retries them; jobs rung and not taken: see job_source
         while self._forming.jobs or self._pending:
             batch, self._forming = self._forming, Batch()
             while self._pending and self.policy.fits(len(batch.jobs), batch.tokens, self._pending[0].n_tokens):
@@ -177,7 +193,10 @@ class EncoderWorker(ServeLoop):
                 break
             room = self.policy.max_batch_requests - len(batch.jobs)
             if batch.jobs:
-                taken = self.source.take(None, room, self.heartbeat_ttl_s)
+                self.bell.drain()  # rung jobs are queued: the take below has them (a ring left unread would
+                # have this worker run them ahead when idle, after they are taken)
+                taken = self.source.end_wait() or []  # a wait begun while idle may have taken jobs since
+                taken += self.source.take(None, room - len(taken), self.heartbeat_ttl_s)
                 if taken:
                     self._admit(taken)
                     continue
@@ -189,8 +208,7 @@ class EncoderWorker(ServeLoop):
                 else:
                     self._device_idle.wait(1e-3)
             else:
-                # blocks until a job comes (the timeout only bounds stop checks)
-                taken = self.source.wait_and_take(room, self.heartbeat_ttl_s, 1.0)
+                taken = self._wait_for_jobs(room)
                 if not taken:
                     return None
                 self._admit(taken)
@@ -198,6 +216,98 @@ class EncoderWorker(ServeLoop):
             return None
         self._forming = Batch()
         return batch
+
+    def _put_ready(self, batch: Batch) -> None:
+        """Hands the batch to the compute thread. While that waits (the device busy, a batch ready), jobs rung to
+        this worker are handed on to the others rather than left unread."""
+        while True:
+            try:
+                self._ready.put(batch, timeout=HAND_ON_POLL_S)
+                return
+            except queue.Full:
+                try:
+                    self._take_rung()
+                except CONNECTION_ERRORS as e:
+                    log.error("Redis unreachable while handing on rung jobs (%s)", e)
+
+    def _wait_for_jobs(self, room: int) -> list[TakenJob]:
+        """Blocks until Redis wakes this worker for jobs (as `wait_and_take`) or a client on this host rings it
+        with some (see _take_rung). The timeout only bounds stop checks."""
+        self.source.begin_wait(room, self.heartbeat_ttl_s, 1.0)
+        poller = select.poll()
+        poller.register(self.bell, select.POLLIN)
+        poller.register(self.source.wait_socket(), select.POLLIN)
+        poller.poll(1500)
+        taken = self._take_rung()
+        taken += self.source.end_wait() or []
+        return taken
+
+    def _idle(self) -> bool:
+        return (self._device_idle.is_set() and self._ready.empty() and not self._pending
+                and not self._forming.jobs)
+
+    def _take_rung(self) -> list[TakenJob]:
+        """Jobs clients on this host rang this worker with (a rung job wakes no worker through Redis,
+        broker.doorbell). Busy, the worker hands them on: a wake-up through Redis for each, which any worker
+        answers, this one included. Idle, it runs at once the jobs whose rings carry their requests, then claims
+        them all from the queue while they run: a lone request pays no Redis hop before the encoder. Only
+        claimed jobs' results are delivered (Redis's record decides what ran: a ring's request must be the
+        queued one's bytes). Returns the claimed jobs not run ahead, to admit as any taken job."""
+        rings = self.bell.drain()
+        if not rings:
+            return []
+        if not self._idle():
+            self.source.wake_others(len(rings))
+            return []
+        ahead = self._run_ahead(rings)
+        taken = []
+        try:
+            taken = self.source.claim([ring.job_id for ring in rings], self.heartbeat_ttl_s)
+        finally:  # claims not heard of (Redis lost) leave their jobs started: recovery retries them
+            if ahead is not None:
+                taken = self._settle_claims(ahead, taken)
+        return taken
+
+    def _run_ahead(self, rings) -> Batch | None:
+        """A batch of the rung requests, handed to the (idle) compute thread before they are claimed."""
+        batch = Batch(claims_settled=threading.Event())
+        for ring in rings:
+            if not ring.request:
+                continue  # too large to ring (images): read from Redis once claimed
+            try:
+                request = self.source.parse_request(ring.request).validate()
+                job = PreparedJob(TakenJob(ring.job_id, "", request=request, rung=True, payload=ring.request),
+                                  self._tokenize_request(request))
+            except Exception:  # BrokerError and the like: the claimed job's own checks report it
+                continue
+            if self.policy.fits(len(batch.jobs), batch.tokens, job.n_tokens):
+                batch.add(job)
+        if not batch.jobs:
+            return None
+        self._ready.put_nowait(batch)  # idle: nothing else is ready (only this thread puts)
+        time.sleep(0)  # lets the woken compute thread take the GIL now, not when the claim's send lets go of it
+        return batch
+
+    def _settle_claims(self, ahead: Batch, taken: list[TakenJob]) -> list[TakenJob]:
+        """Each job run ahead becomes the job claimed (started, held) or lost; the claimed jobs left over."""
+        claimed = {t.job_id: t for t in taken}
+        started = []
+        for p in ahead.jobs:
+            t = claimed.get(p.taken.job_id)
+            if t is not None and t.error is None and t.payload == p.taken.payload:
+                t.taken_at = p.taken.taken_at
+                p.taken = t
+                started.append(p)
+                del claimed[t.job_id]
+            else:
+                p.lost = True
+        with self._held_lock:
+            self._held.update((p.taken.job_id, p.taken) for p in started)
+        for p in started:
+            if p.taken.enqueued_at is not None:
+                self.policy.arrived(p.taken.enqueued_at)
+        ahead.claims_settled.set()
+        return list(claimed.values())
 
     def _admit(self, taken: list[TakenJob]) -> None:
         """Checks and tokenizes taken (already started) jobs: the good ones wait for a batch, the bad ones fail
@@ -207,13 +317,14 @@ class EncoderWorker(ServeLoop):
         # Image jobs spend tens of ms a picture decoding and preprocessing (PIL and numpy let go of the GIL):
         # several at once go through a thread pool.
         if sum(1 for t in ok if t.request.images) > 1:
-            results = [self._image_pool.submit(self._tokenize, t) for t in ok]
+            results = [self._image_pool.submit(self._tokenize_request, t.request) for t in ok]
         else:
             results = [None] * len(ok)
         for t, future in zip(ok, results):
             self.runner.launched.wait(LAUNCH_WAIT_S)
             try:
-                prepared.append(PreparedJob(t, future.result() if future is not None else self._tokenize(t)))
+                prepared.append(PreparedJob(t, future.result() if future is not None
+                                            else self._tokenize_request(t.request)))
             except BrokerError as e:
                 failed.append((t, f"{type(e).__name__}: {e}"))
         with self._held_lock:
@@ -227,8 +338,7 @@ class EncoderWorker(ServeLoop):
             for t, reason in failed:
                 log.warning("job %s failed: %s", t.job_id, reason)
 
-    def _tokenize(self, t: TakenJob) -> TokenizedBatch:
-        req = t.request
+    def _tokenize_request(self, req: EncodeRequest) -> TokenizedBatch:
         if len(req.prompts) > self.config.max_prompts_per_job:
             raise InvalidRequest(f"{len(req.prompts)} prompts in one job, over max_prompts_per_job "
                                  f"{self.config.max_prompts_per_job}")
@@ -263,15 +373,16 @@ class EncoderWorker(ServeLoop):
                     nbytes = layout_of(shapes, self._itemsize)[2]
                     name = self.writer.reserve(p.taken.job_id, nbytes)
                     if name is not None:
-                        self._reserved[p.taken.job_id] = (name, nbytes)
+                        p.reserved = (name, nbytes)
         except Exception:  # only a head start: delivery writes segments of its own without it
             log.exception("reserving result segments failed")
 
-    def _release_reserved(self, job_ids) -> None:
-        for job_id in job_ids:
-            reserved = self._reserved.pop(job_id, None)
-            if reserved is not None:
-                unlink_segment(reserved[0])
+    @staticmethod
+    def _release_reserved(batch: Batch) -> None:
+        for p in batch.jobs:
+            if p.reserved is not None:
+                unlink_segment(p.reserved[0])
+                p.reserved = None
 
     def _deliver_alone(self, enc: Encoded) -> bool:
         """Delivers the batch on this thread when it is all the work the worker holds: no other job started,
@@ -280,8 +391,9 @@ class EncoderWorker(ServeLoop):
         if not self._delivering.acquire(blocking=False):
             return False
         try:
+            jobs = enc.batch.settle()
             with self._held_lock:
-                alone = len(self._held) == len(enc.batch.jobs)
+                alone = len(self._held) == len(jobs)
             if not alone or not self._done.empty():
                 return False
             self._device_idle.set()  # a job arriving now closes its batch at once; it runs after this delivery
@@ -310,16 +422,22 @@ class EncoderWorker(ServeLoop):
         except Exception:
             log.exception("delivering a batch failed")
         finally:
-            self._release_reserved(p.taken.job_id for p in enc.batch.jobs)  # of jobs not delivered by shm
+            self._release_reserved(enc.batch)  # of jobs not delivered by shm
             with self._held_lock:
                 for p in enc.batch.jobs:
-                    self._held.pop(p.taken.job_id, None)
+                    if not p.lost:
+                        self._held.pop(p.taken.job_id, None)
 
     def _deliver(self, enc: Encoded) -> None:
         self.runner.finish(enc)
+        jobs = enc.batch.settle()
+        lost = len(enc.batch.jobs) - len(jobs)  # run ahead of claims another worker won: nothing to deliver
+        if not jobs:
+            self.source.record([], [], self.config.result_ttl_s, self.stats.runs_lost(lost))
+            return
         done, failed, latencies, segments, rung_results = [], [], [], [], 0
         with self.connection.pipeline(transaction=False) as blobs:  # blob transport writes, if any
-            for p in enc.batch.jobs:
+            for p in jobs:
                 self.runner.launched.wait(LAUNCH_WAIT_S)
                 t = p.taken
                 if t.job_id in enc.errors:
@@ -329,9 +447,9 @@ class EncoderWorker(ServeLoop):
                 timings = dict(queue_ms=ms(t.taken_at - queued), batch_ms=ms(enc.started_at - t.taken_at),
                                infer_ms=round(enc.infer_ms, 3),
                                deliver_ms=ms(time.time() - enc.started_at - enc.infer_ms / 1e3),
-                               batch_jobs=len(enc.batch.jobs), handed_at=time.time())
-                handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], blobs, timings,
-                                           reserved=self._reserved.pop(t.job_id, None))
+                               batch_jobs=len(jobs), handed_at=time.time())
+                reserved, p.reserved = p.reserved, None
+                handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], blobs, timings, reserved)
                 value = handle.to_msgpack()
                 # A client waiting on a doorbell has its result now, before Redis does (broker.doorbell).
                 rung = (handle.transport == "shm" and t.request.bell != ""
@@ -342,9 +460,11 @@ class EncoderWorker(ServeLoop):
                 done.append((t, value))
                 latencies.append((time.time() - queued) * 1e3)
             stats = self.stats.batch(
-                jobs=len(enc.batch.jobs), failed=len(failed), prompts=sum(len(p.tokens.ids) for p in enc.batch.jobs),
-                tokens=enc.batch.tokens, computed_tokens=enc.computed_tokens, cache_hits=enc.cache_hits,
-                cache_misses=enc.cache_misses, latencies_ms=latencies, infer_ms=enc.infer_ms, results_rung=rung_results,
+                jobs=len(jobs), failed=len(failed), prompts=sum(len(p.tokens.ids) for p in jobs),
+                tokens=sum(p.n_tokens for p in jobs), computed_tokens=enc.computed_tokens, cache_hits=enc.cache_hits,
+                cache_misses=enc.cache_misses, latencies_ms=latencies, infer_ms=enc.infer_ms,
+                jobs_claimed_by_ring=sum(p.taken.rung for p in jobs), results_rung=rung_results,
+                jobs_run_ahead=len(jobs) if enc.batch.claims_settled is not None else 0, runs_ahead_lost=lost,
                 **({"vision_images_computed": enc.vision_computed, "vision_images_reused": enc.vision_reused}
                    if enc.vision_computed or enc.vision_reused else {}))  # i2i: vision tower runs vs reuses
             try:
