@@ -192,6 +192,14 @@ class TakenJob:
 
 
 @dataclass(slots=True)
+class PackedClaim:
+    """JobSource.claim's commands for `job_ids`, packed for the wire."""
+
+    job_ids: list[str]
+    commands: list
+
+
+@dataclass(slots=True)
 class StatsUpdate:
     """Counters to add to a worker's stats hash and latencies for the queue's list, written with a RECORD."""
 
@@ -238,6 +246,7 @@ class JobSource:
         self._exec_prefix = secrets.token_hex(6)
         self._exec_count = 0
         self._wait_conn = None  # begin_wait's connection (a blocking wait holds it)
+        self._claim_conn = None  # claim's connection (EVAL sent as packed ahead, replies read)
         self._waiting = False
 
     # -- taking --------------------------------------------------------------------------------------
@@ -300,21 +309,44 @@ class JobSource:
         return self._parse_taken(self._take(keys=self._take_keys,
                                             args=self._take_args(first_id or "", more, heartbeat_ttl)))
 
-    def claim(self, job_ids: list[str], heartbeat_ttl: int) -> list[TakenJob]:
+    def pack_claim(self, job_ids: list[str], heartbeat_ttl: int) -> "PackedClaim":
+        """`claim`'s commands, packed ahead: what is left to do when it runs is sending and waiting (no Python
+        work to hold the GIL then, while the compute thread starts on the rung jobs)."""
+        conn = self._claim_connection()
+        return PackedClaim(job_ids, conn.pack_commands(
+            [("EVAL", TAKE_SCRIPT, 5, *self._take_keys, *self._take_args(job_id, 0, heartbeat_ttl))
+             for job_id in job_ids]))
+
+    def claim(self, job_ids: list[str], heartbeat_ttl: int, packed: "PackedClaim | None" = None) -> list[TakenJob]:
         """The jobs clients on this host rang this worker with (broker.doorbell) that are still queued, taken:
         not those another worker took, nor those whose enqueue never ran (refused, or the client lost Redis).
         A ring goes out before its client's enqueue: a job not in Redis yet is waited for a moment."""
-        with self.connection.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                self._take(keys=self._take_keys, args=self._take_args(job_id, 0, heartbeat_ttl), client=pipe)
-            replies = pipe.execute()
+        packed = packed or self.pack_claim(job_ids, heartbeat_ttl)
+        conn = self._claim_connection()
+        try:
+            conn.send_packed_command(packed.commands)
+            replies = [conn.read_response() for _ in packed.job_ids]
+        except BaseException:  # replies left unread would answer the next claims: start afresh
+            self._drop_claim_connection()
+            raise
         taken = []
-        for job_id, flat in zip(job_ids, replies):
+        for job_id, flat in zip(packed.job_ids, replies):
             got = self._parse_taken(flat) or self._claim_when_enqueued(job_id, heartbeat_ttl)
             for t in got:
                 t.rung = True
             taken += got
         return taken
+
+    def _claim_connection(self):
+        if self._claim_conn is None:
+            self._claim_conn = self.connection.connection_pool.get_connection()
+        return self._claim_conn
+
+    def _drop_claim_connection(self) -> None:
+        if self._claim_conn is not None:
+            self._claim_conn.disconnect()
+            self.connection.connection_pool.release(self._claim_conn)
+        self._claim_conn = None
 
     def _claim_when_enqueued(self, job_id: str, heartbeat_ttl: int) -> list[TakenJob]:
         """Claims `job_id` again while its record does not exist yet, for up to CLAIM_WAIT_S. If it never shows,

@@ -259,10 +259,12 @@ class EncoderWorker(ServeLoop):
         if not self._idle():
             self.source.wake_others(len(rings))
             return []
+        job_ids = [ring.job_id for ring in rings]
+        packed = self.source.pack_claim(job_ids, self.heartbeat_ttl_s)
         ahead = self._run_ahead(rings)
         taken = []
         try:
-            taken = self.source.claim([ring.job_id for ring in rings], self.heartbeat_ttl_s)
+            taken = self.source.claim(job_ids, self.heartbeat_ttl_s, packed)
         finally:  # claims not heard of (Redis lost) leave their jobs started: recovery retries them
             if ahead is not None:
                 taken = self._settle_claims(ahead, taken)
