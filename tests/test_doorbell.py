@@ -338,6 +338,21 @@ def test_a_claim_takes_only_a_job_still_queued(redis_server):
         wire.close()
 
 
+def test_a_claim_after_redis_lost_its_scripts_still_takes_the_job(redis_server):
+    queue = "noscript-" + uuid.uuid4().hex[:8]
+    r = redis.Redis.from_url(redis_server.url)
+    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
+    source = JobSource(r, queue, "noscript-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
+    try:
+        jobs = [wire.submit(EncodeRequest(prompts=["claimed"]).to_msgpack(), wire.deadline(), ring=lambda _: 1)
+                for _ in range(2)]
+        r.script_flush()  # as after a restart
+        assert sorted(t.job_id for t in source.claim(jobs, 60)) == sorted(jobs)
+        assert r.llen(queue_key(queue)) == 0
+    finally:
+        wire.close()
+
+
 def test_a_claim_that_reaches_redis_before_its_enqueue_waits_for_it(redis_server):
     """A client rings before it enqueues: the worker's claim can come first."""
     queue = "early-" + uuid.uuid4().hex[:8]

@@ -314,7 +314,7 @@ class JobSource:
         work to hold the GIL then, while the compute thread starts on the rung jobs)."""
         conn = self._claim_connection()
         return PackedClaim(job_ids, conn.pack_commands(
-            [("EVAL", TAKE_SCRIPT, 5, *self._take_keys, *self._take_args(job_id, 0, heartbeat_ttl))
+            [("EVALSHA", self._take.sha, 5, *self._take_keys, *self._take_args(job_id, 0, heartbeat_ttl))
              for job_id in job_ids]))
 
     def claim(self, job_ids: list[str], heartbeat_ttl: int, packed: "PackedClaim | None" = None) -> list[TakenJob]:
@@ -323,15 +323,21 @@ class JobSource:
         A ring goes out before its client's enqueue: a job not in Redis yet is waited for a moment."""
         packed = packed or self.pack_claim(job_ids, heartbeat_ttl)
         conn = self._claim_connection()
+        replies = []
         try:
             conn.send_packed_command(packed.commands)
-            replies = [conn.read_response() for _ in packed.job_ids]
+            for _ in packed.job_ids:
+                try:
+                    replies.append(conn.read_response())
+                except redis.exceptions.NoScriptError:  # Redis restarted: the script loads on the next take
+                    replies.append(None)
         except BaseException:  # replies left unread would answer the next claims: start afresh
             self._drop_claim_connection()
             raise
         taken = []
         for job_id, flat in zip(packed.job_ids, replies):
-            got = self._parse_taken(flat) or self._claim_when_enqueued(job_id, heartbeat_ttl)
+            got = self.take(job_id, 0, heartbeat_ttl) if flat is None else self._parse_taken(flat)
+            got = got or self._claim_when_enqueued(job_id, heartbeat_ttl)
             for t in got:
                 t.rung = True
             taken += got
