@@ -47,11 +47,13 @@ MAX_WORKER_BELLS = 16  # a client rings at most this many of its host's workers
 
 @dataclass(slots=True)
 class Ring:
-    """What a worker sends to a doorbell: the job and its result's handle (msgpack of broker.schemas.Handle)."""
+    """What a worker sends to a client's doorbell: the job and its result's handle (msgpack of
+    broker.schemas.Handle); what a client sends to a worker's: the job, its request and when it was sent."""
 
     job_id: str
     handle: bytes = b""  # b"" rings a worker: a job to claim
     request: bytes = b""  # a ring to a worker may carry the job's request, to work on while the claim runs
+    sent_at: float = 0.0  # unix seconds (one host: one clock); a worker runs ahead only a ring it hears at once
     version: int = SCHEMA_VERSION
 
     def to_msgpack(self) -> bytes:
@@ -61,8 +63,9 @@ class Ring:
     def from_msgpack(cls, data: bytes) -> "Ring":
         ring = decode(cls, data, "doorbell ring")
         if not isinstance(ring.job_id, str) or not isinstance(ring.handle, bytes) or \
-                not isinstance(ring.request, bytes):
-            raise ProtocolError("a doorbell ring must carry a job id (str), a handle and a request (bytes)")
+                not isinstance(ring.request, bytes) or not isinstance(ring.sent_at, (int, float)):
+            raise ProtocolError("a doorbell ring must carry a job id (str), a handle and a request (bytes) and "
+                                "the time it was sent")
         return ring
 
 
@@ -131,7 +134,7 @@ class Ringer:
         if len(request) > MAX_RUNG_REQUEST_BYTES:
             request = b""
         try:
-            self.sock.sendto(Ring(job_id, handle, request).to_msgpack(), "\0" + bell)
+            self.sock.sendto(Ring(job_id, handle, request, time.time()).to_msgpack(), "\0" + bell)
             return True
         except OSError:
             return False

@@ -216,3 +216,45 @@ def test_a_busy_worker_hands_rung_jobs_on_through_redis(worker_and_client):
     assert worker._take_rung() == [] and worker._ready.empty()
     assert r.llen(wake_key(worker.queue)) == 1  # any worker's wait now takes it
     assert r.lrange(queue_key(worker.queue), 0, -1) == [job_id.encode()]
+
+
+def test_a_ring_heard_late_is_claimed_but_not_run_ahead(worker_and_client, baseline):
+    from broker.doorbell import Ring
+    from workers.worker import RUN_AHEAD_WITHIN_S
+
+    worker, client = worker_and_client
+    job_id, deadline = ring_worker(client, worker, "a ring that waited")
+    (ring,) = worker.bell.drain()
+    late = Ring(job_id, request=ring.request, sent_at=time.time() - 10 * RUN_AHEAD_WITHIN_S)
+    send_ring(worker, late)
+    (taken,) = worker._take_rung()  # claimed, to run as any taken job
+    assert taken.job_id == job_id and worker._ready.empty()
+    worker._admit([taken])
+    enc = worker.runner.run(batch_of(worker, 1))
+    assert worker._deliver_alone(enc)
+    got = read_result(client, job_id, deadline)
+    assert torch.equal(got, baseline.encode(["a ring that waited"])[0].to(got.dtype))
+
+
+def test_a_late_ring_for_a_job_this_worker_took_is_ignored(worker_and_client):
+    import redis
+
+    from broker.doorbell import Ring
+    from broker.enqueue import wake_key
+
+    worker, client = worker_and_client
+    job_id, _ = ring_worker(client, worker, "taken through Redis first")
+    worker._admit(worker.source.take(None, 1, 60))  # as a wait woken by another job's token takes it
+    assert worker._take_rung() == [] and worker._ready.empty()  # no second run, no claim
+    worker._device_idle.clear()
+    send_ring(worker, Ring(job_id, sent_at=time.time()))
+    assert worker._take_rung() == []
+    assert redis.Redis.from_url(worker.config.redis_url).llen(wake_key(worker.queue)) == 0  # nor handed on
+
+
+def send_ring(worker, ring) -> None:
+    """Queues `ring` on the worker's doorbell as a client would."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(ring.to_msgpack(), "\0" + worker.bell.name)

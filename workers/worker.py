@@ -45,6 +45,10 @@ log = logging.getLogger("workers")
 
 # How often intake, waiting to hand a batch to the busy compute thread, hands on jobs rung to this worker.
 HAND_ON_POLL_S = 0.002
+# A rung job runs ahead of its claim only if the ring is this fresh when read: an idle worker reads a ring within
+# ~0.1 ms; an older one waited while the worker was busy, and its job may well be taken by then (a wasted run).
+RUN_AHEAD_WITHIN_S = 0.002
+RECENT_JOBS = 4096  # job ids this worker took, kept to tell late rings for them apart
 
 # Longest the intake and output threads hold back, per job, while the compute thread launches kernels
 # (BatchRunner.launched): a bound, in case a launch phase includes waiting for the device.
@@ -79,6 +83,7 @@ class EncoderWorker(ServeLoop):
         self._pending: collections.deque[PreparedJob] = collections.deque()  # started, not yet in a batch
         self._forming = Batch()
         self._held: dict[str, TakenJob] = {}  # every started job not yet recorded: its heartbeat is ours
+        self._recently_taken: collections.OrderedDict[str, None] = collections.OrderedDict()  # intake's only
         self._held_lock = threading.Lock()
         self._delivering = threading.Lock()  # held by whichever thread delivers a batch (see _deliver_alone)
         self._itemsize = torch.empty((), dtype=encoder.dtype).element_size()
@@ -253,7 +258,7 @@ class EncoderWorker(ServeLoop):
         them all from the queue while they run: a lone request pays no Redis hop before the encoder. Only
         claimed jobs' results are delivered (Redis's record decides what ran: a ring's request must be the
         queued one's bytes). Returns the claimed jobs not run ahead, to admit as any taken job."""
-        rings = self.bell.drain()
+        rings = [ring for ring in self.bell.drain() if ring.job_id not in self._recently_taken]  # else: late
         if not rings:
             return []
         if not self._idle():
@@ -261,7 +266,8 @@ class EncoderWorker(ServeLoop):
             return []
         job_ids = [ring.job_id for ring in rings]
         packed = self.source.pack_claim(job_ids, self.heartbeat_ttl_s)
-        ahead = self._run_ahead(rings)
+        now = time.time()
+        ahead = self._run_ahead([ring for ring in rings if now - ring.sent_at <= RUN_AHEAD_WITHIN_S])
         taken = []
         try:
             taken = self.source.claim(job_ids, self.heartbeat_ttl_s, packed)
@@ -303,6 +309,7 @@ class EncoderWorker(ServeLoop):
                 del claimed[t.job_id]
             else:
                 p.lost = True
+        self._note_taken(p.taken for p in started)
         with self._held_lock:
             self._held.update((p.taken.job_id, p.taken) for p in started)
         for p in started:
@@ -311,9 +318,16 @@ class EncoderWorker(ServeLoop):
         ahead.claims_settled.set()
         return list(claimed.values())
 
+    def _note_taken(self, taken) -> None:
+        for t in taken:
+            self._recently_taken[t.job_id] = None
+        while len(self._recently_taken) > RECENT_JOBS:
+            self._recently_taken.popitem(last=False)
+
     def _admit(self, taken: list[TakenJob]) -> None:
         """Checks and tokenizes taken (already started) jobs: the good ones wait for a batch, the bad ones fail
         at once."""
+        self._note_taken(taken)
         prepared, failed = [], [(t, t.error) for t in taken if t.error is not None]
         ok = [t for t in taken if t.error is None]
         # Image jobs spend tens of ms a picture decoding and preprocessing (PIL and numpy let go of the GIL):
