@@ -258,3 +258,36 @@ def send_ring(worker, ring) -> None:
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.sendto(ring.to_msgpack(), "\0" + worker.bell.name)
+
+
+def test_a_lone_batch_rung_to_its_client_is_recorded_off_the_compute_thread(worker_and_client, baseline):
+    from broker.doorbell import Doorbell
+
+    worker, client = worker_and_client
+    bell = Doorbell()
+    deadline = client.wire.deadline()
+    payload, description = client._payload(["rung back"], "t2i", None, deadline, False, bell)
+    job_id = client.wire.submit(payload, deadline, description)
+    worker._admit(worker.source.take(None, 1, 60))
+    enc = worker.runner.run(batch_of(worker, 1))
+    assert worker._deliver_alone(enc)
+    handle, stale = bell.take(job_id)
+    assert handle is not None and not stale  # the client has its result ...
+    (handed,) = list(worker._to_record.queue)  # ... and the record waits for the recorder thread
+    assert list(worker._held) == [job_id] and worker._awaiting_record == 1
+    with pytest.raises(Exception):
+        client.wire.wait(job_id, time.time() + 0.3)  # not in Redis yet
+    # the worker holds no other work: a next lone batch is still delivered by the compute thread
+    second = submit(client, "the next request")
+    worker._admit(worker.source.take(None, 1, 60))
+    assert worker._deliver_alone(worker.runner.run(batch_of(worker, 1)))
+    got = read_result(client, *second)
+    assert torch.equal(got, baseline.encode(["the next request"])[0].to(got.dtype))
+    worker._to_record.put(None)
+    worker._recorder_loop()  # what the recorder thread does
+    outcome = client.wire.wait(job_id, deadline)
+    assert Handle.from_msgpack(raise_for_error(outcome)).location == Handle.from_msgpack(handle).location
+    assert not worker._held and worker._awaiting_record == 0
+    got = read_shm(Handle.from_msgpack(handle))[0]
+    assert torch.equal(got, baseline.encode(["rung back"])[0].to(got.dtype))
+    bell.close()

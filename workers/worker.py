@@ -4,7 +4,7 @@ Three stages overlap, each in its own thread (TEI's shape): intake takes jobs, c
 them started and forms the next batch while the device runs the current one (exactly one batch waits ready);
 the main thread runs the encoder (workers.batch_runner); output writes segments / blobs and records results (one
 script call a batch, then one for its stats); a batch that is all the worker holds, the main thread delivers
-itself. An idle worker rung by a client on its host (broker.doorbell) runs the job at once and claims it from
+itself, leaving the record to a recorder thread when every client has its result by doorbell. An idle worker rung by a client on its host (broker.doorbell) runs the job at once and claims it from
 the queue while it runs (see _take_rung). While the main thread launches a batch's kernels, the other two hold
 their per-job Python work (see BatchRunner.launched).
 A housekeeping thread heartbeats, keeps held jobs' deadlines fresh, recovers dead workers' jobs and sweeps
@@ -21,6 +21,7 @@ import select
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
@@ -88,6 +89,9 @@ class EncoderWorker(ServeLoop):
         self._delivering = threading.Lock()  # held by whichever thread delivers a batch (see _deliver_alone)
         self._itemsize = torch.empty((), dtype=encoder.dtype).element_size()
         self._output_finished = threading.Event()
+        self._to_record: queue.Queue[HandedOut | None] = queue.Queue()  # see _deliver_logged
+        self._awaiting_record = 0  # jobs of _held whose clients have their results, on _to_record
+        self._recorder_finished = threading.Event()
         self._image_pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="images")
 
     def describe(self) -> str:
@@ -105,6 +109,7 @@ class EncoderWorker(ServeLoop):
             pass  # the housekeeping thread keeps trying
         threads = [threading.Thread(target=self._intake_loop, name="intake", daemon=True),
                    threading.Thread(target=self._output_loop, name="output", daemon=True),
+                   threading.Thread(target=self._recorder_loop, name="recorder", daemon=True),
                    threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)]
         for t in threads:
             t.start()
@@ -409,11 +414,11 @@ class EncoderWorker(ServeLoop):
         try:
             jobs = enc.batch.settle()
             with self._held_lock:
-                alone = len(self._held) == len(jobs)
+                alone = len(self._held) - self._awaiting_record == len(jobs)
             if not alone or not self._done.empty():
                 return False
             self._device_idle.set()  # a job arriving now closes its batch at once; it runs after this delivery
-            self._deliver_logged(enc)
+            self._deliver_logged(enc, record_later=True)
             return True
         finally:
             self._delivering.release()
@@ -426,12 +431,24 @@ class EncoderWorker(ServeLoop):
                 break
             with self._delivering:
                 self._deliver_logged(enc)
+        self._to_record.put(None)
+        self._recorder_finished.wait()
         self._output_finished.set()
 
-    def _deliver_logged(self, enc: Encoded) -> None:
-        """Delivers a batch; failures are logged, never raised (the jobs stay started: recovery retries them)."""
+    def _recorder_loop(self) -> None:
+        """Records the batches whose clients all have their results by doorbell (see _deliver_logged)."""
+        while (handed := self._to_record.get()) is not None:
+            self._record_logged(handed, deferred=True)
+        self._recorder_finished.set()
+
+    def _deliver_logged(self, enc: Encoded, record_later: bool = False) -> None:
+        """Delivers a batch; failures are logged, never raised (the jobs stay started: recovery retries them).
+        With `record_later`, a batch whose clients all have their results by doorbell is recorded in Redis by
+        the recorder thread: the compute thread is then free at once for a lone client's next request, which
+        can come before the record's round trip would be over."""
+        handed = None
         try:
-            self._deliver(enc)
+            handed = self._hand_out(enc)
         except CONNECTION_ERRORS as e:
             log.error("Redis unreachable; the results of %d job(s) could not be delivered (%s)",
                       len(enc.batch.jobs), e)
@@ -439,62 +456,111 @@ class EncoderWorker(ServeLoop):
             log.exception("delivering a batch failed")
         finally:
             self._release_reserved(enc.batch)  # of jobs not delivered by shm
+        if handed is None:
+            self._forget(enc.batch.settle())
+        elif record_later and handed.all_rung:
             with self._held_lock:
-                for p in enc.batch.jobs:
-                    if not p.lost:
-                        self._held.pop(p.taken.job_id, None)
+                self._awaiting_record += len(handed.jobs)
+            self._to_record.put(handed)
+        else:
+            self._record_logged(handed)
 
-    def _deliver(self, enc: Encoded) -> None:
+    def _forget(self, jobs: list[PreparedJob], deferred: bool = False) -> None:
+        """Delivered (or given up on): their heartbeat is no longer ours."""
+        with self._held_lock:
+            for p in jobs:
+                self._held.pop(p.taken.job_id, None)
+            if deferred:
+                self._awaiting_record -= len(jobs)
+
+    def _hand_out(self, enc: Encoded) -> "HandedOut":
+        """Writes the batch's results (segments; blob writes queued) and rings the clients on doorbells."""
         self.runner.finish(enc)
         jobs = enc.batch.settle()
+        handed = HandedOut(enc, jobs, self.connection.pipeline(transaction=False))
         lost = len(enc.batch.jobs) - len(jobs)  # run ahead of claims another worker won: nothing to deliver
         if not jobs:
-            self.source.record([], [], self.config.result_ttl_s, self.stats.runs_lost(lost))
-            return
-        done, failed, latencies, segments, rung_results = [], [], [], [], 0
-        with self.connection.pipeline(transaction=False) as blobs:  # blob transport writes, if any
-            for p in jobs:
-                self.runner.launched.wait(LAUNCH_WAIT_S)
-                t = p.taken
-                if t.job_id in enc.errors:
-                    failed.append((t, enc.errors[t.job_id]))
-                    continue
-                queued = t.enqueued_at or t.taken_at
-                timings = dict(queue_ms=ms(t.taken_at - queued), batch_ms=ms(enc.started_at - t.taken_at),
-                               infer_ms=round(enc.infer_ms, 3),
-                               deliver_ms=ms(time.time() - enc.started_at - enc.infer_ms / 1e3),
-                               batch_jobs=len(jobs), handed_at=time.time())
-                reserved, p.reserved = p.reserved, None
-                handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], blobs, timings, reserved)
-                value = handle.to_msgpack()
-                # A client waiting on a doorbell has its result now, before Redis does (broker.doorbell).
-                rung = (handle.transport == "shm" and t.request.bell != ""
-                        and self.ringer.ring(t.request.bell, t.job_id, value))
-                if handle.transport == "shm" and not rung:
-                    segments.append(handle.location)
-                rung_results += bool(rung)
-                done.append((t, value))
-                latencies.append((time.time() - queued) * 1e3)
-            stats = self.stats.batch(
-                jobs=len(jobs), failed=len(failed), prompts=sum(len(p.tokens.ids) for p in jobs),
-                tokens=sum(p.n_tokens for p in jobs), computed_tokens=enc.computed_tokens, cache_hits=enc.cache_hits,
-                cache_misses=enc.cache_misses, latencies_ms=latencies, infer_ms=enc.infer_ms,
-                jobs_claimed_by_ring=sum(p.taken.rung for p in jobs), results_rung=rung_results,
-                jobs_run_ahead=len(jobs) if enc.batch.claims_settled is not None else 0, runs_ahead_lost=lost,
-                **({"vision_images_computed": enc.vision_computed, "vision_images_reused": enc.vision_reused}
-                   if enc.vision_computed or enc.vision_reused else {}))  # i2i: vision tower runs vs reuses
-            try:
-                if len(blobs):
-                    blobs.execute()  # before the handles that point at them
-                self.source.record(done, failed, self.config.result_ttl_s, stats)
-            except CONNECTION_ERRORS:
-                for name in segments:  # nobody will be told where they are (rung ones are being read)
-                    unlink_segment(name)
-                raise
-        for t, reason in failed:
-            log.warning("job %s failed: %s", t.job_id, reason)
-        log.info("batch: %d job(s), %d token(s) (%d computed, %d cache hit(s)), %d failed; formed in %.1f ms, "
-                 "%.1f ms on the encoder, %.1f ms to deliver", len(enc.batch.jobs), enc.batch.tokens,
-                 enc.computed_tokens, enc.cache_hits, len(failed), (enc.started_at - enc.batch.opened_at) * 1e3,
-                 enc.infer_ms, (time.time() - enc.started_at) * 1e3 - enc.infer_ms)
+            handed.stats = self.stats.runs_lost(lost)
+            return handed
+        latencies, rung_results = [], 0
+        for p in jobs:
+            self.runner.launched.wait(LAUNCH_WAIT_S)
+            t = p.taken
+            if t.job_id in enc.errors:
+                handed.failed.append((t, enc.errors[t.job_id]))
+                continue
+            queued = t.enqueued_at or t.taken_at
+            timings = dict(queue_ms=ms(t.taken_at - queued), batch_ms=ms(enc.started_at - t.taken_at),
+                           infer_ms=round(enc.infer_ms, 3),
+                           deliver_ms=ms(time.time() - enc.started_at - enc.infer_ms / 1e3),
+                           batch_jobs=len(jobs), handed_at=time.time())
+            reserved, p.reserved = p.reserved, None
+            handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], handed.blobs, timings, reserved)
+            value = handle.to_msgpack()
+            # A client waiting on a doorbell has its result now, before Redis does (broker.doorbell).
+            rung = (handle.transport == "shm" and t.request.bell != ""
+                    and self.ringer.ring(t.request.bell, t.job_id, value))
+            if handle.transport == "shm" and not rung:
+                handed.segments.append(handle.location)
+            rung_results += bool(rung)
+            handed.done.append((t, value))
+            latencies.append((time.time() - queued) * 1e3)
+        handed.stats = self.stats.batch(
+            jobs=len(jobs), failed=len(handed.failed), prompts=sum(len(p.tokens.ids) for p in jobs),
+            tokens=sum(p.n_tokens for p in jobs), computed_tokens=enc.computed_tokens, cache_hits=enc.cache_hits,
+            cache_misses=enc.cache_misses, latencies_ms=latencies, infer_ms=enc.infer_ms,
+            jobs_claimed_by_ring=sum(p.taken.rung for p in jobs), results_rung=rung_results,
+            jobs_run_ahead=len(jobs) if enc.batch.claims_settled is not None else 0, runs_ahead_lost=lost,
+            **({"vision_images_computed": enc.vision_computed, "vision_images_reused": enc.vision_reused}
+               if enc.vision_computed or enc.vision_reused else {}))  # i2i: vision tower runs vs reuses
+        return handed
 
+    def _record_logged(self, handed: "HandedOut", deferred: bool = False) -> None:
+        try:
+            self._record(handed)
+        except CONNECTION_ERRORS as e:
+            log.error("Redis unreachable; the results of %d job(s) could not be recorded (%s)", len(handed.jobs), e)
+        except Exception:
+            log.exception("recording a batch failed")
+        finally:
+            self._forget(handed.jobs, deferred)
+
+    def _record(self, handed: "HandedOut") -> None:
+        """The batch's results and failures into Redis (registries, result streams), blob writes first."""
+        enc = handed.enc
+        try:
+            if len(handed.blobs):
+                handed.blobs.execute()  # before the handles that point at them
+            self.source.record(handed.done, handed.failed, self.config.result_ttl_s, handed.stats)
+        except CONNECTION_ERRORS:
+            for name in handed.segments:  # nobody will be told where they are (rung ones are being read)
+                unlink_segment(name)
+            raise
+        finally:
+            handed.blobs.reset()
+        for t, reason in handed.failed:
+            log.warning("job %s failed: %s", t.job_id, reason)
+        if handed.jobs:
+            log.info("batch: %d job(s), %d token(s) (%d computed, %d cache hit(s)), %d failed; formed in %.1f ms, "
+                     "%.1f ms on the encoder, %.1f ms to record", len(handed.jobs), enc.batch.tokens,
+                     enc.computed_tokens, enc.cache_hits, len(handed.failed),
+                     (enc.started_at - enc.batch.opened_at) * 1e3, enc.infer_ms,
+                     (time.time() - enc.started_at) * 1e3 - enc.infer_ms)
+
+
+@dataclass(slots=True)
+class HandedOut:
+    """A batch whose results are out (segments filled, blob writes queued, doorbells rung), to record in Redis."""
+
+    enc: Encoded
+    jobs: list[PreparedJob]  # the ones to record (a batch run ahead drops the jobs another worker took)
+    blobs: object  # a Redis pipeline of the blob results' writes
+    done: list = field(default_factory=list)  # (job, handle msgpack)
+    failed: list = field(default_factory=list)  # (job, reason)
+    segments: list = field(default_factory=list)  # shm results no client was rung about: unlinked if not recorded
+    stats: object = None  # workers.job_source.StatsUpdate
+
+    @property
+    def all_rung(self) -> bool:
+        """Every job's client has its result already, by doorbell."""
+        return bool(self.done) and not self.failed and not self.segments and not len(self.blobs)
