@@ -23,10 +23,11 @@ MAX_WAKE_TOKENS = 64
 
 # Atomic admission: a job is pushed only while the queue is shorter than the bound: the client's own (ARGV[1])
 # or, when that is 0, the one the queue's workers publish (KEYS[4], see queue_bound_key); 0 = unbounded.
-# KEYS: queue list, job hash, rq:queues, bound key, wake-up list (see wake_key).
+# KEYS: queue list, job hash, rq:queues, bound key, wake-up list (see wake_key), the job's hand-on mark.
 # ARGV: bound, ttl, job id, the hash's field/value pairs as one msgpack array (one argument instead of ~34: the
 # client packs each argument in Python, and this runs before every job can start), whether to push a wake-up
-# token ('1'; '0' when the client rings workers on its host instead, see broker.doorbell).
+# token ('1'; '0' when the client rang a worker on its host instead, see broker.doorbell: then only if that
+# worker handed the job on before it was enqueued, see HAND_ON_SCRIPT).
 # Returns the queue length after the push, or -(bound) - 1 when refused.
 ENQUEUE_SCRIPT = """
 local bound = tonumber(ARGV[1])
@@ -39,11 +40,27 @@ local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 redis.call('SADD', KEYS[3], KEYS[1])
 local n = redis.call('RPUSH', KEYS[1], ARGV[3])
-if ARGV[5] ~= '0' then
+if ARGV[5] ~= '0' or redis.call('DEL', KEYS[6]) == 1 then
   redis.call('LPUSH', KEYS[5], '1')
   redis.call('LTRIM', KEYS[5], 0, %d)
 end
 return n
+""" % (MAX_WAKE_TOKENS - 1)
+
+# A worker rung with jobs it will not run itself hands them on to any worker (a ring comes before its job's
+# enqueue, which then pushes no wake-up token): a job already enqueued gets a token now; one not yet enqueued
+# is marked, and its enqueue pushes the token.
+# KEYS: wake-up list. ARGV: mark ttl (s), then job ids.
+HAND_ON_SCRIPT = """
+for i = 2, #ARGV do
+  if redis.call('EXISTS', 'rq:job:' .. ARGV[i]) == 1 then
+    redis.call('LPUSH', KEYS[1], '1')
+    redis.call('LTRIM', KEYS[1], 0, %d)
+  else
+    redis.call('SET', 'eb:handon:' .. ARGV[i], '1', 'EX', tonumber(ARGV[1]))
+  end
+end
+return #ARGV - 1
 """ % (MAX_WAKE_TOKENS - 1)
 
 
@@ -65,6 +82,11 @@ def wake_key(queue: str) -> str:
 
 def job_key(job_id: str) -> str:
     return f"rq:job:{job_id}"
+
+
+def hand_on_key(job_id: str) -> str:
+    """Set by HAND_ON_SCRIPT for a rung job not yet enqueued: its enqueue then pushes a wake-up token."""
+    return f"eb:handon:{job_id}"
 
 
 def rq_time(t: datetime | None = None) -> str:
@@ -102,15 +124,10 @@ def new_job_mapping(payload: bytes, queue: str, *, function: str = ENCODE_FUNCTI
 
 def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int,
                  wake: bool = True) -> tuple[list, list]:
-    keys = [queue_key(queue), job_key(job_id), QUEUES_SET, queue_bound_key(queue), wake_key(queue)]
+    keys = [queue_key(queue), job_key(job_id), QUEUES_SET, queue_bound_key(queue), wake_key(queue),
+            hand_on_key(job_id)]
     fields = []
     for k, v in mapping.items():
         fields.extend((k, v))
     # Redis's Lua cmsgpack reads only msgpack's original raw strings: no bin type.
     return keys, [bound, ttl, job_id, msgpack.packb(fields, use_bin_type=False), "1" if wake else "0"]
-
-
-def wake_commands(queue: str) -> list[tuple]:
-    """What ENQUEUE does to wake a worker, as plain commands: for a job enqueued without (see ENQUEUE_SCRIPT)
-    that the worker rung with it leaves to the others (workers.job_source.JobSource.wake_others)."""
-    return [("LPUSH", wake_key(queue), "1"), ("LTRIM", wake_key(queue), 0, MAX_WAKE_TOKENS - 1)]

@@ -16,7 +16,7 @@ import torch
 
 from broker.client import EncoderClient
 from broker.doorbell import MAX_RUNG_REQUEST_BYTES, Doorbell, Ring, Ringer, local_bells
-from broker.enqueue import queue_key, wake_key
+from broker.enqueue import hand_on_key, queue_key, wake_key
 from broker.errors import InvalidRequest
 from broker.host import host_id
 from broker.queues import ENCODE_FUNCTION
@@ -332,8 +332,9 @@ def test_a_claim_takes_only_a_job_still_queued(redis_server):
         (rest,) = source.take(None, 5, 60)
         assert rest.job_id == first and not rest.rung
         assert wake_tokens(r, queue) == 0
-        assert source.claim([uuid.uuid4().hex], 60) == []  # never enqueued: given up after a moment ...
-        assert wake_tokens(r, queue) == 1  # ... leaving a wake-up, should its enqueue (without one) still run
+        never = uuid.uuid4().hex
+        assert source.claim([never], 60) == []  # never enqueued: given up after a moment ...
+        assert r.exists(hand_on_key(never))  # ... handed on, should its enqueue (without a token) still run
     finally:
         wire.close()
 
@@ -399,9 +400,29 @@ def test_a_wait_in_two_halves_ends_when_a_job_comes(redis_server):
         wire.close()
 
 
-def test_a_stopping_worker_wakes_others_for_the_jobs_rung_to_it(redis_server):
+def test_a_rung_job_handed_on_wakes_a_worker_whether_or_not_it_is_enqueued_yet(redis_server):
+    """A worker hands on the jobs rung to it while busy; a ring comes before its job's enqueue (which then
+    pushes no wake-up token), so a job handed on early gets its token when it is enqueued."""
     queue = "handover-" + uuid.uuid4().hex[:8]
     r = redis.Redis.from_url(redis_server.url)
-    source = JobSource(r, queue, "stopping-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
-    source.wake_others(3)
-    assert wake_tokens(r, queue) == 3
+    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
+    source = JobSource(r, queue, "busy-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
+    request = EncodeRequest(prompts=["handed on"]).to_msgpack()
+    try:
+        enqueued = wire.submit(request, wire.deadline(), ring=lambda _: 1)
+        assert wake_tokens(r, queue) == 0
+        source.hand_on([enqueued])
+        assert wake_tokens(r, queue) == 1  # already queued: a token now
+        (taken,) = source.take(None, 4, 60)
+        assert taken.job_id == enqueued and wake_tokens(r, queue) == 0
+
+        early = []
+        late = wire.submit(request, wire.deadline(),
+                           ring=lambda job_id: early.append(job_id) or source.hand_on([job_id]) or 1)
+        assert early == [late] and wake_tokens(r, queue) == 1  # its enqueue pushed the token
+        assert not r.exists(hand_on_key(late))
+        source.take(None, 4, 60)
+        plain = wire.submit(request, wire.deadline(), ring=lambda _: 1)
+        assert wake_tokens(r, queue) == 0 and r.lrange(queue_key(queue), 0, -1) == [plain.encode()]
+    finally:
+        wire.close()

@@ -21,7 +21,7 @@ from datetime import datetime
 
 import redis
 
-from broker.enqueue import job_key, queue_key, wake_commands, wake_key
+from broker.enqueue import HAND_ON_SCRIPT, job_key, queue_key, wake_key
 from broker.errors import BrokerError
 from broker.queues import ENCODE_FUNCTION
 from broker.recovery import RECOVER_SCRIPT, recover_args
@@ -31,6 +31,7 @@ from broker.serializer import MsgpackSerializer
 log = logging.getLogger("workers")
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 CLAIM_WAIT_S, CLAIM_RETRY_S = 0.02, 0.0002  # see JobSource._claim_when_enqueued
+HAND_ON_MARK_TTL_S = 60  # a rung job's enqueue comes within ms of its ring, or never
 
 # Lua: Redis's clock as (unix seconds, RQ's text form): a take pipelined behind a blocking wait runs when the wait
 # ends, so the time must be read there, not when the worker sent the pipeline.
@@ -240,6 +241,7 @@ class JobSource:
         self.worker_name = worker_name
         self.max_payload_bytes = max_payload_bytes
         self._take = connection.register_script(TAKE_SCRIPT)
+        self._hand_on = connection.register_script(HAND_ON_SCRIPT)
         self._record = connection.register_script(RECORD_SCRIPT)
         self._stats = connection.register_script(STATS_SCRIPT)
         self._recover = connection.register_script(RECOVER_SCRIPT)
@@ -356,22 +358,20 @@ class JobSource:
 
     def _claim_when_enqueued(self, job_id: str, heartbeat_ttl: int) -> list[TakenJob]:
         """Claims `job_id` again while its record does not exist yet, for up to CLAIM_WAIT_S. If it never shows,
-        a wake-up token goes to Redis: should its enqueue still run (rung, so without one), a worker takes it."""
+        it is handed on: should its enqueue still run, a worker takes it."""
         give_up = time.monotonic() + CLAIM_WAIT_S
         while not self.connection.exists(job_key(job_id)):
             if time.monotonic() > give_up:
-                self.wake_others(1)
+                self.hand_on([job_id])
                 return []
             time.sleep(CLAIM_RETRY_S)
         return self.take(job_id, 0, heartbeat_ttl)  # [] when another worker has it
 
-    def wake_others(self, n: int) -> None:
-        """Pushes `n` wake-up tokens: for jobs rung to this worker that it will not claim (it is stopping)."""
-        with self.connection.pipeline(transaction=False) as pipe:
-            for _ in range(n):
-                for command in wake_commands(self.queue):
-                    pipe.execute_command(*command)
-            pipe.execute()
+    def hand_on(self, job_ids: list[str]) -> None:
+        """Jobs rung to this worker that it will not claim (busy, or stopping) are left to whichever worker takes
+        next, this one included: a wake-up token for each (at once, or at its enqueue: see HAND_ON_SCRIPT)."""
+        if job_ids:
+            self._hand_on(keys=[self.wake_key], args=[HAND_ON_MARK_TTL_S, *job_ids])
 
     def _take_args(self, first_id: str, more: int, heartbeat_ttl: int) -> list:
         self._exec_count += 1

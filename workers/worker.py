@@ -181,7 +181,7 @@ class EncoderWorker(ServeLoop):
             self.connection.hdel(worker_bells_key(self.queue), self.bell.name)
             rung = self.bell.drain()
             self.bell.close()  # a client's ring now fails, and the client wakes a worker through Redis
-            self.source.wake_others(len(rung))
+            self.source.hand_on([ring.job_id for ring in rung])
             self._admit(self.source.end_wait(block=True))
         except CONNECTION_ERRORS:
             pass  # jobs it took are started: recovery retries them; jobs rung and not taken: see job_source
@@ -203,8 +203,7 @@ class EncoderWorker(ServeLoop):
                 break
             room = self.policy.max_batch_requests - len(batch.jobs)
             if batch.jobs:
-                self.bell.drain()  # rung jobs are queued: the take below has them (a ring left unread would
-                # have this worker run them ahead when idle, after they are taken)
+                self._take_rung()  # busy: hands them on (the take below may well have them)
                 taken = self.source.end_wait() or []  # a wait begun while idle may have taken jobs since
                 taken += self.source.take(None, room - len(taken), self.heartbeat_ttl_s)
                 if taken:
@@ -267,7 +266,7 @@ class EncoderWorker(ServeLoop):
         if not rings:
             return []
         if not self._idle():
-            self.source.wake_others(len(rings))
+            self.source.hand_on([ring.job_id for ring in rings])
             return []
         job_ids = [ring.job_id for ring in rings]
         packed = self.source.pack_claim(job_ids, self.heartbeat_ttl_s)
