@@ -257,11 +257,12 @@ class EncoderWorker(ServeLoop):
 
     def _take_rung(self) -> list[TakenJob]:
         """Jobs clients on this host rang this worker with (a rung job wakes no worker through Redis,
-        broker.doorbell). Busy, the worker hands them on: a wake-up through Redis for each, which any worker
-        answers, this one included. Idle, it runs at once the jobs whose rings carry their requests, then claims
-        them all from the queue while they run: a lone request pays no Redis hop before the encoder. Only
-        claimed jobs' results are delivered (Redis's record decides what ran: a ring's request must be the
-        queued one's bytes). Returns the claimed jobs not run ahead, to admit as any taken job."""
+        broker.doorbell). Busy, the worker hands them on: a wake-up token through Redis for each (at once, or at
+        the job's enqueue), which any worker answers, this one included. Idle, it runs at once the jobs whose
+        rings carry their requests and were heard at once, then claims them all from the queue while they run:
+        a lone request pays no Redis hop before the encoder. Only claimed jobs' results are delivered (Redis's
+        record decides what ran: a ring's request must be the queued one's bytes). Rings for jobs this worker
+        already took are dropped. Returns the claimed jobs not run ahead, to admit as any taken job."""
         rings = [ring for ring in self.bell.drain() if ring.job_id not in self._recently_taken]  # else: late
         if not rings:
             return []
