@@ -292,137 +292,112 @@ def test_only_live_doorbells_of_this_host_are_rung():
     assert local_bells(advertised, host_id(), now) == [live]
 
 
+@pytest.fixture
+def queue_parts(redis_server):
+    """A fresh queue: (its name, a Redis connection, a client's JobWire, a worker's JobSource)."""
+    queue = "rung-" + uuid.uuid4().hex[:8]
+    r = redis.Redis.from_url(redis_server.url)
+    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
+    yield queue, r, wire, JobSource(r, queue, "worker-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
+    wire.close()
+
+
 def wake_tokens(r, queue: str) -> int:
     return r.llen(wake_key(queue))
 
 
-def test_a_job_rung_to_a_worker_wakes_none_through_redis_unless_the_ring_reached_none(redis_server):
-    queue = "ring-" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_server.url)
-    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
-    try:
-        rung = []
-        job = wire.submit(b"payload", wire.deadline(), ring=lambda job_id: rung.append(job_id) or 1)
-        assert rung == [job] and r.lrange(queue_key(queue), 0, -1) == [job.encode()]
-        assert wake_tokens(r, queue) == 0  # the worker rung claims it itself
-        missed = wire.submit(b"payload", wire.deadline(), ring=lambda job_id: 0)
-        assert wake_tokens(r, queue) == 1  # nobody heard: a worker is woken through Redis
-        plain = wire.submit(b"payload", wire.deadline())
-        assert wake_tokens(r, queue) == 2
-        assert r.lrange(queue_key(queue), 0, -1) == [job.encode(), missed.encode(), plain.encode()]
-    finally:
-        wire.close()
+def test_a_job_rung_to_a_worker_wakes_none_through_redis_unless_the_ring_reached_none(queue_parts):
+    queue, r, wire, _ = queue_parts
+    rung = []
+    job = wire.submit(b"payload", wire.deadline(), ring=lambda job_id: rung.append(job_id) or 1)
+    assert rung == [job] and r.lrange(queue_key(queue), 0, -1) == [job.encode()]
+    assert wake_tokens(r, queue) == 0  # the worker rung claims it itself
+    missed = wire.submit(b"payload", wire.deadline(), ring=lambda job_id: 0)
+    assert wake_tokens(r, queue) == 1  # nobody heard: a worker is woken through Redis
+    plain = wire.submit(b"payload", wire.deadline())
+    assert wake_tokens(r, queue) == 2
+    assert r.lrange(queue_key(queue), 0, -1) == [job.encode(), missed.encode(), plain.encode()]
 
 
-def test_a_claim_takes_only_a_job_still_queued(redis_server):
-    queue = "claim-" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_server.url)
-    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
-    source = JobSource(r, queue, "claimer-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
-    try:
-        req = EncodeRequest(prompts=["claimed"]).to_msgpack()
-        first, second = (wire.submit(req, wire.deadline(), ring=lambda job_id: 1) for _ in range(2))
-        (taken,) = source.claim([second], 60)  # out of queue order: the one rung
-        assert (taken.job_id, taken.rung, taken.request.prompts) == (second, True, ["claimed"])
-        assert r.hget(f"rq:job:{second}", "status") == b"started"
-        assert r.zcard(f"rq:wip:{queue}") == 1
-        assert r.lrange(queue_key(queue), 0, -1) == [first.encode()]
-        assert wake_tokens(r, queue) == 1  # jobs remain, rung without a token: the next wait must not block
-        assert source.claim([second], 60) == []  # taken already
-        (rest,) = source.take(None, 5, 60)
-        assert rest.job_id == first and not rest.rung
-        assert wake_tokens(r, queue) == 0
-        never = uuid.uuid4().hex
-        assert source.claim([never], 60) == []  # never enqueued: given up after a moment ...
-        assert r.exists(hand_on_key(never))  # ... handed on, should its enqueue (without a token) still run
-    finally:
-        wire.close()
+def test_a_claim_takes_only_a_job_still_queued(queue_parts):
+    queue, r, wire, source = queue_parts
+    req = EncodeRequest(prompts=["claimed"]).to_msgpack()
+    first, second = (wire.submit(req, wire.deadline(), ring=lambda job_id: 1) for _ in range(2))
+    (taken,) = source.claim([second], 60)  # out of queue order: the one rung
+    assert (taken.job_id, taken.rung, taken.request.prompts) == (second, True, ["claimed"])
+    assert r.hget(f"rq:job:{second}", "status") == b"started"
+    assert r.zcard(f"rq:wip:{queue}") == 1
+    assert r.lrange(queue_key(queue), 0, -1) == [first.encode()]
+    assert wake_tokens(r, queue) == 1  # jobs remain, rung without a token: the next wait must not block
+    assert source.claim([second], 60) == []  # taken already
+    (rest,) = source.take(None, 5, 60)
+    assert rest.job_id == first and not rest.rung
+    assert wake_tokens(r, queue) == 0
+    never = uuid.uuid4().hex
+    assert source.claim([never], 60) == []  # never enqueued: given up after a moment ...
+    assert r.exists(hand_on_key(never))  # ... handed on, should its enqueue (without a token) still run
 
 
-def test_a_claim_after_redis_lost_its_scripts_still_takes_the_job(redis_server):
-    queue = "noscript-" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_server.url)
-    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
-    source = JobSource(r, queue, "noscript-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
-    try:
-        jobs = [wire.submit(EncodeRequest(prompts=["claimed"]).to_msgpack(), wire.deadline(), ring=lambda _: 1)
-                for _ in range(2)]
-        r.script_flush()  # as after a restart
-        assert sorted(t.job_id for t in source.claim(jobs, 60)) == sorted(jobs)
-        assert r.llen(queue_key(queue)) == 0
-    finally:
-        wire.close()
+def test_a_claim_after_redis_lost_its_scripts_still_takes_the_job(queue_parts):
+    queue, r, wire, source = queue_parts
+    jobs = [wire.submit(EncodeRequest(prompts=["claimed"]).to_msgpack(), wire.deadline(), ring=lambda _: 1)
+            for _ in range(2)]
+    r.script_flush()  # as after a restart
+    assert sorted(t.job_id for t in source.claim(jobs, 60)) == sorted(jobs)
+    assert r.llen(queue_key(queue)) == 0
 
 
-def test_a_claim_that_reaches_redis_before_its_enqueue_waits_for_it(redis_server):
+def test_a_claim_that_reaches_redis_before_its_enqueue_waits_for_it(queue_parts):
     """A client rings before it enqueues: the worker's claim can come first."""
-    queue = "early-" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_server.url)
-    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
-    source = JobSource(r, queue, "early-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
+    queue, r, wire, source = queue_parts
     rung = queue_module.Queue()
-    try:
-        request = EncodeRequest(prompts=["rung first"]).to_msgpack()
+    request = EncodeRequest(prompts=["rung first"]).to_msgpack()
 
-        def ring_then_pause(job_id: str) -> int:
-            rung.put(job_id)
-            time.sleep(0.005)  # the enqueue runs well after the claim was sent
-            return 1
+    def ring_then_pause(job_id: str) -> int:
+        rung.put(job_id)
+        time.sleep(0.005)  # the enqueue runs well after the claim was sent
+        return 1
 
-        enqueuer = threading.Thread(target=wire.submit, args=(request, wire.deadline()),
-                                    kwargs=dict(ring=ring_then_pause))
-        enqueuer.start()
-        job_id = rung.get(timeout=10)
-        assert not r.exists(f"rq:job:{job_id}")
-        (taken,) = source.claim([job_id], 60)
-        enqueuer.join()
-        assert (taken.job_id, taken.request.prompts) == (job_id, ["rung first"])
-        assert r.llen(queue_key(queue)) == 0 and wake_tokens(r, queue) == 0
-    finally:
-        wire.close()
+    enqueuer = threading.Thread(target=wire.submit, args=(request, wire.deadline()),
+                                kwargs=dict(ring=ring_then_pause))
+    enqueuer.start()
+    job_id = rung.get(timeout=10)
+    assert not r.exists(f"rq:job:{job_id}")
+    (taken,) = source.claim([job_id], 60)
+    enqueuer.join()
+    assert (taken.job_id, taken.request.prompts) == (job_id, ["rung first"])
+    assert r.llen(queue_key(queue)) == 0 and wake_tokens(r, queue) == 0
 
 
-def test_a_wait_in_two_halves_ends_when_a_job_comes(redis_server):
-    queue = "halves-" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_server.url)
-    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
-    source = JobSource(r, queue, "waiter-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
-    try:
-        source.begin_wait(4, 60, 5.0)
-        source.begin_wait(4, 60, 5.0)  # one wait at a time: a second begin is a no-op
-        assert source.end_wait() is None  # nothing yet
-        job = wire.submit(EncodeRequest(prompts=["waited for"]).to_msgpack(), wire.deadline())
-        got = []
-        assert eventually(lambda: got.extend(source.end_wait() or []) or got)
-        assert [t.job_id for t in got] == [job] and not got[0].rung
-        assert source.end_wait() == []  # no wait under way
-    finally:
-        wire.close()
+def test_a_wait_in_two_halves_ends_when_a_job_comes(queue_parts):
+    queue, r, wire, source = queue_parts
+    source.begin_wait(4, 60, 5.0)
+    source.begin_wait(4, 60, 5.0)  # one wait at a time: a second begin is a no-op
+    assert source.end_wait() is None  # nothing yet
+    job = wire.submit(EncodeRequest(prompts=["waited for"]).to_msgpack(), wire.deadline())
+    got = []
+    assert eventually(lambda: got.extend(source.end_wait() or []) or got)
+    assert [t.job_id for t in got] == [job] and not got[0].rung
+    assert source.end_wait() == []  # no wait under way
 
 
-def test_a_rung_job_handed_on_wakes_a_worker_whether_or_not_it_is_enqueued_yet(redis_server):
+def test_a_rung_job_handed_on_wakes_a_worker_whether_or_not_it_is_enqueued_yet(queue_parts):
     """A worker hands on the jobs rung to it while busy; a ring comes before its job's enqueue (which then
     pushes no wake-up token), so a job handed on early gets its token when it is enqueued."""
-    queue = "handover-" + uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(redis_server.url)
-    wire = JobWire(redis_server.url, queue, ENCODE_FUNCTION, timeout=20, retries=0)
-    source = JobSource(r, queue, "busy-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
+    queue, r, wire, source = queue_parts
     request = EncodeRequest(prompts=["handed on"]).to_msgpack()
-    try:
-        enqueued = wire.submit(request, wire.deadline(), ring=lambda _: 1)
-        assert wake_tokens(r, queue) == 0
-        source.hand_on([enqueued])
-        assert wake_tokens(r, queue) == 1  # already queued: a token now
-        (taken,) = source.take(None, 4, 60)
-        assert taken.job_id == enqueued and wake_tokens(r, queue) == 0
+    enqueued = wire.submit(request, wire.deadline(), ring=lambda _: 1)
+    assert wake_tokens(r, queue) == 0
+    source.hand_on([enqueued])
+    assert wake_tokens(r, queue) == 1  # already queued: a token now
+    (taken,) = source.take(None, 4, 60)
+    assert taken.job_id == enqueued and wake_tokens(r, queue) == 0
 
-        early = []
-        late = wire.submit(request, wire.deadline(),
-                           ring=lambda job_id: early.append(job_id) or source.hand_on([job_id]) or 1)
-        assert early == [late] and wake_tokens(r, queue) == 1  # its enqueue pushed the token
-        assert not r.exists(hand_on_key(late))
-        source.take(None, 4, 60)
-        plain = wire.submit(request, wire.deadline(), ring=lambda _: 1)
-        assert wake_tokens(r, queue) == 0 and r.lrange(queue_key(queue), 0, -1) == [plain.encode()]
-    finally:
-        wire.close()
+    early = []
+    late = wire.submit(request, wire.deadline(),
+                       ring=lambda job_id: early.append(job_id) or source.hand_on([job_id]) or 1)
+    assert early == [late] and wake_tokens(r, queue) == 1  # its enqueue pushed the token
+    assert not r.exists(hand_on_key(late))
+    source.take(None, 4, 60)
+    plain = wire.submit(request, wire.deadline(), ring=lambda _: 1)
+    assert wake_tokens(r, queue) == 0 and r.lrange(queue_key(queue), 0, -1) == [plain.encode()]
