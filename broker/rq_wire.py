@@ -15,6 +15,7 @@ from collections.abc import Callable
 import redis
 import redis.asyncio as aredis
 
+from broker.connections import discard_connection
 from broker.doorbell import Doorbell
 from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_id, new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
@@ -182,9 +183,7 @@ class JobWire:
         return self._race_conn
 
     def _drop_race_connection(self) -> None:
-        if self._race_conn is not None:
-            self._race_conn.disconnect()
-            self.redis.connection_pool.release(self._race_conn)
+        discard_connection(self.redis.connection_pool, self._race_conn)
         self._race_conn = None
         self._race_pending = False
 

@@ -21,6 +21,7 @@ from datetime import datetime
 
 import redis
 
+from broker.connections import discard_connection
 from broker.enqueue import HAND_ON_SCRIPT, job_key, queue_key, wake_key
 from broker.errors import BrokerError
 from broker.queues import ENCODE_FUNCTION
@@ -298,9 +299,7 @@ class JobSource:
         return self._parse_taken(flat)
 
     def _drop_wait_connection(self) -> None:
-        if self._wait_conn is not None:
-            self._wait_conn.disconnect()
-            self.connection.connection_pool.release(self._wait_conn)
+        discard_connection(self.connection.connection_pool, self._wait_conn)
         self._wait_conn = None
         self._waiting = False
 
@@ -351,9 +350,7 @@ class JobSource:
         return self._claim_conn
 
     def _drop_claim_connection(self) -> None:
-        if self._claim_conn is not None:
-            self._claim_conn.disconnect()
-            self.connection.connection_pool.release(self._claim_conn)
+        discard_connection(self.connection.connection_pool, self._claim_conn)
         self._claim_conn = None
 
     def _claim_when_enqueued(self, job_id: str, heartbeat_ttl: int) -> list[TakenJob]:
