@@ -2,8 +2,10 @@
 
 `service` mode promises that a DiT worker loads no encoder weights. `encoder_census` checks that from the inside,
 over every object the garbage collector tracks (torch tensors and modules are tracked): modules of an encoder
-class (HF's Qwen2_5_VL*, or any class from our own encoder packages) and tensors shaped like the encoder's
-parameters that no pipeline module owns (its [vocab, hidden] embedding table above all).
+class (HF's Qwen2_5_VL*), modules from the encoder's packages (ours, HF's qwen2_vl / qwen2_5_vl) that hold
+encoder-shaped parameters or buffers, and tensors shaped like the encoder's parameters that no pipeline module
+owns (its [vocab, hidden] embedding table above all). A parameter-free module from those packages is not an
+encoder: transformers >= 5.25 with the `kernels` package wraps functions such as `apply_rotary_pos_emb` in one.
 """
 
 from __future__ import annotations
@@ -54,9 +56,14 @@ def encoder_param_shapes(text_encoder_dir: str) -> set[tuple[int, ...]]:
     return shapes
 
 
-def _is_encoder_module(obj) -> bool:
+def _is_encoder_module(obj: torch.nn.Module, encoder_shapes: set[tuple[int, ...]]) -> bool:
     cls = type(obj)
-    return cls.__name__.startswith(ENCODER_CLASS_PREFIXES) or cls.__module__.startswith(ENCODER_MODULE_PREFIXES)
+    if cls.__name__.startswith(ENCODER_CLASS_PREFIXES):
+        return True
+    if not cls.__module__.startswith(ENCODER_MODULE_PREFIXES):
+        return False
+    tensors = list(obj.parameters()) + list(obj.buffers())
+    return any(tuple(t.shape) in encoder_shapes for t in tensors)
 
 
 def _torch_objects() -> list:
@@ -85,7 +92,7 @@ def encoder_census(encoder_shapes: set[tuple[int, ...]], pipeline_modules: list)
     for obj in _torch_objects():
         if isinstance(obj, torch.nn.Module):
             classes[type(obj).__name__] += 1
-            if _is_encoder_module(obj):
+            if _is_encoder_module(obj, encoder_shapes):
                 encoder_modules.add(f"{type(obj).__module__}.{type(obj).__name__}")
             continue
         if isinstance(obj, torch.nn.Parameter):
