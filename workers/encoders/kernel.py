@@ -36,7 +36,7 @@ class KernelEncoder(EncoderBase):
     graph_buckets (None: the runner's default), vision (None: load the vision tower when the checkpoint has
     processor/ and visual.* weights), image_cache_max_bytes (256 MiB of image features kept on the device, by
     image digest; 0: off), and the KernelOptions switches (use_flash_attention_kernel, use_triton_attention,
-    pack_gqa_attention, use_rmsnorm_kernel, use_rope_kernel, use_silu_kernel)."""
+    use_rmsnorm_kernel, use_rope_kernel, use_silu_kernel)."""
 
     backend = "kernel"
 
