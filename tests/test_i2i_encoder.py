@@ -165,11 +165,11 @@ def test_kernel_runs_each_image_through_the_vision_tower_once(kern, monkeypatch)
     real = kern.vision.__call__
 
     class Spy:
-        merge_size = kern.vision.merge_size
+        args = kern.vision.args
 
-        def __call__(self, pixel_values, grid):
-            calls.append(grid.shape[0])
-            return real(pixel_values, grid)
+        def __call__(self, pixel_values, grids):
+            calls.append(len(grids))
+            return real(pixel_values, grids)
 
     monkeypatch.setattr(kern, "vision", Spy())
     first = kern.encode(["make it blue", " "], task="i2i", images=[WIDE, TALL])  # a CFG pair, 2 images each

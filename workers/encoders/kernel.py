@@ -6,9 +6,10 @@ keys and values are cached), one gather cuts at drop_idx, and the prompts come b
 tensor. Nothing in between waits for the device.
 
 i2i: the batch's distinct images (by digest of their bytes) that are not in the image-feature cache run through
-the vision tower in one forward; their features replace the image-pad rows' embeddings in order, and the
-sequences get Qwen2.5-VL's 3-D M-RoPE positions (workers.model.mrope_positions). The template prefix is text,
-at positions 0..P-1 on all three rows, so its cached keys and values serve i2i sequences too.
+our vision tower (workers.model.qwen2_5_vl_vision) in one packed forward; their features replace the image-pad
+rows' embeddings in order, and the sequences get Qwen2.5-VL's 3-D M-RoPE positions (workers.model.mrope_positions).
+The template prefix is text, at positions 0..P-1 on all three rows, so its cached keys and values serve i2i
+sequences too.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ class KernelEncoder(EncoderBase):
         self.model = load_model(paths.text_encoder, config, device, dtype, kernel_options)
         self.vision = None
         if want_vision or (want_vision is None and paths.processor is not None):
-            from workers.model.vision import has_vision_weights, load_vision
+            from workers.model.qwen2_5_vl_vision import has_vision_weights, load_vision
 
             if want_vision or has_vision_weights(paths.text_encoder):
-                self.vision = load_vision(paths.text_encoder, config.raw, device, dtype)
+                self.vision = load_vision(paths.text_encoder, config.raw, device, dtype, kernel_options)
         self.staging = Staging(device)
         self._prefix_ids = {
             task: tuple(tokenizer(template_for(task).prefix, add_special_tokens=False)["input_ids"])
@@ -109,8 +110,8 @@ class KernelEncoder(EncoderBase):
         if todo:
             run = list(todo.values())
             pixel_values = torch.cat([im.pixel_values for im in run])  # [sum t*h*w, C*Tp*P*P]
-            grid = torch.tensor([im.grid_thw for im in run], dtype=torch.long)
-            out = self.vision(pixel_values, grid)  # [sum n_tokens, D]
+            with torch.inference_mode():
+                out = self.vision(pixel_values, [im.grid_thw for im in run])  # [sum n_tokens, D]
             for im, f in zip(run, torch.split(out, [im.n_tokens for im in run])):
                 feats[im.digest] = f
                 if self.feature_cache.max_bytes:
@@ -125,7 +126,7 @@ class KernelEncoder(EncoderBase):
         images = [im for i in range(len(batch.ids)) for im in batch.images_of(i)]
         feats = self.image_features(images)
         extra = torch.cat([feats[im.digest] for im in images])  # [N image tokens, D]
-        merge, pad = self.vision.merge_size, self.config.image_token_id
+        merge, pad = self.vision.args.merge_size, self.config.image_token_id
         positions = [mrope_positions(ids, [im.grid_thw for im in batch.images_of(i)], pad, merge)
                      for i, ids in enumerate(batch.ids)]
         return positions, extra

@@ -193,7 +193,9 @@ class Ops:
     longer calls)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int,
-                 options: KernelOptions = KernelOptions()):
+                 options: KernelOptions = KernelOptions(), causal_attention: bool = True):
+        """causal_attention=False: the vision tower's table, whose attention is bidirectional only (no causal
+        backend is picked, checked or logged)."""
         self.options = options
         self.ffn_chunk_tokens = max(1, options.ffn_chunk_tokens)
         triton_ok = kernels.triton_available(device) and options.use_triton
@@ -205,13 +207,17 @@ class Ops:
         rope_ok = triton_ok and options.use_rope_kernel
         self.qkv_rope = kernels.qkv_rope if rope_ok else kernels.qkv_rope_ref  # new q, k, v
         self.mrope = kernels.apply_mrope if rope_ok else kernels.apply_mrope_ref  # in place / new tensors
+        self._bidirectional = kernels.varlen_attention if triton_ok else kernels.varlen_attention_ref
+        if not causal_attention:
+            self.attention_names = {"bidirectional": "triton" if triton_ok else "reference"}
+            self.attention_name, self.needs_kv_index = self.attention_names["bidirectional"], False
+            return
         (self._attn_plain, plain), (self._attn_prefix, prefixed) = self._pick_attention(
             device, dtype, n_heads, n_kv_heads, head_dim, triton_ok)
         self.attention_names = {"no_prefix": plain, "prefix": prefixed}
         self.attention_name = plain if plain == prefixed else f"{plain} (prefix: {prefixed})"
         # only the library kernels read cu_seqlens_k / kv_index, and only with a prefix
         self.needs_kv_index = prefixed not in ("triton", "reference")
-        self._bidirectional = kernels.varlen_attention if triton_ok else kernels.varlen_attention_ref
 
     def bidirectional_attention(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float):
         # q, k, v: [T, H, Dh]; cu_seqlens: [B+1] int32 -> o [T, H, Dh]: each token sees its whole sequence
