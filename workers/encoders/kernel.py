@@ -109,7 +109,8 @@ class KernelEncoder(EncoderBase):
                 todo[im.digest] = im
         if todo:
             run = list(todo.values())
-            pixel_values = torch.cat([im.pixel_values for im in run])  # [sum t*h*w, C*Tp*P*P]
+            spec = self.images.spec  # resize, normalize, patchify on the device (workers.model.image_patches)
+            pixel_values = torch.cat([im.pixel_values(spec, self.device) for im in run])  # [sum t*h*w, C*Tp*P*P]
             with torch.inference_mode():
                 out = self.vision(pixel_values, [im.grid_thw for im in run])  # [sum n_tokens, D]
             for im, f in zip(run, torch.split(out, [im.n_tokens for im in run])):
