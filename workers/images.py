@@ -197,6 +197,9 @@ class ImagePreprocessor:
     def __init__(self, processor_dir: str | None, limits: ImageLimits = ImageLimits(),
                  cache_max_bytes: int = 64 << 20, decode_threads: int | None = None):
         self.processor_dir = processor_dir
+        # pixels in pinned memory (set for a CUDA device): the compute thread's copy to the device then neither
+        # waits for the device nor copies on the host
+        self.pin_memory = False
         self.limits = limits
         self.cache_max_bytes = cache_max_bytes
         self.decode_threads = decode_threads or max(1, min(4, os.cpu_count() or 1))
@@ -238,6 +241,8 @@ class ImagePreprocessor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # PIL's buffer is read-only; nothing writes these pixels
             pixels = torch.from_numpy(np.asarray(img))  # [H, W, 3] uint8
+        if self.pin_memory:
+            pixels = pixels.pin_memory()
         cw, ch = condition_size(*img.size, where)
         spec = self.spec
         t, h, w = grid = spec.grid(cw, ch)

@@ -141,11 +141,17 @@ def _resample(x: Tensor, out_size: int, dim: int, kind: str, torch_bits: bool) -
     # x: [3, H, W] float64 of integers 0..255 -> the same with size out_size along dim (1: rows, 2: columns)
     in_size = x.shape[dim]
     xmin, q, bits = resample_coefficients(in_size, out_size, kind, torch_bits)
-    idx = torch.from_numpy(np.minimum(xmin[:, None] + np.arange(q.shape[1]), in_size - 1)).to(x.device)
+    idx = _to_device(np.minimum(xmin[:, None] + np.arange(q.shape[1]), in_size - 1), x.device)
     coef = torch.zeros(out_size, in_size, dtype=torch.float64, device=x.device)
-    coef.scatter_add_(1, idx, torch.from_numpy(q).to(x.device))  # [out, in]; clipped taps carry 0
+    coef.scatter_add_(1, idx, _to_device(q, x.device))  # [out, in]; clipped taps carry 0
     y = torch.matmul(coef, x) if dim == 1 else torch.matmul(x, coef.t())
     return y.add_(1 << (bits - 1)).div_(1 << bits).floor_().clamp_(0, 255)
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> Tensor:
+    # through pinned memory on CUDA: a copy from pageable memory would wait for the device's queued work
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def resize_u8(x: Tensor, width: int, height: int, kind: str, torch_bits: bool = False) -> Tensor:
@@ -195,13 +201,21 @@ def patchify(x: Tensor, spec: PixelSpec) -> Tensor:
 def image_patches(pixels: Tensor, condition_size: tuple[int, int], spec: PixelSpec, device: torch.device) -> Tensor:
     """pixels: [H, W, 3] uint8 (CPU), the decoded image; condition_size: (width, height) of the Edit pipeline's
     resize. Returns [gh * gw, C*Tp*P*P] float32 on `device`: Qwen2VLImageProcessor's pixel_values for the image."""
+    if device.type == "cuda" and not pixels.is_pinned():
+        pixels = pixels.pin_memory()  # workers.images pins them in the decode pool; here only if it did not
     x = pixels.to(device, non_blocking=True).permute(2, 0, 1).to(torch.float64)  # [3, H, W]
     cw, ch = condition_size
     x = resize_u8(x, cw, ch, "lanczos")
     rw, rh = spec.resized(cw, ch)
     x = resize_u8(x, rw, rh, "bicubic", torch_bits=spec.torch_resize)
-    # the processor's fused rescale + normalize: mean and std scaled by 1 / rescale_factor, in fp32
-    mean = torch.tensor(spec.image_mean, dtype=torch.float32, device=device) * (1.0 / spec.rescale_factor)
-    std = torch.tensor(spec.image_std, dtype=torch.float32, device=device) * (1.0 / spec.rescale_factor)
-    x = (x.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
+    mean, std = _mean_std(spec, device)
+    x = (x.to(torch.float32) - mean) / std
     return patchify(x, spec)
+
+
+@lru_cache(maxsize=8)
+def _mean_std(spec: PixelSpec, device: torch.device) -> tuple[Tensor, Tensor]:
+    # the processor's fused rescale + normalize: mean and std scaled by 1 / rescale_factor in fp32, [3, 1, 1] each
+    mean = torch.tensor(spec.image_mean, dtype=torch.float32) * (1.0 / spec.rescale_factor)
+    std = torch.tensor(spec.image_std, dtype=torch.float32) * (1.0 / spec.rescale_factor)
+    return mean.view(3, 1, 1).to(device), std.view(3, 1, 1).to(device)
