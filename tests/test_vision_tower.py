@@ -89,3 +89,4 @@ def test_vision_weights_checked_on_load(baseline, tmp_path):
     raw["vision_config"]["depth"] = 1  # one block fewer
     with pytest.raises(ModelLoadError, match="does not fit a vision tower of depth 1"):
         load_vision(str(te), raw, torch.device("cpu"), torch.float32)
+

@@ -79,6 +79,8 @@ class KernelEncoder(EncoderBase):
     def warmup(self, task: str = "t2i") -> None:
         """Computes the task's prefix keys and values and captures its CUDA graphs before the first request."""
         prefix = self.prefix_for(task) if self.prefix_cache else None
+        if self.vision is not None:
+            self.vision.warmup()
         if self.prefix_cache and self.vision is not None:
             self.prefix_for("i2i")  # i2i batches run eager (spliced embeddings): no graphs, but the prefix
         if self.graphs is not None:

@@ -239,6 +239,14 @@ class VisionTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.inv_freq.device
 
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Compiles the Triton kernels before the first image: token counts that are and are not multiples of 16
+        (Triton specializes integer arguments on that)."""
+        for grids in ([(1, 8, 8)], [(1, 2, 6)]):
+            n = sum(t * h * w for t, h, w in grids)
+            self(torch.zeros(n, self.args.patch_dim, device=self.device), grids)
+
     def forward(self, patches: Tensor, grids: list[tuple[int, int, int]]) -> Tensor:
         """patches: [N, C*Tp*P*P] (Qwen2-VL's processor layout: images in order, each image's patches merge unit
         by merge unit), any float dtype; grids: (t, h, w) patches per image. Returns [U, Do] in the model dtype,
