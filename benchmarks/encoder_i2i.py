@@ -369,7 +369,7 @@ def main(argv=None) -> int:
         results["memory"] = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device)}
 
     # 5. the worker's CPU side
-    results["cpu"] = cpu_costs(resolve_checkpoint(ckpt).processor, tiny)
+    results["cpu"] = cpu_costs(resolve_checkpoint(ckpt).processor, tiny, pin=device.type == "cuda")
     say(f"CPU: {results['cpu']}")
 
     results.update(latency=lat, throughput=thr, elapsed_s=time.perf_counter() - tb.T0)
@@ -388,11 +388,11 @@ def hf_tower(hf, pixel_values: torch.Tensor, grids) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def cpu_costs(processor_dir: str, tiny: bool) -> dict:
-    """What the worker's intake spends on an image (decode, EXIF, grid: tokenize's image part) on one thread,
-    as PNG (the benchmark's images) and as JPEG (quality 90); a 3-image job through the decode pool; and the
-    Python a second thread gets done meanwhile, as a share of what it does alone (the GIL the pool leaves to the
-    compute thread)."""
+def cpu_costs(processor_dir: str, tiny: bool, pin: bool) -> dict:
+    """What the worker's intake spends on an image (decode, EXIF, grid, pinning on a GPU: tokenize's image part)
+    on one thread, as PNG (the benchmark's images) and as JPEG (quality 90); a 3-image job through the decode
+    pool; and the Python a second thread gets done meanwhile, as a share of what it does alone (the GIL the pool
+    leaves to the compute thread)."""
     import threading
 
     from PIL import Image
@@ -408,6 +408,7 @@ def cpu_costs(processor_dir: str, tiny: bool) -> dict:
     png = [image_png(*SIZES[k % len(SIZES)], seed=5000 + k) for k in range(n)]
     jpg = [jpeg(b) for b in png]
     prep = ImagePreprocessor(processor_dir, cache_max_bytes=0, decode_threads=3)
+    prep.pin_memory = pin  # as the worker's encoder sets it
     prep.decode(png[0], "warm-up", b"")
     out = {"image_sizes": SIZES, "threads_in_pool": prep.decode_threads}
     for name, blobs in (("png", png), ("jpeg", jpg)):
