@@ -255,6 +255,8 @@ def main(argv=None) -> int:
     vis_grids = [im.grid_thw for im in vis_images]
     vis_pv = torch.cat([im.pixel_values(spec, device) for im in vis_images])  # fp32, on the device
     ref_vis = hf_tower(hf, vis_pv, vis_grids).float().cpu()
+    results["pixels_equal_the_processors"] = pixels_check(vis_images, spec, hf.images.processor, device)
+    say(f"device pixels equal to PIL's resize + the processor's on the CPU: {results['pixels_equal_the_processors']}")
     hf = None
     tb.free()
     say("HF fp32: reference computed, model freed")
@@ -388,6 +390,23 @@ def hf_tower(hf, pixel_values: torch.Tensor, grids) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def pixels_check(images, spec, processor, device) -> dict:
+    """Our device pixels against PIL's Lanczos resize to the condition size + HF's image processor on the CPU
+    (the pipeline's own path): bit for bit equal, and the largest difference otherwise."""
+    from PIL import Image
+
+    equal, worst = 0, 0.0
+    for im in images:
+        img = Image.fromarray(im.pixels.numpy())
+        if img.size != im.condition_size:
+            img = img.resize(im.condition_size, Image.Resampling.LANCZOS, reducing_gap=None)
+        want = processor(images=[img], return_tensors="pt")["pixel_values"]
+        got = im.pixel_values(spec, device).cpu()
+        equal += bool(torch.equal(got, want))
+        worst = max(worst, (got - want).abs().max().item())
+    return {"images": len(images), "bit_equal": equal, "max_abs_diff": worst}
+
+
 def cpu_costs(processor_dir: str, tiny: bool, pin: bool) -> dict:
     """What the worker's intake spends on an image (decode, EXIF, grid, pinning on a GPU: tokenize's image part)
     on one thread, as PNG (the benchmark's images) and as JPEG (quality 90); a 3-image job through the decode
@@ -478,6 +497,9 @@ def print_table(r: dict) -> None:
                      f"{e3['rel_l2']:.4f} | {e3['min_cos']:.5f} |")
     for k, e in cv.items():
         lines.append(f"| vision tower alone, {k} | {e['rel_l2']:.4f} | {e['min_cos']:.5f} | | | | |")
+    pe = r["pixels_equal_the_processors"]
+    lines.append(f"\ndevice pixels vs PIL + the processor on the CPU: {pe['bit_equal']} of {pe['images']} images "
+                 f"bit for bit equal, max |diff| {pe['max_abs_diff']:.3g}")
     lines += [f"\ncorrectness PASS: {c['pass']}\n", "| (a) one prompt | median ms | p90 ms |", "|---|---|---|"]
     for k, v in lat.items():
         lines.append(f"| {k} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} |")
