@@ -59,7 +59,7 @@ class ImageLimits:
 class PreparedImage:
     """One decoded condition image, ready for the device's resize and patchify."""
 
-    digest: bytes  # blake2b of the encoded bytes: identity for dedupe and caches
+    digest: bytes  # SHA-256 of the encoded bytes (20 bytes of it): identity for dedupe and caches
     grid_thw: tuple[int, int, int]  # patches (t, h, w) before the 2x2 merge
     n_tokens: int  # <|image_pad|> tokens it takes in the sequence: t*h*w / merge**2
     pixels: torch.Tensor  # [H, W, 3] uint8, CPU: decoded, EXIF-oriented, RGB, at its encoded size
@@ -77,7 +77,9 @@ class PreparedImage:
 
 
 def image_digest(blob: bytes) -> bytes:
-    return hashlib.blake2b(bytes(blob), digest_size=20).digest()
+    # SHA-256, not blake2b: with the SHA extensions of today's server CPUs it hashes about twice as fast, and the
+    # intake hashes every image's bytes; collision-resistant all the same (it is a cache identity)
+    return hashlib.sha256(bytes(blob)).digest()[:20]
 
 
 def per_prompt_images(images, n_prompts: int) -> list[list]:
