@@ -378,3 +378,34 @@ def test_request_images_are_one_list_per_prompt():
     ]:
         with pytest.raises(InvalidRequest, match=message):
             EncodeRequest(prompts=["a", "b"], task=task, images=images).validate()
+
+
+def test_kernel_i2i_through_the_graph_runner_equals_eager(kern, monkeypatch):
+    """i2i batches replay the graphs that read spliced embeddings (an eager stand-in for replay on the CPU): the
+    same rows as the eager path, with and without the prefix cache, in buckets and past the largest."""
+    from workers.encoding_cache import EncodingCache
+    from workers.model.graph_runner import GraphRunner
+
+    class Replay:
+        def __init__(self, step):
+            self.replay = step
+
+    class EagerRunner(GraphRunner):
+        def _capture_one(self, step):
+            return Replay(step)
+
+    monkeypatch.setattr(kern, "feature_cache", EncodingCache(0))
+    cases = [(["make the sky purple"], [[WIDE]]), (["x", " "], [[TALL, SQUARE], [TALL, SQUARE]]),
+             (["put it on the sofa"], [[WIDE, TALL, SQUARE]])]  # the last: more tokens than the largest bucket
+    runner = EagerRunner(kern.model, torch.device("cpu"), max_tokens=256, max_seqs=3)
+    for prefix_cache in (True, False):
+        monkeypatch.setattr(kern, "prefix_cache", prefix_cache)
+        for prompts, images in cases:
+            batch = kern.tokenize(prompts, "i2i", images=images)
+            monkeypatch.setattr(kern, "graphs", None)
+            want, want_lengths = kern.encode_packed(batch)
+            monkeypatch.setattr(kern, "graphs", runner)
+            got, lengths = kern.encode_packed(batch)
+            assert lengths == want_lengths and rel_l2(got, want) < 1e-6, (prefix_cache, prompts)
+    captured = {(k[0], k[2]) for k in runner.graphs}
+    assert captured == {(id(kern.prefix_for("i2i")), True), (id(None), True)}

@@ -79,12 +79,13 @@ class KernelEncoder(EncoderBase):
     def warmup(self, task: str = "t2i") -> None:
         """Computes the task's prefix keys and values and captures its CUDA graphs before the first request."""
         prefix = self.prefix_for(task) if self.prefix_cache else None
-        if self.vision is not None:
-            self.vision.warmup()
-        if self.prefix_cache and self.vision is not None:
-            self.prefix_for("i2i")  # i2i batches run eager (spliced embeddings): no graphs, but the prefix
         if self.graphs is not None:
             self.graphs.capture(prefix)
+        if self.vision is not None:
+            self.vision.warmup()
+            i2i_prefix = self.prefix_for("i2i") if self.prefix_cache else None
+            if self.graphs is not None:  # i2i batches: the graphs that read spliced embeddings
+                self.graphs.capture(i2i_prefix, embeds=True)
 
     def configure_images(self, limits=None, feature_cache_max_bytes: int | None = None) -> None:
         super().configure_images(limits, feature_cache_max_bytes)
@@ -183,11 +184,11 @@ class KernelEncoder(EncoderBase):
             return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device), lengths
 
         bucket = None
-        if self.graphs is not None and extra_embeds is None:
+        if self.graphs is not None:
             bucket = self.graphs.bucket_for(sum(map(len, seqs)), len(seqs))
         if bucket is not None:
             hb = self.graphs.pack(seqs, pos, keep_from, bucket, prefix, self.staging)
-            return self.graphs.run(hb, prefix, self.staging), lengths
+            return self.graphs.run(hb, prefix, self.staging, extra_embeds, self.config.image_token_id), lengths
 
         hb = self._pack_eager(seqs, pos, keep_from)
         dev = self.staging.to_device(hb.buf[:hb.layout.size])
