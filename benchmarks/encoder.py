@@ -8,9 +8,8 @@ tiny vision tower in the config only) and the Qwen2 tokenizer; 2. correctness on
 as the reference, HF bf16 and the kernel backend (bf16) against it; 3. (a) latency of one 128-token prompt;
 (b) saturated throughput on a heavy-tailed mix of t2i prompts; (c) the kernel backend's peak memory;
 a GEMM-only forward of the same shape as the floor; 4. the kernel backend with other attention (run 1's
-library kernel + prefix gather; the GQA-packed Triton kernel, `pack_gqa_attention`): correctness, latency and
-throughput at the largest budget. `TRITON_INTERPRET=1 ... --tiny --mix-prompts 12` runs the Triton kernels
-(and phase 4's packed run) on the CPU, in ~11 minutes; it misses the correctness bar because the interpreter
+library kernel + prefix gather, on a GPU): correctness, latency and throughput at the largest budget.
+`TRITON_INTERPRET=1 ... --tiny --mix-prompts 12` runs the Triton kernels on the CPU, in ~11 minutes; it misses the correctness bar because the interpreter
 casts fp32 to bf16 by truncation. Results go to $OUT/encoder_bench.json when OUT is set; a markdown table is
 printed last. Imports nothing that needs redis, rq or posix_ipc.
 """
@@ -18,11 +17,10 @@ printed last. Imports nothing that needs redis, rq or posix_ipc.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
-import logging
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -386,9 +384,6 @@ def kernel_unit_checks(device, dtype, a: ModelArgs) -> dict:
                                          kernels.varlen_attention_ref(q, k, v, cu, max(lens), sc, pk, pv))
     out["varlen_attention"] = rel(kernels.varlen_attention(q, k, v, cu, max(lens), sc),
                                   kernels.varlen_attention_ref(q, k, v, cu, max(lens), sc))
-    out["varlen_attention_prefix_packed_gqa"] = rel(
-        kernels.varlen_attention(q, k, v, cu, max(lens), sc, pk, pv, pack_gqa=True),
-        kernels.varlen_attention_ref(q, k, v, cu, max(lens), sc, pk, pv))
     out["ok"] = all(val < 2e-2 for val in out.values())
     return out
 
@@ -464,8 +459,8 @@ def main(argv=None) -> int:
     # 1. checkpoint
     ckpt = args.ckpt or os.path.join(os.environ.get("TMPDIR", "/tmp"), "eb-bench-" + ("tiny" if tiny else "7b"))
     build_checkpoint(ckpt, margs, device)
-    from workers.encoders import load_tokenizer
     from workers.checkpoint import resolve_checkpoint
+    from workers.encoders import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_checkpoint(ckpt).tokenizer)
 
@@ -599,7 +594,6 @@ def main(argv=None) -> int:
     from workers.model.graph_runner import GraphRunner
     from workers.model.ops import KernelOptions, Ops
 
-    served_options = kern.model.ops.options
     triton_prefix = kern.model.ops.attention_names["prefix"] == "triton"
     computed_big = n_tokens(batches, skip=T2I.drop_idx)
 
@@ -620,21 +614,13 @@ def main(argv=None) -> int:
 
     if device.type == "cuda" and triton_prefix:  # run 1's path
         compare("library_attention", KernelOptions(use_triton_attention=False), "library attention (+ prefix gather)")
-    # the GQA-packed Triton attention (pack_gqa_attention, off by default until measured here), the rest as served;
-    # on a CPU only under TRITON_INTERPRET=1, and without graphs
-    if triton_prefix:
-        compare("packed_gqa_attention", dataclasses.replace(served_options, pack_gqa_attention=True),
-                "packed GQA Triton attention")
-    else:
-        say(f"packed GQA Triton attention: skipped (prefixed batches use {kern.model.ops.attention_names['prefix']}"
-            f"{'; set TRITON_INTERPRET=1 to run the kernels on the CPU' if device.type != 'cuda' else ''})")
 
     results.update(latency=lat, throughput=thr, memory=mem)
     hf_best = max((v for k, v in thr.items() if k.startswith("hf_bs")), key=lambda v: v["prompts_per_s"],
                   default={"prompts_per_s": float("nan")})
     # the targets judge the configuration that serves: not the uncached runs nor the attention comparisons
     k_best = max((v for k, v in thr.items() if k.startswith("kernel_") and
-                  not k.endswith(("uncached", "library_attention", "packed_gqa_attention"))),
+                  not k.endswith(("uncached", "library_attention"))),
                  key=lambda v: v["prompts_per_s"])
     targets = {
         "a_latency_le_1.25x_gemm_only": lat["kernel_graphs"]["median_ms"] <= 1.25 * lat["gemm_only_128"]["median_ms"],
@@ -658,7 +644,7 @@ def print_table(r: dict, hf_best: dict, k_best: dict) -> None:
              f"triton {env['triton']}, attention {r['kernel_ops']['attention']}",
              "", "| correctness vs HF fp32 | rel L2 | min cos |", "|---|---|---|"]
     for k in ("hf_bf16", "kernel_bf16", "kernel_bf16_uncached", "kernel_bf16_singles",
-              "kernel_bf16_library_attention", "kernel_bf16_packed_gqa_attention"):
+              "kernel_bf16_library_attention"):
         if k in c:
             lines.append(f"| {k} | {c[k]['rel_l2']:.4f} | {c[k]['min_cos']:.5f} |")
     lines.append(f"| (info) kernel singles vs kernel batch | {c['kernel_single_vs_batch']['rel_l2']:.4f} | "
@@ -666,7 +652,7 @@ def print_table(r: dict, hf_best: dict, k_best: dict) -> None:
     lines.append(f"\ncorrectness PASS: {c['pass']}\n")
     lines += [f"| (a) one 128-token prompt ({lat['templated_tokens']} templated, {lat['computed_tokens']} computed)"
               " | median ms | p90 ms |", "|---|---|---|"]
-    for k in ("hf", "kernel_graphs", "kernel_graphs_library_attention", "kernel_graphs_packed_gqa_attention",
+    for k in ("hf", "kernel_graphs", "kernel_graphs_library_attention",
               "kernel_eager", "kernel_eager_uncached", "gemm_only_128", "gemm_only_computed"):
         if k in lat:
             lines.append(f"| {k} | {lat[k]['median_ms']:.2f} | {lat[k]['p90_ms']:.2f} |")

@@ -86,8 +86,9 @@ def pad_embeds(states: list[torch.Tensor], dtype: torch.dtype, device: torch.dev
 
 
 def decode_images(blobs: list[bytes], max_pixels: int) -> list:
-    """Encoded input images -> RGB PIL images; anything else is a clear InvalidRequest naming the image."""
-    from PIL import Image
+    """Encoded input images -> RGB PIL images, EXIF orientation applied (as diffusers' load_image does); anything
+    else is a clear InvalidRequest naming the image."""
+    from PIL import Image, ImageOps
 
     out = []
     for i, blob in enumerate(blobs):
@@ -99,7 +100,7 @@ def decode_images(blobs: list[bytes], max_pixels: int) -> list:
                 if size[0] * size[1] > max_pixels:
                     raise InvalidRequest(f"image {i} is {size[0]}x{size[1]}, over max_input_pixels {max_pixels}")
                 probe.load()
-                out.append(probe.convert("RGB"))
+                out.append(ImageOps.exif_transpose(probe).convert("RGB"))  # a phone photo as a viewer sees it
         except InvalidRequest:
             raise
         except Exception as e:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, ...)

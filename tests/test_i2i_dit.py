@@ -86,3 +86,16 @@ def test_kernel_mode_i2i_gives_the_baseline_embeddings_and_an_image(engines, mon
         assert a.shape == b.shape and rel_l2(a, b) < 1e-4
     res = engines["kernel"].generate(req)
     assert decode_png(res.png).size == (64, 64) and res.task == "i2i" and res.encoder_mode == "kernel"
+
+
+def test_input_images_are_decoded_upright():
+    # a phone JPEG stored sideways with EXIF "rotate 90": the DiT side sees it (and sends it on) as a viewer does
+    from PIL import ImageOps
+
+    from dit_workers.pipeline import decode_images
+    from tests.test_image_patches import IMAGES
+
+    blob = IMAGES["EXIF rotate 90"]
+    (img,) = decode_images([blob], 10**7)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB")
+    assert img.size == (240, 400) and img.tobytes() == upright.tobytes()

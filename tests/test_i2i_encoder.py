@@ -115,7 +115,8 @@ def test_tokens_and_pixels_equal_the_processors(baseline, processor):
     assert batch.ids[0] == ref["input_ids"][0].tolist()
     imgs = batch.images_of(0)
     assert [im.grid_thw for im in imgs] == [tuple(g) for g in ref["image_grid_thw"].tolist()]
-    assert torch.equal(torch.cat([im.pixel_values for im in imgs]), ref["pixel_values"])
+    spec = baseline.images.spec
+    assert torch.equal(torch.cat([im.pixel_values(spec) for im in imgs]), ref["pixel_values"])
     assert [im.n_tokens for im in imgs] == [t * h * w // 4 for t, h, w in ref["image_grid_thw"].tolist()]
     assert batch.text_lengths[0] == len(batch.ids[0]) - EDIT_DROP_IDX - sum(im.n_tokens for im in imgs)
 
@@ -165,11 +166,11 @@ def test_kernel_runs_each_image_through_the_vision_tower_once(kern, monkeypatch)
     real = kern.vision.__call__
 
     class Spy:
-        merge_size = kern.vision.merge_size
+        args = kern.vision.args
 
-        def __call__(self, pixel_values, grid):
-            calls.append(grid.shape[0])
-            return real(pixel_values, grid)
+        def __call__(self, pixel_values, grids):
+            calls.append(len(grids))
+            return real(pixel_values, grids)
 
     monkeypatch.setattr(kern, "vision", Spy())
     first = kern.encode(["make it blue", " "], task="i2i", images=[WIDE, TALL])  # a CFG pair, 2 images each
@@ -258,13 +259,10 @@ def test_condition_resize_is_the_pipelines_and_condition_images_pass_unchanged()
             if cw and ch:
                 assert I.is_condition_size(cw, ch), (w, h)  # what the DiT side sends is taken as it is
     assert not I.is_condition_size(500, 300) and not I.is_condition_size(384, 383)
-    img = Image.open(io.BytesIO(WIDE)).convert("RGB")
     (want,) = condition_images([WIDE])
-    got = I.to_condition_image(img)
-    assert got.size == want.size == (480, 288) and got.tobytes() == want.tobytes()
-    assert I.to_condition_image(got) is got  # 480x288 already has a condition size: not resized again
-    odd = Image.new("RGB", (416, 384))  # a condition size that calculate_dimensions would map to 384x384
-    assert I.to_condition_image(odd) is odd
+    assert I.condition_size(500, 300) == want.size == (480, 288)
+    assert I.condition_size(480, 288) == (480, 288)  # already a condition size: not resized again
+    assert I.condition_size(416, 384) == (416, 384)  # one that calculate_dimensions would map to 384x384
 
 
 def test_jpeg_webp_bmp_and_other_modes_decode(baseline):
@@ -380,3 +378,34 @@ def test_request_images_are_one_list_per_prompt():
     ]:
         with pytest.raises(InvalidRequest, match=message):
             EncodeRequest(prompts=["a", "b"], task=task, images=images).validate()
+
+
+def test_kernel_i2i_through_the_graph_runner_equals_eager(kern, monkeypatch):
+    """i2i batches replay the graphs that read spliced embeddings (an eager stand-in for replay on the CPU): the
+    same rows as the eager path, with and without the prefix cache, in buckets and past the largest."""
+    from workers.encoding_cache import EncodingCache
+    from workers.model.graph_runner import GraphRunner
+
+    class Replay:
+        def __init__(self, step):
+            self.replay = step
+
+    class EagerRunner(GraphRunner):
+        def _capture_one(self, step):
+            return Replay(step)
+
+    monkeypatch.setattr(kern, "feature_cache", EncodingCache(0))
+    cases = [(["make the sky purple"], [[WIDE]]), (["x", " "], [[TALL, SQUARE], [TALL, SQUARE]]),
+             (["put it on the sofa"], [[WIDE, TALL, SQUARE]])]  # the last: more tokens than the largest bucket
+    runner = EagerRunner(kern.model, torch.device("cpu"), max_tokens=256, max_seqs=3)
+    for prefix_cache in (True, False):
+        monkeypatch.setattr(kern, "prefix_cache", prefix_cache)
+        for prompts, images in cases:
+            batch = kern.tokenize(prompts, "i2i", images=images)
+            monkeypatch.setattr(kern, "graphs", None)
+            want, want_lengths = kern.encode_packed(batch)
+            monkeypatch.setattr(kern, "graphs", runner)
+            got, lengths = kern.encode_packed(batch)
+            assert lengths == want_lengths and rel_l2(got, want) < 1e-6, (prefix_cache, prompts)
+    captured = {(k[0], k[2]) for k in runner.graphs}
+    assert captured == {(id(kern.prefix_for("i2i")), True), (id(None), True)}

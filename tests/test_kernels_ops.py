@@ -152,26 +152,3 @@ def test_cpu_without_a_library_needs_no_log_about_libraries(caplog):
     ops = Ops(torch.device("cpu"), torch.float32, N_Q, N_KV, HEAD_DIM, KernelOptions(use_triton=False))
     assert ops.attention_name == "reference" and ops.qkv_rope.__name__ == "qkv_rope_ref"
     assert not any("trying the next backend" in m for m in caplog.messages)
-
-
-def test_pack_gqa_attention_reaches_the_triton_launcher(monkeypatch, library, caplog):
-    caplog.set_level(logging.INFO, logger="workers.model.ops")
-    packs: list = []
-    launcher = ops_mod.kernels.varlen_attention
-
-    def spy(*args, **kwargs):
-        packs.append(kwargs.get("pack_gqa", False))
-        return launcher(*args, **kwargs)
-
-    monkeypatch.setattr(ops_mod.kernels, "varlen_attention", spy)
-    ops = _ops(pack_gqa_attention=True)
-    assert ops.attention_names == {"no_prefix": "fake", "prefix": "triton"} and not ops.needs_kv_index
-    _run(ops, with_prefix=True)
-    _run(ops, with_prefix=False)  # the library's
-    ops = _ops(pack_gqa_attention=True, use_flash_attention_kernel=False)
-    _run(ops, with_prefix=False)  # Triton's too now
-    _run(_ops(), with_prefix=True)  # off by default
-    assert packs == [True, True, False]
-    line = f"attention: the Triton kernel packs each KV head's {N_Q // N_KV} query heads into one tile"
-    assert line in caplog.messages
-    assert KernelOptions.from_options({"pack_gqa_attention": True}).pack_gqa_attention

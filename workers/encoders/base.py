@@ -76,6 +76,7 @@ class EncoderBase:
         self.hidden_size = config.hidden_size
         self.model_id = paths.root
         self.images = ImagePreprocessor(paths.processor, ImageLimits())
+        self.images.pin_memory = device.type == "cuda"
         self.vision_images_computed = 0  # images run through the vision tower (counters for the worker's stats)
         self.vision_images_reused = 0  # images whose features came from the cache or a repeat in the batch
         self._check_templates()

@@ -46,7 +46,8 @@ class BaselineEncoder(EncoderBase):
         if batch.has_images:
             # the processor's outputs for these images: every occurrence in order (the vision tower runs on each)
             images = [im for i in range(len(batch.ids)) for im in batch.images_of(i)]
-            extra = dict(pixel_values=torch.cat([im.pixel_values for im in images]).to(self.device),
+            spec = self.images.spec  # the processor's pixels, computed on the device (workers.model.image_patches)
+            extra = dict(pixel_values=torch.cat([im.pixel_values(spec, self.device) for im in images]),
                          image_grid_thw=torch.tensor([im.grid_thw for im in images], device=self.device))
             if self._takes_token_types:  # transformers < 5.15 finds image tokens in input_ids itself
                 extra["mm_token_type_ids"] = (input_ids == self.config.image_token_id).int().to(self.device)

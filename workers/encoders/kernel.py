@@ -6,9 +6,10 @@ keys and values are cached), one gather cuts at drop_idx, and the prompts come b
 tensor. Nothing in between waits for the device.
 
 i2i: the batch's distinct images (by digest of their bytes) that are not in the image-feature cache run through
-the vision tower in one forward; their features replace the image-pad rows' embeddings in order, and the
-sequences get Qwen2.5-VL's 3-D M-RoPE positions (workers.model.mrope_positions). The template prefix is text,
-at positions 0..P-1 on all three rows, so its cached keys and values serve i2i sequences too.
+our vision tower (workers.model.qwen2_5_vl_vision) in one packed forward; their features replace the image-pad
+rows' embeddings in order, and the sequences get Qwen2.5-VL's 3-D M-RoPE positions (workers.model.mrope_positions).
+The template prefix is text, at positions 0..P-1 on all three rows, so its cached keys and values serve i2i
+sequences too.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class KernelEncoder(EncoderBase):
     graph_buckets (None: the runner's default), vision (None: load the vision tower when the checkpoint has
     processor/ and visual.* weights), image_cache_max_bytes (256 MiB of image features kept on the device, by
     image digest; 0: off), and the KernelOptions switches (use_flash_attention_kernel, use_triton_attention,
-    pack_gqa_attention, use_rmsnorm_kernel, use_rope_kernel, use_silu_kernel)."""
+    use_rmsnorm_kernel, use_rope_kernel, use_silu_kernel)."""
 
     backend = "kernel"
 
@@ -56,10 +57,10 @@ class KernelEncoder(EncoderBase):
         self.model = load_model(paths.text_encoder, config, device, dtype, kernel_options)
         self.vision = None
         if want_vision or (want_vision is None and paths.processor is not None):
-            from workers.model.vision import has_vision_weights, load_vision
+            from workers.model.qwen2_5_vl_vision import has_vision_weights, load_vision
 
             if want_vision or has_vision_weights(paths.text_encoder):
-                self.vision = load_vision(paths.text_encoder, config.raw, device, dtype)
+                self.vision = load_vision(paths.text_encoder, config.raw, device, dtype, kernel_options)
         self.staging = Staging(device)
         self._prefix_ids = {
             task: tuple(tokenizer(template_for(task).prefix, add_special_tokens=False)["input_ids"])
@@ -78,10 +79,13 @@ class KernelEncoder(EncoderBase):
     def warmup(self, task: str = "t2i") -> None:
         """Computes the task's prefix keys and values and captures its CUDA graphs before the first request."""
         prefix = self.prefix_for(task) if self.prefix_cache else None
-        if self.prefix_cache and self.vision is not None:
-            self.prefix_for("i2i")  # i2i batches run eager (spliced embeddings): no graphs, but the prefix
         if self.graphs is not None:
             self.graphs.capture(prefix)
+        if self.vision is not None:
+            self.vision.warmup()
+            i2i_prefix = self.prefix_for("i2i") if self.prefix_cache else None
+            if self.graphs is not None:  # i2i batches: the graphs that read spliced embeddings
+                self.graphs.capture(i2i_prefix, embeds=True)
 
     def configure_images(self, limits=None, feature_cache_max_bytes: int | None = None) -> None:
         super().configure_images(limits, feature_cache_max_bytes)
@@ -108,9 +112,10 @@ class KernelEncoder(EncoderBase):
                 todo[im.digest] = im
         if todo:
             run = list(todo.values())
-            pixel_values = torch.cat([im.pixel_values for im in run])  # [sum t*h*w, C*Tp*P*P]
-            grid = torch.tensor([im.grid_thw for im in run], dtype=torch.long)
-            out = self.vision(pixel_values, grid)  # [sum n_tokens, D]
+            spec = self.images.spec  # resize, normalize, patchify on the device (workers.model.image_patches)
+            pixel_values = torch.cat([im.pixel_values(spec, self.device) for im in run])  # [sum t*h*w, C*Tp*P*P]
+            with torch.inference_mode():
+                out = self.vision(pixel_values, [im.grid_thw for im in run])  # [sum n_tokens, D]
             for im, f in zip(run, torch.split(out, [im.n_tokens for im in run])):
                 feats[im.digest] = f
                 if self.feature_cache.max_bytes:
@@ -125,7 +130,7 @@ class KernelEncoder(EncoderBase):
         images = [im for i in range(len(batch.ids)) for im in batch.images_of(i)]
         feats = self.image_features(images)
         extra = torch.cat([feats[im.digest] for im in images])  # [N image tokens, D]
-        merge, pad = self.vision.merge_size, self.config.image_token_id
+        merge, pad = self.vision.args.merge_size, self.config.image_token_id
         positions = [mrope_positions(ids, [im.grid_thw for im in batch.images_of(i)], pad, merge)
                      for i, ids in enumerate(batch.ids)]
         return positions, extra
@@ -179,11 +184,11 @@ class KernelEncoder(EncoderBase):
             return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device), lengths
 
         bucket = None
-        if self.graphs is not None and extra_embeds is None:
+        if self.graphs is not None:
             bucket = self.graphs.bucket_for(sum(map(len, seqs)), len(seqs))
         if bucket is not None:
             hb = self.graphs.pack(seqs, pos, keep_from, bucket, prefix, self.staging)
-            return self.graphs.run(hb, prefix, self.staging), lengths
+            return self.graphs.run(hb, prefix, self.staging, extra_embeds, self.config.image_token_id), lengths
 
         hb = self._pack_eager(seqs, pos, keep_from)
         dev = self.staging.to_device(hb.buf[:hb.layout.size])

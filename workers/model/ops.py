@@ -19,12 +19,12 @@ Chosen once per model from the device and the switches of `KernelOptions`, never
       False                       either               | Triton             | Triton
 
   "library" is flash-attn, else torch varlen_attn, else (not on CUDA, not installed, failed its check) Triton.
-  `pack_gqa_attention` (off by default until measured on a GPU) makes "Triton" the launcher's GQA-packed
-  kernel: the Hq / Hk query heads of a KV head share each query tile and each K/V load.
   "Triton" is its torch reference where Triton can't run (use_triton=False, or a CPU without the
   interpreter); on CUDA a library kernel with the gather is preferred to the reference (a host loop) for
   prefixed batches then. A library kernel is checked once against the reference before it is trusted:
   causal GQA without a prefix, and with one (it then serves prefixed batches only if that passes too).
+- bidirectional attention (the vision tower: within each window or image, no prefix): our Triton kernel where
+  Triton runs, else its torch reference.
 - the attention choice is logged in one line; every fallback for a missing dependency says so in one line
   per process.
 """
@@ -56,7 +56,6 @@ class KernelOptions:
     use_triton: bool = True  # False: torch references for norms, rope, silu and (non-library) attention
     use_flash_attention_kernel: bool = True  # flash-attn / torch varlen_attn for batches without a prefix
     use_triton_attention: bool = True  # our Triton varlen_attention for batches with a cached prefix (no gather)
-    pack_gqa_attention: bool = False  # Triton attention packs a KV head's query heads into one tile (pack_gqa)
     use_rmsnorm_kernel: bool = True
     use_rope_kernel: bool = True
     use_silu_kernel: bool = True
@@ -90,10 +89,6 @@ class AttnMeta:
 
 def _attn_triton(q, k, v, meta: AttnMeta, scale, pk, pv):
     return kernels.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale, pk, pv)
-
-
-def _attn_triton_packed(q, k, v, meta: AttnMeta, scale, pk, pv):
-    return kernels.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale, pk, pv, pack_gqa=True)
 
 
 def _attn_ref(q, k, v, meta: AttnMeta, scale, pk, pv):
@@ -193,11 +188,14 @@ def build_attn_meta(cu_seqlens: torch.Tensor, max_seqlen: int, n_prefix: int, n_
 
 
 class Ops:
-    """The op table of one model on one device: `rms_norm`, `qkv_rope`, `silu_mul`, `attention` (and `mrope`,
-    M-RoPE on q and k already split, which the text model's forward no longer calls)."""
+    """The op table of one model on one device: `rms_norm`, `qkv_rope`, `silu_mul`, `attention`,
+    `bidirectional_attention` (and `mrope`, M-RoPE on q and k already split, which the text model's forward no
+    longer calls)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int,
-                 options: KernelOptions = KernelOptions()):
+                 options: KernelOptions = KernelOptions(), causal_attention: bool = True):
+        """causal_attention=False: the vision tower's table, whose attention is bidirectional only (no causal
+        backend is picked, checked or logged)."""
         self.options = options
         self.ffn_chunk_tokens = max(1, options.ffn_chunk_tokens)
         triton_ok = kernels.triton_available(device) and options.use_triton
@@ -209,12 +207,21 @@ class Ops:
         rope_ok = triton_ok and options.use_rope_kernel
         self.qkv_rope = kernels.qkv_rope if rope_ok else kernels.qkv_rope_ref  # new q, k, v
         self.mrope = kernels.apply_mrope if rope_ok else kernels.apply_mrope_ref  # in place / new tensors
+        self._bidirectional = kernels.varlen_attention if triton_ok else kernels.varlen_attention_ref
+        if not causal_attention:
+            self.attention_names = {"bidirectional": "triton" if triton_ok else "reference"}
+            self.attention_name, self.needs_kv_index = self.attention_names["bidirectional"], False
+            return
         (self._attn_plain, plain), (self._attn_prefix, prefixed) = self._pick_attention(
             device, dtype, n_heads, n_kv_heads, head_dim, triton_ok)
         self.attention_names = {"no_prefix": plain, "prefix": prefixed}
         self.attention_name = plain if plain == prefixed else f"{plain} (prefix: {prefixed})"
         # only the library kernels read cu_seqlens_k / kv_index, and only with a prefix
         self.needs_kv_index = prefixed not in ("triton", "reference")
+
+    def bidirectional_attention(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float):
+        # q, k, v: [T, H, Dh]; cu_seqlens: [B+1] int32 -> o [T, H, Dh]: each token sees its whole sequence
+        return self._bidirectional(q, k, v, cu_seqlens, max_seqlen, scale, causal=False)
 
     def attention(self, q, k, v, meta: AttnMeta, scale: float, prefix_k=None, prefix_v=None):
         # q: [T, Hq, Dh], k, v: [T, Hk, Dh], prefix_k, prefix_v: [P, Hk, Dh] or None -> o [T, Hq, Dh] contiguous
@@ -226,7 +233,7 @@ class Ops:
         """((fn, name) without a prefix, (fn, name) with a cached prefix): see the module docstring."""
         opts = self.options
         if triton_ok:
-            own = (_attn_triton_packed if opts.pack_gqa_attention else _attn_triton, "triton")
+            own = (_attn_triton, "triton")
         else:
             own = (_attn_ref, "reference")
         library, library_prefix_ok = None, False
@@ -244,8 +251,6 @@ class Ops:
         else:
             log_once(f"attention: {plain[1]} for batches without a prefix, {prefixed[1]} for batches with a "
                      f"cached prefix ({how})")
-        if opts.pack_gqa_attention and "triton" in (plain[1], prefixed[1]):
-            log_once(f"attention: the Triton kernel packs each KV head's {n_q // n_kv} query heads into one tile")
         return plain, prefixed
 
     def _pick_library(self, device, dtype, n_q, n_kv, head_dim):
