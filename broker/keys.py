@@ -37,7 +37,7 @@ def blob(job_id: str) -> str:
 
 
 def worker_executions(worker: str) -> str:
-    """The executions a worker holds (RQ's set): its heartbeat keeps each one's started-registry entry fresh."""
+    """The executions a worker holds (RQ's set: TAKE adds, RECORD removes)."""
     return f"rq:worker:{worker}:executions"
 
 

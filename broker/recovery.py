@@ -1,7 +1,7 @@
 """Jobs whose worker died: retried while they have retries left, else failed with a clear error.
 
 A worker keeps its jobs' entries in RQ's started registry (rq:wip:<queue>, scored by a heartbeat deadline) fresh
-while it runs them (broker/lua/heartbeat.lua). An entry past its deadline means the worker stopped (killed,
+while it runs them. An entry past its deadline means the worker stopped (killed,
 crashed, lost its host). broker/lua/recover.lua, run by every worker's housekeeping and by a waiting client for
 its own job, writes what RQ's own cleanup writes (status, failed registry, a failure result in the job's result
 stream), so clients and rq-dashboard see the same.

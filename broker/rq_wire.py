@@ -39,7 +39,7 @@ class Retrying:
     def next_delay(self, err: Exception) -> float:
         """How long to wait before the next attempt; BrokerUnavailable when there is none."""
         if self.left <= 0 or time.time() + self.delay >= self.deadline:
-            raise self.wire.unavailable(err)
+            raise self.wire.unavailable(err) from None
         self.left -= 1
         self.delay *= 2
         return self.delay / 2

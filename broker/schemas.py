@@ -150,7 +150,7 @@ class Handle:
     expires_at: float  # unix seconds; after it the sweeper (shm) or Redis (blob) may drop the data
     # the job's way through the worker: queue_ms (enqueued -> taken), batch_ms (taken -> on the encoder: checks,
     # tokenizing, batching, waiting for the device), infer_ms (its batch on the encoder), deliver_ms (encoder done
-    # -> the output thread at this job: copy to the host, earlier jobs of the batch), batch_jobs, handed_at (unix s,
+    # -> the delivery thread at this job: copy to the host, earlier jobs of the batch), batch_jobs, handed_at (unix s,
     # just before its data was written and its result recorded)
     timings: dict = field(default_factory=dict)
     worker: str = ""

@@ -13,7 +13,7 @@ from broker import keys
 
 LUA_DIR = Path(__file__).with_name("lua")
 RQ_LIB = (LUA_DIR / "rq.lua").read_text()
-WITH_RQ_LIB = ("take", "record", "recover", "heartbeat")
+WITH_RQ_LIB = ("take", "record", "recover")
 NAMES = ("enqueue", *WITH_RQ_LIB)
 
 

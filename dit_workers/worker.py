@@ -37,7 +37,7 @@ class JobHeartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 with w.connection.pipeline(transaction=False) as pipe:
-                    w.source.heartbeat(HEARTBEAT_TTL_S, pipe)
+                    w.source.refresh([t], HEARTBEAT_TTL_S, pipe)
                     w.rq_worker.heartbeat(HEARTBEAT_TTL_S + 60, pipeline=pipe)
                     pipe.execute()
             except redis.RedisError as e:

@@ -143,17 +143,31 @@ def test_max_prompt_chars_defaults_from_max_prompt_tokens():
     assert EncoderWorkerConfig(max_prompt_chars=7).max_prompt_chars == 7
 
 
-def test_the_heartbeat_keeps_a_job_alive_from_the_moment_it_is_taken(worker):
-    """D8: a job being tokenized (taken, not yet in a batch) is this worker's: its heartbeat deadline moves with
-    the worker's, whatever the intake thread is doing."""
+def test_the_heartbeat_keeps_a_job_alive_from_its_take_to_its_record(worker, baseline):
+    """D8: a job being tokenized (taken, not yet in a batch) is this worker's: housekeeping pushes its heartbeat
+    deadline whatever the intake thread is doing, until its result is recorded."""
     r = redis.Redis.from_url(worker.config.redis_url)
     started = keys.QueueKeys(worker.queue).started
-    raw_job(worker, {"prompts": ["held"]})
-    (taken,) = worker.source.take(1, worker.heartbeat_ttl_s)
-    (entry, first), = r.zrange(started, 0, -1, withscores=True)
+    job_id = raw_job(worker, {"prompts": ["held"]})
+    taken = worker.intake.take(1)
+    (_, first), = r.zrange(started, 0, -1, withscores=True)
     time.sleep(0.01)
     assert worker.keep_alive()
     (_, second), = r.zrange(started, 0, -1, withscores=True)
     assert second > first
-    worker.delivery.source.record([], [(taken, "done with it")], 30)  # recorded: no longer held
+    worker.intake.admit(taken)
+    run_through(worker)
+    assert_served(worker, [job_id])
+    assert worker.keep_alive()
     assert r.zcard(started) == 0 and not r.smembers(keys.worker_executions(worker.name))
+
+
+@pytest.mark.parametrize("entry", [{b"type": b"one"}, {b"type": b"1", b"return_value": b"%%"},
+                                   {b"type": b"2", b"exc_string": b"bm90IHpsaWI="}])
+def test_a_malformed_result_entry_is_a_protocol_error(entry):
+    """What a client reads back from Redis is checked too: a clear ProtocolError, not whatever int(), base64 or
+    zlib happen to raise."""
+    from broker.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="malformed"):
+        parse_result_entry(entry)

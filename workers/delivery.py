@@ -11,13 +11,11 @@ from broker.doorbell import Ringer
 from shm import unlink_segment
 from workers.batch_runner import Batch, BatchRunner, Encoded
 from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
-from workers.links import Links
+from workers.links import LAUNCH_WAIT_S, Links
 from workers.result_writer import ResultWriter
 from workers.stats import batch_stats
 
 log = logging.getLogger("workers")
-
-LAUNCH_WAIT_S = 0.05  # as workers.intake's
 
 
 def ms(seconds: float) -> float:
@@ -59,6 +57,8 @@ class Delivery:
             return
         finally:
             self._release_reserved(enc.batch)  # of jobs not delivered by shm
+            # recorded, or left to recovery once their heartbeat lapses (the jobs stay started)
+            self.links.held.put(("release", [p.taken for p in enc.batch.jobs]))
         for t, reason in failed:
             log.warning("job %s failed: %s", t.job_id, reason)
         log.info("batch: %d job(s), %d token(s) (%d computed, %d cache hit(s)), %d failed; formed in %.1f ms, "

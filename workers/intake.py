@@ -16,13 +16,10 @@ from workers.batching import BatchPolicy
 from workers.config import EncoderWorkerConfig
 from workers.encoders.base import TokenizedBatch
 from workers.job_source import CONNECTION_ERRORS, JobSource, StatsUpdate, TakenJob
-from workers.links import Links
+from workers.links import LAUNCH_WAIT_S, Links
 
 log = logging.getLogger("workers")
 
-# Longest intake holds back, per job, while compute launches kernels (Links.launched): a bound, in case a launch
-# phase includes waiting for the device.
-LAUNCH_WAIT_S = 0.05
 MAX_BACKOFF_S = 1.0  # between tries while Redis is unreachable: a restarted Redis is used within this
 
 
@@ -74,11 +71,11 @@ class Intake:
                 break
             room = self.policy.max_batch_requests - len(batch.jobs)
             if not batch.jobs:
-                taken = self.source.wait_and_take(room, self.config.job_heartbeat_ttl_s, 1.0)
+                taken = self.take(room, wait=True)
                 if not taken:
                     return None
                 self.admit(taken)
-            elif taken := self.source.take(room, self.config.job_heartbeat_ttl_s):
+            elif taken := self.take(room):
                 self.admit(taken)
             # Nothing queued: wait briefly for more, polling. (Redis checks blocking-command timeouts only about
             # every 100 ms, so a BLPOP of 2 ms would wait up to 100.) While the device is busy the polls are
@@ -88,6 +85,15 @@ class Intake:
             else:
                 self.links.device_idle.wait(1e-3)
         return self._close(batch)
+
+    def take(self, room: int, wait: bool = False) -> list[TakenJob]:
+        """Up to `room` jobs, started in Redis and from now on heart-beaten by housekeeping (Links.held); with
+        `wait`, after waiting up to a second for a client's enqueue to wake this worker."""
+        ttl = self.config.job_heartbeat_ttl_s
+        taken = self.source.wait_and_take(room, ttl, 1.0) if wait else self.source.take(room, ttl)
+        if taken:
+            self.links.held.put(("hold", taken))
+        return taken
 
     def _fill(self, batch: Batch) -> None:
         while self._pending and self.policy.fits(len(batch.jobs), batch.tokens, self._pending[0].n_tokens):
@@ -113,7 +119,9 @@ class Intake:
             self.links.launched.wait(LAUNCH_WAIT_S)
             try:
                 tokens = future.result() if future is not None else self.prepare(t.request)
-            except BrokerError as e:
+            except Exception as e:  # a job the tokenizer chokes on fails alone, like one it refuses
+                if not isinstance(e, BrokerError):
+                    log.exception("job %s: preparing its request failed", t.job_id)
                 failed.append((t, f"{type(e).__name__}: {e}"))
             else:
                 self._pending.append(PreparedJob(t, tokens))
@@ -121,7 +129,10 @@ class Intake:
             if t.enqueued_at is not None:
                 self.policy.arrived(t.enqueued_at)
         if failed:
-            self.source.record([], failed, self.config.result_ttl_s, StatsUpdate({"failed": len(failed)}))
+            try:
+                self.source.record([], failed, self.config.result_ttl_s, StatsUpdate({"failed": len(failed)}))
+            finally:  # recorded, or left to recovery once their heartbeat lapses
+                self.links.held.put(("release", [t for t, _ in failed]))
             for t, reason in failed:
                 log.warning("job %s failed: %s", t.job_id, reason)
 

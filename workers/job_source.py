@@ -4,8 +4,7 @@ Jobs and registries keep RQ's layout (broker.keys), so rq-dashboard, `rq info` a
 read them as they read RQ's. Where RQ spends ~70 commands a job, a batch here costs two script calls
 (broker/lua): TAKE (take ids, read the jobs, mark them started), pipelined behind an idle worker's blocking wait
 for a wake-up so that one round trip both wakes it and takes the jobs; RECORD (results, registries and the batch's
-counters: the waiting clients are answered when it ends). HEARTBEAT keeps every job the worker holds alive.
-Every field read from Redis is checked with the job it belongs to: a malformed one fails that job alone.
+counters: the waiting clients are answered when it ends). Every field read from Redis is checked with the job it belongs to: a malformed one fails that job alone.
 """
 
 from __future__ import annotations
@@ -49,6 +48,10 @@ class TakenJob:
     @property
     def key(self) -> str:
         return keys.job(self.job_id)
+
+    @property
+    def composite_key(self) -> str:
+        return f"{self.job_id}:{self.exec_id}"
 
 
 @dataclass(slots=True)
@@ -158,9 +161,13 @@ class JobSource:
                 t.request, t.error = None, "client deadline passed before the job started: not computed"
 
     # -- while running -------------------------------------------------------------------------------
-    def heartbeat(self, heartbeat_ttl: int, pipe) -> None:
-        """Pushes the heartbeat deadline of every job this worker holds (broker/lua/heartbeat.lua), on `pipe`."""
-        SCRIPTS["heartbeat"].on_pipeline(pipe, [self.keys.started, self.executions_key], [heartbeat_ttl])
+    def refresh(self, jobs: list[TakenJob], heartbeat_ttl: int, pipe) -> None:
+        """Pushes the heartbeat deadline of jobs this worker still holds (only entries still there), on `pipe`."""
+        deadline = time.time() + heartbeat_ttl
+        if jobs:
+            pipe.zadd(self.keys.started, {t.composite_key: deadline for t in jobs}, xx=True)
+        for t in jobs:
+            pipe.expire(keys.execution(t.job_id, t.exec_id), heartbeat_ttl + 60)
 
     def write_meta(self, t: TakenJob, updates: dict, pipeline=None) -> None:
         """Merges `updates` into the job's RQ meta and writes it (one HSET of the msgpack'd `meta` field)."""

@@ -21,6 +21,7 @@ from workers.delivery import Delivery
 from workers.encoding_cache import EncodingCache
 from workers.images import ImageLimits
 from workers.intake import Intake
+from workers.job_source import TakenJob
 from workers.links import Links
 from workers.result_writer import ResultWriter
 from workers.serve_loop import CONNECTION_ERRORS, ServeLoop
@@ -39,6 +40,7 @@ class EncoderWorker(ServeLoop):
         self.maintenance_interval_s = config.sweep_interval_s
         self.heartbeat_ttl_s = config.job_heartbeat_ttl_s
         self.links = Links(stopping=self.stopping)
+        self._held: dict[str, TakenJob] = {}  # the housekeeping thread's own, from links.held
         runner = BatchRunner(encoder, EncodingCache(config.cache_max_bytes), config.max_batch_tokens,
                              self.links.launched)
         writer = ResultWriter(host_id(), config.result_ttl_s, self.name, config.shm_prefix, config.shm_max_bytes)
@@ -73,12 +75,19 @@ class EncoderWorker(ServeLoop):
     def keep_alive(self) -> bool:
         """One round of housekeeping: registration, the heartbeat of the worker and of every job it holds, the
         queue's bound for clients' admission (broker.enqueue), recovery and sweeps. False when Redis is down."""
+        while not self.links.held.empty():
+            change, jobs = self.links.held.get_nowait()
+            for t in jobs:
+                if change == "hold":
+                    self._held[t.job_id] = t
+                else:
+                    self._held.pop(t.job_id, None)
         try:
             with self.connection.pipeline(transaction=False) as pipe:
                 if self.config.max_queue_depth > 0:  # lapses when no worker is left to refresh it
                     pipe.set(self.source.keys.bound, self.config.max_queue_depth,
                              ex=max(10, int(self.maintenance_interval_s * 3)))
-                self.source.heartbeat(self.heartbeat_ttl_s, pipe)
+                self.source.refresh(list(self._held.values()), self.heartbeat_ttl_s, pipe)
                 pipe.execute()
             self.housekeeping()
             self.heartbeat()
