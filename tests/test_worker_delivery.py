@@ -15,8 +15,9 @@ from broker import keys
 from broker.client import EncoderClient
 from broker.doorbell import Doorbell
 from broker.errors import EncodeFailed
+from broker.host import host_id
 from broker.results import raise_for_error, read_shm
-from broker.schemas import Handle
+from broker.schemas import EncodeRequest, Handle
 from shm import SHM_DIR
 from tests.helpers import free_port, write_config
 from workers.config import EncoderWorkerConfig
@@ -36,9 +37,10 @@ def worker_and_client(baseline, tiny_dir, redis_server, tmp_path):
 
 
 def submit(client, prompt: str, bell: Doorbell | None = None) -> tuple[str, float]:
+    """Enqueues `prompt` as EncoderClient.encode does; (job id, deadline)."""
     deadline = client.wire.deadline()
-    payload, description = client._payload([prompt], "t2i", None, deadline, False, bell)
-    return client.wire.submit(payload, deadline, description), deadline
+    req = EncodeRequest(prompts=[prompt], client_host=host_id(), deadline=deadline, bell=bell.name if bell else "")
+    return client.wire.submit(req.validate().to_msgpack(), deadline), deadline
 
 
 def read_result(client, job_id: str, deadline: float) -> torch.Tensor:
