@@ -71,12 +71,12 @@ class ServeLoop:
     def heartbeat(self, pipe=None) -> None:
         self.rq_worker.heartbeat(self.heartbeat_ttl_s + 60, pipeline=pipe)
 
-    def housekeeping(self, force: bool = False) -> None:
+    def housekeeping(self) -> None:
         """Registration, heartbeat, recovery of abandoned jobs and the subclass's `maintain`, at most every
         maintenance_interval_s."""
         self.ensure_registered()
         t = time.time()
-        if not force and t - self._last_maintenance < self.maintenance_interval_s:
+        if t - self._last_maintenance < self.maintenance_interval_s:
             return
         self.heartbeat()
         requeued, failed = self.source.requeue_abandoned()

@@ -88,9 +88,9 @@ class EncoderWorker(ServeLoop):
                     pipe.set(self.source.keys.bound, self.config.max_queue_depth,
                              ex=max(10, int(self.maintenance_interval_s * 3)))
                 self.source.refresh(list(self._held.values()), self.heartbeat_ttl_s, pipe)
+                self.heartbeat(pipe)
                 pipe.execute()
             self.housekeeping()
-            self.heartbeat()
             return True
         except CONNECTION_ERRORS as e:
             log.error("Redis unreachable (%s); retrying", e)
