@@ -7,7 +7,7 @@
 # Filling .whl/ and .bin/ here (both git-ignored through .git/info/exclude), for a card with Python 3.12:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl rq==3.0.0 redis==8.1.0 \
-#     posix-ipc==1.3.2 croniter tzdata importlib_metadata diffusers==0.42.1 py-spy
+#     posix-ipc==1.3.2 hiredis==3.5.0 croniter tzdata importlib_metadata diffusers==0.42.1 py-spy
 #   .bin/redis-server.bin: a copy of this machine's redis-server, .bin/lib/: the libraries `ldd` lists for it,
 #   .bin/redis-server: a script that runs redis-server.bin with LD_LIBRARY_PATH=.bin/lib.
 set -uo pipefail

@@ -165,7 +165,7 @@ def main() -> None:
             for mode in ("redis", "doorbell"):
                 lat = run(server.url, mode, args.n, args.idle_ms / 1e3)[10:]
                 print(f"| {mode} (round {rnd + 1}) | {pct(lat, 50):.0f} | {pct(lat, 90):.0f} |", flush=True)
-        print(f"\n| a ~250 KB result, fill start -> the client has its copy | p50 us | p90 us |")
+        print("\n| a ~250 KB result, fill start -> the client has its copy | p50 us | p90 us |")
         print("|---|---|---|")
         for rnd in range(2):
             for mode in RESULT_MODES:

@@ -339,8 +339,7 @@ def main():
             r["worker_mean_batch_jobs"] = st["mean_batch_jobs"]
             r["worker_batch_histogram"] = st["batch_histogram"]
             print(f"  worker so far: mean batch {st['mean_batch_jobs']} jobs, histogram {st['batch_histogram']}, "
-                  f"{st['totals']['jobs_claimed_by_ring']} jobs claimed when rung ({st['totals']['jobs_run_ahead']} run "
-                  f"ahead, {st['totals']['runs_ahead_lost']} lost), {st['totals']['results_rung']} results rung; "
+                  f"{st['totals']['results_rung']} results rung; "
                   "last log lines:\n    "
                   + "\n    ".join(open(log).read().splitlines()[-4:]), flush=True)
             print(f"{n} clients: p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, "

@@ -4,7 +4,7 @@ overhead under a GPU-like forward, measured on a machine without a GPU.
     python benchmarks/standin_worker.py --config CONFIG --gil-ms 4 --wait-ms 2
 
 A forward on the GPU keeps the calling thread busy in Python (kernel launches, metadata) for part of its time and
-waits for the device for the rest; the first holds the GIL that the worker's intake and output threads need.
+waits for the device for the rest; the first holds the GIL that the worker's intake and delivery threads need.
 Each batch here gives zero states of the right shapes (the tokenizer and everything around the forward are
 real), after busy-looping `--gil-ms` and sleeping `--wait-ms`, both per batch plus `--per-seq-ms` per sequence.
 benchmarks/load.py starts it with `--standin GIL_MS,WAIT_MS,SEQ_MS`.

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
-import time
 
 import torch
 
 from broker.config import ClientConfig, load_json, normalize_text_encoder_type
-from broker.doorbell import Doorbell, Ringer, local_bells, worker_bells_key
+from broker.doorbell import Doorbell
 from broker.errors import InvalidRequest
 from broker.host import host_id
 from broker.queues import DEFAULT_QUEUE, ENCODE_FUNCTION
 from broker.results import discard_result, raise_for_error, read_blob, read_shm
-from broker.rq_wire import CONNECTION_ERRORS, JobWire
+from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest, Handle, per_prompt_images
 
 
@@ -27,17 +25,10 @@ class EncoderClient:
     `max_queue_depth` refuses new jobs at once with `Overloaded` while the queue is that long; 0 takes the
     bound the queue's workers publish (their config's max_queue_depth).
     `copy=False` returns tensors that view the (already unlinked) shared memory instead of copies.
-    `doorbell` (shm transport, sync `encode`): this process and the workers on its host tell each other of a
-    job and of its result directly (broker.doorbell), not only through Redis: while the queue is about empty, a
-    worker on this host starts on the job when rung, and hands the result straight back. Jobs and results still
-    go through Redis and its registries. One thread at a time waits on the doorbell; others sharing the client
-    wait on Redis alone (every thread rings workers).
+    `doorbell` (shm transport, sync `encode`): a worker on this host hands the result's handle straight back to
+    this process (broker.doorbell), besides recording it in Redis. One thread at a time waits on the doorbell;
+    others sharing the client wait on Redis alone. `aencode` works in any event loop (one connection pool each).
     """
-
-    WORKER_BELLS_REFRESH_S = 5.0  # how long the list of this host's workers' doorbells is reused
-    # Workers are rung only while the queue is about empty: a ring saves time only for an idle worker, and a
-    # claim takes its job out of queue order.
-    RING_MAX_QUEUE = 2
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_QUEUE,
                  timeout: float = 30.0, retries: int = 3, transport: str = "shm", *,
@@ -51,10 +42,6 @@ class EncoderClient:
         self.use_doorbell = doorbell and transport == "shm"
         self._bell: Doorbell | None = None
         self._bell_in_use = threading.Lock()  # held by the one thread waiting on the doorbell
-        self._ringer: Ringer | None = None
-        self._worker_bells: list[str] = []
-        self._worker_bells_at = float("-inf")
-        self._ring_turns = itertools.count()  # which of this host's workers a job is rung to first
         self.wire = JobWire(redis_url, queue, ENCODE_FUNCTION, timeout, retries, max_queue_depth)
 
     @classmethod
@@ -77,35 +64,6 @@ class EncoderClient:
         if self._bell is None or self._bell.pid != os.getpid():  # a forked child binds its own
             self._bell = Doorbell()
         return self._bell
-
-    def _ring_workers(self, request: bytes):
-        """What JobWire.submit calls to ring one of this host's workers with a job id and its `request` (it
-        returns how many it reached: 0 or 1); None when there are none. Workers take turns, one a job: the one
-        rung starts on the job if idle and hands it on through Redis if busy (workers.worker)."""
-        if not self.use_doorbell or not self._worker_bells or \
-                not 0 <= self.wire.last_queue_length <= self.RING_MAX_QUEUE:
-            return None
-        if self._ringer is None:
-            self._ringer = Ringer()
-        ringer, bells, first = self._ringer, self._worker_bells, next(self._ring_turns)
-
-        def ring(job_id: str) -> int:
-            return int(any(ringer.ring(bells[(first + i) % len(bells)], job_id, request=request)
-                           for i in range(len(bells))))
-        return ring
-
-    def _refresh_worker_bells(self) -> None:
-        """Re-reads which workers on this host take rings, every WORKER_BELLS_REFRESH_S (after a submit: the
-        worker is busy with the job meanwhile)."""
-        now = time.time()
-        if not self.use_doorbell or now - self._worker_bells_at < self.WORKER_BELLS_REFRESH_S:
-            return
-        self._worker_bells_at = now
-        try:
-            advertised = self.wire.redis.hgetall(worker_bells_key(self.wire.queue))
-        except CONNECTION_ERRORS:
-            return  # the wait that follows reports Redis down
-        self._worker_bells = local_bells(advertised, host_id(), now)
 
     def _payload(self, prompts, task: str, images, deadline: float, raw: bool,
                  bell: Doorbell | None = None) -> tuple[bytes, str]:
@@ -139,8 +97,7 @@ class EncoderClient:
         try:
             bell = self._doorbell() if ringable else None
             payload, description = self._payload(prompts, task, images, deadline, raw, bell)
-            job_id = self.wire.submit(payload, deadline, description, ring=self._ring_workers(payload))
-            self._refresh_worker_bells()
+            job_id = self.wire.submit(payload, deadline, description)
             outcome = self.wire.wait(job_id, deadline, bell, stale=discard_result)
         finally:
             if ringable:
@@ -163,9 +120,6 @@ class EncoderClient:
         if self._bell is not None and self._bell.pid == os.getpid():
             self._bell.close()
         self._bell = None
-        if self._ringer is not None:
-            self._ringer.close()
-            self._ringer = None
 
     async def aclose(self) -> None:
         await self.wire.aclose()

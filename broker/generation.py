@@ -6,6 +6,7 @@ import time
 
 import redis
 
+from broker import keys
 from broker.errors import BrokerTimeout, BrokerUnavailable
 from broker.queues import DEFAULT_GENERATE_QUEUE, GENERATE_FUNCTION
 from broker.results import raise_for_error
@@ -56,7 +57,7 @@ class GenerationClient:
         """The job's progress as the DiT worker reports it: {"step": denoising steps done, "steps": of how many};
         {"step": 0, ...} once its embeddings are in; {} before it starts (or once the job record expired)."""
         try:
-            raw = self.wire.redis.hget(f"rq:job:{job_id}", "meta")
+            raw = self.wire.redis.hget(keys.job(job_id), "meta")
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise BrokerUnavailable(f"cannot reach Redis at {self.wire.redis_url}: {e}") from None
         if not raw:

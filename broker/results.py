@@ -26,7 +26,17 @@ class JobOutcome:
 
 
 def parse_result_entry(fields: dict) -> JobOutcome:
-    """One entry of RQ's result stream (rq:results:<job id>), decoded without RQ's sync-only helpers."""
+    """One entry of RQ's result stream (rq:results:<job id>), decoded without RQ's sync-only helpers; an entry
+    that is not one is a ProtocolError."""
+    try:
+        return _parse_result_entry(fields)
+    except ProtocolError:
+        raise
+    except Exception as e:  # anything may sit in Redis: int(), b64 and zlib raise several types
+        raise ProtocolError(f"a result entry is malformed: {type(e).__name__}: {e}") from None
+
+
+def _parse_result_entry(fields: dict) -> JobOutcome:
     fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
     kind = int(fields.get("type", 0))
     if kind == RESULT_SUCCESSFUL:
@@ -44,11 +54,11 @@ def parse_result_entry(fields: dict) -> JobOutcome:
 
 
 def result_fields(xread_reply: list) -> dict:
-    """The fields of the one entry a raw `XREAD COUNT 1 STREAMS <key> ...` reply holds (RESP2: a list of
-    [key, entries]; RESP3: a map of key to entries)."""
+    """The fields of the one entry an `XREAD COUNT 1 STREAMS <key> ...` reply holds, raw (RESP2: a list of
+    [key, entries]; RESP3: a map of key to entries) or as redis-py parses it (entries of (id, dict))."""
     (_key, entries), = xread_reply.items() if isinstance(xread_reply, dict) else xread_reply
     (_entry_id, flat), = entries[:1]
-    return dict(zip(flat[::2], flat[1::2]))
+    return flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2]))
 
 
 def last_line(exc_string: str) -> str:

@@ -42,6 +42,11 @@ def validate_prompts(prompts) -> list[str]:
     return list(prompts)
 
 
+def validate_deadline(deadline) -> None:
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline != deadline:
+        raise InvalidRequest(f"deadline must be a number (unix seconds, 0 for none), got {deadline!r}")
+
+
 def is_bell_name(name) -> bool:
     return isinstance(name, str) and BELL_NAME.fullmatch(name) is not None
 
@@ -92,8 +97,9 @@ class EncodeRequest:
         if self.transport not in TRANSPORTS:
             raise InvalidRequest(f"unknown transport {self.transport!r}: expected one of {', '.join(TRANSPORTS)}")
         self._validate_images()
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        validate_deadline(self.deadline)
         if not isinstance(self.raw, bool):
             raise InvalidRequest(f"raw must be true or false, got {self.raw!r}")
         if self.bell and not is_bell_name(self.bell):
@@ -144,7 +150,7 @@ class Handle:
     expires_at: float  # unix seconds; after it the sweeper (shm) or Redis (blob) may drop the data
     # the job's way through the worker: queue_ms (enqueued -> taken), batch_ms (taken -> on the encoder: checks,
     # tokenizing, batching, waiting for the device), infer_ms (its batch on the encoder), deliver_ms (encoder done
-    # -> the output thread at this job: copy to the host, earlier jobs of the batch), batch_jobs, handed_at (unix s,
+    # -> the delivery thread at this job: copy to the host, earlier jobs of the batch), batch_jobs, handed_at (unix s,
     # just before its data was written and its result recorded)
     timings: dict = field(default_factory=dict)
     worker: str = ""
@@ -201,6 +207,7 @@ class GenerateRequest:
     version: int = SCHEMA_VERSION
 
     def validate(self) -> "GenerateRequest":
+        validate_deadline(self.deadline)
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InvalidRequest("prompt and negative_prompt must be strings")
         if self.task not in TASKS:

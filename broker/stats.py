@@ -7,10 +7,10 @@ import time
 
 import redis
 
+from broker.keys import QueueKeys
+
 STAT_FIELDS = ("batches", "jobs", "failed", "prompts", "tokens", "computed_tokens", "cache_hits", "cache_misses",
-               "jobs_claimed_by_ring", "jobs_run_ahead", "runs_ahead_lost", "results_rung")
-# the last four: broker.doorbell's shortcuts (jobs rung to a worker; of those, run while their claim went to Redis,
-# and run but taken by another worker; results rung to their client)
+               "results_rung")  # the last: results handed to their client by doorbell (broker.doorbell)
 
 
 def _text(x):
@@ -25,21 +25,22 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 def collect(conn: redis.Redis, queue: str = "encode") -> dict:
+    q = QueueKeys(queue)
     pipe = conn.pipeline(transaction=False)
-    pipe.llen(f"rq:queue:{queue}")
-    pipe.zcard(f"rq:wip:{queue}")
-    pipe.zcard(f"rq:finished:{queue}")
-    pipe.zcard(f"rq:failed:{queue}")
-    pipe.get(f"eb:bound:{queue}")
-    pipe.lrange(f"eb:latency:{queue}", 0, -1)
-    pipe.smembers(f"rq:workers:{queue}")
+    pipe.llen(q.queue)
+    pipe.zcard(q.started)
+    pipe.zcard(q.finished)
+    pipe.zcard(q.failed)
+    pipe.get(q.bound)
+    pipe.lrange(q.latency, 0, -1)
+    pipe.smembers(q.workers)
     depth, started, finished, failed, bound, lat, worker_keys = pipe.execute()
 
     workers, totals, histogram = [], dict.fromkeys(STAT_FIELDS, 0), {}
     for wkey in sorted(_text(k) for k in worker_keys):
         name = wkey.rsplit(":", 1)[-1]
         info = {_text(k): _text(v) for k, v in conn.hgetall(wkey).items()}
-        stats = {_text(k): _text(v) for k, v in conn.hgetall(f"eb:stats:{queue}:{name}").items()}
+        stats = {_text(k): _text(v) for k, v in conn.hgetall(q.stats(name)).items()}
         counters = {f: int(stats.get(f, 0)) for f in STAT_FIELDS}
         for f in STAT_FIELDS:
             totals[f] += counters[f]
@@ -84,9 +85,7 @@ def format_stats(s: dict) -> str:
         f"p99 {f(s['latency_ms']['p99'])} ms",
         f"cache hit rate {f(s['cache_hit_rate'] and s['cache_hit_rate'] * 100)}%, mean batch "
         f"{f(s['mean_batch_jobs'])} jobs, {s['totals']['computed_tokens']} of {s['totals']['tokens']} tokens computed",
-        f"same-host doorbells: {s['totals']['jobs_claimed_by_ring']} jobs claimed when rung "
-        f"({s['totals']['jobs_run_ahead']} run ahead of the claim, {s['totals']['runs_ahead_lost']} run and lost "
-        f"to another worker), {s['totals']['results_rung']} results rung to their clients",
+        f"same-host doorbells: {s['totals']['results_rung']} results rung to their clients",
         "batch sizes (jobs): " + (", ".join(f"{k.replace('batch_', '')}: {v}" for k, v in s["batch_histogram"].items())
                                   or "none yet"),
         f"workers ({len(s['workers'])}):",

@@ -10,7 +10,8 @@ import redis
 import torch
 
 from broker.client import EncoderClient
-from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_mapping
+from broker.enqueue import enqueue_args, new_job_mapping
+from broker.scripts import Scripts
 from broker.errors import BrokerUnavailable, EncodeFailed, InvalidRequest
 from broker.rq_wire import JobWire
 from broker.queues import ENCODE_FUNCTION
@@ -82,14 +83,23 @@ def test_32_concurrent_aencode_calls(encoder_worker, baseline):
     assert shm_names(encoder_worker["prefix"]) == []
 
 
+def test_a_client_works_across_asyncio_run_calls(encoder_worker, baseline):
+    """D10: each asyncio.run() is a new event loop; the client's asyncio connections belong to the loop that made
+    them, so each loop gets its own, and no call leaves a segment behind."""
+    with EncoderClient(encoder_worker["url"], timeout=30) as c:
+        for i in range(3):
+            (got,) = asyncio.run(c.aencode([f"loop {i}"]))
+            assert_same([got], baseline.encode([f"loop {i}"]))
+    assert shm_names(encoder_worker["prefix"]) == []
+
+
 def raw_job(url: str, payload, function: str = ENCODE_FUNCTION, data: bytes | None = None) -> str:
     """Writes a job by hand, bypassing the client's checks, and returns its id."""
     job_id, mapping = new_job_mapping(payload, "encode", function=function, job_timeout=30, result_ttl=30,
                                       failure_ttl=30, ttl=30, retries=0)
     if data is not None:
         mapping["data"] = data
-    keys, argv = enqueue_args(job_id, mapping, "encode", 0, 30)
-    redis.Redis.from_url(url).eval(ENQUEUE_SCRIPT, len(keys), *keys, *argv)
+    Scripts(redis.Redis.from_url(url)).call("enqueue", *enqueue_args(job_id, mapping, "encode", 0, 30))
     return job_id
 
 
@@ -205,7 +215,7 @@ def test_take_reads_redis_clock_in_rqs_format(redis_server):
     import random
     from datetime import datetime, timezone
 
-    from workers.job_source import LUA_RQ_NOW
+    from broker.scripts import RQ_LIB as LUA_RQ_NOW
 
     r = redis.Redis.from_url(redis_server.url)
     fixed = LUA_RQ_NOW.replace("local t = redis.call('TIME')", "local t = {ARGV[1], ARGV[2]}")

@@ -243,7 +243,7 @@ def test_in_process_worker_keeps_a_long_jobs_heartbeat(baseline_engine, redis_se
     def watch():  # the job's deadline in RQ's started registry, as another worker's recovery sees it
         r = redis.Redis.from_url(redis_server.url)
         while not running.is_set():
-            for member, score in r.zrange(worker.source.started_key, 0, -1, withscores=True):
+            for member, score in r.zrange(worker.source.keys.started, 0, -1, withscores=True):
                 if member.decode().startswith(job_id):
                     deadlines.add(score)
             time.sleep(0.01)
@@ -258,7 +258,7 @@ def test_in_process_worker_keeps_a_long_jobs_heartbeat(baseline_engine, redis_se
     res = client.wait(job_id, deadline)
     assert res.steps == 12 and client.progress(job_id) == {"step": 12, "steps": 12}
     assert len(deadlines) >= 2, deadlines  # pushed forward while it ran
-    assert worker.connection.zcard(worker.source.started_key) == 0  # recorded: no longer held
+    assert worker.connection.zcard(worker.source.keys.started) == 0  # recorded: no longer held
     client.close()
 
 

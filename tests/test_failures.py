@@ -1,6 +1,7 @@
 """What breaks in production, with real processes and a real Redis: a worker killed mid-batch, a client that
 vanishes, Redis restarting, a tiny /dev/shm budget, overload, and the stats that show it all."""
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest, Handle
 from tests.helpers import (REPO, RedisServer, eventually, shm_names, start_process, stop_process,
                            write_config)
+from workers.job_source import JobSource
 
 
 class Workers:
@@ -155,6 +157,45 @@ def test_redis_restart_clients_get_a_clear_error_and_workers_reconnect(workers, 
     assert eventually(served, timeout=40, interval=0.5)
     r = redis.Redis.from_url(own_redis.url)
     assert eventually(lambda: r.scard("rq:workers:encode") == 1, timeout=10)  # registered again
+
+
+def restart(server: RedisServer) -> None:
+    """kill -9, then a fresh Redis on the same port (no persistence: empty)."""
+    server.proc.kill()
+    server.proc.wait()
+    server.start()
+
+
+def test_clients_and_workers_ride_out_a_redis_restart_between_requests(workers, own_redis, baseline):
+    """D1, D2: the first request after Redis comes back is served, whatever connections went stale (the
+    doorbell's raced XREAD, the pool's, the asyncio client's, the worker's wait), within the clients' retries."""
+    workers.start()
+    clients = [EncoderClient(own_redis.url, timeout=30, retries=3), EncoderClient(own_redis.url, timeout=30,
+               retries=3, doorbell=False), EncoderClient(own_redis.url, timeout=30, retries=3, transport="blob")]
+    for c in clients:
+        c.encode(["warm"])
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(clients[0].aencode(["warm"]))
+    restart(own_redis)
+    for c in clients:
+        got = c.encode(["after the restart"])[0]
+        assert got.shape == baseline.encode(["after the restart"])[0].shape
+    got = loop.run_until_complete(clients[0].aencode(["after the restart"]))[0]
+    assert got.shape == baseline.encode(["after the restart"])[0].shape
+    loop.close()
+    assert eventually(lambda: redis.Redis.from_url(own_redis.url).scard("rq:workers:encode") == 1, timeout=10)
+    assert shm_names(workers.prefix) == []
+
+
+def test_a_workers_first_take_after_a_redis_restart_takes_the_job(own_redis):
+    """D2: no stale connection is kept for the wait (it is one pipelined round trip on the pool's connections):
+    the take right after Redis comes back takes the job, no error, no back-off."""
+    r = redis.Redis.from_url(own_redis.url)
+    source = JobSource(r, "restarted", "w-" + uuid.uuid4().hex[:6], max_payload_bytes=1 << 20)
+    assert source.wait_and_take(4, 60, 0.1) == []
+    restart(own_redis)
+    wire, job_id, _ = submit(own_redis.url, ["taken"], queue="restarted")
+    assert [t.job_id for t in source.wait_and_take(4, 60, 1.0)] == [job_id]
 
 
 def test_tiny_shm_budget_falls_back_to_blob(workers, baseline):

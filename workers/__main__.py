@@ -10,7 +10,7 @@ import torch
 
 from workers.config import EncoderWorkerConfig
 
-# The worker's intake, compute and output threads hand work to each other many times a batch. A thread woken
+# The worker's intake, compute and delivery threads hand work to each other many times a batch. A thread woken
 # while another runs Python waits for the GIL up to the switch interval (CPython's default: 5 ms, a whole
 # forward on the GPU); 0.25 ms bounds that wait at a small cost in forced switches.
 GIL_SWITCH_INTERVAL_S = 0.00025
@@ -37,7 +37,7 @@ def load_configured_encoder(cfg: EncoderWorkerConfig):
     device = pick_device(cfg.device)
     if device.startswith("cuda"):
         # On a GPU the process's CPU tensor work is bookkeeping (splits, small copies): torch's intra-op pool
-        # would only spin threads that the intake and output threads and the clients on this host need.
+        # would only spin threads that the intake and delivery threads and the clients on this host need.
         torch.set_num_threads(1)
     return load_encoder(cfg.model_dir, backend=pick_backend(cfg.backend, device), device=device, dtype=cfg.dtype,
                         max_prompt_tokens=cfg.max_prompt_tokens)

@@ -2,7 +2,7 @@
 
 Distinct sequences run once (identical prompts in a batch, and the same images by digest); repeats of recent
 ones come from the encoding cache; the rest run in token-budget chunks, the backend seeing only a flat batch of
-token sequences. On a GPU the states are copied to pinned host memory without waiting: the caller's output
+token sequences. On a GPU the states are copied to pinned host memory without waiting: the delivery
 stage waits for the copy (`finish`) while the device starts the next batch.
 """
 
@@ -25,13 +25,11 @@ log = logging.getLogger("workers")
 
 @dataclass(slots=True)
 class PreparedJob:
-    """A started job with its token ids, waiting for (or in) a batch. A job run ahead of its claim (a client on
-    this host rang the worker with it, workers.worker) is not started yet: `lost` once another worker has it."""
+    """A started job with its token ids, waiting for (or in) a batch."""
 
     taken: TakenJob
     tokens: TokenizedBatch
     reserved: tuple[str, int] | None = None  # (segment, bytes) made ahead for its result
-    lost: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -43,15 +41,6 @@ class Batch:
     jobs: list[PreparedJob] = field(default_factory=list)
     tokens: int = 0
     opened_at: float = 0.0
-    # A batch run ahead of its jobs' claims: set once every claim is answered (each job then started or lost);
-    # its results wait for it. None: its jobs were started before it ran.
-    claims_settled: threading.Event | None = None
-
-    def settle(self) -> list[PreparedJob]:
-        """Waits for the claims of a batch run ahead of them; the jobs to deliver (the ones started)."""
-        if self.claims_settled is not None:
-            self.claims_settled.wait()
-        return [p for p in self.jobs if not p.lost]
 
     def add(self, job: PreparedJob) -> None:
         if not self.jobs:
@@ -82,17 +71,12 @@ class Encoded:
 
 
 class BatchRunner:
-    def __init__(self, encoder, cache: EncodingCache, max_batch_tokens: int):
+    def __init__(self, encoder, cache: EncodingCache, max_batch_tokens: int, launched: threading.Event):
         self.encoder = encoder
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
-        self._cache_lock = threading.Lock()  # read by the compute thread, filled by the output thread
-        # Clear while this thread launches a batch's kernels on a GPU. Every torch call lets go of the GIL and
-        # must take it back; if the intake and output threads run Python then, the launches fall behind the
-        # device (measured: 64-job batches 20-70% slower). They wait on this before each job's Python work,
-        # and do it while this thread waits for the device, GIL released.
-        self.launched = threading.Event()
-        self.launched.set()
+        self._cache_lock = threading.Lock()  # read by the compute thread, filled by the delivery thread
+        self.launched = launched  # cleared while this thread launches a batch's kernels (workers.links)
 
     def finish(self, enc: "Encoded") -> None:
         """Waits for the batch's copies to the host, then keeps its new states in the cache."""
@@ -178,7 +162,7 @@ class BatchRunner:
     def _run_encoder(self, batch: TokenizedBatch) -> tuple[list[torch.Tensor], tuple | None]:
         """The batch's states as CPU tensors and, on a GPU, the CUDA events (computed, copied): the states hold
         their values once `copied` has passed. With a packing backend: one device-to-host copy into pinned
-        memory, which the output thread waits for while the device starts the next batch."""
+        memory, which the delivery thread waits for while the device starts the next batch."""
         encode_packed = getattr(self.encoder, "encode_packed", None)
         if encode_packed is None:
             return [r.to("cpu").contiguous() for r in self.encoder.encode_tokens(batch)], None

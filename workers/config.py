@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from broker.config import DEFAULT_REDIS_URL, from_json_file
 
+# A text token spans a few characters (about 4 in English, fewer in Chinese); this bound is far above them, so
+# only prompts already far over max_prompt_tokens meet it.
+PROMPT_CHARS_PER_TOKEN = 32
+
 
 @dataclass(slots=True)
 class EncoderWorkerConfig:
@@ -17,6 +21,9 @@ class EncoderWorkerConfig:
     redis_url: str = DEFAULT_REDIS_URL
     queue: str = "encode"
     max_prompt_tokens: int = 1024  # tokens after the template prefix, per prompt; longer fails that job
+    # characters of a prompt, checked before tokenizing it (which costs time by the character); longer fails that
+    # job. None: PROMPT_CHARS_PER_TOKEN x max_prompt_tokens
+    max_prompt_chars: int | None = None
     max_prompts_per_job: int = 64
     max_payload_bytes: int = 16 << 20  # a job's msgpack payload; larger fails that job
     max_batch_tokens: int = 16384
@@ -34,6 +41,10 @@ class EncoderWorkerConfig:
     shm_max_bytes: int | None = None  # budget for this worker's live segments; None: whatever /dev/shm has
     sweep_interval_s: float = 5.0
     log_level: str = "INFO"
+
+    def __post_init__(self):
+        if self.max_prompt_chars is None:
+            self.max_prompt_chars = PROMPT_CHARS_PER_TOKEN * self.max_prompt_tokens
 
     @classmethod
     def from_json(cls, path: str, **overrides) -> "EncoderWorkerConfig":

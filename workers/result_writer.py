@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from broker.queues import BLOB_KEY_PREFIX
+from broker import keys
 from broker.schemas import Blob, EncodeRequest, Handle
 from shm import ShmError, ShmSpaceError, fill_segment, reserve_segment, unlink_segment, write_segment
 
@@ -85,7 +85,7 @@ class ResultWriter:
         for t, off in zip(tensors, offsets):
             n = t.numel() * t.element_size()
             view[off:off + n] = t.contiguous().view(torch.uint8).numpy().tobytes() if n else b""
-        key = BLOB_KEY_PREFIX + job_id
+        key = keys.blob(job_id)
         blob = Blob(dtype=dtype, shapes=shapes, offsets=offsets, data=bytes(data))
         pipeline.set(key, blob.to_msgpack(), ex=self.ttl_s)
         return Handle(transport="blob", location=key, **common)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 
 import redis
@@ -33,14 +34,14 @@ class ServeLoop:
         self.name = self.rq_worker.name
         self.queue = queue
         self.source = JobSource(self.connection, queue, self.name, max_payload_bytes, **source_kw)
-        self._stop = False
+        self.stopping = threading.Event()
         self._registered = False
         self._last_maintenance = 0.0
 
     def request_stop(self, *_):
-        if not self._stop:
+        if not self.stopping.is_set():
             log.info("worker %s: stopping after the jobs it holds", self.name)
-        self._stop = True
+        self.stopping.set()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -70,12 +71,12 @@ class ServeLoop:
     def heartbeat(self, pipe=None) -> None:
         self.rq_worker.heartbeat(self.heartbeat_ttl_s + 60, pipeline=pipe)
 
-    def housekeeping(self, force: bool = False) -> None:
+    def housekeeping(self) -> None:
         """Registration, heartbeat, recovery of abandoned jobs and the subclass's `maintain`, at most every
         maintenance_interval_s."""
         self.ensure_registered()
         t = time.time()
-        if not force and t - self._last_maintenance < self.maintenance_interval_s:
+        if t - self._last_maintenance < self.maintenance_interval_s:
             return
         self.heartbeat()
         requeued, failed = self.source.requeue_abandoned()
@@ -94,8 +95,8 @@ class ServeLoop:
     def run(self) -> None:
         self.install_signal_handlers()
         log.info("worker %s serving %s", self.name, self.describe())
-        backoff = 0.5
-        while not self._stop:
+        backoff = 0.05
+        while not self.stopping.is_set():
             try:
                 self.housekeeping()
                 taken = self.source.wait_and_take(self.batch_size(), self.heartbeat_ttl_s, 1.0)
@@ -104,11 +105,11 @@ class ServeLoop:
                 self.rq_worker.set_state("busy")
                 self.handle(taken)
                 self.rq_worker.set_state("idle")
-                backoff = 0.5
+                backoff = 0.05
             except CONNECTION_ERRORS as e:
-                log.error("Redis unreachable (%s); retrying in %.1fs", e, backoff)
+                log.error("Redis unreachable (%s); retrying in %.2fs", e, backoff)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, 1.0)  # a restarted Redis is used within a second
                 self._registered = False
                 self._last_maintenance = 0.0
         self.unregister()

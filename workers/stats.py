@@ -1,19 +1,11 @@
-"""A worker's counters, batch-size histogram and recent latencies, written to Redis by one script call a batch
-right after its results (workers.job_source STATS) and read by `python -m broker stats`."""
+"""A worker's counters, batch-size histogram and recent latencies, written to Redis with each batch's RECORD
+(workers.job_source) and read by `python -m broker stats`."""
 
 from __future__ import annotations
 
 from workers.job_source import StatsUpdate
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes (jobs) are counted under the first bucket >= them
-
-
-def stats_key(queue: str, worker: str) -> str:
-    return f"eb:stats:{queue}:{worker}"
-
-
-def latency_key(queue: str) -> str:
-    return f"eb:latency:{queue}"
 
 
 def bucket_of(n: int) -> str:
@@ -23,22 +15,14 @@ def bucket_of(n: int) -> str:
     return "batch_gt_256"
 
 
-class WorkerStats:
-    def __init__(self, queue: str, worker: str):
-        self.key = stats_key(queue, worker)
-        self.latency_key = latency_key(queue)
-
-    def batch(self, *, jobs: int, failed: int, prompts: int, tokens: int, computed_tokens: int, cache_hits: int,
-              cache_misses: int, latencies_ms: list[float], infer_ms: float, **extra) -> StatsUpdate:
-        increments = dict(batches=1, jobs=jobs, failed=failed, prompts=prompts, tokens=tokens,
-                          computed_tokens=computed_tokens, cache_hits=cache_hits, cache_misses=cache_misses,
-                          infer_ms=round(infer_ms, 3), **extra)
-        increments[bucket_of(jobs)] = 1
-        return StatsUpdate(self.key, self.latency_key, increments, latencies_ms)
-
-    def failures(self, failed: int) -> StatsUpdate:
-        return StatsUpdate(self.key, self.latency_key, {"failed": failed})
-
-    def runs_lost(self, lost: int) -> StatsUpdate:
-        """Jobs run ahead of their claims (workers.worker) that another worker took."""
-        return StatsUpdate(self.key, self.latency_key, {"runs_ahead_lost": lost})
+def batch_stats(enc, *, failed: int, latencies_ms: list[float], results_rung: int) -> StatsUpdate:
+    """The counters of one computed batch (workers.batch_runner.Encoded)."""
+    jobs = enc.batch.jobs
+    increments = dict(batches=1, jobs=len(jobs), failed=failed, prompts=sum(len(p.tokens.ids) for p in jobs),
+                      tokens=sum(p.n_tokens for p in jobs), computed_tokens=enc.computed_tokens,
+                      cache_hits=enc.cache_hits, cache_misses=enc.cache_misses, infer_ms=round(enc.infer_ms, 3),
+                      results_rung=results_rung)
+    if enc.vision_computed or enc.vision_reused:  # i2i: vision tower runs vs reuses
+        increments.update(vision_images_computed=enc.vision_computed, vision_images_reused=enc.vision_reused)
+    increments[bucket_of(len(jobs))] = 1
+    return StatsUpdate(increments, latencies_ms)

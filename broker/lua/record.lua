@@ -1,0 +1,38 @@
+-- RECORD: ends a batch's jobs as RQ does, then adds the batch's counters to the worker's stats. A client
+-- waiting on a result stream is answered once this whole script has run.
+-- KEYS: started registry, finished registry, failed registry, the worker's executions set, the worker's stats
+--       hash, the queue's latency list.
+-- ARGS: result ttl, worker name, #done, #failed, #stat pairs, then per done job: id, execution id, return value
+--       (b64 of msgpack, RQ's result format); per failed job: id, execution id, exc_string (b64 of zlib, RQ's
+--       format), exc_info (zlib); the stat field/increment pairs; the jobs' latencies (ms).
+local now, now_text = rq_now()  -- the clock that stamped started_at (TAKE)
+local ttl, worker = tonumber(ARGS[1]), ARGS[2]
+local n_done, n_failed, n_stats = tonumber(ARGS[3]), tonumber(ARGS[4]), tonumber(ARGS[5])
+local a = 6
+for _ = 1, n_done do
+  end_job(now, now_text, {id = ARGS[a], exec_id = ARGS[a + 1], status = 'finished', extra = {}, type = '1',
+                          field = 'return_value', result = ARGS[a + 2], registry = KEYS[2], ttl = ttl, worker = worker})
+  end_execution(ARGS[a], ARGS[a + 1], KEYS[1], KEYS[4])
+  a = a + 3
+end
+for _ = 1, n_failed do
+  end_job(now, now_text, {id = ARGS[a], exec_id = ARGS[a + 1], status = 'failed', extra = {'exc_info', ARGS[a + 3]},
+                          type = '2', field = 'exc_string', result = ARGS[a + 2], registry = KEYS[3], ttl = ttl,
+                          worker = worker})
+  end_execution(ARGS[a], ARGS[a + 1], KEYS[1], KEYS[4])
+  a = a + 4
+end
+if n_stats > 0 then
+  for _ = 1, n_stats do
+    redis.call('HINCRBYFLOAT', KEYS[5], ARGS[a], ARGS[a + 1])
+    a = a + 2
+  end
+  redis.call('HSET', KEYS[5], 'last_batch_at', now)
+  redis.call('EXPIRE', KEYS[5], 86400)
+end
+if a <= #ARGS then
+  redis.call('LPUSH', KEYS[6], unpack(ARGS, a))
+  redis.call('LTRIM', KEYS[6], 0, 1999)
+  redis.call('EXPIRE', KEYS[6], 86400)
+end
+return n_done + n_failed

@@ -1,0 +1,104 @@
+"""The delivery stage of the encoder worker: writes each computed batch's results (shared-memory segments, or
+blobs), rings the clients on this host with their handles (broker.doorbell) and records the batch in Redis
+(blob writes and the RECORD script in one round trip)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from broker.doorbell import Ringer
+from shm import unlink_segment
+from workers.batch_runner import Batch, BatchRunner, Encoded
+from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
+from workers.links import LAUNCH_WAIT_S, Links
+from workers.result_writer import ResultWriter
+from workers.stats import batch_stats
+
+log = logging.getLogger("workers")
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+class Delivery:
+    def __init__(self, source: JobSource, writer: ResultWriter, runner: BatchRunner, result_ttl_s: int,
+                 links: Links):
+        self.source = source
+        self.writer = writer
+        self.runner = runner
+        self.result_ttl_s = result_ttl_s
+        self.links = links
+        self.ringer = Ringer()
+
+    def run(self) -> None:
+        """The delivery thread: batches from `links.done` until None."""
+        while (enc := self.links.done.get()) is not None:
+            self.deliver(enc)
+
+    def deliver(self, enc: Encoded) -> None:
+        """Delivers a batch; failures are logged, never raised (its jobs stay started: recovery retries them)."""
+        unrung: list[str] = []  # shm results no client was rung about: unlinked if the record fails
+        try:
+            self.runner.finish(enc)
+            with self.source.connection.pipeline(transaction=False) as pipe:
+                done, failed, stats = self._write(enc, pipe, unrung)
+                self.source.record(done, failed, self.result_ttl_s, stats, pipe=pipe if len(pipe) else None)
+                if len(pipe):
+                    pipe.execute()
+        except Exception as e:
+            if isinstance(e, CONNECTION_ERRORS):
+                log.error("Redis unreachable; the results of %d job(s) were not recorded (%s)", len(enc.batch.jobs), e)
+            else:
+                log.exception("delivering a batch failed")
+            for name in unrung:  # nobody will be told where they are (rung ones are being read)
+                unlink_segment(name)
+            return
+        finally:
+            self._release_reserved(enc.batch)  # of jobs not delivered by shm
+            # recorded, or left to recovery once their heartbeat lapses (the jobs stay started)
+            self.links.held.put(("release", [p.taken for p in enc.batch.jobs]))
+        for t, reason in failed:
+            log.warning("job %s failed: %s", t.job_id, reason)
+        log.info("batch: %d job(s), %d token(s) (%d computed, %d cache hit(s)), %d failed; formed in %.1f ms, "
+                 "%.1f ms on the encoder, %.1f ms to deliver", len(enc.batch.jobs), enc.batch.tokens,
+                 enc.computed_tokens, enc.cache_hits, len(failed), (enc.started_at - enc.batch.opened_at) * 1e3,
+                 enc.infer_ms, (time.time() - enc.started_at) * 1e3 - enc.infer_ms)
+
+    def _write(self, enc: Encoded, pipe, unrung: list[str]) -> tuple[list, list, object]:
+        """Each job's result written (blob writes queued on `pipe`) and rung to its client on this host:
+        (done: (job, handle msgpack), failed: (job, reason), the batch's stats)."""
+        done: list[tuple[TakenJob, bytes]] = []
+        failed: list[tuple[TakenJob, str]] = []
+        latencies, rung = [], 0
+        for p in enc.batch.jobs:
+            self.links.launched.wait(LAUNCH_WAIT_S)
+            t = p.taken
+            if t.job_id in enc.errors:
+                failed.append((t, enc.errors[t.job_id]))
+                continue
+            queued = t.enqueued_at or t.taken_at
+            timings = dict(queue_ms=ms(t.taken_at - queued), batch_ms=ms(enc.started_at - t.taken_at),
+                           infer_ms=round(enc.infer_ms, 3),
+                           deliver_ms=ms(time.time() - enc.started_at - enc.infer_ms / 1e3),
+                           batch_jobs=len(enc.batch.jobs), handed_at=time.time())
+            reserved, p.reserved = p.reserved, None
+            handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], pipe, timings, reserved)
+            value = handle.to_msgpack()
+            if handle.transport == "shm":
+                # A client waiting on a doorbell has its result now, before Redis does (broker.doorbell).
+                if t.request.bell and self.ringer.ring(t.request.bell, t.job_id, value):
+                    rung += 1
+                else:
+                    unrung.append(handle.location)
+            done.append((t, value))
+            latencies.append((time.time() - queued) * 1e3)
+        return done, failed, batch_stats(enc, failed=len(failed), latencies_ms=latencies, results_rung=rung)
+
+    @staticmethod
+    def _release_reserved(batch: Batch) -> None:
+        for p in batch.jobs:
+            if p.reserved is not None:
+                unlink_segment(p.reserved[0])
+                p.reserved = None

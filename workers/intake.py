@@ -1,0 +1,153 @@
+"""The intake stage of the encoder worker: takes jobs, checks and tokenizes them, and forms the next batch while
+the device runs the current one (workers.links.ready holds exactly one). Bad jobs fail here, alone."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from broker.errors import BrokerError, InvalidRequest, PromptTooLong
+from broker.schemas import EncodeRequest
+from workers.batch_runner import Batch, PreparedJob
+from workers.batching import BatchPolicy
+from workers.config import EncoderWorkerConfig
+from workers.encoders.base import TokenizedBatch
+from workers.job_source import CONNECTION_ERRORS, JobSource, StatsUpdate, TakenJob
+from workers.links import LAUNCH_WAIT_S, Links
+
+log = logging.getLogger("workers")
+
+MAX_BACKOFF_S = 1.0  # between tries while Redis is unreachable: a restarted Redis is used within this
+
+
+class Intake:
+    def __init__(self, source: JobSource, encoder, config: EncoderWorkerConfig, links: Links):
+        self.source = source
+        self.encoder = encoder
+        self.config = config
+        self.links = links
+        self.policy = BatchPolicy(config.max_batch_tokens, config.max_batch_requests, config.max_wait_ms)
+        self._pending: collections.deque[PreparedJob] = collections.deque()  # started, not yet in a batch
+        self._forming = Batch()
+        # Image jobs spend a while a picture decoding and preprocessing (RESULTS.md, i2i run 1); PIL and numpy
+        # let go of the GIL, so several at once go through a thread pool.
+        self._image_pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="images")
+
+    def run(self) -> None:
+        """The intake thread: batches to `links.ready` until the worker stops, then what it holds, then None."""
+        backoff = 0.05
+        while not self.links.stopping.is_set():
+            try:
+                batch = self.next_batch()
+                backoff = 0.05
+            except CONNECTION_ERRORS as e:
+                log.error("Redis unreachable while taking jobs (%s); retrying in %.2fs", e, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            except Exception:
+                log.exception("intake failed; retrying")
+                time.sleep(0.5)
+                continue
+            if batch is not None:
+                self.links.ready.put(batch)
+                time.sleep(0)  # lets the woken compute thread take the GIL now, not a switch interval later
+        while (batch := self._close(self._forming)) is not None:  # no started job is dropped
+            self._forming = Batch()
+            self.links.ready.put(batch)
+        self.links.ready.put(None)
+
+    def next_batch(self) -> Batch | None:
+        """Grows the forming batch from pending jobs and the queue until the policy closes it; None when no job
+        came within a second (or the worker stops)."""
+        batch = self._forming
+        while not self.links.stopping.is_set():
+            self._fill(batch)
+            if batch.jobs and (self._pending or self.policy.should_close(
+                    len(batch.jobs), batch.tokens, batch.waited_ms(), self.links.device_idle.is_set())):
+                break
+            room = self.policy.max_batch_requests - len(batch.jobs)
+            if not batch.jobs:
+                taken = self.take(room, wait=True)
+                if not taken:
+                    return None
+                self.admit(taken)
+            elif taken := self.take(room):
+                self.admit(taken)
+            # Nothing queued: wait briefly for more, polling. (Redis checks blocking-command timeouts only about
+            # every 100 ms, so a BLPOP of 2 ms would wait up to 100.) While the device is busy the polls are
+            # short, so the batch closes the moment the device frees up.
+            elif self.links.device_idle.is_set():
+                time.sleep(min(self.policy.wait_left_ms(batch.waited_ms()), 1.0) / 1e3)
+            else:
+                self.links.device_idle.wait(1e-3)
+        return self._close(batch)
+
+    def take(self, room: int, wait: bool = False) -> list[TakenJob]:
+        """Up to `room` jobs, started in Redis and from now on heart-beaten by housekeeping (Links.held); with
+        `wait`, after waiting up to a second for a client's enqueue to wake this worker."""
+        ttl = self.config.job_heartbeat_ttl_s
+        taken = self.source.wait_and_take(room, ttl, 1.0) if wait else self.source.take(room, ttl)
+        if taken:
+            self.links.held.put(("hold", taken))
+        return taken
+
+    def _fill(self, batch: Batch) -> None:
+        while self._pending and self.policy.fits(len(batch.jobs), batch.tokens, self._pending[0].n_tokens):
+            batch.add(self._pending.popleft())
+
+    def _close(self, batch: Batch) -> Batch | None:
+        self._fill(batch)
+        if not batch.jobs:
+            return None
+        self._forming = Batch()
+        return batch
+
+    def admit(self, taken: list[TakenJob]) -> None:
+        """Checks and tokenizes taken (already started) jobs: the good ones wait for a batch, the bad ones fail
+        at once."""
+        failed = [(t, t.error) for t in taken if t.error is not None]
+        ok = [t for t in taken if t.error is None]
+        if sum(1 for t in ok if t.request.images) > 1:
+            futures = [self._image_pool.submit(self.prepare, t.request) for t in ok]
+        else:
+            futures = [None] * len(ok)
+        for t, future in zip(ok, futures):
+            self.links.launched.wait(LAUNCH_WAIT_S)
+            try:
+                tokens = future.result() if future is not None else self.prepare(t.request)
+            except Exception as e:  # a job the tokenizer chokes on fails alone, like one it refuses
+                if not isinstance(e, BrokerError):
+                    log.exception("job %s: preparing its request failed", t.job_id)
+                failed.append((t, f"{type(e).__name__}: {e}"))
+            else:
+                self._pending.append(PreparedJob(t, tokens))
+        for t in taken:
+            if t.enqueued_at is not None:
+                self.policy.arrived(t.enqueued_at)
+        if failed:
+            try:
+                self.source.record([], failed, self.config.result_ttl_s, StatsUpdate({"failed": len(failed)}))
+            finally:  # recorded, or left to recovery once their heartbeat lapses
+                self.links.held.put(("release", [t for t, _ in failed]))
+            for t, reason in failed:
+                log.warning("job %s failed: %s", t.job_id, reason)
+
+    def prepare(self, req: EncodeRequest) -> TokenizedBatch:
+        """The request's token ids, after the checks that bound what tokenizing it costs."""
+        if len(req.prompts) > self.config.max_prompts_per_job:
+            raise InvalidRequest(f"{len(req.prompts)} prompts in one job, over max_prompts_per_job "
+                                 f"{self.config.max_prompts_per_job}")
+        for i, p in enumerate(req.prompts):
+            if len(p) > self.config.max_prompt_chars:
+                raise PromptTooLong(f"prompt {i} is {len(p)} characters, over max_prompt_chars "
+                                    f"{self.config.max_prompt_chars}")
+        batch = self.encoder.tokenize(req.prompts, req.task, raw=req.raw, images=req.images or None)
+        if req.max_tokens is not None:
+            for i, n in enumerate(batch.text_lengths):
+                if n > req.max_tokens:
+                    raise PromptTooLong(f"prompt {i} is {n} tokens, over the job's max_tokens {req.max_tokens}")
+        return batch

@@ -1,0 +1,43 @@
+"""Everything the encoder worker's threads share: the queues between its stages and the events they signal with.
+Nothing else crosses threads.
+
+    intake --ready--> compute --done--> delivery
+    intake, delivery --held--> housekeeping (heartbeats the jobs it is told are held)
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+# Longest intake and delivery hold back, per job, while compute launches kernels (Links.launched): a bound, in case
+# a launch phase includes waiting for the device.
+LAUNCH_WAIT_S = 0.05
+
+
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
+@dataclass(slots=True)
+class Links:
+    # intake -> compute: the next batch, exactly one formed ahead while the device runs the current one (TEI's
+    # prefetch); None once intake has stopped.
+    ready: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=1))
+    # compute -> delivery: computed batches (workers.batch_runner.Encoded); None once compute has stopped.
+    done: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=2))
+    # intake, delivery -> housekeeping: ("hold", jobs) once taken, ("release", jobs) once recorded or given up
+    # on (then, should the record have failed, recovery retries them once their heartbeat lapses).
+    held: queue.Queue = field(default_factory=queue.Queue)
+    # Set while compute waits for a batch: intake then closes a batch at once rather than let it grow.
+    device_idle: threading.Event = field(default_factory=_set_event)
+    # Clear while compute launches a batch's kernels on a GPU. Every torch call lets go of the GIL and must take
+    # it back; if intake and delivery run Python then, the launches fall behind the device (RESULTS.md,
+    # load benchmark run 7). They wait on it before each job's Python work, and do that work while compute waits
+    # for the device, GIL released.
+    launched: threading.Event = field(default_factory=_set_event)
+    stopping: threading.Event = field(default_factory=threading.Event)  # a signal came: intake takes no more jobs
+    finished: threading.Event = field(default_factory=threading.Event)  # delivery is done: housekeeping ends
