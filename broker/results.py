@@ -10,10 +10,11 @@ import torch
 
 from broker.errors import EncodeFailed, ProtocolError, ResultLost
 from broker.schemas import Blob, Handle
-from broker.serializer import MsgpackSerializer
+from broker.serializer import MsgpackSerializer, inflate
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+MAX_ERROR_TEXT_BYTES = 1 << 20  # a failed job's traceback, as RQ stores it (zlib)
 # rq.results.Result.Type values, as stored in the result stream's "type" field
 RESULT_SUCCESSFUL, RESULT_FAILED, RESULT_STOPPED, RESULT_RETRIED, RESULT_MAX_RETRIES = 1, 2, 3, 4, 5
 
@@ -38,7 +39,10 @@ def parse_result_entry(fields: dict) -> JobOutcome:
             raise ProtocolError(f"a result's return value must be msgpack bytes, got {type(value).__name__}")
         return JobOutcome(value, None)
     exc = fields.get("exc_string")
-    text = zlib.decompress(base64.b64decode(exc)).decode() if exc else ""
+    try:  # bounded: a result stream's entry is anyone's who reaches Redis
+        text = inflate(base64.b64decode(exc), MAX_ERROR_TEXT_BYTES).decode(errors="replace") if exc else ""
+    except (ValueError, zlib.error) as e:  # InflateLimitExceeded and bad base64 are ValueErrors
+        text = f"its error text is unreadable ({e})"
     reason = {RESULT_STOPPED: "stopped", RESULT_MAX_RETRIES: "out of retries"}.get(kind, "failed")
     return JobOutcome(None, last_line(text) or f"job {reason}")
 

@@ -27,12 +27,14 @@ from broker.errors import BrokerError
 from broker.queues import ENCODE_FUNCTION
 from broker.recovery import RECOVER_SCRIPT, recover_args
 from broker.schemas import EncodeRequest
-from broker.serializer import MsgpackSerializer
+from broker.serializer import InflateLimitExceeded, MsgpackSerializer, inflate
 
 log = logging.getLogger("workers")
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 CLAIM_WAIT_S, CLAIM_RETRY_S = 0.02, 0.0002  # see JobSource._claim_when_enqueued
 HAND_ON_MARK_TTL_S = 60  # a rung job's enqueue comes within ms of its ring, or never
+# a job record's data is [function, None, [payload], {}]: the payload plus its function's name and msgpack framing
+JOB_DATA_FRAMING_BYTES = 4096
 
 # Lua: Redis's clock as (unix seconds, RQ's text form): a take pipelined behind a blocking wait runs when the wait
 # ends, so the time must be read there, not when the worker sent the pipeline.
@@ -389,8 +391,11 @@ class JobSource:
                 t.meta = MsgpackSerializer.loads(meta)
             except Exception:
                 t.meta = {}
-        try:
-            data = zlib.decompress(data)
+        try:  # bounded: a zlib bomb is refused before it is inflated whole
+            data = inflate(data, self.max_payload_bytes + JOB_DATA_FRAMING_BYTES)
+        except InflateLimitExceeded as e:
+            t.error = f"job data refused unread: {e} (max_payload_bytes {self.max_payload_bytes} plus framing)"
+            return t
         except zlib.error:
             pass  # RQ falls back to uncompressed data too
         try:
