@@ -3,11 +3,19 @@ owners and modes we trust, at the size the handle states (issue 17: D7, S1)."""
 
 from __future__ import annotations
 
+import os
+import time
 import tracemalloc
 import zlib
 
+import posix_ipc
 import pytest
+import torch
 
+import shm
+from broker.errors import ResultLost
+from broker.results import TRUSTED_UIDS_ENV, read_shm, trusted_owners
+from broker.schemas import Handle
 from broker.serializer import InflateLimitExceeded, inflate
 from tests.test_broker_e2e import zlib_bomb
 
@@ -36,3 +44,95 @@ def test_inflate_gives_back_what_fits_and_refuses_what_is_cut_short():
         inflate(packed[:-8], len(data))
     with pytest.raises(zlib.error):
         inflate(b"not zlib at all", 100)
+
+
+# -- S1: result segments are read only when trusted ----------------------------------------------------------------
+
+def _handle(name: str, states: torch.Tensor, nbytes: int | None = None) -> Handle:
+    return Handle(transport="shm", location=name, dtype="float32", shapes=[list(states.shape)], offsets=[0],
+                  nbytes=states.numel() * 4 if nbytes is None else nbytes, expires_at=time.time() + 30)
+
+
+def _segment(states: torch.Tensor, size: int | None = None) -> str:
+    data = states.numpy().tobytes()
+    return shm.write_segment(len(data) if size is None else size, 30, "ebtrust", [(0, data)])
+
+
+@pytest.fixture
+def states():
+    return torch.randn(5, 8)
+
+
+@pytest.fixture
+def cleanup():
+    names = []
+    yield names
+    for n in names:
+        shm.unlink_segment(n)
+
+
+def _posix(name: str):
+    return posix_ipc.SharedMemory(name, 0)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_segment_the_worker_made_is_read_and_unlinked(states, cleanup, copy):
+    name = _segment(states)
+    cleanup.append(name)
+    (got,) = read_shm(_handle(name, states), copy=copy)
+    assert torch.equal(got, states)
+    assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_segment_others_could_write_is_refused(states, cleanup, copy):
+    name = _segment(states)
+    cleanup.append(name)
+    mem = _posix(name)
+    os.fchmod(mem.fd, 0o644)
+    mem.close_fd()
+    with pytest.raises(ResultLost, match="has mode 0644, not 0600"):
+        read_shm(_handle(name, states), copy=copy)
+    assert os.path.exists(f"/dev/shm/{name.lstrip('/')}")  # left where it is
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a segment to another user needs root")
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_segment_of_another_owner_is_refused_unless_trusted(states, cleanup, copy):
+    other = 54321
+    name = _segment(states)
+    cleanup.append(name)
+    mem = _posix(name)
+    os.fchown(mem.fd, other, -1)
+    mem.close_fd()
+    with pytest.raises(ResultLost, match=f"owned by uid {other}, not by this process's uid"):
+        read_shm(_handle(name, states), copy=copy)
+    assert os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+    (got,) = read_shm(_handle(name, states), copy=copy, trusted=trusted_owners([other]))
+    assert torch.equal(got, states)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a segment to another user needs root")
+def test_trusted_uids_come_from_the_client_and_the_environment(monkeypatch):
+    monkeypatch.setenv(TRUSTED_UIDS_ENV, "1001, 1002")
+    assert trusted_owners([7]) == {os.getuid(), 7, 1001, 1002}
+    monkeypatch.setenv(TRUSTED_UIDS_ENV, "nobody")
+    with pytest.raises(ValueError, match="comma-separated uids"):
+        trusted_owners()
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_segment_of_another_size_than_the_handle_states_is_refused(states, cleanup, copy):
+    name = _segment(states, size=states.numel() * 4 + 4096)  # room for more than the handle says
+    cleanup.append(name)
+    with pytest.raises(ResultLost, match=f"holds {states.numel() * 4 + 4096} bytes, not the {states.numel() * 4}"):
+        read_shm(_handle(name, states), copy=copy)
+
+
+def test_a_handle_whose_states_do_not_fit_its_bytes_is_refused(states, cleanup):
+    name = _segment(states)
+    cleanup.append(name)
+    bad = _handle(name, states)
+    bad.shapes = [[500, 8]]
+    with pytest.raises(ResultLost, match=r"shape \[500, 8\] at offset 0 does not fit its 160 bytes"):
+        read_shm(bad)
