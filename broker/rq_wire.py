@@ -15,7 +15,7 @@ from collections.abc import Callable
 import redis
 import redis.asyncio as aredis
 
-from broker.connections import discard_connection
+from broker.connections import connect, discard_connection, unreachable
 from broker.doorbell import Doorbell
 from broker.enqueue import ENQUEUE_SCRIPT, enqueue_args, new_job_id, new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
@@ -44,7 +44,7 @@ class JobWire:
         # Reads block up to the whole timeout (XREAD BLOCK), so the socket may wait a little longer than that.
         self._kw = dict(socket_connect_timeout=min(self.timeout, 5.0), socket_timeout=self.timeout + 1.0,
                         health_check_interval=0)
-        self.redis = redis.Redis.from_url(redis_url, **self._kw)
+        self.redis = connect(redis_url, **self._kw)
         self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
         self._recover = self.redis.register_script(RECOVER_SCRIPT)
         self._aredis: aredis.Redis | None = None
@@ -58,7 +58,7 @@ class JobWire:
     @property
     def aredis(self) -> aredis.Redis:
         if self._aredis is None:
-            self._aredis = aredis.Redis.from_url(self.redis_url, **self._kw)
+            self._aredis = connect(self.redis_url, asyncio=True, **self._kw)
             self._aenqueue = self._aredis.register_script(ENQUEUE_SCRIPT)
             self._arecover = self._aredis.register_script(RECOVER_SCRIPT)
         return self._aredis
@@ -88,7 +88,7 @@ class JobWire:
         return block_ms
 
     def unavailable(self, err: Exception) -> BrokerUnavailable:
-        return BrokerUnavailable(f"cannot reach Redis at {self.redis_url}: {err}")
+        return BrokerUnavailable(unreachable(self.redis_url, err))
 
     def _timed_out(self, job_id: str) -> BrokerTimeout:
         return BrokerTimeout(f"no result for job {job_id} on queue {self.queue!r} within {self.timeout:.1f}s")

@@ -3,20 +3,31 @@ owners and modes we trust, at the size the handle states (issue 17: D7, S1)."""
 
 from __future__ import annotations
 
+import json
 import os
+import stat
+import subprocess
+import sys
 import time
 import tracemalloc
 import zlib
 
 import posix_ipc
 import pytest
+import redis
 import torch
 
 import shm
-from broker.errors import ResultLost
+from broker.client import EncoderClient
+from broker.connections import PASSWORD_FILE_ENV, connect, redacted
+from broker.errors import BrokerUnavailable, ResultLost
+from broker.redis_server import ensure_credential, write_config
 from broker.results import TRUSTED_UIDS_ENV, read_shm, trusted_owners
 from broker.schemas import Handle
 from broker.serializer import InflateLimitExceeded, inflate
+from tests.conftest import TEST_MAX_PROMPT_TOKENS
+from tests.helpers import REPO, RedisServer, eventually, start_process, stop_process, wait_for_workers
+from tests.helpers import write_config as write_cfg
 from tests.test_broker_e2e import zlib_bomb
 
 
@@ -136,3 +147,73 @@ def test_a_handle_whose_states_do_not_fit_its_bytes_is_refused(states, cleanup):
     bad.shapes = [[500, 8]]
     with pytest.raises(ResultLost, match=r"shape \[500, 8\] at offset 0 does not fit its 160 bytes"):
         read_shm(bad)
+
+
+# -- S1: the Redis asks for a password -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def locked_redis():
+    server = RedisServer(password=True).start()
+    yield server
+    server.cleanup()
+
+
+def test_the_credential_is_made_once_with_mode_0600_and_redis_conf_keeps_it_off_the_command_line(tmp_path):
+    path = str(tmp_path / "redis" / "password")
+    password = ensure_credential(path)
+    assert len(password) >= 40 and ensure_credential(path) == password  # made once, then read
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    conf = write_config(str(tmp_path / "redis" / "redis.conf"), password, 6390)
+    assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
+    assert f"requirepass {password}\n" in open(conf).read()
+    os.chmod(path, 0o644)
+    with pytest.raises(PermissionError, match="others can read it"):
+        ensure_credential(path)
+
+
+def test_connect_takes_the_password_from_the_url_or_the_file(locked_redis, monkeypatch):
+    authed = f"redis://:{locked_redis.password}@127.0.0.1:{locked_redis.port}/0"
+    assert connect(authed).ping()
+    monkeypatch.setenv(PASSWORD_FILE_ENV, locked_redis.password_file)
+    assert connect(locked_redis.url).ping()
+    monkeypatch.delenv(PASSWORD_FILE_ENV)
+    with pytest.raises(redis.AuthenticationError):
+        connect(locked_redis.url).ping()
+    assert redacted(authed) == f"redis://:***@127.0.0.1:{locked_redis.port}/0"
+
+
+def test_a_locked_redis_serves_a_client_and_a_worker_that_have_the_password_and_no_others(
+        tiny_dir, baseline, locked_redis, tmp_path, monkeypatch):
+    from tests.test_broker_e2e import assert_same
+
+    authed = f"redis://:{locked_redis.password}@127.0.0.1:{locked_redis.port}/0"
+    cfg = write_cfg(str(tmp_path / "encoder.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
+                    redis_url=locked_redis.url, max_prompt_tokens=TEST_MAX_PROMPT_TOKENS, shm_prefix="ebtlock",
+                    result_ttl_s=30)
+    logs = {k: str(tmp_path / f"{k}.log") for k in ("with", "without")}
+    with_pw = start_process(["-m", "workers", "--config", cfg], logs["with"],
+                            env={PASSWORD_FILE_ENV: locked_redis.password_file})
+    without = start_process(["-m", "workers", "--config", cfg], logs["without"])
+    try:
+        wait_for_workers(authed, 1, with_pw, logs["with"])
+        with EncoderClient(authed, timeout=30) as c:  # the password in the URL
+            assert_same(c.encode(["a locked door"]), baseline.encode(["a locked door"]))
+        monkeypatch.setenv(PASSWORD_FILE_ENV, locked_redis.password_file)
+        with EncoderClient(locked_redis.url, timeout=30) as c:  # the password from its file
+            assert_same(c.encode(["a key"]), baseline.encode(["a key"]))
+        monkeypatch.delenv(PASSWORD_FILE_ENV)
+        with EncoderClient(locked_redis.url, timeout=10, retries=0) as c:
+            with pytest.raises(BrokerUnavailable, match="asks for a password"):
+                c.encode(["no key"])
+        assert eventually(lambda: "Authentication required" in open(logs["without"]).read(), timeout=120)
+        assert without.poll() is None  # it keeps trying, saying why
+        assert connect(authed).scard("rq:workers") == 1  # only the worker with the password got in
+        stats = subprocess.run([sys.executable, "-m", "broker", "stats", "--json", "--redis-url", locked_redis.url],
+                               capture_output=True, text=True, env=dict(os.environ, **{
+                                   PASSWORD_FILE_ENV: locked_redis.password_file}), cwd=REPO, timeout=60)
+        assert stats.returncode == 0, stats.stderr
+        assert len(json.loads(stats.stdout)["workers"]) == 1
+    finally:
+        stop_process(with_pw)
+        stop_process(without)

@@ -11,6 +11,7 @@ import time
 import redis
 from rq import Queue, SimpleWorker
 
+from broker.connections import connect
 from broker.serializer import MsgpackSerializer
 from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
 
@@ -24,8 +25,7 @@ class ServeLoop:
     heartbeat_ttl_s = HEARTBEAT_TTL_S
 
     def __init__(self, redis_url: str, queue: str, max_payload_bytes: int, **source_kw):
-        self.connection = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30,
-                                               health_check_interval=30)
+        self.connection = connect(redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
         rq_queue = Queue(queue, connection=self.connection, serializer=MsgpackSerializer)
         # RQ's worker record only (registration, heartbeat, state) so rq-dashboard and `rq info` see us;
         # RQ's own fork-per-job loop is not used.
