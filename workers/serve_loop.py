@@ -23,6 +23,7 @@ HEARTBEAT_TTL_S = 30  # default: a job whose worker is silent this long is retri
 class ServeLoop:
     maintenance_interval_s = 5.0
     heartbeat_ttl_s = HEARTBEAT_TTL_S
+    device = ""  # the device the worker holds (workers.devices.describe), in its RQ record for `broker stats`
 
     def __init__(self, redis_url: str, queue: str, max_payload_bytes: int, **source_kw):
         self.connection = connect(redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
@@ -65,6 +66,8 @@ class ServeLoop:
         self.connection.delete(self.rq_worker.key)  # a heartbeat may have left a partial record behind
         self.rq_worker.register_birth()
         self.rq_worker.set_state("idle")
+        if self.device:
+            self.connection.hset(self.rq_worker.key, "device", self.device)
         self._registered = True
 
     def heartbeat(self, pipe=None) -> None:

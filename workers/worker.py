@@ -33,6 +33,7 @@ from shm import sweep, unlink_segment
 from workers.batch_runner import Batch, BatchRunner, Encoded, PreparedJob
 from workers.batching import BatchPolicy
 from workers.config import EncoderWorkerConfig
+from workers.devices import describe as describe_device
 from workers.encoders.base import TokenizedBatch
 from workers.encoding_cache import EncodingCache
 from workers.images import ImageLimits
@@ -65,6 +66,7 @@ class EncoderWorker(ServeLoop):
         super().__init__(config.redis_url, config.queue, config.max_payload_bytes)
         self.config = config
         self.encoder = encoder
+        self.device = describe_device(str(encoder.device))
         if hasattr(encoder, "configure_images"):
             encoder.configure_images(ImageLimits(config.max_images_per_job, config.max_image_pixels,
                                                  config.max_image_side), config.image_cache_max_bytes)
