@@ -3,6 +3,7 @@ owners and modes we trust, at the size the handle states (issue 17: D7, S1)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -177,6 +178,15 @@ def test_connect_takes_the_password_from_the_url_or_the_file(locked_redis, monke
     assert connect(authed).ping()
     monkeypatch.setenv(PASSWORD_FILE_ENV, locked_redis.password_file)
     assert connect(locked_redis.url).ping()
+
+    async def aping():
+        r = connect(locked_redis.url, asyncio=True)
+        try:
+            return await r.ping()
+        finally:
+            await r.aclose()
+
+    assert asyncio.run(aping())
     monkeypatch.delenv(PASSWORD_FILE_ENV)
     with pytest.raises(redis.AuthenticationError):
         connect(locked_redis.url).ping()
