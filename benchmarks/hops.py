@@ -27,9 +27,9 @@ XADD_SCRIPT = "return redis.call('XADD', KEYS[1], '*', 'type', '1', 'return_valu
 
 
 def receiver(url: str, bell_name: str, mode: str, n: int, ready, out) -> None:
-    import redis
+    from broker.connections import connect
 
-    r = redis.Redis.from_url(url)
+    r = connect(url)
     bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     bell.bind("\0" + bell_name)
     conn = r.connection_pool.get_connection()
@@ -113,7 +113,7 @@ def run_result(mode: str, n: int, idle_s: float) -> list[float]:
 
 
 def run(url: str, mode: str, n: int, idle_s: float) -> list[float]:
-    import redis
+    from broker.connections import connect
 
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
@@ -121,7 +121,7 @@ def run(url: str, mode: str, n: int, idle_s: float) -> list[float]:
     proc = ctx.Process(target=receiver, args=(url, name, mode, n, ready, out))
     proc.start()
     ready.get()
-    r = redis.Redis.from_url(url)
+    r = connect(url)
     xadd = r.register_script(XADD_SCRIPT)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     payload = b"x" * 300

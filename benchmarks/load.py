@@ -331,11 +331,10 @@ def main():
                          "throughput_rps": len(lat) / wall,
                          "throughput_rps_little": n / (statistics.fmean(lat) / 1e3) if lat else 0})
             r = rows[-1]
-            import redis as _redis
-
+            from broker.connections import connect
             from broker.stats import collect
 
-            st = collect(_redis.Redis.from_url(server.url))
+            st = collect(connect(server.url))
             r["worker_mean_batch_jobs"] = st["mean_batch_jobs"]
             r["worker_batch_histogram"] = st["batch_histogram"]
             print(f"  worker so far: mean batch {st['mean_batch_jobs']} jobs, histogram {st['batch_histogram']}, "

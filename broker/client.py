@@ -12,7 +12,7 @@ from broker.doorbell import Doorbell
 from broker.errors import InvalidRequest
 from broker.host import host_id
 from broker.queues import DEFAULT_QUEUE, ENCODE_FUNCTION
-from broker.results import discard_result, raise_for_error, read_blob, read_shm
+from broker.results import discard_result, raise_for_error, read_blob, read_shm, trusted_owners
 from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest, Handle, per_prompt_images
 
@@ -25,6 +25,8 @@ class EncoderClient:
     `max_queue_depth` refuses new jobs at once with `Overloaded` while the queue is that long; 0 takes the
     bound the queue's workers publish (their config's max_queue_depth).
     `copy=False` returns tensors that view the (already unlinked) shared memory instead of copies.
+    `trusted_uids`: besides this process's own uid (and $EB_TRUSTED_UIDS), the users whose result segments are
+    read (e.g. the workers' user, for a client running as root); a segment of any other owner is ResultLost.
     `doorbell` (shm transport, sync `encode`): a worker on this host hands the result's handle straight back to
     this process (broker.doorbell), besides recording it in Redis. One thread at a time waits on the doorbell;
     others sharing the client wait on Redis alone. `aencode` works in any event loop (one connection pool each).
@@ -32,13 +34,14 @@ class EncoderClient:
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_QUEUE,
                  timeout: float = 30.0, retries: int = 3, transport: str = "shm", *,
-                 max_queue_depth: int = 0, copy: bool = True, doorbell: bool = True):
+                 max_queue_depth: int = 0, copy: bool = True, doorbell: bool = True, trusted_uids=()):
         if transport not in ("shm", "blob"):
             raise ValueError(f"transport must be 'shm' or 'blob', not {transport!r}")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.transport = transport
         self.copy = copy
+        self.trusted = trusted_owners(trusted_uids)
         self.use_doorbell = doorbell and transport == "shm"
         self._bell: Doorbell | None = None
         self._bell_in_use = threading.Lock()  # held by the one thread waiting on the doorbell
@@ -86,7 +89,7 @@ class EncoderClient:
         features computed once)."""
         handle, _via = self.handle_of(prompts, task, images, raw)
         if handle.transport == "shm":
-            return read_shm(handle, copy=self.copy)
+            return read_shm(handle, copy=self.copy, trusted=self.trusted)
         return read_blob(self.wire.getdel(handle.location), handle)
 
     def handle_of(self, prompts: list[str], task: str = "t2i", images: list | None = None,
@@ -112,7 +115,7 @@ class EncoderClient:
         job_id = await self.wire.asubmit(payload, deadline, description)
         handle = Handle.from_msgpack(raise_for_error(await self.wire.await_result(job_id, deadline)))
         if handle.transport == "shm":
-            return read_shm(handle, copy=self.copy)
+            return read_shm(handle, copy=self.copy, trusted=self.trusted)
         return read_blob(await self.wire.agetdel(handle.location), handle)
 
     def close(self) -> None:

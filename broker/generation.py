@@ -7,6 +7,7 @@ import time
 import redis
 
 from broker import keys
+from broker.connections import unreachable
 from broker.errors import BrokerTimeout, BrokerUnavailable
 from broker.queues import DEFAULT_GENERATE_QUEUE, GENERATE_FUNCTION
 from broker.results import raise_for_error
@@ -59,7 +60,7 @@ class GenerationClient:
         try:
             raw = self.wire.redis.hget(keys.job(job_id), "meta")
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise BrokerUnavailable(f"cannot reach Redis at {self.wire.redis_url}: {e}") from None
+            raise BrokerUnavailable(unreachable(self.wire.redis_url, e)) from None
         if not raw:
             return {}
         meta = MsgpackSerializer.loads(raw)

@@ -43,6 +43,7 @@ import torch
 
 from broker.client import EncoderClient
 from broker.config import DEFAULT_REDIS_URL, load_json, redis_url_from_env, take_known
+from broker.connections import redacted
 from broker.enqueue import queue_key
 from broker.errors import (BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded,
                            ResultLost)
@@ -176,7 +177,7 @@ class HttpFront:
         self.port = await self.server.start(self.cfg.host, self.cfg.port)
         self._sweeper = asyncio.create_task(self._sweep_loop())
         log.info("LightLLM-protocol front on http://%s:%d -> queue %r at %s", self.cfg.host, self.port,
-                 self.cfg.queue, self.cfg.redis_url)
+                 self.cfg.queue, redacted(self.cfg.redis_url))
         return self.port
 
     async def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -10,10 +11,12 @@ import torch
 
 from broker.errors import EncodeFailed, ProtocolError, ResultLost
 from broker.schemas import Blob, Handle
-from broker.serializer import MsgpackSerializer
+from broker.serializer import MsgpackSerializer, inflate
 
+TRUSTED_UIDS_ENV = "EB_TRUSTED_UIDS"
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+MAX_ERROR_TEXT_BYTES = 1 << 20  # a failed job's traceback, as RQ stores it (zlib)
 # rq.results.Result.Type values, as stored in the result stream's "type" field
 RESULT_SUCCESSFUL, RESULT_FAILED, RESULT_STOPPED, RESULT_RETRIED, RESULT_MAX_RETRIES = 1, 2, 3, 4, 5
 
@@ -48,7 +51,10 @@ def _parse_result_entry(fields: dict) -> JobOutcome:
             raise ProtocolError(f"a result's return value must be msgpack bytes, got {type(value).__name__}")
         return JobOutcome(value, None)
     exc = fields.get("exc_string")
-    text = zlib.decompress(base64.b64decode(exc)).decode() if exc else ""
+    try:  # bounded: a result stream's entry is anyone's who reaches Redis
+        text = inflate(base64.b64decode(exc), MAX_ERROR_TEXT_BYTES).decode(errors="replace") if exc else ""
+    except (ValueError, zlib.error) as e:  # InflateLimitExceeded and bad base64 are ValueErrors
+        text = f"its error text is unreadable ({e})"
     reason = {RESULT_STOPPED: "stopped", RESULT_MAX_RETRIES: "out of retries"}.get(kind, "failed")
     return JobOutcome(None, last_line(text) or f"job {reason}")
 
@@ -87,25 +93,66 @@ def _split(buffer, handle_like, copy: bool) -> list[torch.Tensor]:
     return out
 
 
-def read_shm(handle: Handle, copy: bool = True) -> list[torch.Tensor]:
-    """Reads the segment and unlinks it. With copy=False the tensors view the (unlinked) mapping directly."""
-    from shm import ShmNotFoundError, attach_segment, read_segment, unlink_segment
+def trusted_owners(extra=()) -> frozenset[int]:
+    """The owners whose result segments this process reads: itself, `extra` and $EB_TRUSTED_UIDS (comma-separated
+    uids, e.g. the workers' user where a client runs as root)."""
+    env = os.environ.get(TRUSTED_UIDS_ENV, "")
+    try:
+        from_env = {int(x) for x in env.split(",") if x.strip()}
+    except ValueError:
+        raise ValueError(f"${TRUSTED_UIDS_ENV} must be comma-separated uids, got {env!r}") from None
+    return frozenset({os.getuid(), *from_env, *(int(u) for u in extra)})
 
+
+def _check_spans(layout, nbytes: int, what: str) -> None:
+    """Every prompt's states lie inside the `nbytes` a handle or blob holds (else reading them would fail
+    obscurely, or read what another prompt's offsets do not describe)."""
+    if layout.dtype not in TORCH_DTYPES or len(layout.shapes) != len(layout.offsets):
+        raise ResultLost(f"{what} is malformed: dtype {layout.dtype!r}, {len(layout.shapes)} shapes, "
+                         f"{len(layout.offsets)} offsets")
+    itemsize = TORCH_DTYPES[layout.dtype].itemsize
+    for shape, offset in zip(layout.shapes, layout.offsets):
+        ok = (isinstance(shape, list) and len(shape) == 2 and all(_is_count(d) for d in shape) and _is_count(offset))
+        if not ok or offset + shape[0] * shape[1] * itemsize > nbytes:
+            raise ResultLost(f"{what} is malformed: shape {shape} at offset {offset} does not fit its {nbytes} bytes")
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def read_shm(handle: Handle, copy: bool = True, trusted: frozenset[int] | None = None) -> list[torch.Tensor]:
+    """Reads the segment and unlinks it. With copy=False the tensors view the (unlinked) mapping directly.
+
+    The handle came through Redis (or a doorbell), so the segment is read only if it is what a worker makes: owned
+    by this process's user or a `trusted` uid (default: trusted_owners()), mode 0600, exactly the handle's size;
+    anything else is ResultLost with the reason, and is left where it is."""
+    from shm import ShmNotFoundError, ShmUntrustedError, attach_segment, read_segment, unlink_segment
+
+    _check_spans(handle, handle.nbytes, f"result handle for {handle.location}")
+    expect = dict(owners=trusted_owners() if trusted is None else trusted, size=max(handle.nbytes, 1))
     try:
         if copy:
             # One read of the whole segment into memory of our own. (Tensor.clone of a mapping would fault its
             # pages in one by one, and run torch's intra-op thread pool, whose spinning threads, times many
             # client processes, starve the worker on the same host.)
+            ours = True
             try:
-                return _split(read_segment(handle.location), handle, copy=False)
+                return _split(read_segment(handle.location, **expect), handle, copy=False)
+            except ShmUntrustedError:
+                ours = False  # not a worker's segment for us: not ours to remove
+                raise
             finally:
-                unlink_segment(handle.location)
-        seg = attach_segment(handle.location)
+                if ours:
+                    unlink_segment(handle.location)
+        seg = attach_segment(handle.location, **expect)
     except ShmNotFoundError:
         raise ResultLost(
             f"shared-memory segment {handle.location} is gone: it expired (at {handle.expires_at:.0f}) "
             "or was swept before this client read it"
         ) from None
+    except ShmUntrustedError as e:
+        raise ResultLost(f"result refused: {e}") from None
     try:
         return [seg.torch(off, shape, TORCH_DTYPES[handle.dtype]) for shape, off in zip(handle.shapes, handle.offsets)]
     finally:
@@ -133,4 +180,5 @@ def read_blob(raw: bytes | None, handle: Handle) -> list[torch.Tensor]:
     if raw is None:
         raise ResultLost(f"result blob {handle.location} is gone: it expired before this client read it")
     blob = Blob.from_msgpack(raw)
+    _check_spans(blob, len(blob.data) if isinstance(blob.data, bytes) else -1, f"result blob {handle.location}")
     return _split(bytearray(blob.data), blob, copy=False)  # the bytearray is ours alone: no copy needed

@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aredis
 
 from broker import keys
-from broker.connections import CONNECTION_ERRORS, DeferredReplies
+from broker.connections import CONNECTION_ERRORS, DeferredReplies, connect, unreachable
 from broker.doorbell import Doorbell, wait_either
 from broker.enqueue import enqueue_args, new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
@@ -60,7 +60,7 @@ class JobWire:
         # Reads block up to the whole timeout (XREAD BLOCK), so the socket may wait a little longer than that.
         self._kw = dict(socket_connect_timeout=min(self.timeout, 5.0), socket_timeout=self.timeout + 1.0,
                         health_check_interval=0)
-        self.redis = redis.Redis.from_url(redis_url, **self._kw)
+        self.redis = connect(redis_url, **self._kw)
         self.scripts = Scripts(self.redis)
         self._replies = DeferredReplies(self.redis)  # the XREADs raced against a doorbell
         self._async = weakref.WeakKeyDictionary()  # event loop -> (its asyncio client, the client's scripts)
@@ -89,7 +89,7 @@ class JobWire:
         return "XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", keys.results(job_id), "0-0"
 
     def unavailable(self, err: Exception) -> BrokerUnavailable:
-        return BrokerUnavailable(f"cannot reach Redis at {self.redis_url}: {err}")
+        return BrokerUnavailable(unreachable(self.redis_url, err))
 
     # -- sync ------------------------------------------------------------------------------------------
     def submit(self, payload: bytes, deadline: float, description: str = "") -> str:
@@ -141,7 +141,7 @@ class JobWire:
         and a client may be used across asyncio.run() calls (each its own loop)."""
         loop = asyncio.get_running_loop()
         if loop not in self._async:
-            client = aredis.Redis.from_url(self.redis_url, **self._kw)
+            client = connect(self.redis_url, asyncio=True, **self._kw)
             self._async[loop] = (client, Scripts(client))
         return self._async[loop]
 

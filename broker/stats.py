@@ -48,7 +48,8 @@ def collect(conn: redis.Redis, queue: str = "encode") -> dict:
             if k.startswith("batch_"):
                 histogram[k] = histogram.get(k, 0) + int(v)
         workers.append({"name": name, "state": info.get("state", "?"), "host": info.get("hostname", ""),
-                        "pid": info.get("pid", ""), "last_heartbeat": info.get("last_heartbeat", ""),
+                        "pid": info.get("pid", ""), "device": info.get("device", ""),
+                        "last_heartbeat": info.get("last_heartbeat", ""),
                         **counters})
     latencies = sorted(float(x) for x in lat)
     lookups = totals["cache_hits"] + totals["cache_misses"]
@@ -91,6 +92,7 @@ def format_stats(s: dict) -> str:
         f"workers ({len(s['workers'])}):",
     ]
     for w in s["workers"]:
-        lines.append(f"  {w['name']}  {w['state']:<5}  host {w['host']} pid {w['pid']}  {w['batches']} batches, "
-                     f"{w['jobs']} jobs, {w['failed']} failed, last heartbeat {w['last_heartbeat']}")
+        lines.append(f"  {w['name']}  {w['state']:<5}  host {w['host']} pid {w['pid']} on {w['device'] or '?'}  "
+                     f"{w['batches']} batches, {w['jobs']} jobs, {w['failed']} failed, "
+                     f"last heartbeat {w['last_heartbeat']}")
     return "\n".join(lines)

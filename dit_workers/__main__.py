@@ -6,9 +6,8 @@ import argparse
 import logging
 import sys
 
-import torch
-
 from dit_workers.config import DitWorkerConfig
+from workers.devices import worker_device
 
 
 def main(argv=None) -> int:
@@ -27,7 +26,7 @@ def main(argv=None) -> int:
         from dit_workers.make_tiny_pipeline import ensure_tiny_pipeline
 
         ensure_tiny_pipeline(cfg.model_path)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = worker_device(cfg.device)
     from dit_workers.worker import DitWorker
 
     DitWorker(cfg, device).run()

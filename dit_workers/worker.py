@@ -15,6 +15,7 @@ from broker.queues import GENERATE_FUNCTION
 from broker.schemas import GenerateRequest, GenerateResult
 from dit_workers.config import DitWorkerConfig
 from dit_workers.engine import DitEngine, checksum  # noqa: F401  (checksum: re-exported for callers and tests)
+from workers.devices import describe as describe_device
 from workers.job_source import TakenJob
 from workers.serve_loop import HEARTBEAT_TTL_S, ServeLoop
 
@@ -81,6 +82,7 @@ class DitWorker(ServeLoop):
                          parse_request=GenerateRequest.from_msgpack)
         self.cfg = cfg
         self.engine = engine if engine is not None else DitEngine(cfg, device)
+        self.device = describe_device(str(self.engine.device))
         self._encoder_shapes = None
 
     @property

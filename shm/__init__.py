@@ -7,7 +7,7 @@ the name and takes zero-copy views (`numpy` / `torch`), or `read_segment`s a cop
 what a dead or slow client left behind. Linux only (names are listed from /dev/shm). Knows nothing of Redis or
 models; torch is imported only when a torch view is asked for.
 """
-from .errors import ShmError, ShmExistsError, ShmNotFoundError, ShmSpaceError
+from .errors import ShmError, ShmExistsError, ShmNotFoundError, ShmSpaceError, ShmUntrustedError
 from .names import DEFAULT_PREFIX, SHM_DIR, SegmentName
 from .segment import (Segment, attach_segment, create_segment, fill_segment, read_segment, reserve_segment,
                       unlink_segment, write_segment)
@@ -15,6 +15,6 @@ from .sweep import sweep
 
 __all__ = [
     "DEFAULT_PREFIX", "SHM_DIR", "Segment", "SegmentName", "ShmError", "ShmExistsError", "ShmNotFoundError",
-    "ShmSpaceError", "attach_segment", "create_segment", "fill_segment", "read_segment", "reserve_segment", "sweep",
+    "ShmSpaceError", "ShmUntrustedError", "attach_segment", "create_segment", "fill_segment", "read_segment", "reserve_segment", "sweep",
     "unlink_segment", "write_segment",
 ]

@@ -15,3 +15,8 @@ class ShmNotFoundError(ShmError):
 
 class ShmExistsError(ShmError):
     """Exclusive creation failed because a segment of that name already exists."""
+
+
+class ShmUntrustedError(ShmError):
+    """A segment a reader was told to read is not one it trusts: another owner, a mode other than 0600, or not the
+    size it was told."""

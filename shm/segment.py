@@ -15,12 +15,14 @@ import errno
 import math
 import mmap
 import os
+import stat
 import sys
+from collections.abc import Collection
 
 import numpy as np
 import posix_ipc
 
-from .errors import ShmError, ShmExistsError, ShmNotFoundError, ShmSpaceError
+from .errors import ShmError, ShmExistsError, ShmNotFoundError, ShmSpaceError, ShmUntrustedError
 from .names import DEFAULT_PREFIX, SHM_DIR, SegmentName, check_prefix
 
 MAX_MARGIN_BYTES = 64 << 20  # free-space safety margin: 5% of /dev/shm, at most this much
@@ -298,8 +300,24 @@ def _create_named(name: str, size: int, prefix: str, max_total_bytes: int | None
     return Segment(name, size, mm, writable=True)
 
 
-def _open_existing(name: str, writable: bool) -> tuple[str, posix_ipc.SharedMemory, int]:
-    """(the name with its leading slash, the open segment, its size); the caller closes the descriptor."""
+def _check_trusted(name: str, st: os.stat_result, owners: Collection[int], size: int | None) -> None:
+    """Raises ShmUntrustedError unless the segment is owned by one of `owners`, has mode 0600 (as every segment
+    is created) and, when given, has `size` bytes. Checked on the descriptor that is then read: a name swapped
+    after the check can't slip in."""
+    if st.st_uid not in owners:
+        raise ShmUntrustedError(f"shm segment {name} is owned by uid {st.st_uid}, not by this process's uid "
+                                f"{os.getuid()} or a uid it trusts ({', '.join(map(str, sorted(owners)))})")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode != 0o600:
+        raise ShmUntrustedError(f"shm segment {name} has mode {mode:04o}, not 0600: others could have written it")
+    if size is not None and st.st_size != size:
+        raise ShmUntrustedError(f"shm segment {name} holds {st.st_size} bytes, not the {size} it was said to hold")
+
+
+def _open_existing(name: str, writable: bool, owners: Collection[int] | None = None,
+                   size: int | None = None) -> tuple[str, posix_ipc.SharedMemory, int]:
+    """(the name with its leading slash, the open segment, its size); the caller closes the descriptor. With
+    `owners`, the segment must be trusted (_check_trusted) or ShmUntrustedError is raised."""
     if not name.startswith("/"):
         name = "/" + name
     try:
@@ -311,7 +329,10 @@ def _open_existing(name: str, writable: bool) -> tuple[str, posix_ipc.SharedMemo
         raise ShmError(f"shm segment {name}: permission denied ({e}); segments are 0600, attach as the "
                        f"creator's user") from None
     try:
-        size = os.fstat(mem.fd).st_size
+        st = os.fstat(mem.fd)
+        if owners is not None:
+            _check_trusted(name, st, owners, size)
+        size = st.st_size
         if size == 0:
             raise ShmError(f"shm segment {name} has no space reserved yet (its creator is mid-create or died)")
     except BaseException:
@@ -320,10 +341,11 @@ def _open_existing(name: str, writable: bool) -> tuple[str, posix_ipc.SharedMemo
     return name, mem, size
 
 
-def read_segment(name: str) -> bytearray:
+def read_segment(name: str, *, owners: Collection[int] | None = None, size: int | None = None) -> bytearray:
     """A copy of a segment's bytes, read through its file descriptor: one read, no mapping (a mapping's page
-    faults cost more than the copy for results of ~100 KB and up)."""
-    name, mem, size = _open_existing(name, writable=False)
+    faults cost more than the copy for results of ~100 KB and up). With `owners` (uids), only a segment one of
+    them owns, of mode 0600 and (if given) `size` bytes is read; anything else raises ShmUntrustedError."""
+    name, mem, size = _open_existing(name, writable=False, owners=owners, size=size)
     try:
         data = bytearray(size)
         view, done = memoryview(data), 0
@@ -337,9 +359,11 @@ def read_segment(name: str) -> bytearray:
         mem.close_fd()
 
 
-def attach_segment(name: str, writable: bool = False) -> Segment:
-    """Map an existing segment. Read-only by default (a private copy-on-write mapping of an O_RDONLY fd)."""
-    name, mem, size = _open_existing(name, writable)
+def attach_segment(name: str, writable: bool = False, *, owners: Collection[int] | None = None,
+                   size: int | None = None) -> Segment:
+    """Map an existing segment. Read-only by default (a private copy-on-write mapping of an O_RDONLY fd).
+    `owners` and `size`: as read_segment's."""
+    name, mem, size = _open_existing(name, writable, owners=owners, size=size)
     try:
         mm = mmap.mmap(mem.fd, size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY)
     finally:

@@ -8,6 +8,9 @@ import torch
 # without a GPU, the Triton kernels run in the interpreter (slowly: tests keep shapes tiny).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests start their own Redis, with no password unless a test makes one: a password file named by the shell that
+# runs them is not theirs.
+os.environ.pop("EB_REDIS_PASSWORD_FILE", None)
 
 from tests.helpers import TINY_DIR, RedisServer, start_process, stop_process, wait_for_workers, write_config
 

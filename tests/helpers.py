@@ -24,25 +24,38 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server: no persistence, its own port and folder."""
+    """A throwaway redis-server: no persistence, its own port and folder. With `password`, it asks for a password
+    made as the project's own Redis makes it (broker.redis_server), in `password_file`."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, password: bool = False):
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="eb-redis-")
         self.proc: subprocess.Popen | None = None
+        self.password_file = os.path.join(self.dir, "password") if password else None
 
     @property
     def url(self) -> str:
+        """The URL without any credential (with a password: the one $EB_REDIS_PASSWORD_FILE completes)."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def password(self) -> str | None:
+        return open(self.password_file).read().strip() if self.password_file else None
 
     def start(self) -> "RedisServer":
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/setup does it)")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = redis.Redis(port=self.port)
+        if self.password_file:
+            from broker.redis_server import ensure_credential, write_config
+
+            args = [write_config(os.path.join(self.dir, "redis.conf"), ensure_credential(self.password_file),
+                                 self.port, workdir=self.dir)]
+        else:
+            args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                    "--dir", self.dir]
+        self.proc = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        r = redis.Redis(port=self.port, password=self.password)
         for _ in range(200):
             try:
                 if r.ping():

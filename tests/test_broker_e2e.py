@@ -103,6 +103,15 @@ def raw_job(url: str, payload, function: str = ENCODE_FUNCTION, data: bytes | No
     return job_id
 
 
+def zlib_bomb(inflated: int) -> bytes:
+    """zlib data of a job record that inflates to `inflated` bytes (zeros after a msgpack array header), made
+    a MiB at a time so the test itself never holds it inflated."""
+    z = zlib.compressobj(9)
+    parts = [z.compress(b"\x94")]
+    parts += [z.compress(bytes(1 << 20)) for _ in range(inflated >> 20)]
+    return b"".join(parts) + z.flush()
+
+
 def request(**kw) -> bytes:
     return msgpack.packb({"version": 1, "prompts": ["x"], "task": "t2i", **kw}, use_bin_type=True)
 
@@ -115,6 +124,7 @@ def request(**kw) -> bytes:
     (request(), zlib.compress(b"\xc1 not msgpack"), ENCODE_FUNCTION, "job data is not msgpack"),
     (b"\xc1\xc1 not msgpack either", None, ENCODE_FUNCTION, "not valid msgpack"),
     (request(version=99), None, ENCODE_FUNCTION, "schema version 99"),
+    (request(), zlib_bomb(64 << 20), ENCODE_FUNCTION, "job data refused unread"),  # past max_payload_bytes (16 MiB)
 ])
 def test_bad_jobs_fail_clearly_and_the_worker_keeps_serving(client, baseline, encoder_worker, payload, data,
                                                              function, message):

@@ -9,17 +9,12 @@ import sys
 import torch
 
 from workers.config import EncoderWorkerConfig
+from workers.devices import worker_device
 
 # The worker's intake, compute and delivery threads hand work to each other many times a batch. A thread woken
 # while another runs Python waits for the GIL up to the switch interval (CPython's default: 5 ms, a whole
 # forward on the GPU); 0.25 ms bounds that wait at a small cost in forced switches.
 GIL_SWITCH_INTERVAL_S = 0.00025
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def pick_backend(name: str, device: str) -> str:
@@ -34,7 +29,7 @@ def load_configured_encoder(cfg: EncoderWorkerConfig):
 
     if cfg.make_tiny_if_missing:
         ensure_tiny(cfg.model_dir)
-    device = pick_device(cfg.device)
+    device = worker_device(cfg.device)
     if device.startswith("cuda"):
         # On a GPU the process's CPU tensor work is bookkeeping (splits, small copies): torch's intra-op pool
         # would only spin threads that the intake and delivery threads and the clients on this host need.

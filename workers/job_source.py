@@ -26,11 +26,13 @@ from broker.queues import ENCODE_FUNCTION
 from broker.recovery import recover_args, rq_failure
 from broker.schemas import EncodeRequest
 from broker.scripts import SCRIPTS, Scripts
-from broker.serializer import MsgpackSerializer
+from broker.serializer import InflateLimitExceeded, MsgpackSerializer, inflate
 
 log = logging.getLogger("workers")
 __all__ = ["CONNECTION_ERRORS", "JobSource", "StatsUpdate", "TakenJob"]
 BAD_ID_MESSAGE = "InvalidRequest: a job id must be letters, digits, '_' and '-' (RQ's job ids)"
+# a job record's data is [function, None, [payload], {}]: the payload plus its function's name and msgpack framing
+JOB_DATA_FRAMING_BYTES = 4096
 
 
 @dataclass(slots=True)
@@ -135,8 +137,11 @@ class JobSource:
                 t.meta = {}
             if not isinstance(t.meta, dict):
                 t.meta = {}
-        try:
-            data = zlib.decompress(data)
+        try:  # bounded: a zlib bomb is refused before it is inflated whole
+            data = inflate(data, self.max_payload_bytes + JOB_DATA_FRAMING_BYTES)
+        except InflateLimitExceeded as e:
+            t.error = f"job data refused unread: {e} (max_payload_bytes {self.max_payload_bytes} plus framing)"
+            return t
         except zlib.error:
             pass  # RQ falls back to uncompressed data too
         try:

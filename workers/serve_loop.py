@@ -12,6 +12,7 @@ import time
 import redis
 from rq import Queue, SimpleWorker
 
+from broker.connections import connect
 from broker.serializer import MsgpackSerializer
 from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
 
@@ -23,10 +24,10 @@ HEARTBEAT_TTL_S = 30  # default: a job whose worker is silent this long is retri
 class ServeLoop:
     maintenance_interval_s = 5.0
     heartbeat_ttl_s = HEARTBEAT_TTL_S
+    device = ""  # the device the worker holds (workers.devices.describe), in its RQ record for `broker stats`
 
     def __init__(self, redis_url: str, queue: str, max_payload_bytes: int, **source_kw):
-        self.connection = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30,
-                                               health_check_interval=30)
+        self.connection = connect(redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
         rq_queue = Queue(queue, connection=self.connection, serializer=MsgpackSerializer)
         # RQ's worker record only (registration, heartbeat, state) so rq-dashboard and `rq info` see us;
         # RQ's own fork-per-job loop is not used.
@@ -66,6 +67,8 @@ class ServeLoop:
         self.connection.delete(self.rq_worker.key)  # a heartbeat may have left a partial record behind
         self.rq_worker.register_birth()
         self.rq_worker.set_state("idle")
+        if self.device:
+            self.connection.hset(self.rq_worker.key, "device", self.device)
         self._registered = True
 
     def heartbeat(self, pipe=None) -> None:

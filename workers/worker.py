@@ -18,6 +18,7 @@ from workers.batch_runner import BatchRunner
 from workers.compute import Compute
 from workers.config import EncoderWorkerConfig
 from workers.delivery import Delivery
+from workers.devices import describe as describe_device
 from workers.encoding_cache import EncodingCache
 from workers.images import ImageLimits
 from workers.intake import Intake
@@ -34,6 +35,7 @@ class EncoderWorker(ServeLoop):
         super().__init__(config.redis_url, config.queue, config.max_payload_bytes)
         self.config = config
         self.encoder = encoder
+        self.device = describe_device(str(encoder.device))
         if hasattr(encoder, "configure_images"):
             encoder.configure_images(ImageLimits(config.max_images_per_job, config.max_image_pixels,
                                                  config.max_image_side), config.image_cache_max_bytes)

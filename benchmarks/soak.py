@@ -1,0 +1,324 @@
+"""Soak: encoder workers and clients for a while, one worker SIGKILLed (and restarted) and Redis restarted twice
+meanwhile; counts what was lost.
+
+    python benchmarks/soak.py [--duration 300] [--workers 2] [--clients 8] [--redis-restarts 2] [--persist]
+                              [--backend baseline] [--device cpu] [--model-dir var/tiny] [--max-rel-err 1e-3]
+                              [--json OUT]
+
+Everything runs on this host: its own redis-server asking for a password (made as the Procfile's Redis makes it,
+broker.redis_server), the encoder worker processes (`python -m workers`, worker i with EB_WORKER_INDEX=i; the tiny
+model on the CPU by default), and client processes that each send one prompt at a time, their own prompts only,
+and check every result against the in-process CPU encoder's output for that prompt (same shape, relative L2 error
+under --max-rel-err). At a quarter of the run worker 0 is SIGKILLed and started again; Redis is SIGKILLed and
+started again (same port, same password) at evenly spaced times after that. Without --persist Redis keeps nothing
+(as the Procfile's), so a restart drops every job it held; with --persist it writes every command to an
+append-only file first, and comes back with them.
+
+Counted: results right, wrong (shape or values off: another prompt's states, or corrupt ones), requests that
+failed (by error type, by the event they came after, and their most common messages), segments of the workers'
+prefix left in /dev/shm when the clients stop and again after result_ttl_s plus a sweep, jobs left in Redis's queue
+and started registry, tracebacks in the worker logs. Prints a table; exits 1 when anything was lost, wrong or left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+PREFIX = "ebsoak"
+RESULT_TTL_S = 10
+SWEEP_S = 1.0
+PROMPTS_PER_CLIENT = 16
+PROMPTS = [
+    "a red fox in snow",
+    "A cozy reading nook by a rain-streaked window, warm lamp light, a cat asleep on a knitted blanket",
+    "neon sign that says 'open late' above a ramen shop, night, wet street reflections, cinematic",
+    "portrait photo of an elderly fisherman, deep wrinkles, grey beard, knitted cap, overcast light, 85mm",
+]
+
+
+def client_prompts(k: int) -> list[str]:
+    """Client k's own prompts: no other client sends them, so a result that is another's shows as wrong."""
+    return [f"soak client {k} prompt {j}: {PROMPTS[(k + j) % len(PROMPTS)]}" for j in range(PROMPTS_PER_CLIENT)]
+
+
+def rel_err(got, want) -> float:
+    import torch
+
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return float("inf")
+    return float(torch.linalg.vector_norm((got - want).double()) / torch.linalg.vector_norm(want.double()).clamp_min(
+        1e-30))
+
+
+def client_main(k: int, url: str, model_dir: str, start_file: str, duration: float, timeout: float, retries: int,
+                max_rel_err: float, ready, out) -> None:
+    """Client k: loads the reference states of its prompts, says it is ready, waits for the run's start time
+    (written to `start_file` once every client is ready), then sends one prompt at a time until the run ends."""
+    import torch
+
+    torch.set_num_threads(1)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from broker.client import EncoderClient
+    from broker.errors import BrokerError, BrokerUnavailable
+    from workers.encoders import load_encoder
+
+    prompts = client_prompts(k)
+    encoder = load_encoder(model_dir, backend="baseline", device="cpu")
+    want = [encoder.encode([p])[0] for p in prompts]  # one at a time: the reference for each prompt alone
+    del encoder
+    ready.put(k)
+    while not os.path.exists(start_file):
+        time.sleep(0.02)
+    with open(start_file) as f:
+        t0 = float(f.read())
+    counts = collections.Counter()
+    errors: list[tuple[float, str, str]] = []
+    worst, latencies = 0.0, []
+    client = EncoderClient(url, timeout=timeout, retries=retries)
+    i = 0
+    while time.time() < t0 + duration:
+        j = i % len(prompts)
+        i += 1
+        start = time.time()
+        try:
+            (got,) = client.encode([prompts[j]])
+        except BrokerError as e:
+            errors.append((round(time.time() - t0, 2), type(e).__name__, str(e)[:300]))
+            if isinstance(e, BrokerUnavailable):
+                time.sleep(0.2)
+            continue
+        latencies.append(time.time() - start)
+        err = rel_err(got, want[j])
+        if err > max_rel_err:
+            counts["wrong"] += 1
+        else:
+            counts["ok"] += 1
+            worst = max(worst, err)
+    client.close()
+    out.put({"client": k, "ok": counts["ok"], "wrong": counts["wrong"], "errors": errors, "worst_rel_err": worst,
+             "latencies": latencies})
+
+
+class SoakRedis:
+    """A redis-server on a fixed port that asks for a password, SIGKILLed and started again on demand."""
+
+    def __init__(self, port: int, folder: str, persist: bool):
+        from broker.redis_server import ensure_credential, write_config
+
+        self.port, self.folder = port, folder
+        self.password_file = os.path.join(folder, "password")
+        self.password = ensure_credential(self.password_file)
+        self.conf = write_config(os.path.join(folder, "redis.conf"), self.password, port, workdir=folder)
+        if persist:  # later lines win: every write reaches the append-only file before its reply
+            with open(self.conf, "a") as f:
+                f.write("appendonly yes\nappendfsync always\n")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"  # the password comes from $EB_REDIS_PASSWORD_FILE
+
+    @property
+    def authed_url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen([shutil.which("redis-server"), self.conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        r = redis.Redis(port=self.port, password=self.password)
+        for _ in range(500):
+            try:
+                if r.ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+def start_worker(i: int, cfg: str, folder: str, env: dict) -> tuple[subprocess.Popen, str]:
+    log = os.path.join(folder, f"worker{i}-{int(time.time())}.log")
+    proc = subprocess.Popen([sys.executable, "-m", "workers", "--config", cfg], cwd=REPO,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=dict(env, EB_WORKER_INDEX=str(i)))
+    return proc, log
+
+
+def shm_left() -> list[str]:
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(PREFIX + "."))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=float, default=300.0, help="seconds of load")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--redis-restarts", type=int, default=2)
+    ap.add_argument("--persist", action="store_true", help="Redis keeps its data across restarts (AOF, fsync always)")
+    ap.add_argument("--backend", default="baseline")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model-dir", default=os.path.join(REPO, "var", "tiny"))
+    ap.add_argument("--timeout", type=float, default=30.0, help="each request's timeout, end to end")
+    ap.add_argument("--retries", type=int, default=3)
+    ap.add_argument("--max-rel-err", type=float, default=1e-3,
+                    help="a result further than this from the CPU float32 reference is wrong (bf16 GPU workers: 0.05)")
+    ap.add_argument("--json", help="write the figures here too")
+    args = ap.parse_args()
+
+    from broker.connections import PASSWORD_FILE_ENV, connect
+    from tests.helpers import free_port, wait_for_workers, write_config
+    from workers.make_tiny import ensure_tiny
+
+    if args.model_dir == os.path.join(REPO, "var", "tiny"):
+        ensure_tiny(args.model_dir)
+    if shm_left():
+        sys.exit(f"segments named {PREFIX}.* are already in /dev/shm: remove them first (python -m shm sweep)")
+    folder = tempfile.mkdtemp(prefix="eb-soak-")
+    server = SoakRedis(free_port(), folder, args.persist)
+    server.start()
+    os.environ[PASSWORD_FILE_ENV] = server.password_file  # every process below: workers, clients, this one
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    cfg = write_config(os.path.join(folder, "encoder.json"), model_dir=args.model_dir, backend=args.backend,
+                       device=args.device, redis_url=server.url, shm_prefix=PREFIX, result_ttl_s=RESULT_TTL_S,
+                       sweep_interval_s=SWEEP_S, cache_max_bytes=0, max_queue_depth=0)
+    workers = [start_worker(i, cfg, folder, env) for i in range(args.workers)]
+    logs = [log for _, log in workers]
+    for proc, log in workers:
+        wait_for_workers(server.authed_url, args.workers, proc, log, timeout=600)
+
+    ctx = mp.get_context("spawn")
+    ready, out = ctx.Queue(), ctx.Queue()
+    start_file = os.path.join(folder, "start")
+    procs = [ctx.Process(target=client_main, args=(k, server.url, args.model_dir, start_file, args.duration,
+                                                   args.timeout, args.retries, args.max_rel_err, ready, out))
+             for k in range(args.clients)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=600)
+    t0 = time.time()
+    with open(start_file + ".tmp", "w") as f:
+        f.write(repr(t0))
+    os.replace(start_file + ".tmp", start_file)
+
+    events = []
+    schedule = [(0.25 * args.duration, "kill worker 0")]
+    schedule += [((0.25 + 0.75 * (n + 1) / (args.redis_restarts + 1)) * args.duration, "restart redis")
+                 for n in range(args.redis_restarts)]
+    for at, what in schedule:
+        time.sleep(max(0.0, t0 + at - time.time()))
+        events.append((round(time.time() - t0, 1), what))
+        if what == "kill worker 0":
+            proc, _ = workers[0]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            workers[0] = start_worker(0, cfg, folder, env)
+            logs.append(workers[0][1])
+        else:
+            server.kill()
+            time.sleep(1.0)
+            server.start()
+
+    results = [out.get(timeout=args.duration + args.timeout * (args.retries + 2) + 120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    wall = time.time() - t0
+    left_at_end = shm_left()
+    time.sleep(RESULT_TTL_S + 3 * SWEEP_S)
+    left_after_sweep = shm_left()
+    r = connect(server.url)
+    in_redis = {"queued": r.llen("rq:queue:encode"), "started": r.zcard("rq:wip:encode")}
+    for proc, _ in workers:
+        proc.send_signal(signal.SIGTERM)
+    for proc, _ in workers:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    server.kill()
+
+    errors = [e for res in results for e in res["errors"]]
+    by_type = collections.Counter(kind for _, kind, _ in errors)
+    lat = sorted(x for res in results for x in res["latencies"])
+    summary = {
+        "load_s": args.duration, "duration_s": round(wall, 1), "workers": args.workers, "clients": args.clients,
+        "persist": args.persist,
+        "events": events, "ok": sum(res["ok"] for res in results), "wrong": sum(res["wrong"] for res in results),
+        "failed": len(errors), "failed_by_type": dict(by_type),
+        "failed_by_phase": failed_by_phase(events, errors),
+        "error_messages": collections.Counter(f"{kind}: {msg}" for _, kind, msg in errors).most_common(8),
+        "worst_rel_err": max(res["worst_rel_err"] for res in results),
+        "p50_ms": round(lat[len(lat) // 2] * 1e3, 1) if lat else None,
+        "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, 1) if lat else None,
+        "segments_left_at_end": len(left_at_end), "segments_left_after_sweep": len(left_after_sweep),
+        "jobs_left_in_redis": in_redis, "worker_logs": logs,
+        "worker_log_tracebacks": sum(open(log).read().count("Traceback") for log in logs),
+    }
+    print_table(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    bad = summary["failed"] or summary["wrong"] or summary["segments_left_after_sweep"] or any(in_redis.values())
+    return 1 if bad else 0
+
+
+def failed_by_phase(events: list, errors: list) -> list:
+    """[(phase, failures in it)]: from the start to the first event, then from each event to the next."""
+    starts = [(0.0, "start")] + list(events)
+    phases = []
+    for n, (at, what) in enumerate(starts):
+        end = starts[n + 1][0] if n + 1 < len(starts) else float("inf")
+        phases.append((f"{what} ({at} s)", sum(1 for t, _, _ in errors if at <= t < end)))
+    return phases
+
+
+def print_table(s: dict) -> None:
+    print(f"\nsoak: {s['workers']} workers, {s['clients']} clients, {s['load_s']:g} s of load (the last client done "
+          f"at {s['duration_s']} s), Redis "
+          f"{'persistent' if s['persist'] else 'without persistence'}")
+    print("events: " + ", ".join(f"{what} at {at} s" for at, what in s["events"]))
+    rows = [
+        ("results right", s["ok"]),
+        ("results wrong (shape or values off)", s["wrong"]),
+        ("requests failed (lost)", s["failed"]),
+        *((f"  {kind}", n) for kind, n in s["failed_by_type"].items()),
+        *((f"  failing after {phase}", n) for phase, n in s["failed_by_phase"]),
+        ("segments left when the clients stopped", s["segments_left_at_end"]),
+        (f"segments left after result_ttl_s ({RESULT_TTL_S} s) and a sweep", s["segments_left_after_sweep"]),
+        ("jobs left in Redis (queued, started)", f"{s['jobs_left_in_redis']['queued']}, "
+                                                 f"{s['jobs_left_in_redis']['started']}"),
+        ("worst relative L2 error of a right result", f"{s['worst_rel_err']:.2e}"),
+        ("latency p50 / p99 (ms)", f"{s['p50_ms']} / {s['p99_ms']}"),
+        ("tracebacks in worker logs", s["worker_log_tracebacks"]),
+    ]
+    print("\n| | |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    for msg, n in s["error_messages"]:
+        print(f"{n} x {msg}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

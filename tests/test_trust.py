@@ -1,0 +1,229 @@
+"""What a Redis reachable by others can send us: zlib bombs are bounded, and result segments are read only from
+owners and modes we trust, at the size the handle states (issue 17: D7, S1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+import tracemalloc
+import zlib
+
+import posix_ipc
+import pytest
+import redis
+import torch
+
+import shm
+from broker.client import EncoderClient
+from broker.connections import PASSWORD_FILE_ENV, connect, redacted
+from broker.errors import BrokerUnavailable, ResultLost
+from broker.redis_server import ensure_credential, write_config
+from broker.results import TRUSTED_UIDS_ENV, read_shm, trusted_owners
+from broker.schemas import Handle
+from broker.serializer import InflateLimitExceeded, inflate
+from tests.conftest import TEST_MAX_PROMPT_TOKENS
+from tests.helpers import REPO, RedisServer, eventually, start_process, stop_process, wait_for_workers
+from tests.helpers import write_config as write_cfg
+from tests.test_broker_e2e import zlib_bomb
+
+
+def test_inflate_refuses_a_bomb_having_made_no_more_than_its_bound():
+    bomb = zlib_bomb(256 << 20)  # 256 MiB of zeros in about 256 KB
+    assert len(bomb) < 1 << 20
+    limit = 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(InflateLimitExceeded, match=f"past {limit} bytes"):
+            inflate(bomb, limit)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * limit  # the bounded output (limit + 1 bytes), never the 256 MiB
+
+
+def test_inflate_gives_back_what_fits_and_refuses_what_is_cut_short():
+    data = b"a job record" * 1000
+    packed = zlib.compress(data)
+    assert inflate(packed, len(data)) == data
+    with pytest.raises(InflateLimitExceeded):
+        inflate(packed, len(data) - 1)
+    with pytest.raises(zlib.error, match="truncated"):
+        inflate(packed[:-8], len(data))
+    with pytest.raises(zlib.error):
+        inflate(b"not zlib at all", 100)
+
+
+# -- S1: result segments are read only when trusted ----------------------------------------------------------------
+
+def _handle(name: str, states: torch.Tensor, nbytes: int | None = None) -> Handle:
+    return Handle(transport="shm", location=name, dtype="float32", shapes=[list(states.shape)], offsets=[0],
+                  nbytes=states.numel() * 4 if nbytes is None else nbytes, expires_at=time.time() + 30)
+
+
+def _segment(states: torch.Tensor, size: int | None = None) -> str:
+    data = states.numpy().tobytes()
+    return shm.write_segment(len(data) if size is None else size, 30, "ebtrust", [(0, data)])
+
+
+@pytest.fixture
+def states():
+    return torch.randn(5, 8)
+
+
+@pytest.fixture
+def cleanup():
+    names = []
+    yield names
+    for n in names:
+        shm.unlink_segment(n)
+
+
+def _posix(name: str):
+    return posix_ipc.SharedMemory(name, 0)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_segment_the_worker_made_is_read_and_unlinked(states, cleanup, copy):
+    name = _segment(states)
+    cleanup.append(name)
+    (got,) = read_shm(_handle(name, states), copy=copy)
+    assert torch.equal(got, states)
+    assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_segment_others_could_write_is_refused(states, cleanup, copy):
+    name = _segment(states)
+    cleanup.append(name)
+    mem = _posix(name)
+    os.fchmod(mem.fd, 0o644)
+    mem.close_fd()
+    with pytest.raises(ResultLost, match="has mode 0644, not 0600"):
+        read_shm(_handle(name, states), copy=copy)
+    assert os.path.exists(f"/dev/shm/{name.lstrip('/')}")  # left where it is
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a segment to another user needs root")
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_segment_of_another_owner_is_refused_unless_trusted(states, cleanup, copy):
+    other = 54321
+    name = _segment(states)
+    cleanup.append(name)
+    mem = _posix(name)
+    os.fchown(mem.fd, other, -1)
+    mem.close_fd()
+    with pytest.raises(ResultLost, match=f"owned by uid {other}, not by this process's uid"):
+        read_shm(_handle(name, states), copy=copy)
+    assert os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+    (got,) = read_shm(_handle(name, states), copy=copy, trusted=trusted_owners([other]))
+    assert torch.equal(got, states)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a segment to another user needs root")
+def test_trusted_uids_come_from_the_client_and_the_environment(monkeypatch):
+    monkeypatch.setenv(TRUSTED_UIDS_ENV, "1001, 1002")
+    assert trusted_owners([7]) == {os.getuid(), 7, 1001, 1002}
+    monkeypatch.setenv(TRUSTED_UIDS_ENV, "nobody")
+    with pytest.raises(ValueError, match="comma-separated uids"):
+        trusted_owners()
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_segment_of_another_size_than_the_handle_states_is_refused(states, cleanup, copy):
+    name = _segment(states, size=states.numel() * 4 + 4096)  # room for more than the handle says
+    cleanup.append(name)
+    with pytest.raises(ResultLost, match=f"holds {states.numel() * 4 + 4096} bytes, not the {states.numel() * 4}"):
+        read_shm(_handle(name, states), copy=copy)
+
+
+def test_a_handle_whose_states_do_not_fit_its_bytes_is_refused(states, cleanup):
+    name = _segment(states)
+    cleanup.append(name)
+    bad = _handle(name, states)
+    bad.shapes = [[500, 8]]
+    with pytest.raises(ResultLost, match=r"shape \[500, 8\] at offset 0 does not fit its 160 bytes"):
+        read_shm(bad)
+
+
+# -- S1: the Redis asks for a password -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def locked_redis():
+    server = RedisServer(password=True).start()
+    yield server
+    server.cleanup()
+
+
+def test_the_credential_is_made_once_with_mode_0600_and_redis_conf_keeps_it_off_the_command_line(tmp_path):
+    path = str(tmp_path / "redis" / "password")
+    password = ensure_credential(path)
+    assert len(password) >= 40 and ensure_credential(path) == password  # made once, then read
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    conf = write_config(str(tmp_path / "redis" / "redis.conf"), password, 6390)
+    assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
+    assert f"requirepass {password}\n" in open(conf).read()
+    os.chmod(path, 0o644)
+    with pytest.raises(PermissionError, match="others can read it"):
+        ensure_credential(path)
+
+
+def test_connect_takes_the_password_from_the_url_or_the_file(locked_redis, monkeypatch):
+    authed = f"redis://:{locked_redis.password}@127.0.0.1:{locked_redis.port}/0"
+    assert connect(authed).ping()
+    monkeypatch.setenv(PASSWORD_FILE_ENV, locked_redis.password_file)
+    assert connect(locked_redis.url).ping()
+
+    async def aping():
+        r = connect(locked_redis.url, asyncio=True)
+        try:
+            return await r.ping()
+        finally:
+            await r.aclose()
+
+    assert asyncio.run(aping())
+    monkeypatch.delenv(PASSWORD_FILE_ENV)
+    with pytest.raises(redis.AuthenticationError):
+        connect(locked_redis.url).ping()
+    assert redacted(authed) == f"redis://:***@127.0.0.1:{locked_redis.port}/0"
+
+
+def test_a_locked_redis_serves_a_client_and_a_worker_that_have_the_password_and_no_others(
+        tiny_dir, baseline, locked_redis, tmp_path, monkeypatch):
+    from tests.test_broker_e2e import assert_same
+
+    authed = f"redis://:{locked_redis.password}@127.0.0.1:{locked_redis.port}/0"
+    cfg = write_cfg(str(tmp_path / "encoder.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
+                    redis_url=locked_redis.url, max_prompt_tokens=TEST_MAX_PROMPT_TOKENS, shm_prefix="ebtlock",
+                    result_ttl_s=30)
+    logs = {k: str(tmp_path / f"{k}.log") for k in ("with", "without")}
+    with_pw = start_process(["-m", "workers", "--config", cfg], logs["with"],
+                            env={PASSWORD_FILE_ENV: locked_redis.password_file})
+    without = start_process(["-m", "workers", "--config", cfg], logs["without"])
+    try:
+        wait_for_workers(authed, 1, with_pw, logs["with"])
+        with EncoderClient(authed, timeout=30) as c:  # the password in the URL
+            assert_same(c.encode(["a locked door"]), baseline.encode(["a locked door"]))
+        monkeypatch.setenv(PASSWORD_FILE_ENV, locked_redis.password_file)
+        with EncoderClient(locked_redis.url, timeout=30) as c:  # the password from its file
+            assert_same(c.encode(["a key"]), baseline.encode(["a key"]))
+        monkeypatch.delenv(PASSWORD_FILE_ENV)
+        with EncoderClient(locked_redis.url, timeout=10, retries=0) as c:
+            with pytest.raises(BrokerUnavailable, match="asks for a password"):
+                c.encode(["no key"])
+        assert eventually(lambda: "Authentication required" in open(logs["without"]).read(), timeout=120)
+        assert without.poll() is None  # it keeps trying, saying why
+        assert connect(authed).scard("rq:workers") == 1  # only the worker with the password got in
+        stats = subprocess.run([sys.executable, "-m", "broker", "stats", "--json", "--redis-url", locked_redis.url],
+                               capture_output=True, text=True, env=dict(os.environ, **{
+                                   PASSWORD_FILE_ENV: locked_redis.password_file}), cwd=REPO, timeout=60)
+        assert stats.returncode == 0, stats.stderr
+        assert len(json.loads(stats.stdout)["workers"]) == 1
+    finally:
+        stop_process(with_pw)
+        stop_process(without)
