@@ -82,3 +82,54 @@ def test_lightx2v_reads_what_the_encoder_computed(fronts, tiny_dir, dtype, use_s
         # would be far off).
         rel = (states[0].float() - ref).norm() / ref.norm()
         assert rel < {"float32": 4e-3, "float16": 1e-2, "bfloat16": 2e-2}[dtype], rel
+
+
+def lightx2v_qwen_image_config(path, service_url: str, model_path: str) -> str:
+    """A config in LightX2V's Qwen-Image service format, keys this project does not use included."""
+    return write_config(path, infer_steps=8, sample_guide_scale=4.0, enable_cfg=True, attn_type="flash_attn3",
+                        vae_scale_factor=8, prompt_template_encode=T2I_TEMPLATE, prompt_template_encode_start_idx=34,
+                        text_encoder_type="lightllm_service", model_path=model_path, make_tiny_if_missing=False,
+                        device="cpu", lightllm_config={"service_url": service_url, "service_timeout": 30,
+                                                       "service_retry": 2, "use_shm": True})
+
+
+def test_a_lightx2v_config_as_it_is_speaks_http_to_the_front(encoder_worker, baseline, tiny_dir, tmp_path, caplog):
+    import logging
+
+    from dit_workers.config import DitWorkerConfig
+    from dit_workers.embeddings import make_embedder
+    from dit_workers.lightllm_http import LightLLMHttpEmbedder
+
+    front = FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_prefix="ebd" + uuid.uuid4().hex[:6])
+    try:
+        path = lightx2v_qwen_image_config(str(tmp_path / "qwen_image_t2i_service.json"),
+                                          f"http://127.0.0.1:{front.port}", tiny_dir)
+        with caplog.at_level(logging.INFO, logger="broker.config"):
+            cfg = DitWorkerConfig.from_json(path)
+        ignored = [r.getMessage() for r in caplog.records if "ignoring key" in r.getMessage()]
+        assert len(ignored) == 1 and "infer_steps" in ignored[0] and "prompt_template_encode" in ignored[0]
+        assert cfg.text_encoder_type == "service"
+
+        embedder = make_embedder(cfg, "cpu")
+        assert isinstance(embedder, LightLLMHttpEmbedder) and embedder.use_shm
+        prompts = ["a red fox in snow", " "]
+        got = embedder.embed(prompts, "t2i", [])
+        for g, want in zip(got, baseline.encode(prompts)):
+            assert g.dtype == torch.bfloat16 and g.shape == want.shape
+            torch.testing.assert_close(g.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-5)
+        assert front.front.metrics.results.labels("shm")._value.get() == 2  # read from shared memory
+
+        from broker.errors import EncodeFailed
+
+        with pytest.raises(EncodeFailed, match="max_prompt_tokens"):  # a 422 is not retried
+            embedder.embed([" fox" * (TEST_MAX_PROMPT_TOKENS + 1)], "t2i", [])
+    finally:
+        front.stop()
+
+
+def test_encoder_client_refuses_an_http_service_url(tmp_path, tiny_dir):
+    from broker.client import EncoderClient
+
+    path = lightx2v_qwen_image_config(str(tmp_path / "c.json"), "http://127.0.0.1:8010", tiny_dir)
+    with pytest.raises(ValueError, match="LightLLM"):
+        EncoderClient.from_config(path)
