@@ -23,17 +23,20 @@ def main(argv=None) -> int:
     st.add_argument("--watch", type=float, default=0, help="refresh every N seconds")
     args = ap.parse_args(argv)
     conn = redis.Redis.from_url(args.redis_url, socket_connect_timeout=3, socket_timeout=5)
-    while True:
-        try:
-            s = collect(conn, args.queue)
-        except redis.ConnectionError as e:
-            print(f"cannot reach Redis at {args.redis_url}: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps(s) if args.json else format_stats(s), flush=True)
-        if not args.watch:
-            return 0
-        time.sleep(args.watch)
-        print()
+    try:
+        while True:
+            try:
+                s = collect(conn, args.queue)
+            except redis.ConnectionError as e:
+                print(f"cannot reach Redis at {args.redis_url}: {e}", file=sys.stderr)
+                return 2
+            print(json.dumps(s) if args.json else format_stats(s), flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+            print()
+    except KeyboardInterrupt:  # Ctrl-C ends --watch
+        return 0
 
 
 if __name__ == "__main__":
