@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import json
 import logging
+import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, fields
 
@@ -209,22 +212,35 @@ class HttpFront:
         sock = self.listen()
         self.port = sock.getsockname()[1]
         TimedH11Protocol.head_timeout_s = self.cfg.client_timeout_s
-        config = uvicorn.Config(self.app, http=TimedH11Protocol, lifespan="off", access_log=False, log_config=None,
+        config = uvicorn.Config(self.app, http=TimedH11Protocol, lifespan="on", access_log=False, log_config=None,
                                 timeout_keep_alive=self.cfg.keep_alive_s,
                                 timeout_graceful_shutdown=self.cfg.shutdown_grace_s)
         self._server = uvicorn.Server(config)
-        self.segments.sweep_orphans()  # what a front killed before us left behind
         self._serving = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._serving.done():
                 self._serving.result()
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
-        self._sweeper = asyncio.create_task(self._sweep_loop())
         log.info("LightLLM-protocol front on http://%s:%d -> queue %r at %s (shm %s, answers' segments %.0f s, "
                  "budget %d bytes)", self.cfg.host, self.port, self.cfg.queue, self.cfg.redis_url,
                  self.cfg.shm_default, self.cfg.shm_ttl_s, self.cfg.shm_max_bytes)
         return self.port
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app):
+        """uvicorn runs this around serving: on a signal it stops accepting, lets requests in flight finish
+        (shutdown_grace_s), then leaves this, before it re-raises the signal."""
+        self.segments.sweep_orphans()  # what a front killed before us left behind
+        self._sweeper = asyncio.create_task(self._sweep_loop())
+        try:
+            yield
+        finally:
+            log.info("stopping: unlinking %d answer segment(s), closing connections", self.segments.live)
+            self._sweeper.cancel()
+            self.segments.close()
+            await self.client.aclose()
+            self.client.close()
 
     async def wait(self) -> None:
         """Until the server stops (uvicorn's signal handlers stop it when this runs in the main thread)."""
@@ -236,12 +252,6 @@ class HttpFront:
             self._server.should_exit = True
             await self._serving
             self._server = None
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        self.segments.close()
-        await self.client.aclose()
-        self.client.close()
 
     async def _sweep_loop(self) -> None:
         n = 0
@@ -259,7 +269,7 @@ class HttpFront:
 
     # -- routes ------------------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
-        app = FastAPI(title="encoder-broker HTTP front", version="1",
+        app = FastAPI(title="encoder-broker HTTP front", version="1", lifespan=self.lifespan,
                       description="LightLLM's /generate protocol (hidden states of Qwen2.5-VL's last layer) in "
                                   "front of the encoder-broker queue.")
 
@@ -441,11 +451,7 @@ class _Refusal(HttpError):
 async def serve(cfg: HttpFrontConfig) -> None:
     front = HttpFront(cfg)
     await front.start()
-    try:
-        await front.wait()  # until SIGINT/SIGTERM: uvicorn stops accepting and lets requests finish
-    finally:
-        log.info("stopping: releasing the answers' segments and connections")
-        await front.close()
+    await front.wait()  # until SIGINT/SIGTERM (see HttpFront.lifespan)
 
 
 def main(argv=None) -> int:
@@ -464,7 +470,12 @@ def main(argv=None) -> int:
     except ValueError as e:  # a taken port, a bad setting: one line, no traceback
         log.error("%s", e)
         return 1
-    return 0
+    # Stopped: connections closed, segments unlinked. Skip the interpreter's finalization of torch's modules
+    # (seconds), as the workers do.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def main(argv=None) -> int:
     from dit_workers.worker import DitWorker
 
     DitWorker(cfg, device).run()
-    return 0
+    from workers.__main__ import end_process
+
+    end_process(0)
 
 
 if __name__ == "__main__":

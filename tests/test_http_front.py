@@ -199,20 +199,28 @@ def test_segments_expire_and_a_budget_bounds_them(encoder_worker):
     assert shm_names(g.cfg.shm_prefix) == []  # a graceful stop unlinks what it still held
 
 
-def test_a_restarted_front_removes_what_a_killed_one_left(encoder_worker, tmp_path):
-    import signal
+def front_process(url, prefix, log_path):
+    """`python -m broker.http_front` on a free port, once it answers: (process, port)."""
     import subprocess
     import sys
 
     from tests.helpers import REPO
 
-    prefix, port = "ebk" + uuid.uuid4().hex[:6], free_port()
-    log = open(tmp_path / "front.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "broker.http_front", "--port", str(port), "--redis-url",
-                             encoder_worker["url"], "--shm-prefix", prefix, "--shm-ttl-s", "1"], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "broker.http_front", "--port", str(port), "--redis-url", url,
+                             "--shm-prefix", prefix, "--shm-ttl-s", "1"], cwd=REPO, stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT)
+    assert eventually(lambda: _answers(port) or proc.poll() is not None, timeout=60) and proc.poll() is None, \
+        open(log_path).read()
+    return proc, port
+
+
+def test_a_restarted_front_removes_what_a_killed_one_left(encoder_worker, tmp_path):
+    import signal
+
+    prefix = "ebk" + uuid.uuid4().hex[:6]
+    proc, port = front_process(encoder_worker["url"], prefix, tmp_path / "front.log")
     try:
-        assert eventually(lambda: _answers(port), timeout=60), open(tmp_path / "front.log").read()
         status, result, _ = call(port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("orphan")))
         assert status == 200 and shm_names(prefix) == [result["shm_hidden_states_name"]]
     finally:
@@ -225,6 +233,23 @@ def test_a_restarted_front_removes_what_a_killed_one_left(encoder_worker, tmp_pa
         assert shm_names(prefix) == []  # swept as the new front started
     finally:
         f.stop()
+
+
+def test_sigterm_stops_the_front_gracefully(encoder_worker, tmp_path):
+    import signal
+
+    prefix = "ebg" + uuid.uuid4().hex[:6]
+    proc, port = front_process(encoder_worker["url"], prefix, tmp_path / "front.log")
+    try:
+        status, result, _ = call(port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("graceful")))
+        assert status == 200 and shm_names(prefix) == [result["shm_hidden_states_name"]]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert shm_names(prefix) == []  # unlinked on the way out
+    assert "stopping: unlinking 1 answer segment(s)" in open(tmp_path / "front.log").read()
 
 
 def _answers(port) -> bool:

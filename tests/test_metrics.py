@@ -41,3 +41,27 @@ def test_worker_metrics_count_real_jobs(encoder_worker, client):
     assert grew("encoder_broker_worker_batch_tokens_sum") == grew("encoder_broker_worker_tokens_total") > 0
     assert after[("encoder_broker_worker_encode_seconds_bucket", (("le", "+Inf"),))] >= 1
     assert after[("encoder_broker_queue_depth", (("queue", "encode"),))] == 0
+
+
+def test_rq_worker_counters_are_true(encoder_worker, client):
+    """`rq info` reads RQ's worker counters: they follow the jobs the worker ran (a heartbeat behind at most)."""
+    from rq import Worker
+
+    from broker.errors import EncodeFailed
+    from tests.helpers import eventually
+
+    client.encode(["counted once"])
+    try:
+        client.encode([" fox" * (TEST_MAX_PROMPT_TOKENS + 1)])
+    except EncodeFailed:
+        pass
+    conn = client.wire.redis
+
+    def agree():
+        (w,) = [w for w in Worker.all(connection=conn) if "encode" in w.queue_names()]
+        m = scrape(encoder_worker["metrics_port"])
+        return (w.successful_job_count >= 1 and w.failed_job_count >= 1
+                and w.successful_job_count == m[("encoder_broker_worker_jobs_total", (("outcome", "ok"),))]
+                and w.failed_job_count == m[("encoder_broker_worker_jobs_total", (("outcome", "failed"),))])
+
+    assert eventually(agree)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -43,6 +44,16 @@ def load_configured_encoder(cfg: EncoderWorkerConfig):
                         max_prompt_tokens=cfg.max_prompt_tokens)
 
 
+def end_process(code: int = 0) -> None:
+    """Ends the process now that the worker has stopped: its records are out of Redis and its logs flushed.
+    Interpreter finalization (torch's and transformers' modules and the model torn down) would take seconds
+    more, past the grace honcho or systemd give before SIGKILL."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workers", description=__doc__.split(":")[1].strip())
     ap.add_argument("--config", help="encoder worker JSON config (see configs/encoder.json); EB_<KEY> variables "
@@ -63,7 +74,7 @@ def main(argv=None) -> int:
     worker = EncoderWorker(cfg, load_configured_encoder(cfg))
     start_metrics(cfg.metrics_port, worker.stats, worker.connection, cfg.queue, worker.name)
     worker.run()
-    return 0
+    end_process(0)
 
 
 if __name__ == "__main__":
