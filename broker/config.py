@@ -83,7 +83,7 @@ def parse_env_value(name: str, raw: str, type_name: str):
         else:
             value = raw
     except (KeyError, ValueError):
-        raise ValueError(f"{name}={raw!r} is not a {kind}") from None
+        raise ValueError(f"{name}={raw!r} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}") from None
     return value
 
 
