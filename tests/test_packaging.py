@@ -4,6 +4,7 @@ environment's site-packages for torch and the rest, so nothing is downloaded), u
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -28,7 +29,10 @@ def tree_packages() -> set[str]:
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
     d = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(d), REPO],
+    src = d / "src"  # a copy: setuptools' build/ in the tree keeps files since deleted
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "var", "build", ".venv", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".whl", ".gl"))
+    build = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(d), str(src)],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     (wheel,) = glob.glob(str(d / "*.whl"))
