@@ -21,6 +21,11 @@ def test_worker_metrics_count_real_jobs(encoder_worker, client):
     before = scrape(port)
     client.encode(["a red fox", "a blue fox", " "])
     client.encode(["a red fox"])  # the same prompt again: the encoding cache's
+    from broker import EncoderClient
+
+    by_blob = EncoderClient(encoder_worker["url"], timeout=30, transport="blob")
+    by_blob.encode(["a red fox"])
+    by_blob.close()
     try:
         client.encode([" fox" * (TEST_MAX_PROMPT_TOKENS + 1)])
     except EncodeFailed:
@@ -30,13 +35,15 @@ def test_worker_metrics_count_real_jobs(encoder_worker, client):
     def grew(name, labels=()):
         return after.get((name, labels), 0) - before.get((name, labels), 0)
 
-    assert grew("encoder_broker_worker_jobs_total", (("outcome", "ok"),)) == 2
+    assert grew("encoder_broker_worker_jobs_total", (("outcome", "ok"),)) == 3
+    assert grew("encoder_broker_worker_results_total", (("transport", "shm"),)) == 2
+    assert grew("encoder_broker_worker_results_total", (("transport", "blob"),)) == 1
     assert grew("encoder_broker_worker_jobs_total", (("outcome", "failed"),)) == 1
-    assert grew("encoder_broker_worker_prompts_total") == 4
+    assert grew("encoder_broker_worker_prompts_total") == 5
     assert grew("encoder_broker_worker_cache_hits_total") >= 1
     assert grew("encoder_broker_worker_batches_total") >= 1
     assert grew("encoder_broker_worker_batch_jobs_count") == grew("encoder_broker_worker_batches_total")
-    assert grew("encoder_broker_worker_job_latency_seconds_count") == 2
+    assert grew("encoder_broker_worker_job_latency_seconds_count") == 3
     assert grew("encoder_broker_worker_job_latency_seconds_sum") > 0
     assert grew("encoder_broker_worker_batch_tokens_sum") == grew("encoder_broker_worker_tokens_total") > 0
     assert after[("encoder_broker_worker_encode_seconds_bucket", (("le", "+Inf"),))] >= 1

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from workers.metrics import start_metrics
 
     worker = EncoderWorker(cfg, load_configured_encoder(cfg))
-    start_metrics(cfg.metrics_port, worker.stats, worker.connection, cfg.queue, worker.name)
+    start_metrics(cfg.metrics_port, worker.stats, worker.connection, cfg.queue, worker.name, worker.writer)
     worker.run()
     end_process(0)
 

@@ -1,7 +1,7 @@
 """An encoder worker's Prometheus metrics at http://<host>:<metrics_port>/metrics, read at scrape time from the
 figures the worker keeps anyway (workers.stats.Tally) and the queue's length in Redis.
 
-    start_metrics(port, stats, connection, queue)   # a daemon thread; port 0: nothing
+    start_metrics(port, stats, connection, queue, writer=writer)   # a daemon thread; port 0: nothing
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ SKIPPED = {"jobs", "failed", "jobs_ok", "infer_ms"}  # jobs by outcome, and infe
 
 
 class WorkerCollector:
-    def __init__(self, stats: WorkerStats, connection: redis.Redis | None, queue: str, worker: str):
-        self.stats, self.connection, self.queue, self.worker = stats, connection, queue, worker
+    def __init__(self, stats: WorkerStats, connection: redis.Redis | None, queue: str, worker: str, writer=None):
+        """`writer`: the worker's workers.result_writer.ResultWriter (results by transport), if any."""
+        self.stats, self.connection, self.queue, self.worker, self.writer = stats, connection, queue, worker, writer
 
     def collect(self):
         counters, histograms = self.stats.tally.snapshot()
@@ -52,6 +53,13 @@ class WorkerCollector:
             h = HistogramMetricFamily(PREFIX + name, HELP[name])
             h.add_metric([], [(str(le) if le != float("inf") else "+Inf", n) for le, n in buckets], total)
             yield h
+        if self.writer is not None:
+            results = CounterMetricFamily(PREFIX + "results", "results handed out, by transport (shm: a segment on "
+                                          "the client's host; blob: a Redis blob)", labels=["transport"])
+            sent = dict(self.writer.results)
+            for transport in ("shm", "blob"):
+                results.add_metric([transport], sent.get(transport, 0))
+            yield results
         depth = GaugeMetricFamily("encoder_broker_queue_depth", "jobs waiting in the queue", labels=["queue"])
         try:
             depth.add_metric([self.queue], self.connection.llen(f"rq:queue:{self.queue}"))
@@ -60,12 +68,13 @@ class WorkerCollector:
         yield depth
 
 
-def start_metrics(port: int, stats: WorkerStats, connection: redis.Redis | None, queue: str, worker: str = ""):
+def start_metrics(port: int, stats: WorkerStats, connection: redis.Redis | None, queue: str, worker: str = "",
+                  writer=None):
     """Serves the worker's metrics on `port` (all interfaces) from a daemon thread; port 0: off."""
     if not port:
         return None
     registry = CollectorRegistry()
-    registry.register(WorkerCollector(stats, connection, queue, worker))
+    registry.register(WorkerCollector(stats, connection, queue, worker, writer))
     try:
         server, _thread = start_http_server(port, registry=registry)
     except OSError as e:
