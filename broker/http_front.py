@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -36,7 +34,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rq.utils import utcparse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from broker.answer_segments import AnswerSegments
 from broker.client import EncoderClient
@@ -44,13 +41,13 @@ from broker.config import DEFAULT_REDIS_URL, from_json_file
 from broker.enqueue import queue_key
 from broker.errors import BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded, ResultLost
 from broker.front_metrics import FrontMetrics
+from broker.http_serving import AccessLog, TimedH11Protocol, listen
 from broker.lightllm import (GenerateAnswer, GenerateBody, HttpError, answer_fields, base64_field, failure_status,
                              parse_generate, shm_fields, wire_bytes)
 from broker.queues import DEFAULT_QUEUE
 from shm.names import check_prefix
 
 log = logging.getLogger("broker.http_front")
-access_log = logging.getLogger("broker.http_front.access")
 
 SHM_DEFAULTS = ("off", "shm", "both")
 ROUTES = ("/generate", "/health", "/liveness", "/readiness", "/metrics", "/docs", "/openapi.json")
@@ -110,63 +107,6 @@ def same_host(request: Request) -> bool:
         return False
 
 
-class TimedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with a deadline for each request head: uvicorn times out idle keep-alive
-    connections only, and any byte restarts that clock, so a client trickling a head would hold its connection
-    forever. Here a connection that has no request in flight gets client_timeout_s for its next head."""
-
-    head_timeout_s = 10.0
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._head_timer = None
-        self._arm_head_timer()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm_head_timer()
-
-    def connection_lost(self, exc) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        super().connection_lost(exc)
-
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_expired)
-
-    def _head_expired(self) -> None:
-        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-            self.transport.close()  # no head within the deadline: nobody to answer
-
-
-class AccessLog:
-    """ASGI middleware: one log line and one count per request (method, path, status, ms, prompts, tokens)."""
-
-    def __init__(self, app, metrics: FrontMetrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
-        state = scope.setdefault("state", {})
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope["path"] if scope["path"] in ROUTES else "other"
-            self.metrics.requests.labels(path, str(status[0])).inc()
-            access_log.info("%s %s %d %.1f ms prompts=%d tokens=%d", scope["method"], scope["path"], status[0],
-                            (time.perf_counter() - t0) * 1e3, state.get("prompts", 0), state.get("tokens", 0))
-
-
 def error_response(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
     log.warning("%s %s refused with %d: %s", request.method, request.url.path, status, message)
     return JSONResponse({"message": message, "code": status}, status, headers=headers)
@@ -191,28 +131,12 @@ class HttpFront:
         self._sweeper: asyncio.Task | None = None
 
     # -- serving -----------------------------------------------------------------------------------------
-    def listen(self) -> socket.socket:
-        """The listening socket, or a ValueError that says what to do when the port is taken."""
-        sock = socket.socket(socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.cfg.host, self.cfg.port))
-        except OSError as e:
-            sock.close()
-            if e.errno == errno.EADDRINUSE:
-                raise ValueError(f"port {self.cfg.port} in use: another front? set EB_HTTP_PORT (Procfile), "
-                                 "EB_PORT or --port") from None
-            raise
-        sock.listen(2048)
-        sock.setblocking(False)
-        return sock
-
     async def start(self) -> int:
         """Serves in a task of the running loop; returns the port (useful with port 0)."""
-        sock = self.listen()
+        sock = listen(self.cfg.host, self.cfg.port)
         self.port = sock.getsockname()[1]
-        TimedH11Protocol.head_timeout_s = self.cfg.client_timeout_s
-        config = uvicorn.Config(self.app, http=TimedH11Protocol, lifespan="on", access_log=False, log_config=None,
+        protocol = type("TimedH11Protocol", (TimedH11Protocol,), {"head_timeout_s": self.cfg.client_timeout_s})
+        config = uvicorn.Config(self.app, http=protocol, lifespan="on", access_log=False, log_config=None,
                                 timeout_keep_alive=self.cfg.keep_alive_s,
                                 timeout_graceful_shutdown=self.cfg.shutdown_grace_s)
         self._server = uvicorn.Server(config)
@@ -313,7 +237,7 @@ class HttpFront:
             return app.openapi_schema
 
         app.openapi = openapi
-        return AccessLog(app, self.metrics)
+        return AccessLog(app, self.metrics.requests, ROUTES)
 
     async def _queue_depth(self) -> float:
         try:
