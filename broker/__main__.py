@@ -42,17 +42,20 @@ def main(argv=None) -> int:
 
         exec_redis_server(args.port, args.bind, args.file)
     conn = connect(args.redis_url, socket_connect_timeout=3, socket_timeout=5)
-    while True:
-        try:
-            s = collect(conn, args.queue)
-        except redis.ConnectionError as e:
-            print(unreachable(args.redis_url, e), file=sys.stderr)
-            return 2
-        print(json.dumps(s) if args.json else format_stats(s), flush=True)
-        if not args.watch:
-            return 0
-        time.sleep(args.watch)
-        print()
+    try:
+        while True:
+            try:
+                s = collect(conn, args.queue)
+            except redis.ConnectionError as e:
+                print(unreachable(args.redis_url, e), file=sys.stderr)
+                return 2
+            print(json.dumps(s) if args.json else format_stats(s), flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+            print()
+    except KeyboardInterrupt:  # Ctrl-C ends --watch
+        return 0
 
 
 if __name__ == "__main__":

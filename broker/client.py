@@ -55,6 +55,9 @@ class EncoderClient:
         if kind != "service":
             raise ValueError(f"{path}: text_encoder_type is {kind!r}; EncoderClient serves 'service' configs")
         cc = ClientConfig.from_seed(cfg)
+        if cc.redis_url.startswith(("http://", "https://")):
+            raise ValueError(f"{path}: service_url {cc.redis_url} is a LightLLM-protocol HTTP server; EncoderClient "
+                             "speaks to the broker's Redis (DiT workers speak HTTP to such a URL)")
         kw = dict(redis_url=cc.redis_url, queue=cc.queue, timeout=cc.timeout, retries=cc.retries,
                   transport=cc.transport)
         kw.update(overrides)

@@ -1,10 +1,16 @@
-"""Reading JSON configs: paths inside a config are relative to the config file, `$VAR` and `~` expand."""
+"""Reading configs: a JSON file, then EB_<KEY> environment variables (which win), then command-line flags.
+Paths inside a config file are relative to the file (in a variable, to the current directory); `$VAR` and `~`
+expand. Keys a config does not know are ignored with one INFO line (LightX2V's configs carry many)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, fields
+
+log = logging.getLogger("broker.config")
+ENV_PREFIX = "EB_"
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"  # the project's own Redis (Procfile), not the system one
 
@@ -54,26 +60,66 @@ def redis_url_from_env(default: str = DEFAULT_REDIS_URL) -> str:
     return os.environ.get("EB_REDIS_URL", default)
 
 
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def parse_env_value(name: str, raw: str, type_name: str):
+    """An EB_<KEY> string as the field's type ("int", "float | None", "bool", "dict", ...)."""
+    kinds = [t.strip() for t in type_name.split("|")]
+    if "None" in kinds and raw.strip().lower() in ("", "null", "none"):
+        return None
+    kind = kinds[0]
+    try:
+        if kind == "bool":
+            value = {"1": True, "true": True, "yes": True, "on": True,
+                     "0": False, "false": False, "no": False, "off": False}[raw.strip().lower()]
+        elif kind in ("int", "float"):
+            value = {"int": int, "float": float}[kind](raw)
+        elif kind == "dict":
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise ValueError
+        else:
+            value = raw
+    except (KeyError, ValueError):
+        raise ValueError(f"{name}={raw!r} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}") from None
+    return value
+
+
 def take_known(cls, data: dict, what: str) -> dict:
-    """The keys of `data` that are fields of dataclass `cls`; unknown keys are an error (typos hide bugs)."""
+    """The keys of `data` that are fields of dataclass `cls`; others are ignored with one INFO line."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(k for k in data if k not in known and not k.startswith("_"))
     if unknown:
-        raise ValueError(f"unknown key(s) in {what}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        log.info("%s: ignoring key(s) this program does not use: %s", what, ", ".join(unknown))
     return {k: v for k, v in data.items() if k in known}
 
 
-def from_json_file(cls, path: str, path_fields: tuple[str, ...] = (), **overrides):
-    """A config dataclass from a JSON file: unknown keys refused, `path_fields` resolved against the file's
-    folder, redis_url from the file or else $EB_REDIS_URL, then the non-None `overrides` (command-line flags)."""
-    raw = load_json(path)
-    cfg = cls(**take_known(cls, raw, path))
+def from_json_file(cls, path: str | None, path_fields: tuple[str, ...] = (), **overrides):
+    """A config dataclass: the JSON file's known keys (or the defaults when `path` is None), then every field's
+    EB_<KEY> environment variable, then the non-None `overrides` (command-line flags). `path_fields` are
+    resolved against the file's folder (a variable's or a flag's against the current directory)."""
+    raw = load_json(path) if path else {}
+    values = take_known(cls, raw, path or "config")
     for name in path_fields:
-        setattr(cfg, name, resolve_path(raw, getattr(cfg, name)))
-    cfg.redis_url = raw.get("redis_url") or redis_url_from_env(cfg.redis_url)
+        if name in values:
+            values[name] = resolve_path(raw, values[name])
+    cwd = {"_config_dir": os.getcwd()}
+    for f in fields(cls):
+        if (env := os.environ.get(env_name(f.name))) is not None:
+            values[f.name] = parse_env_value(env_name(f.name), env, str(f.type))
+            if f.name in path_fields:
+                values[f.name] = resolve_path(cwd, values[f.name])
     for k, v in overrides.items():
         if v is not None:
-            setattr(cfg, k, v)
+            values[k] = resolve_path(cwd, v) if k in path_fields else v
+    cfg = cls(**values)
+    # Defaults are relative to a checkout's configs/ folder: the file's, or ./configs without one.
+    home = {"_config_dir": raw["_config_dir"] if path else os.path.join(os.getcwd(), "configs")}
+    for name in path_fields:
+        if name not in values:
+            setattr(cfg, name, resolve_path(home, getattr(cfg, name)))
     return cfg
 
 

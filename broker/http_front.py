@@ -2,61 +2,58 @@
 
     python -m broker.http_front [--config configs/http.json] [--host H] [--port 8010] [--redis-url URL] ...
 
-Every POST /generate becomes one raw (already templated) job on the broker queue, batched with the Python
-clients' jobs; the answer carries every token's last-layer hidden state, as LightLLM's return-hidden-states
-server does. The protocol, as LightX2V's client speaks it (ModelTC/LightX2V,
-lightx2v/models/input_encoders/lightllm/qwen25_text_encoder_service.py and shm_client.py):
+FastAPI under uvicorn. Every POST /generate becomes one raw (already templated) job on the broker queue,
+batched with the Python clients' jobs; the answer carries every token's last-layer hidden state as bfloat16
+bytes, as LightLLM's return-hidden-states server does (the protocol: broker.lightllm). Also: GET /health,
+/liveness, /readiness (200 only while Redis answers and a live worker serves the queue, else 503), /metrics
+(Prometheus), /docs (OpenAPI).
 
-  request   POST {service_url}/generate  {"inputs": <prompt already in Qwen-Image's template>,
-            "parameters": {"do_sample": false, "return_details": true, "max_new_tokens": 1},
-            "multimodal_params": {"images": [{"type": "base64", "data": <b64 image>}, ...]}}   (images: i2i only)
-  answer    "hidden_states_base64" + "hidden_states_shape": the raw bytes, shape [seq, hidden * itemsize] uint8;
-            the client does np.frombuffer(uint8).reshape(shape), then .view(torch.bfloat16) -> [seq, hidden],
-            then drops the template's first drop_idx tokens itself.  Or, same host and `use_shm`:
-            "shm_hidden_states_name" + "shm_hidden_states_shape", read with
-            multiprocessing.shared_memory.SharedMemory(name=...) (which adds the leading "/") as a uint8 array.
-  health    GET {service_url}/health -> 200.
-
-The client sends no shared-memory flag (LightLLM's `return_hiddens` branch decides on its side, and its client
-falls back to base64 when both come). Here a request chooses with `parameters.use_shm` (true/false), and may add
-`parameters.return_base64: true` to get base64 as well; a request that says nothing gets `shm_default`
-(off: base64 only; shm: shared memory only, for unmodified clients with use_shm true; both: what LightLLM sends).
-Shared memory is used only for a client on this host (its address is loopback or the address it connected to).
-Extra field: "hidden_states_dtype" (the worker's dtype: bfloat16 on a GPU, float32 on the CPU tiny default;
-LightX2V's client assumes bfloat16). Each shm answer gets a fresh segment of its own (exclusive, 0600) that no
-later request touches; the reader unlinks it, and the front's sweeper removes it after shm_ttl_s otherwise.
+Shared memory: a request chooses with `parameters.use_shm` (and `parameters.return_base64` to add base64); one
+that says nothing gets `shm_default` (both, as LightLLM sends: base64 and a segment, which LightX2V reads when its
+`use_shm` is on and ignores otherwise). Only a client on this host gets a segment (its address is loopback or the
+one it connected to). Segments live shm_ttl_s, within shm_max_bytes (broker.answer_segments).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
+import contextlib
 import ipaddress
 import json
 import logging
-import signal
-from dataclasses import dataclass, fields, replace
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
 
-import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from rq.utils import utcparse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from broker.answer_segments import AnswerSegments
 from broker.client import EncoderClient
-from broker.config import DEFAULT_REDIS_URL, load_json, redis_url_from_env, take_known
+from broker.config import DEFAULT_REDIS_URL, from_json_file
 from broker.connections import redacted
 from broker.enqueue import queue_key
-from broker.errors import (BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded,
-                           ResultLost)
-from broker.http_server import HttpError, HttpServer, Request, Response, error_response, json_response
+from broker.errors import BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded, ResultLost
+from broker.front_metrics import FrontMetrics
+from broker.http_serving import AccessLog, TimedH11Protocol, listen
+from broker.lightllm import (GenerateAnswer, GenerateBody, HttpError, answer_fields, base64_field, failure_status,
+                             parse_generate, shm_fields, wire_bytes)
 from broker.queues import DEFAULT_QUEUE
-from broker.results import TORCH_DTYPES
 from shm.names import check_prefix
 
 log = logging.getLogger("broker.http_front")
 
 SHM_DEFAULTS = ("off", "shm", "both")
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-REQUEST_ERRORS = ("InvalidRequest", "PromptTooLong")  # worker-side failures the request itself caused
+ROUTES = ("/generate", "/health", "/liveness", "/readiness", "/metrics", "/docs", "/openapi.json")
+HEALTH_TIMEOUT_S = 2.0
+ORPHAN_SWEEP_EVERY = 5  # sweep intervals between scans of /dev/shm for dead creators' segments
 
 
 @dataclass(slots=True)
@@ -69,259 +66,342 @@ class HttpFrontConfig:
     retries: int = 3  # re-runs of a job whose worker died; Redis connection retries
     max_body_bytes: int = 16 << 20
     max_inflight: int = 256  # /generate requests held at once; past it: 429
-    max_queue_depth: int = 0  # queue length past which new jobs are refused (429); 0: EncoderClient's default
-    shm_default: str = "off"  # when a request doesn't set parameters.use_shm: off | shm | both
-    shm_ttl_s: float = 30.0  # an unread answer segment is swept after this long
+    max_queue_depth: int = 0  # queue length past which new jobs are refused (429); 0: the workers' bound
+    client_timeout_s: float = 10.0  # a request's head, and then its body, must arrive within this long
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this long
+    shutdown_grace_s: float = 10.0  # on SIGTERM/SIGINT, requests in flight get this long to finish
+    shm_default: str = "both"  # when a request doesn't set parameters.use_shm: off | shm | both
+    shm_ttl_s: float = 10.0  # an answer's segment is unlinked this long after it is written
     shm_prefix: str = "eb"
-    shm_max_bytes: int | None = None  # budget for this front's live segments (beyond it: base64)
-    sweep_interval_s: float = 5.0
+    shm_max_bytes: int = 256 << 20  # the front's live answer segments; past it answers go as base64 (0: no shm)
+    sweep_interval_s: float = 1.0
+    worker_stale_s: float = 15.0  # a worker whose RQ heartbeat is older than this does not count as serving
     log_level: str = "INFO"
 
     def __post_init__(self):
         if self.shm_default not in SHM_DEFAULTS:
             raise ValueError(f"shm_default must be one of {', '.join(SHM_DEFAULTS)}, not {self.shm_default!r}")
-        for name in ("max_body_bytes", "max_inflight", "timeout", "shm_ttl_s", "sweep_interval_s"):
+        for name in ("max_body_bytes", "max_inflight", "timeout", "shm_ttl_s", "sweep_interval_s",
+                     "client_timeout_s", "keep_alive_s", "worker_stale_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.max_queue_depth < 0 or self.retries < 0 or not 0 <= self.port < 65536:
-            raise ValueError("max_queue_depth and retries must be >= 0, port in [0, 65535]")
+        if min(self.max_queue_depth, self.retries, self.shm_max_bytes, self.shutdown_grace_s) < 0 \
+                or not 0 <= self.port < 65536:
+            raise ValueError("max_queue_depth, retries, shm_max_bytes and shutdown_grace_s must be >= 0, "
+                             "port in [0, 65535]")
         check_prefix(self.shm_prefix)
 
     @classmethod
-    def from_json(cls, path: str) -> "HttpFrontConfig":
-        raw = load_json(path)
-        cfg = cls(**take_known(cls, raw, path))
-        if "redis_url" not in raw:
-            cfg.redis_url = redis_url_from_env(cfg.redis_url)
-        return cfg
+    def load(cls, path: str | None = None, **overrides) -> "HttpFrontConfig":
+        """From `path` (or defaults), then EB_<KEY> environment variables, then the non-None `overrides`."""
+        return from_json_file(cls, path, **overrides)
 
 
-@dataclass(slots=True)
-class GenerateCall:
-    """One /generate request, checked."""
-
-    inputs: str
-    images: list  # decoded image bytes (i2i)
-    use_shm: bool | None  # None: the request didn't say
-    return_base64: bool
-
-
-def parse_generate(body: bytes) -> GenerateCall:
-    try:
-        d = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HttpError(400, f"body is not JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise HttpError(422, f"body must be a JSON object, got {type(d).__name__}")
-    if "inputs" not in d:
-        raise HttpError(422, "body has no 'inputs': send the prompt already formatted with the model's template")
-    inputs = d["inputs"]
-    if not isinstance(inputs, str) or not inputs:
-        raise HttpError(422, f"'inputs' must be a non-empty string, got {type(inputs).__name__} {str(inputs)[:40]!r}")
-    params = d.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise HttpError(422, "'parameters' must be a JSON object")
-    use_shm, return_b64 = params.get("use_shm"), params.get("return_base64", False)
-    if (use_shm is not None and not isinstance(use_shm, bool)) or not isinstance(return_b64, bool):
-        raise HttpError(422, "'parameters.use_shm' and 'parameters.return_base64' must be true or false")
-    mm = d.get("multimodal_params") or {}
-    items = (mm.get("images") or []) if isinstance(mm, dict) else None
-    if not isinstance(items, list):
-        raise HttpError(422, "'multimodal_params' must be an object whose 'images' is a list")
-    return GenerateCall(inputs, [decode_image(i, item) for i, item in enumerate(items)], use_shm, return_b64)
-
-
-def decode_image(i: int, item) -> bytes:
-    """LightLLM's ImageItem: {"type": "base64", "data": <b64>}; URLs are refused (the front fetches nothing)."""
-    where = f"multimodal_params.images[{i}]"
-    if not isinstance(item, dict) or item.get("type") != "base64" or not isinstance(item.get("data"), str):
-        raise HttpError(422, f"{where} must be {{\"type\": \"base64\", \"data\": <base64 image>}}; "
-                             "only base64 images are supported")
-    try:
-        data = base64.b64decode("".join(item["data"].split()), validate=True)  # line breaks allowed, nothing else
-    except (binascii.Error, ValueError) as e:
-        raise HttpError(400, f"{where}.data is not valid base64: {e}") from None
-    if not data:
-        raise HttpError(400, f"{where}.data is empty")
-    return data
-
-
-def same_host(req: Request) -> bool:
+def same_host(request: Request) -> bool:
     """Whether the client can open this host's /dev/shm: it came over loopback or to our own address."""
-    if not req.peer or not req.local:
+    peer, local = request.client, request.scope.get("server")
+    if not peer or not local:
         return False
     try:
-        return ipaddress.ip_address(req.peer[0]).is_loopback or req.peer[0] == req.local[0]
+        return ipaddress.ip_address(peer.host).is_loopback or peer.host == local[0]
     except ValueError:
         return False
 
 
-def failure_status(message: str) -> int:
-    """A worker's failure caused by the request (too long, malformed, images refused) is the client's 422."""
-    return 422 if message.split(":", 1)[0].strip() in REQUEST_ERRORS else 500
+def error_response(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    log.warning("%s %s refused with %d: %s", request.method, request.url.path, status, message)
+    return JSONResponse({"message": message, "code": status}, status, headers=headers)
 
 
 class HttpFront:
-    """The LightLLM-protocol front: routing, admission, one shared EncoderClient, answer encoding, shm sweeping."""
+    """The LightLLM-protocol front: routes, admission, one shared EncoderClient, answers, answer segments."""
 
     def __init__(self, cfg: HttpFrontConfig):
         self.cfg = cfg
         self.client = EncoderClient(cfg.redis_url, cfg.queue, timeout=cfg.timeout, retries=cfg.retries,
                                     transport="shm", max_queue_depth=cfg.max_queue_depth, copy=False)
-        self.server = HttpServer(self.handle, cfg.max_body_bytes)
         self.inflight = 0
+        self._depth = float("nan")  # the queue's length at the last scrape
+        self.metrics = FrontMetrics(cfg.queue, lambda: self._depth, lambda: self.segments)
+        self.segments = AnswerSegments(cfg.shm_ttl_s, cfg.shm_prefix, cfg.shm_max_bytes,
+                                       lambda reason: self.metrics.shm_refused.labels(reason).inc())
+        self.app = self._build_app()
         self.port: int | None = None
+        self._server: uvicorn.Server | None = None
+        self._serving: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
 
+    # -- serving -----------------------------------------------------------------------------------------
     async def start(self) -> int:
-        self.port = await self.server.start(self.cfg.host, self.cfg.port)
-        self._sweeper = asyncio.create_task(self._sweep_loop())
-        log.info("LightLLM-protocol front on http://%s:%d -> queue %r at %s", self.cfg.host, self.port,
-                 self.cfg.queue, redacted(self.cfg.redis_url))
+        """Serves in a task of the running loop; returns the port (useful with port 0)."""
+        sock = listen(self.cfg.host, self.cfg.port)
+        self.port = sock.getsockname()[1]
+        protocol = type("TimedH11Protocol", (TimedH11Protocol,), {"head_timeout_s": self.cfg.client_timeout_s})
+        config = uvicorn.Config(self.app, http=protocol, lifespan="on", access_log=False, log_config=None,
+                                timeout_keep_alive=self.cfg.keep_alive_s,
+                                timeout_graceful_shutdown=self.cfg.shutdown_grace_s)
+        self._server = uvicorn.Server(config)
+        self._serving = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._serving.done():
+                self._serving.result()
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+        log.info("LightLLM-protocol front on http://%s:%d -> queue %r at %s (shm %s, answers' segments %.0f s, "
+                 "budget %d bytes)", self.cfg.host, self.port, self.cfg.queue, redacted(self.cfg.redis_url),
+                 self.cfg.shm_default, self.cfg.shm_ttl_s, self.cfg.shm_max_bytes)
         return self.port
 
-    async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        await self.server.close()
-        await self.client.aclose()
-        self.client.close()
-
-    async def handle(self, req: Request) -> Response:
-        routes = {"/generate": ("POST",), "/health": ("GET", "HEAD")}
-        allowed = routes.get(req.path)
-        if allowed is None:
-            raise HttpError(404, f"no route {req.path!r}: this server answers POST /generate and GET /health")
-        if req.method not in allowed:
-            raise HttpError(405, f"{req.path} takes {' or '.join(allowed)}, not {req.method}",
-                            headers={"Allow": ", ".join(allowed)})
-        return await (self.generate(req) if req.path == "/generate" else self.health())
-
-    async def health(self) -> Response:
-        redis_ok, depth, error = False, None, None
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app):
+        """uvicorn runs this around serving: on a signal it stops accepting, lets requests in flight finish
+        (shutdown_grace_s), then leaves this, before it re-raises the signal."""
+        self.segments.sweep_orphans()  # what a front killed before us left behind
+        self._sweeper = asyncio.create_task(self._sweep_loop())
         try:
-            aredis = self.client.wire.aredis
-            redis_ok = bool(await asyncio.wait_for(aredis.ping(), 2.0))
-            depth = await asyncio.wait_for(aredis.llen(queue_key(self.cfg.queue)), 2.0)
-        except Exception as e:  # any failure to answer means "Redis does not answer"
-            error = f"{type(e).__name__}: {str(e) or 'no answer within 2 s'}"
-        body = {"status": "ok" if redis_ok else "degraded", "redis": redis_ok, "queue": self.cfg.queue,
-                "queue_depth": depth, "inflight": self.inflight, "max_inflight": self.cfg.max_inflight}
-        if error:
-            body["redis_error"] = error
-        return json_response(200, body)
+            yield
+        finally:
+            log.info("stopping: unlinking %d answer segment(s), closing connections", self.segments.live)
+            self._sweeper.cancel()
+            self.segments.close()
+            await self.client.aclose()
+            self.client.close()
 
-    async def generate(self, req: Request) -> Response:
-        call = parse_generate(req.body)
-        if self.inflight >= self.cfg.max_inflight:
-            return error_response(429, f"{self.inflight} requests in flight, the front's max_inflight: "
-                                       "retry later", {"Retry-After": "1"})
+    async def wait(self) -> None:
+        """Until the server stops (uvicorn's signal handlers stop it when this runs in the main thread)."""
+        await self._serving
+
+    async def close(self) -> None:
+        """Stops accepting, lets requests in flight finish (shutdown_grace_s), then releases everything."""
+        if self._server is not None:
+            self._server.should_exit = True
+            await self._serving
+            self._server = None
+
+    async def _sweep_loop(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(self.cfg.sweep_interval_s)
+            n += 1
+            try:
+                self.segments.expire()
+                if n % ORPHAN_SWEEP_EVERY == 0:
+                    removed = await asyncio.to_thread(self.segments.sweep_orphans)
+                    if removed:
+                        log.info("swept %d expired or orphaned segment(s)", len(removed))
+            except Exception:
+                log.exception("segment sweep failed")
+
+    # -- routes ------------------------------------------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="encoder-broker HTTP front", version="1", lifespan=self.lifespan,
+                      description="LightLLM's /generate protocol (hidden states of Qwen2.5-VL's last layer) in "
+                                  "front of the encoder-broker queue.")
+
+        @app.exception_handler(HttpError)
+        async def http_error(request: Request, e: HttpError):
+            return error_response(request, e.status, e.message, e.headers)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def starlette_error(request: Request, e: StarletteHTTPException):
+            message = {404: f"no route {request.url.path!r}: this server answers POST /generate, GET /health, "
+                            "/liveness, /readiness, /metrics and /docs",
+                       405: f"{request.url.path} takes {(e.headers or {}).get('Allow', '')}, not "
+                            f"{request.method}"}.get(e.status_code, str(e.detail))
+            return error_response(request, e.status_code, message, e.headers)
+
+        @app.post("/generate", response_model=GenerateAnswer, summary="encode one templated prompt",
+                  openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                      "schema": {"$ref": "#/components/schemas/GenerateBody"}}}}})
+        async def generate(request: Request):
+            return await self.generate(request)
+
+        for path in ("/health", "/liveness", "/readiness"):
+            app.add_api_route(path, self.health, methods=["GET"], operation_id=path.strip("/"),
+                              summary="200 while Redis answers and a live worker serves the queue, else 503")
+            app.add_api_route(path, self.health, methods=["HEAD"], include_in_schema=False)
+
+        @app.get("/metrics", summary="Prometheus metrics")
+        async def metrics():
+            self._depth = await self._queue_depth()
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        def openapi():
+            if app.openapi_schema is None:
+                schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                     routes=app.routes)
+                body = GenerateBody.model_json_schema(ref_template="#/components/schemas/{model}")
+                components = schema.setdefault("components", {}).setdefault("schemas", {})
+                components.update(body.pop("$defs", {}))
+                components["GenerateBody"] = body
+                app.openapi_schema = schema
+            return app.openapi_schema
+
+        app.openapi = openapi
+        return AccessLog(app, self.metrics.requests, ROUTES)
+
+    async def _queue_depth(self) -> float:
+        try:
+            return await asyncio.wait_for(self.client.wire.aredis.llen(queue_key(self.cfg.queue)), HEALTH_TIMEOUT_S)
+        except Exception:  # Redis down: the gauge says NaN rather than a stale figure
+            return float("nan")
+
+    async def health(self, request: Request):
+        """LightLLM's health routes, all three: 503 unless Redis answers and a live worker serves the queue."""
+        body = {"queue": self.cfg.queue, "inflight": self.inflight, "max_inflight": self.cfg.max_inflight,
+                "redis": False, "queue_depth": None, "live_workers": 0}
+        try:
+            body.update(await asyncio.wait_for(self._serving_state(), HEALTH_TIMEOUT_S))
+        except Exception as e:  # any failure to answer means "Redis does not answer"
+            body["reason"] = f"cannot reach Redis at {self.cfg.redis_url}: {type(e).__name__}: " \
+                             f"{str(e) or f'no answer within {HEALTH_TIMEOUT_S} s'}"
+        if body["redis"] and not body["live_workers"]:
+            body["reason"] = f"no live worker serves queue {self.cfg.queue!r}"
+        ok = "reason" not in body
+        body["status"] = "ok" if ok else "unavailable"
+        if not ok:
+            log.warning("%s %s: 503: %s", request.method, request.url.path, body["reason"])
+        return JSONResponse(body, 200 if ok else 503)
+
+    async def _serving_state(self) -> dict:
+        aredis = self.client.wire.aredis
+        async with aredis.pipeline(transaction=False) as pipe:
+            pipe.llen(queue_key(self.cfg.queue))
+            pipe.smembers(f"rq:workers:{self.cfg.queue}")
+            depth, members = await pipe.execute()
+        async with aredis.pipeline(transaction=False) as pipe:
+            for key in members:
+                pipe.hget(key, "last_heartbeat")
+            beats = await pipe.execute()
+        now = time.time()
+        live = sum(1 for b in beats if b and now - utcparse(b.decode()).timestamp() < self.cfg.worker_stale_s)
+        return {"redis": True, "queue_depth": depth, "live_workers": live}
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refused from the header alone: the body is never read
+            raise HttpError(413, f"request body of {declared} bytes is over this server's limit of {limit} bytes "
+                                 "(max_body_bytes)")
+        chunks, size = [], 0
+
+        async def read():
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HttpError(413, f"request body over this server's limit of {limit} bytes (max_body_bytes)")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.cfg.client_timeout_s)
+        except asyncio.TimeoutError:
+            raise HttpError(408, f"the request body did not arrive within {self.cfg.client_timeout_s} s "
+                                 "(client_timeout_s)") from None
+        return b"".join(chunks)
+
+    async def generate(self, request: Request) -> Response:
+        outcome = "refused"
+        try:
+            call = parse_generate(await self._read_body(request))
+            if self.inflight >= self.cfg.max_inflight:
+                outcome = "overloaded"
+                raise HttpError(429, f"{self.inflight} requests in flight, the front's max_inflight: retry later",
+                                {"Retry-After": "1"})
+            outcome, states = await self._encode(call)
+        except _Refusal as e:
+            outcome = e.outcome
+            raise
+        finally:
+            if outcome != "ok":
+                self.metrics.jobs.labels(outcome).inc()
+        u8 = wire_bytes(states)
+        request.state.prompts, request.state.tokens = 1, u8.shape[0]
+        asked = call.use_shm
+        mode = self.cfg.shm_default if asked is None else ("shm" if asked else "off")
+        use_shm = mode != "off" and self.cfg.shm_max_bytes > 0 and same_host(request)
+        want_b64 = not use_shm or call.return_base64 or (asked is None and mode == "both")
+        out = answer_fields(u8)
+        if use_shm:
+            seg = self.segments.write(u8.numpy())
+            if seg is None:
+                want_b64 = True
+            else:
+                out.update(shm_fields(*seg, u8))
+        if want_b64:
+            out.update(base64_field(u8))
+        transport = "both" if want_b64 and "shm_hidden_states_name" in out else ("base64" if want_b64 else "shm")
+        self.metrics.results.labels(transport).inc()
+        self.metrics.jobs.labels("ok").inc()
+        self.metrics.prompts.inc()
+        self.metrics.tokens.observe(u8.shape[0])
+        return Response(json.dumps(out), media_type="application/json")
+
+    async def _encode(self, call):
+        """("ok", states [seq, hidden] in the worker's dtype), or an HttpError saying why not."""
         self.inflight += 1
+        t0 = time.perf_counter()
         try:
             task = "i2i" if call.images else "t2i"
             images = [call.images] if call.images else None  # one prompt: its list of images
             (states,) = await self.client.aencode([call.inputs], task=task, images=images, raw=True)
+            self.metrics.latency.observe(time.perf_counter() - t0)
+            return "ok", states
         except Overloaded as e:
-            return error_response(429, f"overloaded: {e}", {"Retry-After": "1"})
+            raise _Refusal("overloaded", 429, f"overloaded: {e}", {"Retry-After": "1"}) from None
         except InvalidRequest as e:
-            return error_response(422, str(e))
+            raise _Refusal("refused", 422, str(e)) from None
         except EncodeFailed as e:
-            return error_response(failure_status(str(e)), f"encoder worker refused the request: {e}")
+            status = failure_status(str(e))
+            raise _Refusal("refused" if status == 422 else "failed", status,
+                           f"encoder worker refused the request: {e}") from None
         except BrokerTimeout as e:
-            return error_response(504, str(e))
+            raise _Refusal("timeout", 504, str(e)) from None
         except BrokerUnavailable as e:
-            return error_response(503, str(e))
+            raise _Refusal("unavailable", 503, str(e)) from None
         except ResultLost as e:
-            return error_response(500, str(e))
+            raise _Refusal("failed", 500, str(e)) from None
         finally:
             self.inflight -= 1
-        asked = call.use_shm
-        mode = self.cfg.shm_default if asked is None else ("shm" if asked else "off")
-        use_shm = mode != "off" and same_host(req)
-        want_b64 = not use_shm or call.return_base64 or (asked is None and mode == "both")
-        return json_response(200, self.answer(states, use_shm, want_b64))
 
-    def answer(self, states: torch.Tensor, use_shm: bool, want_b64: bool) -> dict:
-        # states: [seq, hidden] in the worker's dtype -> u8: [seq, hidden * itemsize], LightLLM's wire shape
-        u8 = states.contiguous().view(torch.uint8)
-        shape = list(u8.shape)
-        out = {"generated_text": [""], "prompt_tokens": shape[0], "hidden_states_dtype": DTYPE_NAMES[states.dtype],
-               "hidden_states_shape": shape}
-        if use_shm:
-            seg = self._segment(u8)
-            if seg is None:
-                want_b64 = True
-            else:
-                out.update(shm_hidden_states_name=seg.name.lstrip("/"), shm_hidden_states_shape=shape,
-                           shm_hidden_states_expires_at=self._expiry(seg.name))
-        if want_b64:
-            out["hidden_states_base64"] = base64.b64encode(u8.numpy()).decode("ascii")
-        return out
 
-    def _segment(self, u8: torch.Tensor):
-        """A fresh segment holding `u8`, closed (the name stays until the reader or the sweeper unlinks it)."""
-        from shm import ShmError, create_segment
+class _Refusal(HttpError):
+    """An HttpError for a request the broker did not answer, with its outcome's metric label."""
 
-        try:
-            seg = create_segment(u8.numel(), self.cfg.shm_ttl_s, self.cfg.shm_prefix,
-                                 max_total_bytes=self.cfg.shm_max_bytes)
-        except ShmError as e:
-            log.warning("no shared memory for this answer (%s); sending base64 instead", e)
-            return None
-        try:
-            seg.write(0, u8)
-        except BaseException:
-            seg.unlink()
-            raise
-        finally:
-            seg.close()
-        return seg
-
-    @staticmethod
-    def _expiry(name: str) -> float:
-        from shm import SegmentName
-
-        return SegmentName.parse(name).expires_at_ms / 1000
-
-    async def _sweep_loop(self) -> None:
-        from shm import sweep
-
-        while True:
-            await asyncio.sleep(self.cfg.sweep_interval_s)
-            try:
-                removed = await asyncio.to_thread(sweep, self.cfg.shm_prefix, grace_s=10.0)
-                if removed:
-                    log.info("swept %d unread or orphaned segment(s)", len(removed))
-            except Exception:
-                log.exception("segment sweep failed")
+    def __init__(self, outcome: str, status: int, message: str, headers: dict | None = None):
+        super().__init__(status, message, headers)
+        self.outcome = outcome
 
 
 async def serve(cfg: HttpFrontConfig) -> None:
     front = HttpFront(cfg)
     await front.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping: finishing requests in flight")
-    await front.close()
+    await front.wait()  # until SIGINT/SIGTERM (see HttpFront.lifespan)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m broker.http_front", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="JSON file with any of the keys below (command-line flags win)")
+    p.add_argument("--config", help="JSON file with any of the keys below (then EB_<KEY> variables, then flags)")
     for f in fields(HttpFrontConfig):
-        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        kind = {"int": int, "float": float}.get(str(f.type), str)
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                        choices=SHM_DEFAULTS if f.name == "shm_default" else None)
     args = p.parse_args(argv)
-    cfg = HttpFrontConfig.from_json(args.config) if args.config else HttpFrontConfig(redis_url=redis_url_from_env())
-    cfg = replace(cfg, **{f.name: getattr(args, f.name) for f in fields(cfg) if getattr(args, f.name) is not None})
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(cfg))
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = HttpFrontConfig.load(args.config, **{f.name: getattr(args, f.name) for f in fields(HttpFrontConfig)})
+    logging.getLogger().setLevel(cfg.log_level)
+    try:
+        asyncio.run(serve(cfg))
+    except ValueError as e:  # a taken port, a bad setting: one line, no traceback
+        log.error("%s", e)
+        return 1
+    # Stopped: connections closed, segments unlinked. Skip the interpreter's finalization of torch's modules
+    # (seconds), as the workers do.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

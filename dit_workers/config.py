@@ -41,7 +41,7 @@ class DitWorkerConfig:
         return ClientConfig.from_seed({"lightllm_config": self.lightllm_config, "redis_url": self.redis_url})
 
     @classmethod
-    def from_json(cls, path: str, **overrides) -> "DitWorkerConfig":
+    def from_json(cls, path: str | None, **overrides) -> "DitWorkerConfig":
         cfg = from_json_file(cls, path, ("model_path", "edit_model_path", "output_dir"), **overrides)
         cfg.text_encoder_type = normalize_text_encoder_type(cfg.text_encoder_type)
         return cfg

@@ -88,20 +88,26 @@ def main(argv=None) -> int:
 
     from workers.encoders import load_encoder
 
+    from dit_workers.engine import checksum
+
     reference = load_encoder(cfg.model_path, backend="baseline")
     ok = True
     for prompt, res in zip(DEMO_PROMPTS, results):
-        want = [list(t.shape) for t in reference.encode([prompt, " "])]
-        match = want == res.embeds_shapes
+        states = reference.encode([prompt, " "])
+        want, want_sum = [list(t.shape) for t in states], checksum(states)
+        # values: the sum of |state| over both prompts, within 1% (a GPU worker computes in bfloat16)
+        match = want == res.embeds_shapes and abs(res.embeds_checksum - want_sum) <= 0.01 * want_sum
         ok &= match
         path, size = save_png(res.png, args.out, slug(prompt))
         print(f"demo: {prompt[:50]!r}: {path} {size[0]}x{size[1]}, {res.steps} steps, prompt {res.embeds_shapes[0]}, "
               f"negative {res.embeds_shapes[1]}, checksum {res.embeds_checksum:.3f}, encoder {res.encoder_mode}, "
-              f"in-process shapes {'match' if match else f'DIFFER: {want}'}, "
+              f"in-process shapes and values {'match' if match else f'DIFFER: {want}, checksum {want_sum:.3f}'}, "
               f"encode {res.timings.get('encode_ms', 0):.0f} ms, denoise {res.timings.get('denoise_ms', 0):.0f} ms",
               flush=True)
-    print(f"demo: {'all shapes match the in-process encoder' if ok else 'MISMATCH'}", flush=True)
+    print(f"demo: {'all shapes and values match the in-process encoder' if ok else 'MISMATCH'}", flush=True)
     run_i2i(client, results[0].png, args)
+    print(f"demo: done ({'ok' if ok else 'MISMATCH'}){'' if args.once else '; Ctrl-C stops every process'}",
+          flush=True)
     if not args.once:
         signal.pause()  # honcho stops every process when one exits: stay up until stopped
     return 0 if ok else 2

@@ -60,6 +60,11 @@ def per_prompt(prompts: list[str], images: list[bytes]) -> list[list[bytes]] | N
 
 def make_embedder(cfg: DitWorkerConfig, device: str):
     if cfg.text_encoder_type == "service":
+        from dit_workers.lightllm_http import LightLLMHttpEmbedder, is_http_url
+
+        cc = cfg.encoder_client
+        if is_http_url(cc.redis_url):  # LightX2V's meaning: a LightLLM server (or our HTTP front)
+            return LightLLMHttpEmbedder(cc.redis_url, cc.timeout, cc.retries, cc.transport == "shm")
         return ServiceEmbedder(cfg)
     return InProcessEmbedder(cfg, device)
 

@@ -1,6 +1,6 @@
-"""Named POSIX shared-memory segments: create (exclusive, 0600, space reserved), attach, view, unlink; or, without
-mapping anything, write one whole (`write_segment`, or `reserve_segment` ahead and `fill_segment` later) and read
-one whole (`read_segment`).
+"""Named POSIX shared-memory segments, created exclusively with mode 0600 and written whole through their file
+descriptor, never mapped (`write_segment`, or `reserve_segment` ahead and `fill_segment` later); read whole
+(`read_segment`) or attached for zero-copy views (`attach_segment`); unlinked by name.
 
 Lifetime of a mapping: every view (numpy array or torch tensor) is built on a memoryview slice of the
 segment's mmap object, and holds a reference to it (numpy through `.base`, torch through the storage's
@@ -81,8 +81,7 @@ def unlink_segment(name: str) -> bool:
 
 
 class Segment:
-    """One mapped segment. `size` is the usable byte count: what the creator asked for, or for an attached
-    segment the size of the object (a segment created with size 0 is reserved, mapped and attached as 1 byte).
+    """One attached (mapped) segment. `size` is the size of the object (a segment created with size 0 is 1 byte).
     Python's mmap keeps a duplicate file descriptor until the mapping goes: close segments you are done with."""
 
     __slots__ = ("name", "size", "writable", "_mm")
@@ -106,27 +105,6 @@ class Segment:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise ValueError(f"shm segment {self.name}: bytes [{offset}, {offset + nbytes}) outside [0, {self.size})")
         return memoryview(self._mm)[offset:offset + nbytes]
-
-    def write(self, offset: int, data) -> int:
-        """Copy the raw bytes of `data` (bytes-like, numpy array, or contiguous CPU torch tensor of any dtype,
-        bfloat16 included, never converted) to `offset`. Returns the number of bytes written."""
-        if not self.writable:
-            raise ShmError(f"shm segment {self.name} is attached read-only; attach with writable=True to write")
-        if _is_torch_tensor(data):
-            if data.device.type != "cpu":
-                raise ValueError(f"shm write needs a CPU tensor, got one on {data.device}; copy it to the host first")
-            if not data.is_contiguous():
-                raise ValueError("shm write needs a contiguous tensor; call .contiguous() first")
-            import torch
-
-            src = data.detach().reshape(-1).view(torch.uint8).numpy()
-        elif isinstance(data, np.ndarray):
-            src = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        else:
-            src = np.frombuffer(data, dtype=np.uint8)
-        dst = np.frombuffer(self._span(offset, src.nbytes), dtype=np.uint8)
-        dst[...] = src
-        return src.nbytes
 
     def numpy(self, offset: int, shape, dtype) -> np.ndarray:
         """Zero-copy numpy view of `shape`/`dtype` at byte `offset` (read-only if the segment is)."""
@@ -171,22 +149,6 @@ def _shape(shape) -> tuple[int, ...]:
     return (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
 
 
-def _is_torch_tensor(x) -> bool:
-    torch = sys.modules.get("torch")  # a tensor can only exist if torch is already imported: don't import it
-    return torch is not None and isinstance(x, torch.Tensor)
-
-
-def create_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, *,
-                   max_total_bytes: int | None = None) -> Segment:
-    """Create a new, uniquely named segment of `size` bytes, readable and writable by this user only.
-
-    The space is reserved up front (posix_fallocate), so writes can't SIGBUS later when /dev/shm fills up.
-    `max_total_bytes` caps the bytes this process may hold in `prefix` segments at once. Raises
-    ShmSpaceError (nothing is left behind) when the space or the budget is short."""
-    size = _checked_request(size, ttl_s, prefix, max_total_bytes)
-    return _create_named(SegmentName.new(ttl_s, prefix).format(), size, prefix, max_total_bytes)
-
-
 def _checked_request(size, ttl_s: float, prefix: str, max_total_bytes: int | None) -> int:
     """The size of a new segment as an int, once the arguments are valid and the space and the budget hold it."""
     if not isinstance(size, (int, np.integer)) or size < 0:
@@ -203,7 +165,7 @@ def _checked_request(size, ttl_s: float, prefix: str, max_total_bytes: int | Non
 
 def write_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, parts=(), *,
                   max_total_bytes: int | None = None) -> str:
-    """Create a new, uniquely named segment of `size` bytes (this user only, as create_segment) holding `parts`,
+    """Create a new, uniquely named segment of `size` bytes, readable and writable by this user only, holding `parts`,
     (byte offset, bytes-like) pairs, zeros elsewhere; return its name. Written through the file descriptor, never
     mapped: no page faults for the writer, and a /dev/shm that fills up mid-write is an error (ShmSpaceError,
     nothing left behind), never a SIGBUS, so no space is reserved (zeroed) first."""
@@ -274,30 +236,6 @@ def _open_exclusive(name: str) -> posix_ipc.SharedMemory:
         return posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)  # size=0: no ftruncate
     except posix_ipc.ExistentialError:
         raise ShmExistsError(f"shm segment {name} already exists; creation is exclusive") from None
-
-
-def _create_named(name: str, size: int, prefix: str, max_total_bytes: int | None) -> Segment:
-    mapped = max(size, 1)  # mmap can't map 0 bytes; empty results still get a segment
-    mem = _open_exclusive(name)
-    try:
-        os.fchmod(mem.fd, 0o600)  # exact mode whatever the umask
-        try:
-            os.posix_fallocate(mem.fd, 0, mapped)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-                free = _free_bytes()[0]
-                raise ShmSpaceError(f"shm segment {name}: reserving {mapped} bytes failed ({e.strerror}); "
-                                    f"{free} bytes free in {SHM_DIR}") from e
-            raise ShmError(f"shm segment {name}: reserving {mapped} bytes failed: {e}") from e
-        if max_total_bytes is not None:  # again, now counting ourselves: catches a concurrent create
-            _check_budget(size, prefix, max_total_bytes, name=name, own=mapped)
-        mm = mmap.mmap(mem.fd, mapped)
-    except BaseException:
-        unlink_segment(name)
-        raise
-    finally:
-        mem.close_fd()  # the mmap holds its own descriptor
-    return Segment(name, size, mm, writable=True)
 
 
 def _check_trusted(name: str, st: os.stat_result, owners: Collection[int], size: int | None) -> None:

@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
 # runs them is not theirs.
 os.environ.pop("EB_REDIS_PASSWORD_FILE", None)
 
-from tests.helpers import TINY_DIR, RedisServer, start_process, stop_process, wait_for_workers, write_config
+from tests.helpers import (TINY_DIR, RedisServer, free_port, start_process, stop_process, wait_for_workers,
+                           write_config)
 
 
 @pytest.fixture(scope="session")
@@ -43,14 +44,16 @@ TEST_MAX_PROMPT_TOKENS = 96
 def encoder_worker(tiny_dir, redis_server, tmp_path_factory):
     """One real encoder worker process (baseline backend, CPU) serving queue 'encode' of the test Redis."""
     d = tmp_path_factory.mktemp("encoder-worker")
-    prefix = "ebt" + uuid.uuid4().hex[:6]
+    prefix, metrics_port = "ebt" + uuid.uuid4().hex[:6], free_port()
     cfg = write_config(str(d / "encoder.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
                        redis_url=redis_server.url, queue="encode", max_prompt_tokens=TEST_MAX_PROMPT_TOKENS,
-                       max_prompts_per_job=40, shm_prefix=prefix, result_ttl_s=30, sweep_interval_s=1.0)
+                       max_prompts_per_job=40, shm_prefix=prefix, result_ttl_s=30, sweep_interval_s=1.0,
+                       metrics_port=metrics_port)
     log = str(d / "worker.log")
     proc = start_process(["-m", "workers", "--config", cfg], log)
     wait_for_workers(redis_server.url, 1, proc, log)
-    yield {"proc": proc, "prefix": prefix, "log": log, "url": redis_server.url, "config": cfg}
+    yield {"proc": proc, "prefix": prefix, "log": log, "url": redis_server.url, "config": cfg,
+           "metrics_port": metrics_port}
     stop_process(proc)
 
 

@@ -81,21 +81,26 @@ def write_config(path: str, **values) -> str:
     return path
 
 
-def start_process(args: list[str], log_path: str, env: dict | None = None) -> subprocess.Popen:
+def start_process(args: list[str], log_path: str, env: dict | None = None, argv: list[str] | None = None,
+                  cwd: str = REPO) -> subprocess.Popen:
+    """`python ARGS` (or `argv` as it is) in `cwd`, its output in log_path."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     full_env.pop("TRITON_INTERPRET", None)
     log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    return subprocess.Popen(argv or [sys.executable, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                            env=full_env)
 
 
-def wait_for_workers(url: str, count: int, proc: subprocess.Popen, log_path: str, timeout: float = 120.0) -> None:
-    """Until `count` RQ workers are registered (the worker registers after loading its model)."""
+def wait_for_workers(url: str, count: int, proc: subprocess.Popen, log_path: str, timeout: float = 120.0,
+                     queue: str | None = None) -> None:
+    """Until `count` RQ workers are registered (on `queue`, or in all) (a worker registers after loading its
+    model)."""
     r = redis.Redis.from_url(url)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}:\n{open(log_path).read()[-4000:]}")
-        if r.scard("rq:workers") >= count:
+        if r.scard(f"rq:workers:{queue}" if queue else "rq:workers") >= count:
             return
         time.sleep(0.1)
     raise RuntimeError(f"worker did not register within {timeout}s:\n{open(log_path).read()[-4000:]}")

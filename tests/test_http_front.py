@@ -1,5 +1,6 @@
-"""The LightLLM-protocol HTTP front, driven the way LightX2V's lightllm_service client drives it, against a real
-Redis and a real encoder worker; the front itself runs in this process on a free port (its own event loop)."""
+"""The LightLLM-protocol HTTP front (FastAPI under uvicorn), driven the way LightX2V's lightllm_service client
+drives it, against a real Redis and a real encoder worker; the front itself runs in this process on a free port
+(its own event loop). tests/test_lightx2v_client.py parses answers exactly as LightX2V does, in a reader process."""
 
 import asyncio
 import base64
@@ -7,12 +8,12 @@ import http.client
 import inspect
 import io
 import json
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import torch
 
 from broker.http_front import HttpFront, HttpFrontConfig
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
-from tests.helpers import free_port, shm_names
+from tests.helpers import eventually, free_port, shm_names
 
 # Qwen-Image's templates as LightX2V's configs carry them (prompt_template_encode / _start_idx): the client
 # formats the prompt itself and slices the first drop_idx states off the answer.
@@ -29,7 +30,6 @@ T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, 
                 "<|im_start|>assistant\n")
 T2I_DROP_IDX = 34
 I2I_DROP_IDX = 64
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class FrontThread:
@@ -69,7 +69,7 @@ class FrontThread:
 @pytest.fixture(scope="module")
 def front(encoder_worker):
     f = FrontThread(redis_url=encoder_worker["url"], queue="encode", max_body_bytes=1 << 20,
-                    shm_prefix="ebh" + uuid.uuid4().hex[:6])
+                    shm_prefix="ebh" + uuid.uuid4().hex[:6], client_timeout_s=1.0)
     yield f
     f.stop()
 
@@ -97,36 +97,49 @@ def lightx2v_payload(text, images=(), **extra):
     return payload
 
 
-def decode_answer(result, use_shm, unlink=True):
-    """[seq, hidden] states decoded as LightX2V's client decodes them: a uint8 [seq, hidden*itemsize] buffer
-    (shared memory via multiprocessing.shared_memory, else base64) viewed as the states' dtype. LightX2V views
-    as bfloat16 unconditionally; the CPU tiny worker runs float32, so the dtype comes from hidden_states_dtype."""
-    if use_shm and "shm_hidden_states_name" in result:
-        seg = shared_memory.SharedMemory(name=result["shm_hidden_states_name"])
-        arr = np.ndarray(tuple(result["shm_hidden_states_shape"]), dtype=np.uint8, buffer=seg.buf).copy()
-        seg.close()
-        if unlink:
-            seg.unlink()
+def decode_answer(result, use_shm):
+    """[seq, hidden] bfloat16 states from a uint8 [seq, hidden * 2] buffer (shared memory, read through its file in
+    /dev/shm so that this test process registers nothing with multiprocessing's resource tracker; else base64)."""
+    assert result["hidden_states_dtype"] == "bfloat16"
+    if use_shm:
+        with open(f"/dev/shm/{result['shm_hidden_states_name']}", "rb") as f:
+            data = f.read()
+        shape = result["shm_hidden_states_shape"]
     else:
-        data = base64.b64decode(result["hidden_states_base64"])
-        arr = np.frombuffer(data, dtype=np.uint8).reshape(result["hidden_states_shape"]).copy()
-    return torch.from_numpy(arr).view(DTYPES[result["hidden_states_dtype"]])
+        data, shape = base64.b64decode(result["hidden_states_base64"]), result["hidden_states_shape"]
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()).view(torch.bfloat16)
 
 
 def close(got, want):
-    assert got.shape == want.shape and got.dtype == want.dtype
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    """`want` in the worker's float32, `got` as sent: bfloat16 (one rounding, maybe one ulp apart)."""
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-5)
+
+
+def metric(port, name, **labels):
+    """A sample's value from the front's /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
 
 
 def test_base64_answer_is_the_baseline_encoding(front, baseline):
     prompt = "a red fox in snow"
     templated = T2I_TEMPLATE.format(prompt)
-    status, result, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated))
+    status, result, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated, use_shm=False))
     assert status == 200, result
-    assert "shm_hidden_states_name" not in result  # nobody asked for shared memory
+    assert "shm_hidden_states_name" not in result  # asked for base64 alone
     full = decode_answer(result, use_shm=False)
     hidden = baseline.config.hidden_size
-    assert result["hidden_states_shape"] == [full.shape[0], hidden * full.element_size()]  # LightLLM's uint8 shape
+    assert result["hidden_states_shape"] == [full.shape[0], hidden * 2]  # LightLLM's uint8 shape of bfloat16
     assert result["prompt_tokens"] == full.shape[0]
     (want_full,) = baseline.encode_tokens(baseline.tokenize([templated], raw=True))
     close(full, want_full)
@@ -134,47 +147,121 @@ def test_base64_answer_is_the_baseline_encoding(front, baseline):
     close(full[T2I_DROP_IDX:], want)
 
 
-def test_shm_answer_agrees_with_base64_and_reader_unlinks_it(front, baseline):
+def test_default_answer_has_both_and_the_front_unlinks_its_segments(front):
+    """LightLLM's default: base64 and a segment, so clients with use_shm on or off both parse it. The reader never
+    unlinks (LightX2V doesn't): the front does, at the segment's expiry or when it stops."""
     templated = T2I_TEMPLATE.format("shared memory, please")
-    _, by_b64, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated))
-    status, by_shm, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated, use_shm=True))
-    assert status == 200, by_shm
-    assert "hidden_states_base64" not in by_shm  # no base64 computed when shared memory serves and none asked
-    name = by_shm["shm_hidden_states_name"]
-    assert shm_names(front.cfg.shm_prefix) == [name]
+    status, both, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated))
+    assert status == 200, both
+    name = both["shm_hidden_states_name"]
+    assert name in shm_names(front.cfg.shm_prefix)
     assert os.stat(f"/dev/shm/{name}").st_mode & 0o777 == 0o600
-    assert torch.equal(decode_answer(by_shm, use_shm=True), decode_answer(by_b64, use_shm=False))
-    assert not os.path.exists(f"/dev/shm/{name}")  # read, then unlinked by the client
+    assert both["shm_hidden_states_shape"] == both["hidden_states_shape"]
+    assert torch.equal(decode_answer(both, use_shm=True), decode_answer(both, use_shm=False))
+    assert both["shm_hidden_states_expires_at"] <= time.time() + front.cfg.shm_ttl_s + 1
 
-    # Both when asked; every answer gets its own segment, never one a client may still be reading.
-    _, both, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated, use_shm=True, return_base64=True))
-    _, again, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated, use_shm=True))
-    assert both["shm_hidden_states_name"] != again["shm_hidden_states_name"]
-    assert torch.equal(decode_answer(both, use_shm=False), decode_answer(both, use_shm=True))
-    assert torch.equal(decode_answer(again, use_shm=True), decode_answer(by_b64, use_shm=False))
-    assert shm_names(front.cfg.shm_prefix) == []
+    _, only_shm, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated, use_shm=True))
+    assert "hidden_states_base64" not in only_shm  # no base64 computed when shared memory serves and none asked
+    assert only_shm["shm_hidden_states_name"] != name  # every answer its own segment
+    assert torch.equal(decode_answer(only_shm, use_shm=True), decode_answer(both, use_shm=False))
+    _, with_b64, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated, use_shm=True,
+                                                                              return_base64=True))
+    assert "hidden_states_base64" in with_b64 and "shm_hidden_states_name" in with_b64
+    assert metric(front.port, "encoder_broker_http_results_total", transport="both") >= 2
+    assert metric(front.port, "encoder_broker_http_live_segments") >= 3
 
 
-def test_unread_segments_are_swept_after_expiry(encoder_worker):
-    """An unmodified LightX2V client sends no shm flag: shm_default 'both' gives it both, as LightLLM does; the
-    answer's segment, never read or unlinked, is gone once it expires."""
-    f = FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_default="both", shm_ttl_s=1.0,
-                    sweep_interval_s=0.2, shm_prefix="ebs" + uuid.uuid4().hex[:6])
+def test_segments_expire_and_a_budget_bounds_them(encoder_worker):
+    f = FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_ttl_s=1.0, sweep_interval_s=0.2,
+                    shm_prefix="ebs" + uuid.uuid4().hex[:6])
     try:
-        status, result, _ = call(f.port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("left unread")))
-        assert status == 200 and "hidden_states_base64" in result, result
-        name = result["shm_hidden_states_name"]
-        assert shm_names(f.cfg.shm_prefix) == [name]
-        deadline = time.time() + 20
-        while shm_names(f.cfg.shm_prefix) and time.time() < deadline:
-            time.sleep(0.1)
-        assert shm_names(f.cfg.shm_prefix) == []
+        status, first, _ = call(f.port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("left unread")))
+        assert status == 200 and "hidden_states_base64" in first, first
+        size = os.stat(f"/dev/shm/{first['shm_hidden_states_name']}").st_size
+        assert shm_names(f.cfg.shm_prefix) == [first["shm_hidden_states_name"]]
+        assert eventually(lambda: shm_names(f.cfg.shm_prefix) == [])  # unlinked by the front at its expiry
+    finally:
+        f.stop()
+
+    g = FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_max_bytes=size + size // 2,
+                    shm_prefix="ebb" + uuid.uuid4().hex[:6])
+    try:
+        payload = lightx2v_payload(T2I_TEMPLATE.format("left unread"))
+        _, a, _ = call(g.port, "POST", "/generate", payload)
+        _, b, _ = call(g.port, "POST", "/generate", payload)
+        assert "shm_hidden_states_name" in a and "shm_hidden_states_name" not in b, (a.keys(), b.keys())
+        assert torch.equal(decode_answer(b, use_shm=False), decode_answer(a, use_shm=True))  # base64 alone
+        assert metric(g.port, "encoder_broker_http_shm_refused_total", reason="budget") == 1
+        assert metric(g.port, "encoder_broker_http_live_segment_bytes") == size
+        assert shm_names(g.cfg.shm_prefix) == [a["shm_hidden_states_name"]]
+    finally:
+        g.stop()
+    assert shm_names(g.cfg.shm_prefix) == []  # a graceful stop unlinks what it still held
+
+
+def front_process(url, prefix, log_path):
+    """`python -m broker.http_front` on a free port, once it answers: (process, port)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "broker.http_front", "--port", str(port), "--redis-url", url,
+                             "--shm-prefix", prefix, "--shm-ttl-s", "1"], cwd=REPO, stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT)
+    assert eventually(lambda: _answers(port) or proc.poll() is not None, timeout=60) and proc.poll() is None, \
+        open(log_path).read()
+    return proc, port
+
+
+def test_a_restarted_front_removes_what_a_killed_one_left(encoder_worker, tmp_path):
+    import signal
+
+    prefix = "ebk" + uuid.uuid4().hex[:6]
+    proc, port = front_process(encoder_worker["url"], prefix, tmp_path / "front.log")
+    try:
+        status, result, _ = call(port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("orphan")))
+        assert status == 200 and shm_names(prefix) == [result["shm_hidden_states_name"]]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    time.sleep(1.2)  # past the orphan's expiry: nobody is left to unlink it
+    assert shm_names(prefix) == [result["shm_hidden_states_name"]]
+    f = FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_prefix=prefix)
+    try:
+        assert shm_names(prefix) == []  # swept as the new front started
     finally:
         f.stop()
 
 
+def test_sigterm_stops_the_front_gracefully(encoder_worker, tmp_path):
+    import signal
+
+    prefix = "ebg" + uuid.uuid4().hex[:6]
+    proc, port = front_process(encoder_worker["url"], prefix, tmp_path / "front.log")
+    try:
+        status, result, _ = call(port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("graceful")))
+        assert status == 200 and shm_names(prefix) == [result["shm_hidden_states_name"]]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert shm_names(prefix) == []  # unlinked on the way out
+    assert "stopping: unlinking 1 answer segment(s)" in open(tmp_path / "front.log").read()
+
+
+def _answers(port) -> bool:
+    try:
+        return call(port, "GET", "/liveness")[0] == 200
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("body, status, says", [
     (b"{not json", 400, "not JSON"),
+    (b"[" * 100000, 400, "nested too deeply"),  # the JSON decoder's recursion: once a 500
     (b"[1, 2]", 422, "JSON object"),
     ({"parameters": {"max_new_tokens": 1}}, 422, "no 'inputs'"),
     ({"inputs": 5}, 422, "non-empty string"),
@@ -204,13 +291,85 @@ def test_wrong_paths_methods_and_sizes(front):
     assert r.status == 413 and "max_body_bytes" in json.loads(r.read())["message"]
     conn.close()
 
-    for head, status in [(b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
-                         (b"POST /generate HTTP/1.1\r\nHost: x\r\n\r\n", 411),
-                         (b"NONSENSE\r\n\r\n", 400),
-                         (b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431)]:
-        with socket.create_connection(("127.0.0.1", front.port), timeout=30) as s:
-            s.sendall(head)
-            assert read_response(s.makefile("rb"))[0] == status
+    with socket.create_connection(("127.0.0.1", front.port), timeout=30) as s:  # chunked: counted as it comes
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"a" * (256 << 10)
+        try:
+            for _ in range(8):
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:
+            pass  # the front answered and closed before the rest
+        assert read_response(s.makefile("rb"))[0] == 413
+
+
+def test_chunked_body_is_read(front):
+    body = json.dumps(lightx2v_payload(T2I_TEMPLATE.format("sent in chunks"), use_shm=False)).encode()
+    with socket.create_connection(("127.0.0.1", front.port), timeout=60) as s:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (body[:10], body[10:]):
+            s.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+        s.sendall(b"0\r\n\r\n")
+        status, _, answer = read_response(s.makefile("rb"))
+        assert status == 200 and "hidden_states_base64" in json.loads(answer)
+
+
+def test_slow_clients_are_timed_out(front):
+    """client_timeout_s (1 s here) bounds a request's head and then its body; the connection is not held."""
+    with socket.create_connection(("127.0.0.1", front.port), timeout=30) as s:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # 99 bytes never come
+        status, _, body = read_response(s.makefile("rb"))
+        assert status == 408 and "client_timeout_s" in json.loads(body)["message"]
+    with socket.create_connection(("127.0.0.1", front.port), timeout=30) as s:
+        f = s.makefile("rb")
+        for _ in range(4):  # a head trickled byte by byte, never finished
+            s.sendall(b"G")
+            time.sleep(0.5)
+        assert f.read() == b""  # closed by the front, no answer: the head never came
+    assert call(front.port, "GET", "/liveness")[0] == 200  # the front still serves
+
+
+def test_access_log_and_refusals_are_logged(front, caplog):
+    caplog.set_level(logging.INFO, logger="broker.http_front")
+    templated = T2I_TEMPLATE.format("logged")
+    status, result, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated, use_shm=False))
+    assert status == 200
+    status, _, _ = call(front.port, "POST", "/generate", {"inputs": 5})
+    assert status == 422
+    assert eventually(lambda: len([r for r in caplog.records if r.name == "broker.http_front.access"]) >= 2)
+    access = [r.getMessage() for r in caplog.records if r.name == "broker.http_front.access"]
+    assert any(m.startswith("POST /generate 200 ") and " ms prompts=1 tokens=%d" % result["prompt_tokens"] in m
+               for m in access), access
+    assert any(m.startswith("POST /generate 422 ") for m in access), access
+    refusals = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "broker.http_front"]
+    assert any("422" in r.getMessage() and "'inputs' must be a non-empty string" in r.getMessage()
+               for r in refusals), [r.getMessage() for r in refusals]
+
+
+def test_openapi_and_docs(front):
+    status, schema, _ = call(front.port, "GET", "/openapi.json")
+    assert status == 200
+    assert schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"] == \
+        {"$ref": "#/components/schemas/GenerateBody"}
+    assert "inputs" in schema["components"]["schemas"]["GenerateBody"]["properties"]
+    assert {"/health", "/liveness", "/readiness", "/metrics"} <= set(schema["paths"])
+    conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=30)
+    conn.request("GET", "/docs")
+    r = conn.getresponse()
+    assert r.status == 200 and b"swagger" in r.read().lower()
+    conn.close()
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(encoder_worker):
+    """A request held (its queue has no worker) when the front is told to stop still gets its answer (here the
+    broker's timeout, 504), not a reset connection; new connections are refused meanwhile."""
+    f = FrontThread(redis_url=encoder_worker["url"], queue="nobody-" + uuid.uuid4().hex[:6], timeout=3.0)
+    t, held = hold_one_request(f, lambda: f.front.inflight == 1)
+    stopping = threading.Thread(target=f.stop)
+    stopping.start()
+    assert eventually(lambda: not _answers(f.port))
+    t.join(30)
+    stopping.join(30)
+    assert held["answer"][0] == 504, held
 
 
 def read_response(f):
@@ -230,8 +389,8 @@ def test_keep_alive_and_expect_continue(front):
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             status, headers, body = read_response(f)
             health = json.loads(body)
-            assert status == 200 and headers["connection"] == "keep-alive"
-            assert health["redis"] is True and health["queue"] == "encode"
+            assert status == 200 and headers.get("connection", "keep-alive") == "keep-alive"
+            assert health["redis"] is True and health["queue"] == "encode" and health["live_workers"] >= 1
         body = json.dumps(lightx2v_payload(T2I_TEMPLATE.format("curl sends Expect"))).encode()
         s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
                   % len(body))
@@ -277,15 +436,36 @@ def test_overload_answers_429(encoder_worker):
         by_queue.stop()
 
 
-def test_redis_down_is_503_and_health_says_so():
+def test_health_is_503_unless_redis_and_a_live_worker_serve(encoder_worker):
     f = FrontThread(redis_url=f"redis://127.0.0.1:{free_port()}/0", retries=0, timeout=5.0)
     try:
-        status, health, _ = call(f.port, "GET", "/health")
-        assert status == 200 and health["redis"] is False and health["status"] == "degraded"
+        for path in ("/health", "/liveness", "/readiness"):
+            status, health, _ = call(f.port, "GET", path)
+            assert status == 503 and health["redis"] is False and "cannot reach Redis" in health["reason"], health
         status, result, _ = call(f.port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("x")))
         assert status == 503 and "cannot reach Redis" in result["message"], result
     finally:
         f.stop()
+    g = FrontThread(redis_url=encoder_worker["url"], queue="nobody-" + uuid.uuid4().hex[:6])
+    try:
+        status, health, _ = call(g.port, "GET", "/readiness")
+        assert status == 503 and health["redis"] is True and "no live worker" in health["reason"], health
+    finally:
+        g.stop()
+
+
+def test_metrics_count_jobs_by_outcome(front):
+    before = metric(front.port, "encoder_broker_http_jobs_total", outcome="ok")
+    refused = metric(front.port, "encoder_broker_http_jobs_total", outcome="refused")
+    for text in ("one", "two"):
+        assert call(front.port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format(text)))[0] == 200
+    assert call(front.port, "POST", "/generate", {"inputs": ""})[0] == 422
+    assert metric(front.port, "encoder_broker_http_jobs_total", outcome="ok") == before + 2
+    assert metric(front.port, "encoder_broker_http_jobs_total", outcome="refused") == refused + 1
+    assert metric(front.port, "encoder_broker_http_request_duration_seconds_count") >= 2
+    assert metric(front.port, "encoder_broker_http_prompt_tokens_sum") > 0
+    assert metric(front.port, "encoder_broker_queue_depth", queue="encode") == 0
+    assert metric(front.port, "encoder_broker_http_requests_total", path="/generate", status="422") >= 1
 
 
 def encoders_take_images(encoder) -> bool:

@@ -27,7 +27,8 @@ def declared() -> list[Requirement]:
     reqs = list(project["dependencies"])
     for extra in project.get("optional-dependencies", {}).values():
         reqs += extra
-    return [Requirement(r) for r in reqs]
+    own = canonicalize_name(project["name"])  # an extra naming others of the project's own extras
+    return [r for r in map(Requirement, reqs) if canonicalize_name(r.name) != own]
 
 
 def test_every_declared_dependency_is_locked_within_its_range():

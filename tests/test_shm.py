@@ -16,7 +16,7 @@ import torch
 
 import shm
 from shm import SegmentName, ShmError, ShmExistsError, ShmNotFoundError, ShmSpaceError
-from shm.segment import _create_named
+from shm.segment import _open_exclusive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,22 +61,27 @@ def test_name_format_parse_round_trip():
 
 # -- create / attach / views -------------------------------------------------------------------------------
 
+def _bytes(t):
+    """The raw bytes of a tensor or array, as write_segment's parts take them."""
+    return t.reshape(-1).view(torch.uint8).numpy() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
+
+
 def test_create_mode_0600_exclusive_and_reserved(prefix):
-    with shm.create_segment(1000, 60, prefix) as seg:
-        try:
-            st = os.stat(Path(shm.SHM_DIR) / seg.name[1:])
-            assert stat.S_IMODE(st.st_mode) == 0o600
-            assert st.st_size == 1000 and st.st_blocks * 512 >= 1000  # space allocated, not a sparse file
-            assert SegmentName.parse(seg.name, prefix).pid == os.getpid()
-            with pytest.raises(ShmExistsError):
-                _create_named(seg.name, 10, prefix, None)
-            with pytest.raises(posix_ipc.ExistentialError):
-                posix_ipc.SharedMemory(seg.name, posix_ipc.O_CREX)
-            # the failed exclusive create must not have removed or resized the existing segment
-            with shm.attach_segment(seg.name) as again:
-                assert again.size == 1000
-        finally:
-            seg.unlink()
+    name = shm.reserve_segment(1000, 60, prefix)
+    try:
+        st = os.stat(Path(shm.SHM_DIR) / name[1:])
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_size == 1000 and st.st_blocks * 512 >= 1000  # space allocated, not a sparse file
+        assert SegmentName.parse(name, prefix).pid == os.getpid()
+        with pytest.raises(ShmExistsError):
+            _open_exclusive(name)
+        with pytest.raises(posix_ipc.ExistentialError):
+            posix_ipc.SharedMemory(name, posix_ipc.O_CREX)
+        # the failed exclusive create must not have removed or resized the existing segment
+        with shm.attach_segment(name) as again:
+            assert again.size == 1000
+    finally:
+        shm.unlink_segment(name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -85,97 +90,76 @@ def test_torch_round_trip_at_offsets(prefix, dtype):
     b = torch.randn(3, 3584, dtype=dtype)
     off_b = 64 * ((a.numel() * a.element_size() + 63) // 64)
     size = off_b + b.numel() * b.element_size()
-    seg = shm.create_segment(size, 60, prefix)
+    name = shm.write_segment(size, 60, prefix, [(0, _bytes(a)), (off_b, _bytes(b))])
     try:
-        assert seg.write(0, a) == a.numel() * a.element_size()
-        seg.write(off_b, b)
-        seg.close()
-        with shm.attach_segment(seg.name) as r:
+        with shm.attach_segment(name) as r:
             ra, rb = r.torch(0, (7, 5), dtype), r.torch(off_b, (3, 3584), dtype)
             assert ra.dtype == dtype and torch.equal(ra, a) and torch.equal(rb, b)  # bit-exact, no conversion
     finally:
-        seg.unlink()
+        shm.unlink_segment(name)
 
 
 def test_numpy_round_trip_and_zero_copy(prefix):
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     y = np.arange(10, dtype=np.int64)[::2]  # non-contiguous source
-    with shm.create_segment(200, 60, prefix) as seg:
-        try:
-            seg.write(8, x)
-            seg.write(104, y)
-            seg.write(150, b"hello")
-            seg.write(160, torch.arange(4, dtype=torch.int16).view(2, 2))
-            with shm.attach_segment(seg.name) as r:
-                vx = r.numpy(8, (2, 3, 4), np.float32)
-                np.testing.assert_array_equal(vx, x)
-                np.testing.assert_array_equal(r.numpy(104, 5, "<i8"), y)
-                assert bytes(r.numpy(150, 5, np.uint8)) == b"hello"
-                np.testing.assert_array_equal(r.numpy(160, (2, 2), np.int16), [[0, 1], [2, 3]])
-                assert not vx.flags.writeable
-                with pytest.raises(ValueError):
-                    vx[0, 0, 0] = 1
-                with pytest.raises(ShmError):
-                    r.write(0, b"x")
-                # zero copy: a later write by the creator shows through the reader's existing view
-                seg.numpy(8, (2, 3, 4), np.float32)[1, 2, 3] = -5.0
-                assert vx[1, 2, 3] == -5.0
-                # a read-only attach's torch view is copy-on-write: in-place ops never reach the segment
-                t = r.torch(8, (24,), torch.float32)
-                t.add_(100.0)
-                assert seg.numpy(8, (24,), np.float32)[0] == 0.0 and t[0].item() == 100.0
-                with pytest.raises(ValueError):
-                    r.numpy(190, 4, np.float32)  # past the end
-        finally:
-            seg.unlink()
+    name = shm.write_segment(200, 60, prefix, [(8, _bytes(x)), (104, _bytes(y)), (150, b"hello"),
+                                               (160, _bytes(torch.arange(4, dtype=torch.int16)))])
+    try:
+        with shm.attach_segment(name) as r, shm.attach_segment(name, writable=True) as w:
+            vx = r.numpy(8, (2, 3, 4), np.float32)
+            np.testing.assert_array_equal(vx, x)
+            np.testing.assert_array_equal(r.numpy(104, 5, "<i8"), y)
+            assert bytes(r.numpy(150, 5, np.uint8)) == b"hello"
+            np.testing.assert_array_equal(r.numpy(160, (2, 2), np.int16), [[0, 1], [2, 3]])
+            assert not vx.flags.writeable
+            with pytest.raises(ValueError):
+                vx[0, 0, 0] = 1
+            # zero copy: a write through a writable attach shows through the reader's existing view
+            w.numpy(8, (2, 3, 4), np.float32)[1, 2, 3] = -5.0
+            assert vx[1, 2, 3] == -5.0
+            # a read-only attach's torch view is copy-on-write: in-place ops never reach the segment
+            t = r.torch(8, (24,), torch.float32)
+            t.add_(100.0)
+            assert w.numpy(8, (24,), np.float32)[0] == 0.0 and t[0].item() == 100.0
+            with pytest.raises(ValueError):
+                r.numpy(190, 4, np.float32)  # past the end
+    finally:
+        shm.unlink_segment(name)
 
 
 def test_writable_attach_writes_through(prefix):
-    with shm.create_segment(16, 60, prefix) as seg:
-        try:
-            with shm.attach_segment(seg.name.lstrip("/"), writable=True) as w:
-                w.write(0, np.array([1.5, 2.5], dtype=np.float64))
-                w.torch(0, 2, torch.float64).mul_(2)
-            np.testing.assert_array_equal(seg.numpy(0, 2, np.float64), [3.0, 5.0])
-        finally:
-            seg.unlink()
-
-
-def test_write_rejects_noncontiguous_tensor(prefix):
-    with shm.create_segment(64, 60, prefix) as seg:
-        try:
-            with pytest.raises(ValueError, match="contiguous"):
-                seg.write(0, torch.zeros(4, 4).t())
-        finally:
-            seg.unlink()
+    name = shm.write_segment(16, 60, prefix)
+    try:
+        with shm.attach_segment(name.lstrip("/"), writable=True) as w:
+            w.numpy(0, 2, np.float64)[:] = [1.5, 2.5]
+            w.torch(0, 2, torch.float64).mul_(2)
+        np.testing.assert_array_equal(np.frombuffer(shm.read_segment(name), np.float64), [3.0, 5.0])
+    finally:
+        shm.unlink_segment(name)
 
 
 def test_size_zero(prefix):
-    with shm.create_segment(0, 60, prefix) as seg:
-        try:
-            assert seg.size == 0
-            assert seg.write(0, b"") == 0 and seg.write(0, torch.empty(0, 3584, dtype=torch.bfloat16)) == 0
-            assert seg.numpy(0, (0, 3584), np.float32).shape == (0, 3584)
-            assert seg.torch(0, (0, 3584), torch.bfloat16).shape == (0, 3584)
-            with shm.attach_segment(seg.name) as r:
-                assert r.size == 1 and r.torch(0, (0, 8), torch.float32).numel() == 0
-        finally:
-            seg.unlink()
+    name = shm.write_segment(0, 60, prefix, [(0, b"")])
+    try:
+        with shm.attach_segment(name) as r:
+            assert r.size == 1 and r.torch(0, (0, 8), torch.float32).numel() == 0
+            assert r.numpy(0, (0, 3584), np.float32).shape == (0, 3584)
+            assert r.torch(0, (0, 3584), torch.bfloat16).shape == (0, 3584)
+    finally:
+        shm.unlink_segment(name)
 
 
 def test_view_survives_unlink_and_close(prefix):
     data = torch.randn(4, 16, dtype=torch.bfloat16)
-    seg = shm.create_segment(data.numel() * 2, 60, prefix)
-    seg.write(0, data)
-    r = shm.attach_segment(seg.name)
+    name = shm.write_segment(data.numel() * 2, 60, prefix, [(0, _bytes(data))])
+    r = shm.attach_segment(name)
     t, a = r.torch(0, (4, 16), torch.bfloat16), r.numpy(0, (4, 16), np.uint16)
-    r2 = shm.attach_segment(seg.name)
+    r2 = shm.attach_segment(name)
     t2 = r2.torch(0, (4, 16), torch.bfloat16)  # the only view of r2's mapping, a torch one
     r2.close()
-    seg.unlink()
+    r.unlink()
     assert _ours(prefix) == []
     r.close()
-    seg.close()
     r.close()  # idempotent
     gc.collect()
     assert torch.equal(t, data) and torch.equal(t2, data)
@@ -185,12 +169,10 @@ def test_view_survives_unlink_and_close(prefix):
 
 
 def test_unlink_idempotent_and_attach_after_unlink(prefix):
-    seg = shm.create_segment(32, 60, prefix)
-    name = seg.name
-    seg.unlink()
+    name = shm.write_segment(32, 60, prefix)
+    assert shm.unlink_segment(name) is True
     assert not (Path(shm.SHM_DIR) / name[1:]).exists()
-    seg.unlink()  # already gone: not an error
-    seg.close()
+    assert shm.unlink_segment(name) is False  # already gone: not an error
     with pytest.raises(ShmNotFoundError, match="not found"):
         shm.attach_segment(name)
 
@@ -199,24 +181,23 @@ def test_unlink_idempotent_and_attach_after_unlink(prefix):
 
 def test_budget_refuses_and_leaves_nothing(prefix):
     with pytest.raises(ShmSpaceError, match=r"asked for 4096 bytes, 1000 free"):
-        shm.create_segment(4096, 60, prefix, max_total_bytes=1000)
+        shm.write_segment(4096, 60, prefix, max_total_bytes=1000)
     assert _ours(prefix) == []
-    first = shm.create_segment(4096, 60, prefix, max_total_bytes=8192)
+    first = shm.write_segment(4096, 60, prefix, max_total_bytes=8192)
     try:
         with pytest.raises(ShmSpaceError, match=r"asked for 8192 bytes, 4096 free"):
-            shm.create_segment(8192, 60, prefix, max_total_bytes=8192)
-        assert _ours(prefix) == [first.name[1:]]
-        shm.create_segment(4096, 60, prefix, max_total_bytes=8192).unlink()  # exactly fits
+            shm.write_segment(8192, 60, prefix, max_total_bytes=8192)
+        assert _ours(prefix) == [first[1:]]
+        shm.unlink_segment(shm.write_segment(4096, 60, prefix, max_total_bytes=8192))  # exactly fits
     finally:
-        first.unlink()
-        first.close()
+        shm.unlink_segment(first)
 
 
 def test_more_than_free_space_refused_before_creating(prefix):
     st = os.statvfs(shm.SHM_DIR)
     size = st.f_bavail * st.f_frsize + (1 << 30)
     with pytest.raises(ShmSpaceError, match=f"asked for {size} bytes"):
-        shm.create_segment(size, 60, prefix)
+        shm.reserve_segment(size, 60, prefix)
     assert _ours(prefix) == []
 
 
@@ -227,7 +208,7 @@ import resource, signal, shm
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
 try:
-    shm.create_segment(1 << 20, 60, {prefix!r})
+    shm.reserve_segment(1 << 20, 60, {prefix!r})
 except shm.ShmSpaceError as e:
     print("ShmSpaceError:", e)
 """
@@ -241,7 +222,7 @@ except shm.ShmSpaceError as e:
 
 def _orphan(prefix):
     """A segment whose creator process has exited without unlinking it."""
-    out = _run_py(f"import shm; print(shm.create_segment(64, 3600, {prefix!r}).name)")
+    out = _run_py(f"import shm; print(shm.write_segment(64, 3600, {prefix!r}))")
     assert out.returncode == 0, out.stderr
     name = out.stdout.strip()
     assert SegmentName.parse(name, prefix).pid != os.getpid()
@@ -250,8 +231,8 @@ def _orphan(prefix):
 
 def test_sweep_dead_expired_and_live(prefix):
     orphan = _orphan(prefix)
-    expired = shm.create_segment(8, 60, prefix)
-    live = shm.create_segment(8, 3600, prefix)
+    expired = shm.write_segment(8, 60, prefix)
+    live = shm.write_segment(8, 3600, prefix)
     init_owned = SegmentName(1, int((time.time() + 3600) * 1000), secrets.token_hex(8), prefix).format()
     foreign = f"/{prefix}.not-a-segment"
     for n in (init_owned, foreign):
@@ -259,19 +240,17 @@ def test_sweep_dead_expired_and_live(prefix):
     try:
         assert shm.sweep(prefix, grace_s=3600) == []  # the orphan is younger than the grace period
         assert shm.sweep(prefix) == [orphan]
-        assert sorted(shm.sweep(prefix, now=time.time() + 120)) == [expired.name]
-        assert _ours(prefix) == sorted(n[1:] for n in (init_owned, foreign, live.name))
-        with shm.attach_segment(live.name) as r:  # untouched
+        assert sorted(shm.sweep(prefix, now=time.time() + 120)) == [expired]
+        assert _ours(prefix) == sorted(n[1:] for n in (init_owned, foreign, live))
+        with shm.attach_segment(live) as r:  # untouched
             assert r.size == 8
-        assert sorted(shm.sweep(prefix, now=time.time() + 7200)) == sorted([init_owned, live.name])
+        assert sorted(shm.sweep(prefix, now=time.time() + 7200)) == sorted([init_owned, live])
     finally:
-        for n in (expired.name, live.name, init_owned, foreign):
+        for n in (expired, live, init_owned, foreign):
             try:
                 posix_ipc.unlink_shared_memory(n)
             except posix_ipc.ExistentialError:
                 pass
-        expired.close()
-        live.close()
 
 
 def test_sweep_cli(prefix):
@@ -285,26 +264,24 @@ def test_sweep_cli(prefix):
 
 def test_torch_imported_lazily(prefix):
     out = _run_py("import sys, numpy as np, shm\n"
-                  f"s = shm.create_segment(8, 5, {prefix!r}); s.write(0, np.ones(2, 'f4'))\n"
+                  f"n = shm.write_segment(8, 5, {prefix!r}, [(0, np.ones(2, 'f4'))]); s = shm.attach_segment(n)\n"
                   "s.numpy(0, 2, 'f4'); s.unlink(); s.close(); print('torch' in sys.modules)")
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
 def test_read_segment_copies_the_bytes_without_mapping(prefix):
     data = np.random.default_rng().integers(0, 256, 3 * 4096 + 17, dtype=np.uint8)  # odd length, several pages
-    seg = shm.create_segment(data.nbytes, 60, prefix)
+    name = shm.write_segment(data.nbytes, 60, prefix, [(0, data)])
     try:
-        seg.write(0, data)
-        seg.close()
-        got = shm.read_segment(seg.name.lstrip("/"))
+        got = shm.read_segment(name.lstrip("/"))
         assert isinstance(got, bytearray) and bytes(got) == data.tobytes()
         got[0] ^= 0xFF  # our own memory: the segment is untouched
-        assert bytes(shm.read_segment(seg.name)) == data.tobytes()
+        assert bytes(shm.read_segment(name)) == data.tobytes()
     finally:
-        seg.unlink()
+        shm.unlink_segment(name)
     with pytest.raises(ShmNotFoundError, match="not found"):
-        shm.read_segment(seg.name)
-    assert shm.unlink_segment(seg.name.lstrip("/")) is False  # names with or without the leading slash
+        shm.read_segment(name)
+    assert shm.unlink_segment(name.lstrip("/")) is False  # names with or without the leading slash
     assert _ours(prefix) == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -38,21 +39,37 @@ def load_configured_encoder(cfg: EncoderWorkerConfig):
                         max_prompt_tokens=cfg.max_prompt_tokens)
 
 
+def end_process(code: int = 0) -> None:
+    """Ends the process now that the worker has stopped: its records are out of Redis and its logs flushed.
+    Interpreter finalization (torch's and transformers' modules and the model torn down) would take seconds
+    more, past the grace honcho or systemd give before SIGKILL."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workers", description=__doc__.split(":")[1].strip())
-    ap.add_argument("--config", required=True, help="encoder worker JSON config (see configs/encoder.json)")
+    ap.add_argument("--config", help="encoder worker JSON config (see configs/encoder.json); EB_<KEY> variables "
+                                     "override its keys; without one, the defaults and the variables")
     ap.add_argument("--redis-url", help="overrides the config's redis_url")
     ap.add_argument("--queue", help="overrides the config's queue")
     ap.add_argument("--backend", choices=["auto", "baseline", "kernel"], help="overrides the config's backend")
     args = ap.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = EncoderWorkerConfig.from_json(args.config, redis_url=args.redis_url, queue=args.queue,
                                         backend=args.backend)
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(cfg.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     from workers.worker import EncoderWorker
 
-    EncoderWorker(cfg, load_configured_encoder(cfg)).run()
-    return 0
+    from workers.metrics import start_metrics
+
+    worker = EncoderWorker(cfg, load_configured_encoder(cfg))
+    start_metrics(cfg.metrics_port, worker.tally, worker.connection, cfg.queue, worker.name, worker.writer)
+    worker.run()
+    end_process(0)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ class EncoderWorkerConfig:
     shm_prefix: str = "eb"
     shm_max_bytes: int | None = None  # budget for this worker's live segments; None: whatever /dev/shm has
     sweep_interval_s: float = 5.0
+    metrics_port: int = 0  # Prometheus metrics at http://<host>:<port>/metrics (0: off)
     log_level: str = "INFO"
 
     def __post_init__(self):
@@ -47,5 +48,5 @@ class EncoderWorkerConfig:
             self.max_prompt_chars = PROMPT_CHARS_PER_TOKEN * self.max_prompt_tokens
 
     @classmethod
-    def from_json(cls, path: str, **overrides) -> "EncoderWorkerConfig":
+    def from_json(cls, path: str | None, **overrides) -> "EncoderWorkerConfig":
         return from_json_file(cls, path, ("model_dir",), **overrides)

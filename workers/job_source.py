@@ -86,6 +86,7 @@ class JobSource:
         self.stats_key = self.keys.stats(worker_name)
         self.max_payload_bytes = max_payload_bytes
         self.scripts = Scripts(connection)
+        self.observe = None  # called with each recorded StatsUpdate (the worker's in-process tally)
         self._exec_prefix = secrets.token_hex(6)
         self._exec_count = 0
 
@@ -185,6 +186,8 @@ class JobSource:
         """Finished jobs (their return value: msgpack bytes), failed ones (the reason) and the batch's stats in one
         script call; on `pipe` (executed by the caller) if given."""
         stats = stats or StatsUpdate()
+        if self.observe is not None:
+            self.observe(stats)
         argv: list = [result_ttl, self.worker_name, len(done), len(failed), len(stats.increments)]
         for t, value in done:
             argv += [t.job_id, t.exec_id, base64.b64encode(MsgpackSerializer.dumps(value))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -39,6 +40,7 @@ class ResultWriter:
         self.worker_name = worker_name
         self.shm_prefix = shm_prefix
         self.shm_max_bytes = shm_max_bytes
+        self.results: collections.Counter = collections.Counter()  # handles written, by transport (workers.metrics)
 
     def goes_by_shm(self, request: EncodeRequest) -> bool:
         return request.transport == "shm" and request.client_host == self.host_id
@@ -77,6 +79,7 @@ class ResultWriter:
             except ShmError as e:
                 log.warning("job %s: shared memory failed (%s); sending it as a Redis blob instead", job_id, e)
             else:
+                self.results["shm"] += 1
                 return Handle(transport="shm", location=name, **common)
             if reserved is not None:
                 unlink_segment(reserved[0])
@@ -88,4 +91,5 @@ class ResultWriter:
         key = keys.blob(job_id)
         blob = Blob(dtype=dtype, shapes=shapes, offsets=offsets, data=bytes(data))
         pipeline.set(key, blob.to_msgpack(), ex=self.ttl_s)
+        self.results["blob"] += 1
         return Handle(transport="blob", location=key, **common)

@@ -73,6 +73,14 @@ class ServeLoop:
 
     def heartbeat(self, pipe=None) -> None:
         self.rq_worker.heartbeat(self.heartbeat_ttl_s + 60, pipeline=pipe)
+        tally = getattr(self, "tally", None)  # an encoder worker's (workers.stats.Tally)
+        if tally is not None:
+            # RQ's own worker counters, which `rq info` and rq-dashboard show: our jobs are recorded by scripts,
+            # not by RQ's Worker, so they are set here from the worker's tally (at most a heartbeat behind).
+            counters, _ = tally.snapshot()
+            (pipe or self.connection).hset(self.rq_worker.key, mapping={
+                "successful_job_count": counters.get("jobs_ok", 0), "failed_job_count": counters.get("failed", 0),
+                "total_working_time": counters.get("infer_ms", 0) / 1e3})
 
     def housekeeping(self) -> None:
         """Registration, heartbeat, recovery of abandoned jobs and the subclass's `maintain`, at most every

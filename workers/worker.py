@@ -26,6 +26,7 @@ from workers.job_source import TakenJob
 from workers.links import Links
 from workers.result_writer import ResultWriter
 from workers.serve_loop import CONNECTION_ERRORS, ServeLoop
+from workers.stats import Tally, record_in
 
 log = logging.getLogger("workers")
 
@@ -46,6 +47,9 @@ class EncoderWorker(ServeLoop):
         runner = BatchRunner(encoder, EncodingCache(config.cache_max_bytes), config.max_batch_tokens,
                              self.links.launched)
         writer = ResultWriter(host_id(), config.result_ttl_s, self.name, config.shm_prefix, config.shm_max_bytes)
+        self.writer = writer  # its results by transport, for workers.metrics
+        self.tally = Tally()
+        self.source.observe = lambda update: record_in(self.tally, update)
         self.intake = Intake(self.source, encoder, config, self.links)
         self.compute = Compute(runner, writer, self.links)
         self.delivery = Delivery(self.source, writer, runner, config.result_ttl_s, self.links)

@@ -1,0 +1,5 @@
+import sys
+
+from encoder_broker.cli import main
+
+sys.exit(main())

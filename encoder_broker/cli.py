@@ -1,0 +1,68 @@
+"""encoder-broker COMMAND [ARGS...]: one entry point for every process of the project. Each command is the
+`python -m` form it names, with the same arguments (`encoder-broker COMMAND --help`).
+
+It sits above the four packages (dit_workers -> workers -> broker -> shm) and imports a command's module only
+when that command runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import os
+import shutil
+import sys
+
+COMMANDS = {  # name: (module whose main(argv) runs it, argv prefix, what it does)
+    "worker": ("workers.__main__", [], "an encoder worker (python -m workers)"),
+    "dit": ("dit_workers.__main__", [], "a DiT worker (python -m dit_workers)"),
+    "http": ("broker.http_front", [], "the LightLLM-protocol HTTP front (python -m broker.http_front)"),
+    "stats": ("broker.__main__", ["stats"], "queue, workers and latency (python -m broker stats)"),
+    "sweep": ("shm.__main__", ["sweep"], "remove expired and orphaned segments (python -m shm sweep)"),
+    "make-tiny": ("workers.make_tiny", [], "write the embedded tiny checkpoint (python -m workers.make_tiny)"),
+    "demo": ("dit_workers.demo", [], "submit a few generations and check them (python -m dit_workers.demo)"),
+    "configs": (None, [], "copy the shipped configs (encoder, dit, http) into DIR (default ./configs)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [__doc__.split("\n")[0], "", "commands:"]
+    lines += [f"  {name:<{width}}  {what}" for name, (_, _, what) in COMMANDS.items()]
+    lines += ["", "Config keys can also come from EB_<KEY> environment variables (they win over a file)."]
+    return "\n".join(lines)
+
+
+def copy_configs(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print("encoder-broker configs [DIR]: copy the shipped configs into DIR (default ./configs); existing files "
+              "are kept. Their relative paths (../var/tiny) are relative to DIR.")
+        return 0
+    dest = argv[0] if argv else "configs"
+    os.makedirs(dest, exist_ok=True)
+    for entry in importlib.resources.files("encoder_broker.configs").iterdir():
+        if entry.name.endswith(".json"):
+            target = os.path.join(dest, entry.name)
+            if os.path.exists(target):
+                print(f"kept {target} (exists)")
+                continue
+            with entry.open("rb") as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+            print(f"wrote {target}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"encoder-broker: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, prefix, _ = COMMANDS[name]
+    if module is None:
+        return copy_configs(rest)
+    sys.argv[0] = f"encoder-broker {name}"
+    return importlib.import_module(module).main(prefix + rest) or 0

@@ -1,0 +1,51 @@
+"""Configs: a file, then EB_<KEY> environment variables (which win), then flags; unknown keys ignored, named once."""
+
+import logging
+import os
+
+import pytest
+
+from broker.config import from_json_file
+from broker.http_front import HttpFrontConfig
+from tests.helpers import write_config
+from workers.config import EncoderWorkerConfig
+
+
+def test_environment_wins_over_the_file(tmp_path, monkeypatch):
+    path = write_config(str(tmp_path / "encoder.json"), max_batch_tokens=100, redis_url="redis://file:1/0",
+                        shm_max_bytes=5, model_dir="models/a")
+    monkeypatch.setenv("EB_MAX_BATCH_TOKENS", "4096")
+    monkeypatch.setenv("EB_REDIS_URL", "redis://env:2/0")
+    monkeypatch.setenv("EB_SHM_MAX_BYTES", "null")
+    monkeypatch.setenv("EB_MAKE_TINY_IF_MISSING", "off")
+    monkeypatch.setenv("EB_MAX_WAIT_MS", "0.5")
+    cfg = EncoderWorkerConfig.from_json(path, queue="flag-q")
+    assert (cfg.max_batch_tokens, cfg.redis_url, cfg.shm_max_bytes, cfg.make_tiny_if_missing, cfg.max_wait_ms) == \
+        (4096, "redis://env:2/0", None, False, 0.5)
+    assert cfg.queue == "flag-q"  # a flag wins over both
+    assert cfg.model_dir == os.path.join(str(tmp_path), "models/a")  # a file's path: relative to the file
+    monkeypatch.setenv("EB_MODEL_DIR", "elsewhere")
+    assert EncoderWorkerConfig.from_json(path).model_dir == os.path.join(os.getcwd(), "elsewhere")
+
+
+def test_without_a_file_defaults_and_environment(monkeypatch):
+    monkeypatch.setenv("EB_SHM_DEFAULT", "off")
+    monkeypatch.setenv("EB_PORT", "9123")
+    cfg = HttpFrontConfig.load(None)
+    assert (cfg.shm_default, cfg.port, cfg.max_inflight) == ("off", 9123, 256)
+    assert EncoderWorkerConfig.from_json(None).model_dir == os.path.join(os.getcwd(), "var", "tiny")
+
+
+def test_a_bad_variable_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("EB_MAX_BATCH_TOKENS", "lots")
+    with pytest.raises(ValueError, match="EB_MAX_BATCH_TOKENS='lots' is not an int"):
+        EncoderWorkerConfig.from_json(None)
+
+
+def test_unknown_keys_are_ignored_with_one_info_line(tmp_path, caplog):
+    path = write_config(str(tmp_path / "http.json"), port=8011, infer_steps=40, attn_type="flash_attn3")
+    with caplog.at_level(logging.INFO, logger="broker.config"):
+        cfg = from_json_file(HttpFrontConfig, path)
+    assert cfg.port == 8011
+    lines = [r.getMessage() for r in caplog.records if r.name == "broker.config"]
+    assert len(lines) == 1 and "attn_type, infer_steps" in lines[0], lines

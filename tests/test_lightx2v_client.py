@@ -1,0 +1,135 @@
+"""LightX2V's lightllm_service client, unchanged in every mode: a reader process that parses answers exactly as
+LightX2V does (tests/lightx2v_reader.py: uint8 viewed as bfloat16, multiprocessing.shared_memory opened and closed,
+never unlinked) against real encoder workers in float32, float16 and bfloat16, over shared memory and base64."""
+
+import functools
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+
+from tests.conftest import TEST_MAX_PROMPT_TOKENS
+from tests.helpers import REPO, eventually, shm_names, start_process, stop_process, wait_for_workers, write_config
+from tests.test_http_front import T2I_DROP_IDX, T2I_TEMPLATE, FrontThread
+
+PROMPTS = ["a red fox in snow", "a lighthouse at dusk, long exposure"]
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def fronts(tiny_dir, redis_server, tmp_path_factory):
+    """One worker per dtype, each on its own queue, each with its own front (shm_ttl_s 2 s)."""
+    d = tmp_path_factory.mktemp("lightx2v")
+    procs, out = [], {}
+    for dtype in DTYPES:
+        queue = f"lx-{dtype}-{uuid.uuid4().hex[:6]}"
+        cfg = write_config(str(d / f"{dtype}.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
+                           dtype=dtype, redis_url=redis_server.url, queue=queue,
+                           max_prompt_tokens=TEST_MAX_PROMPT_TOKENS, shm_prefix="ebw" + uuid.uuid4().hex[:6])
+        log = str(d / f"{dtype}.log")
+        procs.append((start_process(["-m", "workers", "--config", cfg], log), log, queue))
+    try:
+        for i, (proc, log, queue) in enumerate(procs):
+            wait_for_workers(redis_server.url, i + 1, proc, log)
+        for dtype, (_, _, queue) in zip(DTYPES, procs):
+            out[dtype] = FrontThread(redis_url=redis_server.url, queue=queue, shm_ttl_s=2.0, sweep_interval_s=0.2,
+                                     shm_prefix="ebx" + uuid.uuid4().hex[:6])
+        yield out
+    finally:
+        for f in out.values():
+            f.stop()
+        for proc, _, _ in procs:
+            stop_process(proc)
+
+
+def read_as_lightx2v(url: str, use_shm: bool, tmp_path) -> dict:
+    out = str(tmp_path / f"read-{use_shm}.pt")
+    run = subprocess.run([sys.executable, os.path.join(REPO, "tests", "lightx2v_reader.py"), url,
+                          "1" if use_shm else "0", str(T2I_DROP_IDX), out,
+                          *[T2I_TEMPLATE.format(p) for p in PROMPTS]], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(out)
+
+
+@functools.cache
+def in_process(tiny_dir: str, dtype: str) -> list[torch.Tensor]:
+    from workers.encoders import load_encoder
+
+    return load_encoder(tiny_dir, backend="baseline", device="cpu", dtype=dtype,
+                        max_prompt_tokens=TEST_MAX_PROMPT_TOKENS).encode(PROMPTS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "base64"])
+def test_lightx2v_reads_what_the_encoder_computed(fronts, tiny_dir, dtype, use_shm, tmp_path):
+    front = fronts[dtype]
+    got = read_as_lightx2v(f"http://127.0.0.1:{front.port}", use_shm, tmp_path)
+    assert [s["via"] for s in got["seen"]] == (["shm"] * len(PROMPTS) if use_shm else ["base64"] * len(PROMPTS))
+    if use_shm:  # read and closed, never unlinked by the reader while it runs: the front owns the lifetime
+        assert all(s["exists_after_close"] for s in got["seen"])
+        # Whether or not the reader's resource tracker unlinked them as it exited, none outlives its expiry.
+        assert eventually(lambda: shm_names(front.cfg.shm_prefix) == [] and front.front.segments.live == 0,
+                          timeout=20)
+
+    for states, want, ref in zip(got["states"], in_process(tiny_dir, dtype), in_process(tiny_dir, "float32")):
+        assert states.dtype == torch.bfloat16 and states.shape == (1, *want.shape)  # [1, L, 64]: not [1, L, 128]
+        # What the worker computed, as bfloat16 (one rounding: maybe one ulp apart)...
+        torch.testing.assert_close(states[0].float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-5)
+        # ...and so the model's float32 states within that dtype's precision (float16 bytes viewed as bfloat16
+        # would be far off).
+        rel = (states[0].float() - ref).norm() / ref.norm()
+        assert rel < {"float32": 4e-3, "float16": 1e-2, "bfloat16": 2e-2}[dtype], rel
+
+
+def lightx2v_qwen_image_config(path, service_url: str, model_path: str) -> str:
+    """A config in LightX2V's Qwen-Image service format, keys this project does not use included."""
+    return write_config(path, infer_steps=8, sample_guide_scale=4.0, enable_cfg=True, attn_type="flash_attn3",
+                        vae_scale_factor=8, prompt_template_encode=T2I_TEMPLATE, prompt_template_encode_start_idx=34,
+                        text_encoder_type="lightllm_service", model_path=model_path, make_tiny_if_missing=False,
+                        device="cpu", lightllm_config={"service_url": service_url, "service_timeout": 30,
+                                                       "service_retry": 2, "use_shm": True})
+
+
+def test_a_lightx2v_config_as_it_is_speaks_http_to_the_front(encoder_worker, baseline, tiny_dir, tmp_path, caplog):
+    import logging
+
+    from dit_workers.config import DitWorkerConfig
+    from dit_workers.embeddings import make_embedder
+    from dit_workers.lightllm_http import LightLLMHttpEmbedder
+
+    front = FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_prefix="ebd" + uuid.uuid4().hex[:6])
+    try:
+        path = lightx2v_qwen_image_config(str(tmp_path / "qwen_image_t2i_service.json"),
+                                          f"http://127.0.0.1:{front.port}", tiny_dir)
+        with caplog.at_level(logging.INFO, logger="broker.config"):
+            cfg = DitWorkerConfig.from_json(path)
+        ignored = [r.getMessage() for r in caplog.records if "ignoring key" in r.getMessage()]
+        assert len(ignored) == 1 and "infer_steps" in ignored[0] and "prompt_template_encode" in ignored[0]
+        assert cfg.text_encoder_type == "service"
+
+        embedder = make_embedder(cfg, "cpu")
+        assert isinstance(embedder, LightLLMHttpEmbedder) and embedder.use_shm
+        prompts = ["a red fox in snow", " "]
+        got = embedder.embed(prompts, "t2i", [])
+        for g, want in zip(got, baseline.encode(prompts)):
+            assert g.dtype == torch.bfloat16 and g.shape == want.shape
+            torch.testing.assert_close(g.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-5)
+        assert front.front.metrics.results.labels("shm")._value.get() == 2  # read from shared memory
+
+        from broker.errors import EncodeFailed
+
+        with pytest.raises(EncodeFailed, match="max_prompt_tokens"):  # a 422 is not retried
+            embedder.embed([" fox" * (TEST_MAX_PROMPT_TOKENS + 1)], "t2i", [])
+    finally:
+        front.stop()
+
+
+def test_encoder_client_refuses_an_http_service_url(tmp_path, tiny_dir):
+    from broker.client import EncoderClient
+
+    path = lightx2v_qwen_image_config(str(tmp_path / "c.json"), "http://127.0.0.1:8010", tiny_dir)
+    with pytest.raises(ValueError, match="LightLLM"):
+        EncoderClient.from_config(path)
