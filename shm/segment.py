@@ -16,7 +16,6 @@ import math
 import mmap
 import os
 import stat
-import sys
 from collections.abc import Collection
 
 import numpy as np
