@@ -322,9 +322,15 @@ def test_slow_clients_are_timed_out(front):
     with socket.create_connection(("127.0.0.1", front.port), timeout=30) as s:
         f = s.makefile("rb")
         for _ in range(4):  # a head trickled byte by byte, never finished
-            s.sendall(b"G")
+            try:
+                s.sendall(b"G")
+            except (BrokenPipeError, ConnectionResetError):  # the front closed it already: what is tested
+                break
             time.sleep(0.5)
-        assert f.read() == b""  # closed by the front, no answer: the head never came
+        try:
+            assert f.read() == b""  # closed by the front, no answer: the head never came
+        except ConnectionResetError:
+            pass  # closed with our unread bytes pending: a reset, still no answer
     assert call(front.port, "GET", "/liveness")[0] == 200  # the front still serves
 
 
