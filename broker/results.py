@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import os
-import zlib
 from dataclasses import dataclass
 
 import torch
 
 from broker.errors import EncodeFailed, ProtocolError, ResultLost
 from broker.schemas import Blob, Handle
-from broker.serializer import MsgpackSerializer, inflate
+from broker.serializer import InflateLimitExceeded, MsgpackSerializer, inflate
 
 TRUSTED_UIDS_ENV = "EB_TRUSTED_UIDS"
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -53,8 +52,8 @@ def _parse_result_entry(fields: dict) -> JobOutcome:
     exc = fields.get("exc_string")
     try:  # bounded: a result stream's entry is anyone's who reaches Redis
         text = inflate(base64.b64decode(exc), MAX_ERROR_TEXT_BYTES).decode(errors="replace") if exc else ""
-    except (ValueError, zlib.error) as e:  # InflateLimitExceeded and bad base64 are ValueErrors
-        text = f"its error text is unreadable ({e})"
+    except InflateLimitExceeded as e:  # bad base64 or zlib: a malformed entry (parse_result_entry)
+        text = f"its error text is too long to read ({e})"
     reason = {RESULT_STOPPED: "stopped", RESULT_MAX_RETRIES: "out of retries"}.get(kind, "failed")
     return JobOutcome(None, last_line(text) or f"job {reason}")
 

@@ -331,7 +331,8 @@ def test_slow_clients_are_timed_out(front):
             assert f.read() == b""  # closed by the front, no answer: the head never came
         except ConnectionResetError:
             pass  # closed with our unread bytes pending: a reset, still no answer
-    assert call(front.port, "GET", "/liveness")[0] == 200  # the front still serves
+    # the front still answers (503 only says whether a worker is live at this moment, which other tests vary)
+    assert call(front.port, "GET", "/liveness")[0] in (200, 503)
 
 
 def test_access_log_and_refusals_are_logged(front, caplog):
