@@ -9,8 +9,8 @@ import redis
 
 from broker.keys import QueueKeys
 
-STAT_FIELDS = ("batches", "jobs", "failed", "prompts", "tokens", "computed_tokens", "cache_hits", "cache_misses",
-               "results_rung")  # the last: results handed to their client by doorbell (broker.doorbell)
+STAT_FIELDS = ("batches", "jobs", "failed", "prompts", "failed_prompts", "tokens", "computed_tokens", "cache_hits",
+               "cache_misses", "results_rung")  # the last: results handed to their client by doorbell (broker.doorbell)
 
 
 def _text(x):

@@ -27,7 +27,7 @@ def test_worker_metrics_count_real_jobs(encoder_worker, client):
     by_blob.encode(["a red fox"])
     by_blob.close()
     try:
-        client.encode([" fox" * (TEST_MAX_PROMPT_TOKENS + 1)])
+        client.encode(["a fox", " fox" * (TEST_MAX_PROMPT_TOKENS + 1)])
     except EncodeFailed:
         pass
     after = scrape(port)
@@ -39,7 +39,8 @@ def test_worker_metrics_count_real_jobs(encoder_worker, client):
     assert grew("encoder_broker_worker_results_total", (("transport", "shm"),)) == 2
     assert grew("encoder_broker_worker_results_total", (("transport", "blob"),)) == 1
     assert grew("encoder_broker_worker_jobs_total", (("outcome", "failed"),)) == 1
-    assert grew("encoder_broker_worker_prompts_total") == 5
+    assert grew("encoder_broker_worker_prompts_total", (("outcome", "ok"),)) == 5
+    assert grew("encoder_broker_worker_prompts_total", (("outcome", "failed"),)) == 2
     assert grew("encoder_broker_worker_cache_hits_total") >= 1
     assert grew("encoder_broker_worker_batches_total") >= 1
     assert grew("encoder_broker_worker_batch_jobs_count") == grew("encoder_broker_worker_batches_total")
@@ -59,7 +60,7 @@ def test_rq_worker_counters_are_true(encoder_worker, client):
 
     client.encode(["counted once"])
     try:
-        client.encode([" fox" * (TEST_MAX_PROMPT_TOKENS + 1)])
+        client.encode(["a fox", " fox" * (TEST_MAX_PROMPT_TOKENS + 1)])
     except EncodeFailed:
         pass
     conn = client.wire.redis

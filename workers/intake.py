@@ -130,7 +130,9 @@ class Intake:
                 self.policy.arrived(t.enqueued_at)
         if failed:
             try:
-                self.source.record([], failed, self.config.result_ttl_s, StatsUpdate({"failed": len(failed)}))
+                prompts = sum(len(getattr(t.request, "prompts", ())) for t, _ in failed)  # 0 if unparsed
+                self.source.record([], failed, self.config.result_ttl_s,
+                                   StatsUpdate({"failed": len(failed), "failed_prompts": prompts}))
             finally:  # recorded, or left to recovery once their heartbeat lapses
                 self.links.held.put(("release", [t for t, _ in failed]))
             for t, reason in failed:

@@ -25,13 +25,12 @@ HELP = {
 }
 COUNTER_HELP = {
     "batches": "batches run",
-    "prompts": "prompts encoded",
     "tokens": "prompt tokens encoded (after the template prefix)",
     "computed_tokens": "tokens the encoder computed (the rest came from the cache)",
     "cache_hits": "prompts found in the encoding cache",
     "cache_misses": "prompts not found in the encoding cache",
 }
-SKIPPED = {"jobs", "failed", "jobs_ok", "infer_ms"}  # jobs by outcome, and infer_ms as encode_seconds
+SKIPPED = {"jobs", "failed", "jobs_ok", "prompts", "failed_prompts", "infer_ms"}  # by outcome; infer_ms: encode_seconds
 
 
 class WorkerCollector:
@@ -45,6 +44,11 @@ class WorkerCollector:
         jobs.add_metric(["ok"], counters.get("jobs_ok", 0))
         jobs.add_metric(["failed"], counters.get("failed", 0))
         yield jobs
+        prompts = CounterMetricFamily(PREFIX + "prompts", "prompts of finished jobs, by the job's outcome",
+                                      labels=["outcome"])
+        prompts.add_metric(["ok"], counters.get("prompts", 0))
+        prompts.add_metric(["failed"], counters.get("failed_prompts", 0))
+        yield prompts
         for name in sorted(set(counters) | set(COUNTER_HELP)):
             if name not in SKIPPED:
                 yield CounterMetricFamily(PREFIX + name, COUNTER_HELP.get(name, name.replace("_", " ")),

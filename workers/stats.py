@@ -22,7 +22,9 @@ def bucket_of(n: int) -> str:
 def batch_stats(enc, *, failed: int, latencies_ms: list[float], results_rung: int) -> StatsUpdate:
     """The counters of one computed batch (workers.batch_runner.Encoded)."""
     jobs = enc.batch.jobs
-    increments = dict(batches=1, jobs=len(jobs), failed=failed, prompts=sum(len(p.tokens.ids) for p in jobs),
+    failed_prompts = sum(len(p.tokens.ids) for p in jobs if p.taken.job_id in enc.errors)
+    increments = dict(batches=1, jobs=len(jobs), failed=failed, failed_prompts=failed_prompts,
+                      prompts=sum(len(p.tokens.ids) for p in jobs) - failed_prompts,
                       tokens=sum(p.n_tokens for p in jobs), computed_tokens=enc.computed_tokens,
                       cache_hits=enc.cache_hits, cache_misses=enc.cache_misses, infer_ms=round(enc.infer_ms, 3),
                       results_rung=results_rung)
