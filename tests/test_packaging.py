@@ -19,7 +19,7 @@ from tests.helpers import REPO, start_process, stop_process, wait_for_workers
 
 def tree_packages() -> set[str]:
     found = set()
-    for top in ("broker", "workers", "dit_workers", "shm", "encoder_broker"):
+    for top in ("broker", "workers", "dit_workers", "shm"):
         for d, _, files in os.walk(os.path.join(REPO, top)):
             if "__init__.py" in files:
                 found.add(os.path.relpath(d, REPO).replace(os.sep, "."))
@@ -59,8 +59,7 @@ def test_wheel_holds_every_package_and_the_configs(venv):
     names = zipfile.ZipFile(venv["wheel"]).namelist()
     packages = {os.path.dirname(n).replace("/", ".") for n in names if n.endswith("/__init__.py")}
     assert tree_packages() <= packages, tree_packages() - packages
-    assert {"encoder_broker/configs/encoder.json", "encoder_broker/configs/dit.json",
-            "encoder_broker/configs/http.json"} <= set(names)
+    assert {"broker/configs/encoder.json", "broker/configs/dit.json", "broker/configs/http.json"} <= set(names)
 
 
 def test_console_script_help_and_the_installed_modules(venv):

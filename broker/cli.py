@@ -1,8 +1,9 @@
 """encoder-broker COMMAND [ARGS...]: one entry point for every process of the project. Each command is the
 `python -m` form it names, with the same arguments (`encoder-broker COMMAND --help`).
 
-It sits above the four packages (dit_workers -> workers -> broker -> shm) and imports a command's module only
-when that command runs.
+It names modules of every package (dit_workers -> workers -> broker -> shm) but imports a command's module only
+when that command runs, so `broker` itself depends on none of the layers above it. `python -m broker.cli` is the
+same command without the console script.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def copy_configs(argv: list[str]) -> int:
         return 0
     dest = argv[0] if argv else "configs"
     os.makedirs(dest, exist_ok=True)
-    for entry in importlib.resources.files("encoder_broker.configs").iterdir():
+    for entry in shipped_configs().iterdir():
         if entry.name.endswith(".json"):
             target = os.path.join(dest, entry.name)
             if os.path.exists(target):
@@ -50,6 +51,14 @@ def copy_configs(argv: list[str]) -> int:
                 shutil.copyfileobj(src, out)
             print(f"wrote {target}")
     return 0
+
+
+def shipped_configs():
+    """The wheel's `broker/configs`; in a source tree, the tree's `configs/`."""
+    try:
+        return importlib.resources.files("broker.configs")
+    except ModuleNotFoundError:
+        return importlib.resources.files("broker").joinpath("..", "configs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,3 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return copy_configs(rest)
     sys.argv[0] = f"encoder-broker {name}"
     return importlib.import_module(module).main(prefix + rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from encoder_broker.cli import main
-
-sys.exit(main())
