@@ -21,7 +21,8 @@ class EncoderClient:
     """Sends prompts to the encoder workers behind `redis_url` and returns one [L_i, D] tensor per prompt.
 
     `timeout` bounds each call end to end (enqueue, queueing, encoding, reading); `retries` is how many times a
-    job is re-run when the worker running it dies, and how many times a refused connection is retried.
+    job is re-run when the worker running it dies; a refused connection is retried until the timeout (never with
+    retries=0), so a call rides out a Redis restart.
     `max_queue_depth` refuses new jobs at once with `Overloaded` while the queue is that long; 0 takes the
     bound the queue's workers publish (their config's max_queue_depth).
     `copy=False` returns tensors that view the (already unlinked) shared memory instead of copies.

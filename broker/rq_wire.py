@@ -2,8 +2,8 @@
 
 Jobs are RQ-compatible records (broker.enqueue); results are read from RQ's result stream with a blocking
 XREAD, so a waiting client costs Redis nothing and hears of the result at once. A sync client with a doorbell
-(broker.doorbell) waits on it and on the XREAD together. Connection errors are retried (`retries` times, within
-the deadline) on a fresh connection: a client rides out a Redis restart.
+(broker.doorbell) waits on it and on the XREAD together. Connection errors are retried on a fresh connection until
+the deadline (unless `retries` is 0): a client rides out a Redis restart shorter than its timeout.
 """
 
 from __future__ import annotations
@@ -28,21 +28,22 @@ RESULT_TTL_S = 60  # how long a result waits in Redis for a client that is slow 
 # While waiting, a client looks this often whether its job's worker died (see broker.recovery): with no other
 # worker alive to notice, the job is still retried or failed, not left hanging until the timeout.
 RECOVERY_CHECK_S = 2.0
+RETRY_MAX_DELAY_S = 1.0
 
 
 class Retrying:
-    """One call's connection retries: `retries` more attempts, 50 ms apart and doubling, none past `deadline`."""
+    """One call's connection retries: 50 ms apart, doubling up to RETRY_MAX_DELAY_S, none past `deadline`;
+    none at all with retries=0. A count would give up during a Redis restart that the call's timeout covers."""
 
     def __init__(self, wire: "JobWire", deadline: float):
-        self.wire, self.deadline, self.left, self.delay = wire, deadline, wire.retries, 0.05
+        self.wire, self.deadline, self.delay = wire, deadline, 0.05
 
     def next_delay(self, err: Exception) -> float:
         """How long to wait before the next attempt; BrokerUnavailable when there is none."""
-        if self.left <= 0 or time.time() + self.delay >= self.deadline:
+        if self.wire.retries <= 0 or time.time() + self.delay >= self.deadline:
             raise self.wire.unavailable(err) from None
-        self.left -= 1
-        self.delay *= 2
-        return self.delay / 2
+        delay, self.delay = self.delay, min(2 * self.delay, RETRY_MAX_DELAY_S)
+        return delay
 
 
 class JobWire:

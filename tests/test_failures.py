@@ -2,6 +2,7 @@
 vanishes, Redis restarting, a tiny /dev/shm budget, overload, and the stats that show it all."""
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -145,8 +146,10 @@ def test_redis_restart_clients_get_a_clear_error_and_workers_reconnect(workers, 
     client = EncoderClient(own_redis.url, timeout=5, retries=1)
     assert client.encode(["before"])[0].shape == baseline.encode(["before"])[0].shape
     own_redis.stop()
-    with pytest.raises(BrokerUnavailable, match="cannot reach Redis"):
+    with pytest.raises(BrokerUnavailable, match="cannot reach Redis"):  # down for longer than the timeout
         client.encode(["while down"])
+    with pytest.raises(BrokerUnavailable, match="cannot reach Redis"):  # retries=0: at the first refusal
+        EncoderClient(own_redis.url, timeout=60, retries=0).encode(["no retries"])
     own_redis.start()  # same port, empty (no persistence)
 
     def served():
@@ -157,6 +160,24 @@ def test_redis_restart_clients_get_a_clear_error_and_workers_reconnect(workers, 
     assert eventually(served, timeout=40, interval=0.5)
     r = redis.Redis.from_url(own_redis.url)
     assert eventually(lambda: r.scard("rq:workers:encode") == 1, timeout=10)  # registered again
+
+
+def test_a_request_sent_while_redis_is_down_is_served_when_it_is_back(workers, own_redis, baseline):
+    """A restart shorter than the client's timeout costs its requests time, not an error (the soak's Redis
+    restarts failed 2 requests a client with a fixed count of retries)."""
+    workers.start()
+    client = EncoderClient(own_redis.url, timeout=60, retries=3)
+    client.encode(["warm"])
+    own_redis.stop()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.encode, ["sent while Redis is down"])
+        time.sleep(2.0)  # several refused attempts
+        assert not pending.done()
+        own_redis.start()
+        got = pending.result(timeout=60)[0]
+    want = baseline.encode(["sent while Redis is down"])[0]
+    assert got.shape == want.shape
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-3
 
 
 def restart(server: RedisServer) -> None:
