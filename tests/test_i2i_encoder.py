@@ -409,3 +409,62 @@ def test_kernel_i2i_through_the_graph_runner_equals_eager(kern, monkeypatch):
             assert lengths == want_lengths and rel_l2(got, want) < 1e-6, (prefix_cache, prompts)
     captured = {(k[0], k[2]) for k in runner.graphs}
     assert captured == {(id(kern.prefix_for("i2i")), True), (id(None), True)}
+
+
+def test_shared_parts_group_prompts_with_the_same_images(kern):
+    from workers.encoders.kernel import shared_parts
+
+    prompts = ["make it blue", " ", "make it red", "make it blue", "a different picture"]
+    images = [[WIDE, TALL], [WIDE, TALL], [WIDE, TALL], [TALL, WIDE], [SQUARE]]
+    batch = kern.tokenize(prompts, "i2i", images=images)
+    P = kern.prefix_for("i2i").length
+    parts = shared_parts(batch, P, IMAGE_TOKEN)
+    assert [p.members for p in parts] == [(0, 1, 2)]  # the same images in another order share nothing
+    (part,) = parts
+    n_image_tokens = sum(im.n_tokens for im in batch.images_of(0))
+    assert part.length > n_image_tokens  # the pictures' text and their image tokens
+    for i in part.members:  # the part ends where the prompts' text begins
+        assert batch.ids[i][P:P + part.length] == batch.ids[0][P:P + part.length]
+        assert IMAGE_TOKEN not in batch.ids[i][P + part.length:]
+    assert len({batch.ids[i][P + part.length] for i in part.members}) > 1
+    assert shared_parts(batch, P, IMAGE_TOKEN, min_tokens=part.length + 1) == []
+    twins = kern.tokenize(["same", "same"], "i2i", images=[SQUARE])  # each keeps a token of its own
+    (p2,) = shared_parts(twins, P, IMAGE_TOKEN)
+    assert p2.length == len(twins.ids[0]) - P - 1
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_kernel_computes_a_jobs_shared_part_once_with_the_same_answer(kern, monkeypatch, prefix_cache):
+    """CFG pairs, a group of three, a prompt alone with its images and one whose images nobody shares: the two
+    forwards give what one forward over every whole sequence gives, and the first forward runs each part once."""
+    from workers.encoders.kernel import shared_parts
+    from workers.encoding_cache import EncodingCache
+
+    monkeypatch.setattr(kern, "feature_cache", EncodingCache(0))
+    monkeypatch.setattr(kern, "prefix_cache", prefix_cache)
+    prompts = ["make it blue", " ", "put the cat on the sofa", " ", "the same", "the same", "alone", "x"]
+    images = [[WIDE, TALL], [WIDE, TALL], [SQUARE], [SQUARE], [SQUARE], [TALL], [WIDE], [TALL]]
+    batch = kern.tokenize(prompts, "i2i", images=images)
+    tokens = []
+    real = kern.model.forward
+
+    def spy(ids, *args, **kwargs):
+        tokens.append(ids.shape[0])
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(kern.model, "forward", spy)
+    monkeypatch.setattr(kern, "share_job_prefixes", False)
+    want, want_lengths = kern.encode_packed(batch)
+    monkeypatch.setattr(kern, "share_job_prefixes", True)
+    got, lengths = kern.encode_packed(batch)
+    assert lengths == want_lengths == batch.output_lengths
+    assert rel_l2(got, want) < 1e-5
+    whole, first, second = tokens
+    P = kern.prefix_for("i2i").length if prefix_cache else 0
+    parts = {p.members: p.length for p in shared_parts(batch, P, IMAGE_TOKEN)}
+    assert set(parts) == {(0, 1), (2, 3, 4), (5, 7)}
+    assert first == sum(parts.values())
+    assert second == whole - sum(n * len(m) for m, n in parts.items())  # each member's own tokens only
+    for a, b in zip(torch.split(got, lengths), kern.encode(prompts, task="i2i", images=images)):
+        assert rel_l2(a, b) < 1e-5  # through encode as well
+

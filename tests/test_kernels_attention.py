@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # noqa: F401  (imports first: sets TRITON_INTERPRET)
-from workers.kernels import varlen_attention, varlen_attention_ref
+from workers.kernels import Segments, varlen_attention, varlen_attention_ref
 
 LENS = [[1], [7], [1, 7, 13, 33], [5, 0, 16, 2]]  # single tokens, odd lengths, an empty sequence
 
@@ -72,6 +72,72 @@ def test_varlen_attention_tile_shapes(monkeypatch, blocks):
 def test_varlen_attention_max_seqlen_may_overestimate(causal):
     # the grid comes from a host-side bound; extra query tiles must exit without writing
     _check([3, 9], 0 if not causal else 5, 4, 2, 16, torch.float32, max_seqlen=50, causal=causal)
+
+
+# --- segments: earlier keys a sequence sees after the prefix (a job's shared part, computed once) ------------------
+
+def _segments(seg_lens, n_kv, head_dim, dtype, case_seed):
+    """A buffer holding the segments in reverse order with gaps (so starts matter); a length of 0: no segment.
+    Sequences 0 and 1 share one segment when both have the same length."""
+    seed("segments", case_seed)
+    starts, at = [0] * len(seg_lens), 3
+    for b in reversed(range(len(seg_lens))):
+        if b == 0 and len(seg_lens) > 1 and seg_lens[0] == seg_lens[1]:
+            starts[0] = starts[1]
+            continue
+        starts[b], at = at, at + seg_lens[b] + 2
+    sk, sv = (torch.randn(at, n_kv, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
+    as_dev = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    return Segments(sk, sv, as_dev(starts), as_dev(seg_lens))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_prefix", [0, 5])
+@pytest.mark.parametrize("lens, seg_lens", [([1], [9]), ([7, 3], [21, 21]), ([5, 0, 16, 2], [0, 40, 17, 1]),
+                                            ([1, 7, 13, 33], [33, 0, 70, 16])],
+                         ids=lambda x: "-".join(map(str, x)))
+def test_varlen_attention_with_segments_matches_ref(dtype, n_prefix, lens, seg_lens):
+    q, k, v, pk, pv = _inputs(lens, n_prefix, 4, 2, 16, dtype, ("seg", lens, seg_lens, n_prefix, dtype))
+    segments = _segments(seg_lens, 2, 16, dtype, (lens, seg_lens, dtype))
+    cu = _cu_seqlens(lens)
+    ref = varlen_attention_ref(q, k, v, cu, max(lens), 0.25, pk, pv, segments=segments)
+    out = torch.full_like(q, float("nan"))
+    varlen_attention(q, k, v, cu, max(lens), 0.25, pk, pv, out=out, segments=segments)
+    assert not out.isnan().any(), "some output rows were never written"
+    assert rel_l2(out, ref) < tol(dtype)
+    if any(seg_lens):  # the segments change the answer
+        assert rel_l2(varlen_attention_ref(q, k, v, cu, max(lens), 0.25, pk, pv), ref) > 1e-2
+
+
+@pytest.mark.parametrize("n_prefix", [0, 5])
+def test_segments_are_the_sequences_own_earlier_tokens(n_prefix):
+    # the reference's meaning, checked against whole sequences: attention over [segment ++ own] as one causal
+    # sequence gives, on its last rows, what the own rows get with the segment passed separately
+    seg_lens, lens = [6, 11], [3, 8]
+    q, k, v, pk, pv = _inputs([a + b for a, b in zip(seg_lens, lens)], n_prefix, 4, 2, 16, torch.float32,
+                              ("whole", n_prefix))
+    whole = varlen_attention_ref(q, k, v, _cu_seqlens([a + b for a, b in zip(seg_lens, lens)]), 19, 0.25, pk, pv)
+    own = torch.cat([torch.arange(s + a, s + a + n) for s, a, n in zip([0, 9], seg_lens, lens)])
+    seg = torch.cat([torch.arange(s, s + a) for s, a in zip([0, 9], seg_lens)])
+    segments = Segments(k[seg].contiguous(), v[seg].contiguous(),
+                        torch.tensor([0, 6], dtype=torch.int32, device=DEVICE),
+                        torch.tensor(seg_lens, dtype=torch.int32, device=DEVICE))
+    got = varlen_attention_ref(q[own], k[own].contiguous(), v[own].contiguous(), _cu_seqlens(lens), 8, 0.25, pk, pv,
+                               segments=segments)
+    assert rel_l2(got, whole[own]) < 1e-6
+
+
+def test_segments_are_checked():
+    q, k, v, _, _ = _inputs([4, 2], 0, 4, 2, 16, torch.float32, "bad segments")
+    cu = _cu_seqlens([4, 2])
+    good = _segments([3, 1], 2, 16, torch.float32, "bad")
+    with pytest.raises(AssertionError, match="int32"):
+        varlen_attention(q, k, v, cu, 4, 0.25, segments=Segments(good.k, good.v, good.start.long(), good.length))
+    with pytest.raises(AssertionError, match="must be \\[S, 2, 16\\]"):
+        varlen_attention(q, k, v, cu, 4, 0.25, segments=Segments(good.k[:, :1], good.v[:, :1], good.start,
+                                                                 good.length))
+    with pytest.raises(AssertionError, match="no segments"):
+        varlen_attention(q, k, v, cu, 4, 0.25, causal=False, segments=good)
 
 
 # --- bidirectional (the vision tower: windows of 64 patches, whole images; MHA, head_dim 80) ---------------------

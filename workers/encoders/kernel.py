@@ -10,11 +10,18 @@ our vision tower (workers.model.qwen2_5_vl_vision) in one packed forward; their 
 rows' embeddings in order, and the sequences get Qwen2.5-VL's 3-D M-RoPE positions (workers.model.mrope_positions).
 The template prefix is text, at positions 0..P-1 on all three rows, so its cached keys and values serve i2i
 sequences too.
+
+A job's prompts that share their images (a CFG pair: the prompt and " ") also share every token up to where the
+prompts' text begins: the template, the pictures, their image tokens. An eager batch computes such a shared
+part once: a first forward runs one copy of each group's shared part and keeps its keys and values, a second runs
+every sequence's own tokens, which see their group's part as earlier keys (kernels.Segments). Causal attention
+makes the shared rows the same for every member, so each member's output takes them from the first forward.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,17 +33,54 @@ from workers.images import PreparedImage
 from workers.model.batch import HostBatch, Staging, pack, text_positions
 from workers.model.mrope_positions import mrope_positions
 from workers.model.ops import KernelOptions, log_once
-from workers.model.qwen2_5_vl_text import PrefixKV, load_model
+from workers.model.qwen2_5_vl_text import PrefixKV, SegmentKV, load_model
 from workers.templates import template_for
 
 log = logging.getLogger(__name__)
+
+# a shared part shorter than this is computed per sequence: a second forward's launches cost more than it saves
+MIN_SHARED_TOKENS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPart:
+    """Sequences `members` of a batch agree on `length` tokens after the prefix, image tokens included."""
+
+    members: tuple[int, ...]
+    length: int
+
+
+def shared_parts(batch: TokenizedBatch, P: int, image_token_id: int,
+                 min_tokens: int = MIN_SHARED_TOKENS) -> list[SharedPart]:
+    """Groups of two or more sequences with the same images whose ids agree from P on for at least `min_tokens`,
+    past their last image token; each member keeps at least one token of its own."""
+    by_images: dict[tuple[bytes, ...], list[int]] = {}
+    for i in range(len(batch.ids)):
+        images = batch.images_of(i)
+        if images:
+            by_images.setdefault(tuple(im.digest for im in images), []).append(i)
+    parts = []
+    for members in by_images.values():
+        if len(members) < 2:
+            continue
+        seqs = [batch.ids[i] for i in members]
+        end = min(map(len, seqs)) - 1
+        first = np.asarray(seqs[0][P:end])
+        differ = np.zeros(len(first), dtype=bool)
+        for s in seqs[1:]:
+            differ |= np.asarray(s[P:end]) != first
+        n = int(differ.argmax()) if differ.any() else len(first)
+        if n >= min_tokens and not any(image_token_id in s[P + n:] for s in seqs):
+            parts.append(SharedPart(tuple(members), n))
+    return parts
 
 
 class KernelEncoder(EncoderBase):
     """Options: prefix_cache (True), cuda_graphs (True on CUDA), graph_max_tokens (512), graph_max_seqs (16),
     graph_buckets (None: the runner's default), vision (None: load the vision tower when the checkpoint has
     processor/ and visual.* weights), image_cache_max_bytes (256 MiB of image features kept on the device, by
-    image digest; 0: off), and the KernelOptions switches (use_flash_attention_kernel, use_triton_attention,
+    image digest; 0: off), share_job_prefixes (True: compute the part a job's prompts share once, see above),
+    and the KernelOptions switches (use_flash_attention_kernel, use_triton_attention,
     use_rmsnorm_kernel, use_rope_kernel, use_silu_kernel)."""
 
     backend = "kernel"
@@ -45,6 +89,7 @@ class KernelEncoder(EncoderBase):
         super().__init__(paths, config, tokenizer, device, dtype, max_prompt_tokens)
         options = dict(options)
         self.prefix_cache = bool(options.pop("prefix_cache", True))
+        self.share_job_prefixes = bool(options.pop("share_job_prefixes", True))
         cuda_graphs = bool(options.pop("cuda_graphs", True)) and device.type == "cuda"
         graph_max_tokens = int(options.pop("graph_max_tokens", 512))
         graph_max_seqs = int(options.pop("graph_max_seqs", 16))
@@ -190,18 +235,70 @@ class KernelEncoder(EncoderBase):
             hb = self.graphs.pack(seqs, pos, keep_from, bucket, prefix, self.staging)
             return self.graphs.run(hb, prefix, self.staging, extra_embeds, self.config.image_token_id), lengths
 
+        parts = shared_parts(batch, P, self.config.image_token_id) if self.share_job_prefixes else []
+        if parts:
+            return self._encode_sharing(batch, parts, seqs, pos, drop - P, prefix, extra_embeds), lengths
+        return self._forward_eager(seqs, pos, prefix, extra_embeds, keep_from), lengths
+
+    def _encode_sharing(self, batch: TokenizedBatch, parts: list[SharedPart], seqs, pos, keep_from: int,
+                        prefix: PrefixKV | None, extra_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Two forwards (see the module docstring): each part once, then every sequence's own tokens after it.
+        seqs, pos: what each sequence computes (after the prefix); keep_from: its first row returned."""
+        n_seqs = len(seqs)
+        part_of = {i: (g, part.length) for g, part in enumerate(parts) for i in part.members}
+        # image rows of extra_embeds, per sequence, in image-pad order
+        n_pads = [sum(im.n_tokens for im in batch.images_of(i)) for i in range(n_seqs)]
+        pad_at = np.concatenate([[0], np.cumsum(n_pads)]).tolist()
+
+        def image_rows(seq_ids):
+            if extra_embeds is None:
+                return None
+            rows = [extra_embeds[pad_at[i]:pad_at[i + 1]] for i in seq_ids if n_pads[i]]
+            return torch.cat(rows) if rows else None
+
+        firsts = [part.members[0] for part in parts]
+        kv: list = []
+        out1 = self._forward_eager([seqs[i][:part.length] for i, part in zip(firsts, parts)],
+                                   [pos[i][:, :part.length] for i, part in zip(firsts, parts)],
+                                   prefix, image_rows(firsts), None, kv_out=kv)
+        part_at = np.concatenate([[0], np.cumsum([part.length for part in parts])]).tolist()
+        own = [part_of.get(i, (None, 0)) for i in range(n_seqs)]  # (part, its length) per sequence
+        seg_start = [part_at[g] if g is not None else 0 for g, _ in own]
+        seg_len = [n for _, n in own]
+        segments = SegmentKV(kv, self._device_int32(seg_start), self._device_int32(seg_len))
+        out2 = self._forward_eager([s[n:] for s, (_, n) in zip(seqs, own)], [p[:, n:] for p, (_, n) in zip(pos, own)],
+                                   prefix, image_rows([i for i in range(n_seqs) if i not in part_of]), None,
+                                   segments=segments)
+        # each sequence's rows from keep_from on: its part's (from the first forward), then its own
+        T1, at2, rows = out1.shape[0], 0, []
+        for i, s in enumerate(seqs):
+            g, n = own[i]
+            if g is not None:
+                rows.append(np.arange(part_at[g] + min(keep_from, n), part_at[g] + n))
+            rows.append(T1 + at2 + np.arange(max(keep_from - n, 0), len(s) - n))
+            at2 += len(s) - n
+        keep = self._device_int32(np.concatenate(rows)).long()
+        return torch.cat((out1, out2)).index_select(0, keep)
+
+    def _forward_eager(self, seqs, pos, prefix, image_rows, keep_from, kv_out=None, segments=None) -> torch.Tensor:
+        """One forward over exactly `seqs`: [T, D], or the rows from keep_from on of each sequence."""
         hb = self._pack_eager(seqs, pos, keep_from)
         dev = self.staging.to_device(hb.buf[:hb.layout.size])
         ids, positions_t, cu, keep = hb.layout.views(dev)
         inputs_embeds = None
-        if extra_embeds is not None:
+        if image_rows is not None:
             inputs_embeds = self.model.embed(ids)
             mask = (ids == self.config.image_token_id)[:, None]  # [T, 1]
-            inputs_embeds = inputs_embeds.masked_scatter(mask, extra_embeds.to(inputs_embeds.dtype))
-        out = self.model(ids, positions_t, cu, hb.max_seqlen, prefix, inputs_embeds=inputs_embeds)  # [T, D]
-        if keep_from is not None:
-            out = out.index_select(0, keep)  # [sum L_i, D]: the cut at drop_idx
-        return out, lengths
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_rows.to(inputs_embeds.dtype))
+        out = self.model(ids, positions_t, cu, hb.max_seqlen, prefix, inputs_embeds=inputs_embeds,
+                         kv_out=kv_out, segments=segments)  # [T, D]
+        return out if keep_from is None else out.index_select(0, keep)  # [sum L_i, D]: the cut at drop_idx
+
+    def _device_int32(self, values) -> torch.Tensor:
+        host = torch.as_tensor(np.asarray(values, dtype=np.int32))
+        if self.device.type == "cuda":  # pinned, so the copy does not wait for the queued forwards
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
 
     def _pack_eager(self, seqs, pos, keep_from) -> HostBatch:
         T = sum(map(len, seqs))

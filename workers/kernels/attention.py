@@ -1,6 +1,10 @@
 """Flash attention over packed varlen sequences: causal GQA with a shared cached prefix (the text decoder), or
 bidirectional within each sequence (the vision tower's windows and images).
 
+Causal sequences may also see a segment of earlier keys of their own, between the prefix and their keys: the
+part a job's prompts share (a CFG pair's template and images), computed once in an earlier forward. Sequence b
+sees segment keys seg_start[b] .. seg_start[b] + seg_len[b] of seg_k / seg_v (seg_len 0: none).
+
 One launcher, two kernels: `_varlen_attention_kernel` (causal, each sequence also sees the prefix) and
 `_bidirectional_attention_kernel` (every token of a sequence sees all of it, no prefix). The bidirectional one
 takes any head_dim up to 128 (the vision tower's is 80): its tiles are padded to the next power of two, the padded
@@ -9,6 +13,8 @@ columns loaded as zeros and never stored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import _triton_env
@@ -16,6 +22,17 @@ from ._triton_env import check_launchable, tl, triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
+
+
+@dataclass(slots=True)
+class Segments:
+    """Earlier keys some sequences see after the prefix: k, v [S, Hk, Dh]; start, length [B] int32 on the device
+    (sequence b sees rows start[b] .. start[b] + length[b])."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
 
 
 def varlen_attention_ref(
@@ -28,22 +45,27 @@ def varlen_attention_ref(
     prefix_k: torch.Tensor | None = None,
     prefix_v: torch.Tensor | None = None,
     causal: bool = True,
+    segments: Segments | None = None,
 ) -> torch.Tensor:
     # q: [T, Hq, Dh], k, v: [T, Hk, Dh], cu_seqlens: [B+1], prefix_k/v: [P, Hk, Dh] -> o [T, Hq, Dh]
     # causal=False: each token sees its whole sequence (and the prefix, if any)
     del max_seqlen  # the reference reads the lengths themselves
     n_q_heads, n_kv_heads = q.shape[1], k.shape[1]
     group = n_q_heads // n_kv_heads
-    n_prefix = 0 if prefix_k is None else prefix_k.shape[0]
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    seg = None if segments is None else (segments.start.tolist(), segments.length.tolist())
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         L = end - start
         if L == 0:
             continue
         ks, vs = k[start:end], v[start:end]
-        if n_prefix:
+        if seg is not None and seg[1][b]:
+            s0, n = seg[0][b], seg[1][b]
+            ks, vs = torch.cat((segments.k[s0:s0 + n], ks)), torch.cat((segments.v[s0:s0 + n], vs))
+        if prefix_k is not None:
             ks, vs = torch.cat((prefix_k, ks)), torch.cat((prefix_v, vs))
+        n_prefix = ks.shape[0] - L  # keys before the sequence's own: all visible
         qf = q[start:end].float().transpose(0, 1)  # [Hq, L, Dh]
         kf = ks.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, P+L, Dh]
         vf = vs.float().repeat_interleave(group, dim=1).transpose(0, 1)
@@ -81,13 +103,14 @@ def _attend_tile(
 
 @triton.jit
 def _varlen_attention_kernel(
-    Q, K, V, PK, PV, O, CU_SEQLENS,
+    Q, K, V, PK, PV, SK, SV, SEG_START, SEG_LEN, O, CU_SEQLENS,
     n_prefix, qk_scale,
     N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, HAS_SEGMENTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    # grid (cdiv(max_seqlen, BLOCK_M), Hq, B); Q, O: [T, Hq, Dh]; K, V: [T, Hk, Dh]; PK, PV: [P, Hk, Dh]
+    # grid (cdiv(max_seqlen, BLOCK_M), Hq, B); Q, O: [T, Hq, Dh]; K, V: [T, Hk, Dh]; PK, PV: [P, Hk, Dh];
+    # SK, SV: [S, Hk, Dh], SEG_START, SEG_LEN: [B]
     # the last query tiles see the most keys: launch them first so the long programs don't trail
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
@@ -126,6 +149,21 @@ def _varlen_attention_kernel(
             col_ok = cols < n_prefix
             k = tl.load(pk_base + cols[None, :] * kv_stride, mask=col_ok[None, :], other=0.0)
             v = tl.load(pv_base + cols[:, None] * kv_stride, mask=col_ok[:, None], other=0.0)
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, k, v, qk_scale, col_ok[None, :], True, PRECISION, UPCAST_DOT
+            )
+
+    if HAS_SEGMENTS:
+        # the sequence's segment of earlier keys, all visible; its first tile holds key 0 (m_i stays finite)
+        seg_start = tl.load(SEG_START + seq).to(tl.int64)
+        seg_len = tl.load(SEG_LEN + seq)
+        sk_base = SK + seg_start * kv_stride + kv_head * HEAD_DIM + offs_d[:, None]
+        sv_base = SV + seg_start * kv_stride + kv_head * HEAD_DIM + offs_d[None, :]
+        for n in range(0, seg_len, BLOCK_N):
+            cols = n + offs_n
+            col_ok = cols < seg_len
+            k = tl.load(sk_base + cols[None, :] * kv_stride, mask=col_ok[None, :], other=0.0)
+            v = tl.load(sv_base + cols[:, None] * kv_stride, mask=col_ok[:, None], other=0.0)
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, k, v, qk_scale, col_ok[None, :], True, PRECISION, UPCAST_DOT
             )
@@ -237,13 +275,14 @@ def varlen_attention(
     *,
     out: torch.Tensor | None = None,
     causal: bool = True,
+    segments: Segments | None = None,
 ) -> torch.Tensor:
-    """Attention of each packed sequence over [shared prefix ++ its own keys], causal; or, with causal=False,
-    over its own keys only, every token seeing the whole sequence (no prefix).
+    """Attention of each packed sequence over [shared prefix ++ its segment ++ its own keys], causal; or, with
+    causal=False, over its own keys only, every token seeing the whole sequence (no prefix, no segments).
 
     q: [T, Hq, Dh]; k, v: [T, Hk, Dh] with Hq % Hk == 0; cu_seqlens: [B+1] int32 on q's device;
     max_seqlen: host int >= every sequence length (sizes the grid without a device sync);
-    prefix_k, prefix_v: [P, Hk, Dh] or None. Returns o [T, Hq, Dh] in q's dtype.
+    prefix_k, prefix_v: [P, Hk, Dh] or None; segments: see `Segments`, or None. Returns o [T, Hq, Dh] in q's dtype.
     head_dim: 16, 32, 64 or 128 when causal; any multiple of 8 up to 128 when not.
     """
     check_launchable(q, "varlen_attention")
@@ -259,7 +298,8 @@ def varlen_attention(
     else:
         assert head_dim % 8 == 0 and 16 <= head_dim <= 128, (
             f"varlen_attention: head_dim must be a multiple of 8 in [16, 128] (bidirectional), got {head_dim}")
-        assert prefix_k is None and prefix_v is None, "varlen_attention: causal=False takes no prefix"
+        assert prefix_k is None and prefix_v is None and segments is None, (
+            "varlen_attention: causal=False takes no prefix and no segments")
     assert q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype, (
         f"varlen_attention: q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} must match (fp32, fp16 or bf16)"
     )
@@ -277,6 +317,17 @@ def varlen_attention(
         )
         assert prefix_k.dtype == q.dtype and prefix_v.dtype == q.dtype, "varlen_attention: prefix dtype != q dtype"
         assert prefix_k.is_contiguous() and prefix_v.is_contiguous(), "varlen_attention: prefix must be contiguous"
+    if segments is not None:
+        sk, sv = segments.k, segments.v
+        assert sk.dim() == 3 and sk.shape[1:] == (n_kv_heads, head_dim) and sv.shape == sk.shape, (
+            f"varlen_attention: segment keys {tuple(sk.shape)}, values {tuple(sv.shape)} must be [S, {n_kv_heads}, "
+            f"{head_dim}]")
+        assert sk.dtype == q.dtype and sv.dtype == q.dtype, "varlen_attention: segment dtype != q dtype"
+        assert sk.is_contiguous() and sv.is_contiguous(), "varlen_attention: segments must be contiguous"
+        n = cu_seqlens.shape[0] - 1
+        for t in (segments.start, segments.length):
+            assert t.shape == (n,) and t.dtype == torch.int32 and t.device == q.device, (
+                f"varlen_attention: segment start and length must be int32 [{n}] on {q.device}")
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), (
@@ -303,11 +354,13 @@ def varlen_attention(
             q, k, v, out, cu_seqlens, scale * _LOG2E, BLOCK_D=triton.next_power_of_2(head_dim), **common)
         return out
     has_prefix = n_prefix > 0
+    seg = segments or Segments(k, v, cu_seqlens, cu_seqlens)  # placeholders, never read
     _varlen_attention_kernel[grid](
         q, k, v,
         prefix_k if has_prefix else k, prefix_v if has_prefix else v,
+        seg.k, seg.v, seg.start, seg.length,
         out, cu_seqlens,
         n_prefix, scale * _LOG2E,
-        HAS_PREFIX=has_prefix, **common,
+        HAS_PREFIX=has_prefix, HAS_SEGMENTS=segments is not None, **common,
     )
     return out

@@ -23,6 +23,8 @@ Chosen once per model from the device and the switches of `KernelOptions`, never
   interpreter); on CUDA a library kernel with the gather is preferred to the reference (a host loop) for
   prefixed batches then. A library kernel is checked once against the reference before it is trusted:
   causal GQA without a prefix, and with one (it then serves prefixed batches only if that passes too).
+- batches whose sequences also see segments of earlier keys (a job's shared part: workers.encoders.kernel) run
+  on our Triton kernel where Triton runs, else its reference; the library kernels take no segments.
 - bidirectional attention (the vision tower: within each window or image, no prefix): our Triton kernel where
   Triton runs, else its torch reference.
 - the attention choice is logged in one line; every fallback for a missing dependency says so in one line
@@ -87,12 +89,13 @@ class AttnMeta:
 
 # --- attention backends: (q [T,Hq,Dh], k, v [T,Hk,Dh], meta, scale, prefix_k, prefix_v [P,Hk,Dh]) -> o [T,Hq,Dh]
 
-def _attn_triton(q, k, v, meta: AttnMeta, scale, pk, pv):
-    return kernels.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale, pk, pv)
+def _attn_triton(q, k, v, meta: AttnMeta, scale, pk, pv, segments=None):
+    return kernels.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale, pk, pv, segments=segments)
 
 
-def _attn_ref(q, k, v, meta: AttnMeta, scale, pk, pv):
-    return kernels.varlen_attention_ref(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale, pk, pv)
+def _attn_ref(q, k, v, meta: AttnMeta, scale, pk, pv, segments=None):
+    return kernels.varlen_attention_ref(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale, pk, pv,
+                                        segments=segments)
 
 
 def _with_prefix(k, v, meta: AttnMeta, pk, pv):
@@ -214,6 +217,7 @@ class Ops:
             return
         (self._attn_plain, plain), (self._attn_prefix, prefixed) = self._pick_attention(
             device, dtype, n_heads, n_kv_heads, head_dim, triton_ok)
+        self._attn_segments = _attn_triton if triton_ok else _attn_ref
         self.attention_names = {"no_prefix": plain, "prefix": prefixed}
         self.attention_name = plain if plain == prefixed else f"{plain} (prefix: {prefixed})"
         # only the library kernels read cu_seqlens_k / kv_index, and only with a prefix
@@ -223,8 +227,11 @@ class Ops:
         # q, k, v: [T, H, Dh]; cu_seqlens: [B+1] int32 -> o [T, H, Dh]: each token sees its whole sequence
         return self._bidirectional(q, k, v, cu_seqlens, max_seqlen, scale, causal=False)
 
-    def attention(self, q, k, v, meta: AttnMeta, scale: float, prefix_k=None, prefix_v=None):
-        # q: [T, Hq, Dh], k, v: [T, Hk, Dh], prefix_k, prefix_v: [P, Hk, Dh] or None -> o [T, Hq, Dh] contiguous
+    def attention(self, q, k, v, meta: AttnMeta, scale: float, prefix_k=None, prefix_v=None, segments=None):
+        # q: [T, Hq, Dh], k, v: [T, Hk, Dh], prefix_k, prefix_v: [P, Hk, Dh] or None, segments:
+        # kernels.Segments or None -> o [T, Hq, Dh] contiguous
+        if segments is not None:
+            return self._attn_segments(q, k, v, meta, scale, prefix_k, prefix_v, segments)
         if prefix_k is None:
             return self._attn_plain(q, k, v, meta, scale, None, None)
         return self._attn_prefix(q, k, v, meta, scale, prefix_k, prefix_v)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from broker.errors import ModelLoadError
 from workers.checkpoint import TextConfig, iter_tensors
+from workers.kernels import Segments
 from workers.model.ops import KernelOptions, Ops, build_attn_meta
 
 
@@ -74,6 +75,19 @@ class PrefixKV:
         return len(self.token_ids)
 
 
+@dataclass(slots=True)
+class SegmentKV:
+    """Keys and values of an earlier forward over the same layers (its kv_out: per layer (k, v) [S, Hk, Dh]),
+    and the rows of them each sequence of this forward sees after the prefix: start, length [B] int32."""
+
+    kv: list[tuple[Tensor, Tensor]]
+    start: Tensor
+    length: Tensor
+
+    def layer(self, i: int) -> Segments:
+        return Segments(*self.kv[i], self.start, self.length)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -83,7 +97,7 @@ class Attention(nn.Module):
         self.scale = args.head_dim**-0.5
 
     def forward(self, x: Tensor, positions: Tensor, inv_freq: Tensor, meta, ops: Ops,
-                prefix: tuple[Tensor, Tensor] | None, kv_out: list | None) -> Tensor:
+                prefix: tuple[Tensor, Tensor] | None, kv_out: list | None, segments: Segments | None) -> Tensor:
         # x: [T, D], positions: [3, T] -> [T, D]
         a = self.args
         qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias)  # [T, q + 2kv], the bias added by the GEMM
@@ -92,7 +106,7 @@ class Attention(nn.Module):
         if kv_out is not None:
             kv_out.append((k, v))
         pk, pv = prefix if prefix is not None else (None, None)
-        o = ops.attention(q, k, v, meta, self.scale, pk, pv)  # [T, Hq, Dh], contiguous
+        o = ops.attention(q, k, v, meta, self.scale, pk, pv, segments)  # [T, Hq, Dh], contiguous
         return F.linear(o.reshape(x.shape[0], a.q_size), self.wo.weight)  # the reshape is a view: no copy
 
 
@@ -130,14 +144,14 @@ class TransformerBlock(nn.Module):
         self.eps = args.norm_eps
 
     def forward(self, h: Tensor, residual: Tensor | None, positions: Tensor, inv_freq: Tensor, meta, ops: Ops,
-                prefix, kv_out) -> tuple[Tensor, Tensor]:
+                prefix, kv_out, segments) -> tuple[Tensor, Tensor]:
         # h: the last sublayer's output [T, D]; residual: the stream before it [T, D] (None before layer 0)
         if residual is None:
             residual = h
             x, _ = ops.rms_norm(h, self.attention_norm.weight, self.eps)
         else:
             x, residual = ops.rms_norm(h, self.attention_norm.weight, self.eps, residual)  # add + norm
-        h = self.attention(x, positions, inv_freq, meta, ops, prefix, kv_out)
+        h = self.attention(x, positions, inv_freq, meta, ops, prefix, kv_out, segments)
         x, residual = ops.rms_norm(h, self.ffn_norm.weight, self.eps, residual)  # add + norm
         return self.feed_forward(x, ops), residual
 
@@ -164,11 +178,12 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                 prefix_kv: PrefixKV | None = None, inputs_embeds: Tensor | None = None,
-                kv_out: list | None = None) -> Tensor:
+                kv_out: list | None = None, segments: SegmentKV | None = None) -> Tensor:
         """input_ids: [T] int; positions: [3, T] int (t, h, w; equal rows for text); cu_seqlens: [B+1] int32;
         max_seqlen: host int >= every length; prefix_kv: keys/values every sequence also attends to (its
         positions must start after it); inputs_embeds: [T, D] instead of the embedding lookup (images spliced
-        in); kv_out: a list that receives each layer's (k, v) [T, Hk, Dh]. Returns the final norm's [T, D]."""
+        in); kv_out: a list that receives each layer's (k, v) [T, Hk, Dh]; segments: earlier keys the sequences
+        see after the prefix (their positions must follow them). Returns the final norm's [T, D]."""
         ops = self.ops
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [T, D]
         P = 0 if prefix_kv is None else prefix_kv.length
@@ -176,7 +191,8 @@ class Transformer(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             prefix = None if prefix_kv is None else (prefix_kv.k[i], prefix_kv.v[i])
-            h, residual = layer(h, residual, positions, self.inv_freq, meta, ops, prefix, kv_out)
+            seg = None if segments is None else segments.layer(i)
+            h, residual = layer(h, residual, positions, self.inv_freq, meta, ops, prefix, kv_out, seg)
         h, _ = ops.rms_norm(h, self.norm.weight, self.args.norm_eps, residual, store_residual=False)  # [T, D]
         return h
 
