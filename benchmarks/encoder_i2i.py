@@ -229,6 +229,50 @@ def main(argv=None) -> int:
 
     tokenizer = load_tokenizer(resolve_checkpoint(ckpt).tokenizer)
 
+    # 2. kernel backend's latency first, alone in the process as in a worker: measured after two HF 7B models had
+    # run and been freed, the cold 1-image path measured far slower (RESULTS, i2i runs 2 and 3)
+    from workers.encoders import load_encoder
+    from workers.encoding_cache import EncodingCache
+    from workers.model.qwen2_5_vl_vision import parameters_bytes
+
+    t = time.perf_counter()
+    kern = load_encoder(ckpt, backend="kernel", device=device, dtype=bf16)
+    say(f"kernel: loaded in {time.perf_counter() - t:.1f} s; attention {kern.model.ops.attention_name}; "
+        f"vision tower {parameters_bytes(kern.vision) / 2**30:.2f} GiB, attention "
+        f"{kern.vision.ops.attention_name}")
+    cache_bytes = 256 << 20
+
+    def cold():
+        kern.feature_cache = EncodingCache(0)
+
+    def warm_cache():
+        kern.feature_cache = EncodingCache(cache_bytes)
+
+    spec = kern.images.spec
+    lat_one = kern.tokenize([EDIT_PROMPTS[0]], "i2i", images=[images_for(20, 1)])
+    lat_three = kern.tokenize([EDIT_PROMPTS[3]], "i2i", images=[images_for(21, 3)])
+    lat = {}
+    # (a) latency: cold = the tower runs (and the device's resize + patchify); warm = the features come from the cache
+    for name, b in (("1_image", lat_one), ("3_images", lat_three)):
+        cold()
+        lat[f"kernel_cold_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
+        warm_cache()
+        lat[f"kernel_warm_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
+        images = b.images_of(0)
+        lat[f"pixels_only_{name}"] = tb.time_ms(
+            lambda: [im.pixel_values(spec, device) for im in images], device, iters, warm)
+        pv = torch.cat([im.pixel_values(spec, device) for im in images])
+        grids = [im.grid_thw for im in images]
+        with torch.inference_mode():
+            lat[f"vision_only_{name}"] = tb.time_ms(lambda: kern.vision(pv, grids), device, iters, warm)
+        say(f"(a) kernel {name}: cold {lat[f'kernel_cold_{name}']['median_ms']:.2f} ms, warm "
+            f"{lat[f'kernel_warm_{name}']['median_ms']:.2f} ms, vision alone "
+            f"{lat[f'vision_only_{name}']['median_ms']:.2f} ms, resize + patchify "
+            f"{lat[f'pixels_only_{name}']['median_ms']:.2f} ms")
+
+    kern = None
+    tb.free()
+
     # 2a. HF fp32: the reference; it also tokenizes and decodes every input once (the same for all backends)
     say("HF fp32: loading")
     hf = tb.load_hf(ckpt, device, torch.float32, tokenizer)
@@ -242,8 +286,6 @@ def main(argv=None) -> int:
     for b in each[1:]:
         corr_batch = concat(corr_batch, b)
     subsets = {"1_image": [0, 1, 2, 3], "3_images": [4, 5]}
-    lat_one = hf.tokenize([EDIT_PROMPTS[0]], "i2i", images=[images_for(20, 1)])
-    lat_three = hf.tokenize([EDIT_PROMPTS[3]], "i2i", images=[images_for(21, 3)])
     results["inputs"] = {"correctness_prompts": len(corr_batch.ids),
                          "tokens": [len(x) for x in corr_batch.ids],
                          "image_grids": [[im.grid_thw for im in corr_batch.images_of(i)]
@@ -273,8 +315,8 @@ def main(argv=None) -> int:
     corr = {"hf_bf16": fidelity(pipeline_calls(hf, corr_batch))}
     corr_vis = {"hf_bf16": tb.errors([hf_tower(hf, vis_pv, vis_grids)], [ref_vis])}
     say(f"HF bf16 vs fp32: {corr['hf_bf16']}; its vision tower alone: {corr_vis['hf_bf16']}")
-    lat = {"hf_1_image": tb.time_ms(lambda: hf.encode_tokens(lat_one), device, iters, warm),
-           "hf_3_images": tb.time_ms(lambda: hf.encode_tokens(lat_three), device, iters, warm)}
+    lat["hf_1_image"] = tb.time_ms(lambda: hf.encode_tokens(lat_one), device, iters, warm)
+    lat["hf_3_images"] = tb.time_ms(lambda: hf.encode_tokens(lat_three), device, iters, warm)
     for name, b in (("1_image", lat_one), ("3_images", lat_three)):
         pv = torch.cat([im.pixel_values(spec, device) for im in b.images_of(0)])
         grids = [im.grid_thw for im in b.images_of(0)]
@@ -298,26 +340,10 @@ def main(argv=None) -> int:
     tb.free()
     say("HF bf16: freed")
 
-    # 2c. kernel backend
-    from workers.encoders import load_encoder
-    from workers.encoding_cache import EncodingCache
-    from workers.model.qwen2_5_vl_vision import parameters_bytes
-
+    # 2c. kernel backend, again
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
     kern = load_encoder(ckpt, backend="kernel", device=device, dtype=bf16)
-    say(f"kernel: loaded in {time.perf_counter() - t:.1f} s; attention {kern.model.ops.attention_name}; "
-        f"vision tower {parameters_bytes(kern.vision) / 2**30:.2f} GiB, attention "
-        f"{kern.vision.ops.attention_name}")
-    cache_bytes = 256 << 20
-
-    def cold():
-        kern.feature_cache = EncodingCache(0)
-
-    def warm_cache():
-        kern.feature_cache = EncodingCache(cache_bytes)
-
     cold()
     corr["kernel_bf16"] = fidelity(list(torch.split(*kern.encode_packed(corr_batch))))
     kern.prefix_cache = False
@@ -341,24 +367,6 @@ def main(argv=None) -> int:
     say(f"vision tower alone vs HF fp32: ours {corr_vis['kernel_bf16']}, HF bf16 {corr_vis['hf_bf16']}")
     say(f"correctness PASS={corr['pass']}")
 
-    # (a) latency: cold = the tower runs (and the device's resize + patchify); warm = the features come from the cache
-    for name, b in (("1_image", lat_one), ("3_images", lat_three)):
-        cold()
-        lat[f"kernel_cold_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
-        warm_cache()
-        lat[f"kernel_warm_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
-        images = b.images_of(0)
-        lat[f"pixels_only_{name}"] = tb.time_ms(
-            lambda: [im.pixel_values(spec, device) for im in images], device, iters, warm)
-        pv = torch.cat([im.pixel_values(spec, device) for im in images])
-        grids = [im.grid_thw for im in images]
-        with torch.inference_mode():
-            lat[f"vision_only_{name}"] = tb.time_ms(lambda: kern.vision(pv, grids), device, iters, warm)
-        say(f"(a) kernel {name}: cold {lat[f'kernel_cold_{name}']['median_ms']:.2f} ms, warm "
-            f"{lat[f'kernel_warm_{name}']['median_ms']:.2f} ms, vision alone "
-            f"{lat[f'vision_only_{name}']['median_ms']:.2f} ms, resize + patchify "
-            f"{lat[f'pixels_only_{name}']['median_ms']:.2f} ms")
-
     # (b) throughput: fresh images every job; the cache is emptied before each timed run
     for k, jobs in (("1img", jobs1), ("3img", jobs3)):
         for budget in budgets:
@@ -367,6 +375,21 @@ def main(argv=None) -> int:
                                                      before_each=lambda: (cold(), warm_cache()))
             thr[f"kernel_{k}_{budget}"]["vision_images_computed"] = kern.vision_images_computed - c0
             say(f"(b) kernel {k}, {budget}-token batches: {thr[f'kernel_{k}_{budget}']['jobs_per_s']:.1f} jobs/s")
+            kern.share_job_prefixes = False  # every prompt computed whole: what sharing a job's part buys
+            thr[f"whole_{k}_{budget}"] = throughput(kern.encode_packed, budget_batches(jobs, budget), device,
+                                                    before_each=lambda: (cold(), warm_cache()))
+            kern.share_job_prefixes = True
+            say(f"(b) kernel {k}, {budget}-token batches, prompts whole: "
+                f"{thr[f'whole_{k}_{budget}']['jobs_per_s']:.1f} jobs/s")
+        # the shared parts' answer against the whole prompts' (both bf16), on one batch
+        b = budget_batches(jobs, budgets[0])[0]
+        shared = kern.encode_packed(b)[0].float()
+        kern.share_job_prefixes = False
+        whole = kern.encode_packed(b)[0].float()
+        kern.share_job_prefixes = True
+        corr[f"shared_vs_whole_{k}"] = ((shared - whole).norm() / whole.norm()).item()
+        say(f"(b) {k}: shared parts vs whole prompts, rel L2 {corr[f'shared_vs_whole_{k}']:.2e}")
+    corr["pass"] = corr["pass"] and all(corr[f"shared_vs_whole_{k}"] < 1e-2 for k in ("1img", "3img"))
     if device.type == "cuda":
         results["memory"] = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device)}
 
@@ -510,7 +533,8 @@ def print_table(r: dict) -> None:
     for k in ("1img", "3img"):
         hf_best = max((v["jobs_per_s"] for n, v in thr.items() if n.startswith(f"hf_{k}")), default=float("nan"))
         k_best = max((v["jobs_per_s"] for n, v in thr.items() if n.startswith(f"kernel_{k}")), default=float("nan"))
-        lines.append(f"\n{k}: kernel best / HF best jobs/s: {k_best / hf_best:.2f}x")
+        lines.append(f"\n{k}: kernel best / HF best jobs/s: {k_best / hf_best:.2f}x; shared parts vs whole prompts, "
+                     f"rel L2 {c.get(f'shared_vs_whole_{k}', float('nan')):.2e}")
     lines += ["", "| CPU in the worker's intake, per image | ms |", "|---|---|"]
     for k in ("png_ms_per_image_cpu", "png_ms_per_image_wall", "jpeg_ms_per_image_cpu", "jpeg_ms_per_image_wall",
               "png_3_image_job_in_pool_ms"):
