@@ -2,6 +2,7 @@
 image from them (the tiny pipeline; see test_dit_pipeline.py for the pipeline itself)."""
 
 import msgpack
+import torch
 import pytest
 
 from broker.errors import EncodeFailed
@@ -46,3 +47,34 @@ def test_bad_generation_request_fails_that_job(dit_worker):
         client.wait(client.wire.submit(no_prompt, deadline), deadline)
     res = client.generate("still alive", width=64, height=64, steps=2)
     assert len(res.embeds_shapes) == 2
+
+
+def test_a_dit_worker_process_speaks_lightllm_http_to_the_front_process(encoder_worker, baseline, tiny_dir,
+                                                                        tmp_path):
+    """LightX2V's meaning of an http:// service_url, as processes: DiT worker -> HTTP front -> encoder worker."""
+    import uuid
+
+    from tests.test_http_front import front_process
+
+    url = encoder_worker["url"]
+    front, port = front_process(url, "ebh" + uuid.uuid4().hex[:6], tmp_path / "front.log")
+    cfg = write_config(str(tmp_path / "dit.json"), text_encoder_type="lightllm_service", model_path=tiny_dir,
+                       redis_url=url, queue="generate_http", device="cpu",
+                       lightllm_config={"service_url": f"http://127.0.0.1:{port}", "service_timeout": 30,
+                                        "service_retry": 1, "use_shm": True})
+    log = str(tmp_path / "dit.log")
+    proc = start_process(["-m", "dit_workers", "--config", cfg], log)
+    try:
+        wait_for_workers(url, 1, proc, log, queue="generate_http")
+        client = GenerationClient(url, queue="generate_http", timeout=60)
+        res = client.generate("a lighthouse at dusk", negative_prompt=" ", width=64, height=64, steps=2)
+        want = baseline.encode(["a lighthouse at dusk", " "])
+        assert res.encoder_mode == "service"
+        assert res.embeds_shapes == [list(t.shape) for t in want]
+        # LightLLM's protocol carries bf16: the checksum of what came back, not of the float32 states
+        assert res.embeds_checksum == pytest.approx(checksum([t.to(torch.bfloat16) for t in want]), rel=1e-3)
+        assert res.png.startswith(b"\x89PNG") and (res.width, res.height) == (64, 64)
+        assert "POST /generate 200" in open(tmp_path / "front.log").read()  # it went through the front
+    finally:
+        stop_process(proc)
+        stop_process(front)
