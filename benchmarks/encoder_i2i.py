@@ -281,11 +281,12 @@ def main(argv=None) -> int:
     # one prompt per job (a job holds at most max_images_per_job distinct images)
     inputs = [(EDIT_PROMPTS[j], images_for(j, 1)) for j in range(4)]
     inputs += [(EDIT_PROMPTS[3 + j], images_for(10 + j, 3)) for j in range(2)]
+    inputs += [(" ", images_for(0, 1)), (" ", images_for(10, 3))]  # CFG pairs with prompts 0 and 4: shared parts
     each = [hf.tokenize([p], "i2i", images=[imgs]) for p, imgs in inputs]
     corr_batch = each[0]
     for b in each[1:]:
         corr_batch = concat(corr_batch, b)
-    subsets = {"1_image": [0, 1, 2, 3], "3_images": [4, 5]}
+    subsets = {"1_image": [0, 1, 2, 3, 6], "3_images": [4, 5, 7], "cfg_pairs": [0, 6, 4, 7]}
     results["inputs"] = {"correctness_prompts": len(corr_batch.ids),
                          "tokens": [len(x) for x in corr_batch.ids],
                          "image_grids": [[im.grid_thw for im in corr_batch.images_of(i)]
@@ -381,7 +382,8 @@ def main(argv=None) -> int:
             kern.share_job_prefixes = True
             say(f"(b) kernel {k}, {budget}-token batches, prompts whole: "
                 f"{thr[f'whole_{k}_{budget}']['jobs_per_s']:.1f} jobs/s")
-        # the shared parts' answer against the whole prompts' (both bf16), on one batch
+        # the shared parts' answer against the whole prompts' (both bf16), on one batch; fidelity against fp32
+        # is judged above (the cfg_pairs subset)
         b = budget_batches(jobs, budgets[0])[0]
         shared = kern.encode_packed(b)[0].float()
         kern.share_job_prefixes = False
@@ -389,7 +391,6 @@ def main(argv=None) -> int:
         kern.share_job_prefixes = True
         corr[f"shared_vs_whole_{k}"] = ((shared - whole).norm() / whole.norm()).item()
         say(f"(b) {k}: shared parts vs whole prompts, rel L2 {corr[f'shared_vs_whole_{k}']:.2e}")
-    corr["pass"] = corr["pass"] and all(corr[f"shared_vs_whole_{k}"] < 1e-2 for k in ("1img", "3img"))
     if device.type == "cuda":
         results["memory"] = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device)}
 
@@ -512,14 +513,14 @@ def print_table(r: dict) -> None:
     lines = [f"\n### encoder i2i benchmark: {env['card']}, torch {env['torch']}, transformers {env['transformers']}, "
              f"triton {env['triton']}, torchvision {env['torchvision']}, PIL {env['PIL']}",
              "", f"inputs: {r['inputs']}",
-             "", "| fidelity vs HF fp32 | rel L2 | min cos | 1 image: rel L2 | min cos | 3 images: rel L2 | min cos |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| fidelity vs HF fp32 | rel L2 | min cos | 1 image: rel L2 | min cos | 3 images: rel L2 | min cos "
+             "| CFG pairs: rel L2 | min cos |", "|---|---|---|---|---|---|---|---|---|"]
     for k in ("hf_bf16", "kernel_bf16", "kernel_bf16_uncached", "kernel_bf16_singles"):
-        e, e1, e3 = c[k], c[k]["1_image"], c[k]["3_images"]
+        e, e1, e3, ep = c[k], c[k]["1_image"], c[k]["3_images"], c[k]["cfg_pairs"]
         lines.append(f"| {k} | {e['rel_l2']:.4f} | {e['min_cos']:.5f} | {e1['rel_l2']:.4f} | {e1['min_cos']:.5f} | "
-                     f"{e3['rel_l2']:.4f} | {e3['min_cos']:.5f} |")
+                     f"{e3['rel_l2']:.4f} | {e3['min_cos']:.5f} | {ep['rel_l2']:.4f} | {ep['min_cos']:.5f} |")
     for k, e in cv.items():
-        lines.append(f"| vision tower alone, {k} | {e['rel_l2']:.4f} | {e['min_cos']:.5f} | | | | |")
+        lines.append(f"| vision tower alone, {k} | {e['rel_l2']:.4f} | {e['min_cos']:.5f} | | | | | | |")
     pe = r["pixels_equal_the_processors"]
     lines.append(f"\ndevice pixels vs PIL + the processor on the CPU: {pe['bit_equal']} of {pe['images']} images "
                  f"bit for bit equal, max |diff| {pe['max_abs_diff']:.3g}")
