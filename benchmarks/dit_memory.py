@@ -6,7 +6,10 @@ process holds of the encoder (dit_workers.census).
         [--width 256 --height 256 --steps 4] [--device auto] [--build-7b]
 
 Each mode runs in a fresh process (a real DitWorker, its generate() called directly) against a Redis started
-here; `service` also gets an encoder worker, whose own RSS is printed for context. Prints a Markdown table.
+here; `service` also gets an encoder worker, whose own RSS is printed for context. On a GPU, `service` also
+reports what each of the two processes holds of the card, both on one GPU as in `honcho start -c encoder=1,dit=1`
+(nvidia-smi's used memory, CUDA contexts and cached blocks included: the encoder worker's alone, after it served the
+DiT job and after a 64-prompt batch; the DiT worker's as the rise while it ran). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def child(args) -> None:
                                           steps=args.steps, debug=True))
     census = res.debug
     print(json.dumps({"mode": args.child, "device": device, "rss_start": start, "loaded": loaded,
+                      "card_used_bytes": card_used_bytes() if device.startswith("cuda") else None,
                       "after_job": {k: census[k] for k in census if k.endswith("_bytes")},
                       "job_s": time.time() - t0, "encoder_modules": len(census["encoder_modules"]),
                       "encoder_tensor_bytes": census["encoder_tensor_bytes"], "size": [res.width, res.height]}))
@@ -68,6 +72,25 @@ def proc_rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def card_used_bytes() -> int | None:
+    """GPU 0's used memory as nvidia-smi reports it (every process's, contexts included); None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return int(out.stdout.split()[0]) * MIB if out.returncode == 0 else None
+
+
+def encoder_batch(url: str) -> None:
+    """One 64-prompt job of about 200 tokens a prompt: the encoder worker's activations at a full batch."""
+    from broker.client import EncoderClient
+
+    words = "a lighthouse on a cliff at dusk, waves, gulls, warm light, oil painting, ".split()
+    prompts = [" ".join(words[(i + k) % len(words)] for k in range(160)) + f" #{i}" for i in range(64)]
+    EncoderClient(url, timeout=300).encode(prompts)
 
 
 def mib(v) -> str:
@@ -115,22 +138,28 @@ def main(argv=None) -> int:
     elif not os.path.exists(os.path.join(args.model_path, "model_index.json")) or is_tiny_encoder_dir(args.model_path):
         ensure_tiny_pipeline(args.model_path)
     modes = args.modes.split(",")
-    rows, encoder_rss = [], None
+    rows, encoder_rss, card = [], None, {}
     server = enc_proc = None
     try:
         from tests.helpers import RedisServer, start_process, wait_for_workers, write_config
 
         server = RedisServer().start()  # every DitWorker registers with a Redis; only `service` encodes through it
+        card["before"] = card_used_bytes()
         if "service" in modes:
             cfg = write_config(os.path.join(server.dir, "encoder.json"), model_dir=args.model_path,
                                backend="auto", device=args.device, redis_url=server.url)
             log = os.path.join(server.dir, "encoder.log")
             enc_proc = start_process(["-m", "workers", "--config", cfg], log)
             wait_for_workers(server.url, 1, enc_proc, log, timeout=600)
+            card["encoder_loaded"] = card_used_bytes()
         for mode in modes:
             rows.append(run_mode(mode, args, server.url))
             if mode == "service":
                 encoder_rss = proc_rss(enc_proc.pid)
+                card["both"] = rows[-1]["card_used_bytes"]
+                card["encoder_after_dit_job"] = card_used_bytes()
+                encoder_batch(server.url)
+                card["encoder_after_64_prompts"] = card_used_bytes()
     finally:
         if enc_proc is not None:
             enc_proc.terminate()
@@ -151,6 +180,13 @@ def main(argv=None) -> int:
               f"{r['encoder_modules']} | {r['loaded']['load_s']:.1f} | {r['job_s']:.1f} |")
     if encoder_rss is not None:
         print(f"(the shared encoder worker process serving `service`: RSS {mib(encoder_rss)} MiB)")
+    if None not in card.values() and "both" in card:
+        base = card["before"]
+        print("\nOne GPU, an encoder worker and a DiT worker (`service`) on it, nvidia-smi's used memory (MiB): "
+              "encoder worker loaded | after the DiT job | after a 64-prompt batch | DiT worker beside it")
+        print(f"| {mib(card['encoder_loaded'] - base)} | {mib(card['encoder_after_dit_job'] - base)} | "
+              f"{mib(card['encoder_after_64_prompts'] - base)} | {mib(card['both'] - card['encoder_after_dit_job'])} |")
+        print(f"card memory: {json.dumps({k: v // MIB for k, v in card.items()})}")
     return 0
 
 
