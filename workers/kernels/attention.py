@@ -3,7 +3,7 @@ bidirectional within each sequence (the vision tower's windows and images).
 
 Causal sequences may also see a segment of earlier keys of their own, between the prefix and their keys: the
 part a job's prompts share (a CFG pair's template and images), computed once in an earlier forward. Sequence b
-sees segment keys seg_start[b] .. seg_start[b] + seg_len[b] of seg_k / seg_v (seg_len 0: none).
+sees rows start[b] .. start[b] + length[b] of a `Segments`' k and v (length 0: none).
 
 One launcher, two kernels: `_varlen_attention_kernel` (causal, each sequence also sees the prefix) and
 `_bidirectional_attention_kernel` (every token of a sequence sees all of it, no prefix). The bidirectional one
