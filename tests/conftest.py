@@ -12,8 +12,9 @@ if not torch.cuda.is_available():
 # runs them is not theirs.
 os.environ.pop("EB_REDIS_PASSWORD_FILE", None)
 
-from tests.helpers import (TINY_DIR, RedisServer, free_port, start_process, stop_process, wait_for_workers,
-                           write_config)
+from tests.helpers import TINY_DIR, RedisServer, free_port, start_worker, stop_process, wait_for_workers
+
+TEST_MAX_PROMPT_TOKENS = 96
 
 
 @pytest.fixture(scope="session")
@@ -37,22 +38,17 @@ def redis_server():
     server.cleanup()
 
 
-TEST_MAX_PROMPT_TOKENS = 96
-
-
 @pytest.fixture(scope="session")
 def encoder_worker(tiny_dir, redis_server, tmp_path_factory):
     """One real encoder worker process (baseline backend, CPU) serving queue 'encode' of the test Redis."""
     d = tmp_path_factory.mktemp("encoder-worker")
     prefix, metrics_port = "ebt" + uuid.uuid4().hex[:6], free_port()
-    cfg = write_config(str(d / "encoder.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
-                       redis_url=redis_server.url, queue="encode", max_prompt_tokens=TEST_MAX_PROMPT_TOKENS,
-                       max_prompts_per_job=40, shm_prefix=prefix, result_ttl_s=30, sweep_interval_s=1.0,
-                       metrics_port=metrics_port)
-    log = str(d / "worker.log")
-    proc = start_process(["-m", "workers", "--config", cfg], log)
+    proc, log = start_worker(d, "encoder", model_dir=tiny_dir, backend="baseline", device="cpu",
+                             redis_url=redis_server.url, queue="encode", max_prompt_tokens=TEST_MAX_PROMPT_TOKENS,
+                             max_prompts_per_job=40, shm_prefix=prefix, result_ttl_s=30, sweep_interval_s=1.0,
+                             metrics_port=metrics_port)
     wait_for_workers(redis_server.url, 1, proc, log)
-    yield {"proc": proc, "prefix": prefix, "log": log, "url": redis_server.url, "config": cfg,
+    yield {"proc": proc, "prefix": prefix, "log": log, "url": redis_server.url, "config": str(d / "encoder.json"),
            "metrics_port": metrics_port}
     stop_process(proc)
 
@@ -61,6 +57,5 @@ def encoder_worker(tiny_dir, redis_server, tmp_path_factory):
 def client(encoder_worker):
     from broker.client import EncoderClient
 
-    c = EncoderClient(encoder_worker["url"], timeout=30)
-    yield c
-    c.close()
+    with EncoderClient(encoder_worker["url"], timeout=30) as c:
+        yield c

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import redis
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIR = os.environ.get("EB_TEST_TINY_DIR", os.path.join(REPO, "var", "tiny"))
@@ -116,6 +118,14 @@ def eventually(check, timeout=20.0, interval=0.05) -> bool:
     return False
 
 
+def start_worker(folder, name: str, module: str = "workers", env: dict | None = None,
+                 **config) -> tuple[subprocess.Popen, str]:
+    """`python -m MODULE --config FOLDER/NAME.json`, that config holding `config`: (process, its log's path)."""
+    path = os.path.join(folder, name)
+    config_path = write_config(path + ".json", **config)
+    return start_process(["-m", module, "--config", config_path], path + ".log", env=env), path + ".log"
+
+
 def stop_process(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -128,3 +138,27 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 def shm_names(prefix: str) -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix + "."))
+
+
+def submit_prompt(client, prompt: str, bell: str = "") -> tuple[str, float]:
+    """Enqueues `prompt` as EncoderClient.encode does (a shm result, rung to `bell` if named): (job id, deadline)."""
+    from broker.host import host_id
+    from broker.schemas import EncodeRequest
+
+    deadline = client.wire.deadline()
+    req = EncodeRequest(prompts=[prompt], client_host=host_id(), deadline=deadline, bell=bell)
+    return client.wire.submit(req.validate().to_msgpack(), deadline), deadline
+
+
+def assert_encoded(got, prompt: str, baseline) -> None:
+    """`got` is bit for bit what the in-process baseline makes of `prompt`, in got's dtype."""
+    assert torch.equal(got, baseline.encode([prompt])[0].to(got.dtype))
+
+
+def scrape(port: int) -> dict:
+    """{(sample name, sorted labels): value} of the /metrics page on `port`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

@@ -1,8 +1,10 @@
 """Prompts in, hidden states out, through a real Redis, a real worker process and real shared memory."""
 
 import asyncio
+import random
 import time
 import zlib
+from datetime import datetime, timezone
 
 import msgpack
 import pytest
@@ -11,13 +13,16 @@ import torch
 
 from broker.client import EncoderClient
 from broker.enqueue import enqueue_args, new_job_mapping
-from broker.scripts import Scripts
 from broker.errors import BrokerUnavailable, EncodeFailed, InvalidRequest
-from broker.rq_wire import JobWire
 from broker.queues import ENCODE_FUNCTION
+from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest
+from broker.scripts import RQ_LIB, Scripts
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
-from tests.helpers import eventually, free_port, shm_names
+from tests.helpers import eventually, free_port, shm_names, start_worker, stop_process, wait_for_workers, write_config
+from workers.templates import T2I
+
+RQ_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # RQ's dates, as its job hashes hold them
 
 
 def prompt_of_length(tokenizer, n_out: int) -> str:
@@ -139,15 +144,12 @@ def test_bad_jobs_fail_clearly_and_the_worker_keeps_serving(client, baseline, en
     assert encoder_worker["proc"].poll() is None
 
 
-def test_client_refuses_bad_input_before_sending(client):
-    with pytest.raises(InvalidRequest, match="list of strings"):
-        client.encode("not a list")
-    with pytest.raises(InvalidRequest, match="prompt 0 is a bytes"):
-        client.encode([b"bytes"])
-    with pytest.raises(InvalidRequest, match="empty"):
-        client.encode([])
-    with pytest.raises(InvalidRequest, match="unknown task"):
-        client.encode(["x"], task="t3i")
+@pytest.mark.parametrize("prompts, task, says", [("not a list", "t2i", "list of strings"),
+                                                   ([b"bytes"], "t2i", "prompt 0 is a bytes"),
+                                                   ([], "t2i", "empty"), (["x"], "t3i", "unknown task")])
+def test_client_refuses_bad_input_before_sending(client, prompts, task, says):
+    with pytest.raises(InvalidRequest, match=says):
+        client.encode(prompts, task=task)
 
 
 def test_finished_jobs_are_in_rqs_registries(client, encoder_worker):
@@ -168,8 +170,6 @@ def test_unreachable_redis_is_a_clear_error_within_the_timeout():
 
 
 def test_from_seed_config(tmp_path, encoder_worker, baseline):
-    from tests.helpers import write_config
-
     cfg = write_config(str(tmp_path / "dit.json"), text_encoder_type="lightllm_service",
                        lightllm_config={"service_url": encoder_worker["url"], "service_timeout": 20,
                                         "service_retry": 1, "use_shm": False})
@@ -186,8 +186,6 @@ def test_request_schema_round_trip():
 
 
 def test_raw_inputs_return_every_token(client, baseline):
-    from workers.templates import T2I
-
     templated = T2I.format("a raw templated input")
     (got,) = client.encode([templated], raw=True)
     (want,) = baseline.encode_tokens(baseline.tokenize([templated], raw=True))
@@ -199,14 +197,11 @@ def test_raw_inputs_return_every_token(client, baseline):
 
 def test_kernel_backend_worker_serves_the_same_states(tiny_dir, redis_server, tmp_path, baseline):
     """The worker with our own forward (torch references on the CPU) through the broker, one packed copy."""
-    from tests.helpers import start_process, stop_process, wait_for_workers, write_config
-
-    cfg = write_config(str(tmp_path / "kernel.json"), model_dir=tiny_dir, backend="kernel", device="cpu",
-                       redis_url=redis_server.url, queue="encode-kernel", max_prompt_tokens=TEST_MAX_PROMPT_TOKENS)
-    log = str(tmp_path / "kernel.log")
-    proc = start_process(["-m", "workers", "--config", cfg], log)
+    before = redis.Redis.from_url(redis_server.url).scard("rq:workers")
+    proc, log = start_worker(tmp_path, "kernel", model_dir=tiny_dir, backend="kernel", device="cpu",
+                             redis_url=redis_server.url, queue="encode-kernel",
+                             max_prompt_tokens=TEST_MAX_PROMPT_TOKENS)
     try:
-        before = redis.Redis.from_url(redis_server.url).scard("rq:workers")
         wait_for_workers(redis_server.url, before + 1, proc, log)
         prompts = ["a kernel-served fox", "", " ", "ünïcödé 🦊", "a kernel-served fox"]
         with EncoderClient(redis_server.url, queue="encode-kernel", timeout=60) as c:
@@ -222,35 +217,28 @@ def test_kernel_backend_worker_serves_the_same_states(tiny_dir, redis_server, tm
 def test_take_reads_redis_clock_in_rqs_format(redis_server):
     """The take script stamps jobs with Redis's clock (it may run long after the worker sent it, pipelined
     behind a blocking wait): its date arithmetic, checked against Python's at random instants."""
-    import random
-    from datetime import datetime, timezone
-
-    from broker.scripts import RQ_LIB as LUA_RQ_NOW
-
     r = redis.Redis.from_url(redis_server.url)
-    fixed = LUA_RQ_NOW.replace("local t = redis.call('TIME')", "local t = {ARGV[1], ARGV[2]}")
+    fixed = RQ_LIB.replace("local t = redis.call('TIME')", "local t = {ARGV[1], ARGV[2]}")
     instants = [0, 951782400, 951868800, 1709164800, 4102444799] + [random.randrange(0, 4102444800)
                                                                       for _ in range(300)]
     for s in instants:
         us = random.randrange(0, 10**6)
         got = r.eval(fixed + "local _, text = rq_now() return text", 0, s, us).decode()
-        want = datetime.fromtimestamp(s, timezone.utc).replace(microsecond=us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        want = datetime.fromtimestamp(s, timezone.utc).replace(microsecond=us).strftime(RQ_TIME_FORMAT)
         assert got == want, s
     before = time.time()
-    text = r.eval(LUA_RQ_NOW + "local _, text = rq_now() return text", 0).decode()
-    stamped = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    text = r.eval(RQ_LIB + "local _, text = rq_now() return text", 0).decode()
+    stamped = datetime.strptime(text, RQ_TIME_FORMAT).replace(tzinfo=timezone.utc).timestamp()
     assert before - 1 <= stamped <= time.time() + 1
 
 
 def test_jobs_are_started_after_enqueue_and_leave_no_wake_ups(client, encoder_worker):
-    from datetime import datetime
-
     r = redis.Redis.from_url(encoder_worker["url"])
     wire = client.wire
     job_id = wire.submit(EncodeRequest(prompts=["stamps"], transport="blob").to_msgpack(), wire.deadline())
     assert wire.wait(job_id, wire.deadline()).error is None
     fields = r.hmget(f"rq:job:{job_id}", "enqueued_at", "started_at", "ended_at")
-    enqueued, started, ended = (datetime.strptime(f.decode(), "%Y-%m-%dT%H:%M:%S.%fZ") for f in fields)
+    enqueued, started, ended = (datetime.strptime(f.decode(), RQ_TIME_FORMAT) for f in fields)
     assert enqueued <= started <= ended
     assert r.llen("eb:wake:encode") == 0  # the take emptied the wake-up list with the queue
 

@@ -1,6 +1,8 @@
 """The DiT worker gets a prompt's and a negative prompt's embeddings through the broker in one call, and makes an
 image from them (the tiny pipeline; see test_dit_pipeline.py for the pipeline itself)."""
 
+import uuid
+
 import msgpack
 import torch
 import pytest
@@ -8,19 +10,22 @@ import pytest
 from broker.errors import EncodeFailed
 from broker.generation import GenerationClient
 from dit_workers.worker import checksum
-from tests.helpers import start_process, stop_process, wait_for_workers, write_config
+from tests.helpers import start_worker, stop_process, wait_for_workers
+from tests.test_http_front import front_process
+
+
+def start_dit_worker(folder, tiny_dir, url: str, queue: str, service_url: str):
+    """A DiT worker process serving `queue`, its prompts encoded by the service at `service_url`: (process, log)."""
+    return start_worker(folder, "dit", "dit_workers", text_encoder_type="lightllm_service", model_path=tiny_dir,
+                        redis_url=url, queue=queue, device="cpu",
+                        lightllm_config={"service_url": service_url, "service_timeout": 30, "service_retry": 1,
+                                         "use_shm": True})
 
 
 @pytest.fixture(scope="module")
 def dit_worker(encoder_worker, tiny_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("dit-worker")
     url = encoder_worker["url"]
-    cfg = write_config(str(d / "dit.json"), text_encoder_type="lightllm_service", model_path=tiny_dir,
-                       redis_url=url, queue="generate", device="cpu",
-                       lightllm_config={"service_url": url, "service_timeout": 30, "service_retry": 1,
-                                        "use_shm": True})
-    log = str(d / "dit.log")
-    proc = start_process(["-m", "dit_workers", "--config", cfg], log)
+    proc, log = start_dit_worker(tmp_path_factory.mktemp("dit-worker"), tiny_dir, url, "generate", url)
     wait_for_workers(url, 2, proc, log)  # the encoder worker and this one
     yield {"url": url, "proc": proc, "log": log}
     stop_process(proc)
@@ -52,18 +57,9 @@ def test_bad_generation_request_fails_that_job(dit_worker):
 def test_a_dit_worker_process_speaks_lightllm_http_to_the_front_process(encoder_worker, baseline, tiny_dir,
                                                                         tmp_path):
     """LightX2V's meaning of an http:// service_url, as processes: DiT worker -> HTTP front -> encoder worker."""
-    import uuid
-
-    from tests.test_http_front import front_process
-
     url = encoder_worker["url"]
     front, port = front_process(url, "ebh" + uuid.uuid4().hex[:6], tmp_path / "front.log")
-    cfg = write_config(str(tmp_path / "dit.json"), text_encoder_type="lightllm_service", model_path=tiny_dir,
-                       redis_url=url, queue="generate_http", device="cpu",
-                       lightllm_config={"service_url": f"http://127.0.0.1:{port}", "service_timeout": 30,
-                                        "service_retry": 1, "use_shm": True})
-    log = str(tmp_path / "dit.log")
-    proc = start_process(["-m", "dit_workers", "--config", cfg], log)
+    proc, log = start_dit_worker(tmp_path, tiny_dir, url, "generate_http", f"http://127.0.0.1:{port}")
     try:
         wait_for_workers(url, 1, proc, log, queue="generate_http")
         client = GenerationClient(url, queue="generate_http", timeout=60)

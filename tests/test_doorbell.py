@@ -7,6 +7,7 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -15,14 +16,13 @@ import torch
 from broker.client import EncoderClient
 from broker.doorbell import Doorbell, Ring, Ringer
 from broker.errors import InvalidRequest
-from broker.host import host_id
 from broker.queues import ENCODE_FUNCTION
 from broker.results import read_shm
 from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest, Handle
 from broker.serializer import MsgpackSerializer
 from shm import SHM_DIR, write_segment
-from tests.helpers import eventually
+from tests.helpers import assert_encoded, eventually, submit_prompt
 
 
 def shm_handle(name: str, nbytes: int = 8) -> bytes:
@@ -34,17 +34,10 @@ def segment_exists(name: str) -> bool:
     return os.path.exists(os.path.join(SHM_DIR, name.lstrip("/")))
 
 
-def assert_encoded(outcome, via: str, prompt: str, baseline) -> None:
+def assert_came(outcome, via: str, prompt: str, baseline) -> None:
     """`outcome` came `via` where expected and its segment holds `prompt`'s states."""
     assert outcome.via == via and outcome.error is None
-    got = read_shm(Handle.from_msgpack(outcome.value))[0]
-    assert torch.equal(got, baseline.encode([prompt])[0].to(got.dtype))
-
-
-def submit(client: EncoderClient, prompt: str, bell: str = "") -> tuple[str, float]:
-    deadline = client.wire.deadline()
-    req = EncodeRequest(prompts=[prompt], transport="shm", client_host=host_id(), deadline=deadline, bell=bell)
-    return client.wire.submit(req.validate().to_msgpack(), deadline, "test"), deadline
+    assert_encoded(read_shm(Handle.from_msgpack(outcome.value))[0], prompt, baseline)
 
 
 def test_a_ring_reaches_its_bell_and_rings_for_other_jobs_are_set_apart():
@@ -88,59 +81,43 @@ def test_a_request_names_only_a_doorbell():
             EncodeRequest(prompts=["x"], bell=bad).validate()
 
 
-def test_the_worker_rings_the_result_to_its_client_and_records_it_in_redis(encoder_worker, baseline):
-    client = EncoderClient(encoder_worker["url"], timeout=30)
-    try:
-        bell = client._doorbell()
-        job_id, deadline = submit(client, "a heron at dawn", bell.name)
-        outcome = client.wire.wait(job_id, deadline, bell)
-        assert_encoded(outcome, "doorbell", "a heron at dawn", baseline)
-        # the result reaches Redis as well: status, registry and result stream, with the same handle
-        r = redis.Redis.from_url(encoder_worker["url"])
-        assert eventually(lambda: r.hget(f"rq:job:{job_id}", "status") == b"finished")
-        assert r.zscore("rq:finished:encode", job_id) is not None
-        entry = r.xrange(f"rq:results:{job_id}")[-1][1]
-        assert MsgpackSerializer.loads(base64.b64decode(entry[b"return_value"])) == outcome.value
-    finally:
-        client.close()
+def test_the_worker_rings_the_result_to_its_client_and_records_it_in_redis(client, encoder_worker, baseline):
+    bell = client._doorbell()
+    job_id, deadline = submit_prompt(client, "a heron at dawn", bell.name)
+    outcome = client.wire.wait(job_id, deadline, bell)
+    assert_came(outcome, "doorbell", "a heron at dawn", baseline)
+    # the result reaches Redis as well: status, registry and result stream, with the same handle
+    r = redis.Redis.from_url(encoder_worker["url"])
+    assert eventually(lambda: r.hget(f"rq:job:{job_id}", "status") == b"finished")
+    assert r.zscore("rq:finished:encode", job_id) is not None
+    entry = r.xrange(f"rq:results:{job_id}")[-1][1]
+    assert MsgpackSerializer.loads(base64.b64decode(entry[b"return_value"])) == outcome.value
 
 
-def test_a_result_nobody_rings_comes_through_redis(encoder_worker, baseline):
+def test_a_result_nobody_rings_comes_through_redis(client, baseline):
     """A job whose worker can't ring (here: the request names no bell, as a worker on another host would not
     ring) is still answered while the client waits on its bell."""
-    client = EncoderClient(encoder_worker["url"], timeout=30)
-    try:
-        job_id, deadline = submit(client, "a quiet harbour")
-        assert_encoded(client.wire.wait(job_id, deadline, client._doorbell()), "redis", "a quiet harbour", baseline)
-    finally:
-        client.close()
+    job_id, deadline = submit_prompt(client, "a quiet harbour")
+    assert_came(client.wire.wait(job_id, deadline, client._doorbell()), "redis", "a quiet harbour", baseline)
 
 
 def test_a_worker_whose_ring_is_not_heard_still_delivers_through_redis(encoder_worker, baseline):
-    client = EncoderClient(encoder_worker["url"], timeout=30, doorbell=False)
-    try:
-        gone = Doorbell()
-        name = gone.name
-        gone.close()
-        job_id, deadline = submit(client, "nobody at the door", name)
-        assert_encoded(client.wire.wait(job_id, deadline), "redis", "nobody at the door", baseline)
-    finally:
-        client.close()
+    gone = Doorbell()
+    gone.close()
+    with EncoderClient(encoder_worker["url"], timeout=30, doorbell=False) as client:
+        job_id, deadline = submit_prompt(client, "nobody at the door", gone.name)
+        assert_came(client.wire.wait(job_id, deadline), "redis", "nobody at the door", baseline)
 
 
-def test_a_stale_ring_is_dropped_and_its_segment_unlinked(encoder_worker, baseline):
-    client = EncoderClient(encoder_worker["url"], timeout=30)
+def test_a_stale_ring_is_dropped_and_its_segment_unlinked(client, baseline):
     ringer = Ringer()
     try:
-        bell = client._doorbell()
         stale = write_segment(8, 30, "ebstale", [(0, b"\0" * 8)])
-        assert ringer.ring(bell.name, uuid.uuid4().hex, shm_handle(stale))
-        got = client.encode(["the lighthouse keeper"])[0]
-        assert torch.equal(got, baseline.encode(["the lighthouse keeper"])[0].to(got.dtype))
+        assert ringer.ring(client._doorbell().name, uuid.uuid4().hex, shm_handle(stale))
+        assert_encoded(client.encode(["the lighthouse keeper"])[0], "the lighthouse keeper", baseline)
         assert not segment_exists(stale)
     finally:
         ringer.close()
-        client.close()
 
 
 def test_a_ring_that_wins_leaves_the_wire_usable(redis_server):
@@ -187,8 +164,7 @@ def _encode_in_child(url: str, out) -> None:
 _shared_client: list = []
 
 
-def test_a_forked_child_binds_a_doorbell_of_its_own(encoder_worker, baseline):
-    client = EncoderClient(encoder_worker["url"], timeout=30)
+def test_a_forked_child_binds_a_doorbell_of_its_own(client, encoder_worker, baseline):
     _shared_client[:] = [client]
     try:
         client.encode(["before the fork"])
@@ -204,13 +180,10 @@ def test_a_forked_child_binds_a_doorbell_of_its_own(encoder_worker, baseline):
         assert client.encode(["after the fork"])[0].shape[0] > 0
     finally:
         _shared_client.clear()
-        client.close()
 
 
 def test_threads_sharing_a_client_each_get_their_own_results(encoder_worker, baseline):
     """One thread at a time waits on the doorbell (the others on Redis): no thread takes another's ring."""
-    from concurrent.futures import ThreadPoolExecutor
-
     prompts = [f"a shared client, thread request {i}" for i in range(12)]
     with EncoderClient(encoder_worker["url"], timeout=60) as client, ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda p: client.handle_of([p]), prompts))

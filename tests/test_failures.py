@@ -16,12 +16,11 @@ import redis
 
 from broker.client import EncoderClient
 from broker.errors import BrokerUnavailable, EncodeFailed, Overloaded
-from broker.queues import ENCODE_FUNCTION
 from broker.host import host_id
+from broker.queues import ENCODE_FUNCTION
 from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest, Handle
-from tests.helpers import (REPO, RedisServer, eventually, shm_names, start_process, stop_process,
-                           write_config)
+from tests.helpers import REPO, RedisServer, eventually, shm_names, start_worker, stop_process, wait_for_workers
 from workers.job_source import JobSource
 
 
@@ -33,19 +32,14 @@ class Workers:
         self.procs = []
         self.prefix = "ebf" + uuid.uuid4().hex[:6]
 
-    def start(self, queue="encode", wait=True, **cfg):
-        name = f"w{len(self.procs)}"
+    def start(self, queue="encode", **cfg):
+        """A worker, once it serves `queue`; `cfg` overrides the defaults below."""
+        before = redis.Redis.from_url(self.url).scard(f"rq:workers:{queue}")
         values = dict(model_dir=self.tiny_dir, backend="baseline", device="cpu", redis_url=self.url, queue=queue,
                       shm_prefix=self.prefix, sweep_interval_s=0.5, job_heartbeat_ttl_s=2, result_ttl_s=30)
-        values.update(cfg)
-        config = write_config(str(self.tmp / f"{name}.json"), **values)
-        log = str(self.tmp / f"{name}.log")
-        proc = start_process(["-m", "workers", "--config", config], log)
+        proc, log = start_worker(self.tmp, f"w{len(self.procs)}", **{**values, **cfg})
         self.procs.append(proc)
-        if wait:
-            r = redis.Redis.from_url(self.url)
-            before = r.scard(f"rq:workers:{queue}")
-            wait_for_workers_on(self.url, queue, before + 1, proc, log)
+        wait_for_workers(self.url, before + 1, proc, log, queue=queue)
         return proc
 
     def stop_all(self):
@@ -53,18 +47,6 @@ class Workers:
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGCONT)
             stop_process(p)
-
-
-def wait_for_workers_on(url, queue, count, proc, log, timeout=120):
-    r = redis.Redis.from_url(url)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(open(log).read()[-3000:])
-        if r.scard(f"rq:workers:{queue}") >= count:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"no worker on {queue}: " + open(log).read()[-3000:])
 
 
 @pytest.fixture
@@ -191,18 +173,17 @@ def test_clients_and_workers_ride_out_a_redis_restart_between_requests(workers, 
     """D1, D2: the first request after Redis comes back is served, whatever connections went stale (the
     doorbell's raced XREAD, the pool's, the asyncio client's, the worker's wait), within the clients' retries."""
     workers.start()
-    clients = [EncoderClient(own_redis.url, timeout=30, retries=3), EncoderClient(own_redis.url, timeout=30,
-               retries=3, doorbell=False), EncoderClient(own_redis.url, timeout=30, retries=3, transport="blob")]
+    clients = [EncoderClient(own_redis.url, timeout=30, retries=3, **kw)
+               for kw in ({}, {"doorbell": False}, {"transport": "blob"})]
     for c in clients:
         c.encode(["warm"])
     loop = asyncio.new_event_loop()
     loop.run_until_complete(clients[0].aencode(["warm"]))
     restart(own_redis)
+    want = baseline.encode(["after the restart"])[0].shape
     for c in clients:
-        got = c.encode(["after the restart"])[0]
-        assert got.shape == baseline.encode(["after the restart"])[0].shape
-    got = loop.run_until_complete(clients[0].aencode(["after the restart"]))[0]
-    assert got.shape == baseline.encode(["after the restart"])[0].shape
+        assert c.encode(["after the restart"])[0].shape == want
+    assert loop.run_until_complete(clients[0].aencode(["after the restart"]))[0].shape == want
     loop.close()
     assert eventually(lambda: redis.Redis.from_url(own_redis.url).scard("rq:workers:encode") == 1, timeout=10)
     assert shm_names(workers.prefix) == []

@@ -5,23 +5,25 @@ drives it, against a real Redis and a real encoder worker; the front itself runs
 import asyncio
 import base64
 import http.client
-import inspect
 import io
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+import urllib.request
 import uuid
 
 import numpy as np
 import pytest
+import redis
 import torch
 
 from broker.http_front import HttpFront, HttpFrontConfig
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
-from tests.helpers import eventually, free_port, shm_names
+from tests.helpers import eventually, free_port, scrape, shm_names, start_process
 
 # Qwen-Image's templates as LightX2V's configs carry them (prompt_template_encode / _start_idx): the client
 # formats the prompt itself and slices the first drop_idx states off the answer.
@@ -33,9 +35,11 @@ I2I_DROP_IDX = 64
 
 
 class FrontThread:
-    """An HttpFront on a free port, serving from its own event loop in a background thread."""
+    """An HttpFront on a free port, serving from its own event loop in a background thread; as a context manager,
+    stopped on the way out."""
 
     def __init__(self, **cfg):
+        cfg.setdefault("shm_prefix", "ebh" + uuid.uuid4().hex[:6])  # its own: a front sweeps its prefix as it starts
         self.cfg = HttpFrontConfig(host="127.0.0.1", port=0, **cfg)
         self.loop = asyncio.new_event_loop()
         self.front: HttpFront | None = None
@@ -59,6 +63,12 @@ class FrontThread:
         self.thread.start()
         assert ready.wait(30) and self.error is None, self.error
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
     def stop(self):
         asyncio.run_coroutine_threadsafe(self.front.close(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -68,10 +78,9 @@ class FrontThread:
 
 @pytest.fixture(scope="module")
 def front(encoder_worker):
-    f = FrontThread(redis_url=encoder_worker["url"], queue="encode", max_body_bytes=1 << 20,
-                    shm_prefix="ebh" + uuid.uuid4().hex[:6], client_timeout_s=1.0)
-    yield f
-    f.stop()
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", max_body_bytes=1 << 20,
+                     client_timeout_s=1.0) as f:
+        yield f
 
 
 def call(port, method, path, body=None, headers=None):
@@ -85,6 +94,11 @@ def call(port, method, path, body=None, headers=None):
         return r.status, (json.loads(raw) if raw else None), {k.lower(): v for k, v in r.getheaders()}
     finally:
         conn.close()
+
+
+def generate(port, prompt, **extra):
+    """POST /generate of `prompt` in the t2i template, as LightX2V sends it: (status, JSON answer, headers)."""
+    return call(port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format(prompt), **extra))
 
 
 def lightx2v_payload(text, images=(), **extra):
@@ -117,17 +131,10 @@ def close(got, want):
 
 
 def metric(port, name, **labels):
-    """A sample's value from the front's /metrics (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
+    """The value of the first sample `name` with (at least) `labels` on the front's /metrics (0 when absent)."""
+    for (sample, sample_labels), value in scrape(port).items():
+        if sample == name and labels.items() <= dict(sample_labels).items():
+            return value
     return 0.0
 
 
@@ -150,8 +157,7 @@ def test_base64_answer_is_the_baseline_encoding(front, baseline):
 def test_default_answer_has_both_and_the_front_unlinks_its_segments(front):
     """LightLLM's default: base64 and a segment, so clients with use_shm on or off both parse it. The reader never
     unlinks (LightX2V doesn't): the front does, at the segment's expiry or when it stops."""
-    templated = T2I_TEMPLATE.format("shared memory, please")
-    status, both, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated))
+    status, both, _ = generate(front.port, "shared memory, please")
     assert status == 200, both
     name = both["shm_hidden_states_name"]
     assert name in shm_names(front.cfg.shm_prefix)
@@ -160,88 +166,72 @@ def test_default_answer_has_both_and_the_front_unlinks_its_segments(front):
     assert torch.equal(decode_answer(both, use_shm=True), decode_answer(both, use_shm=False))
     assert both["shm_hidden_states_expires_at"] <= time.time() + front.cfg.shm_ttl_s + 1
 
-    _, only_shm, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated, use_shm=True))
+    _, only_shm, _ = generate(front.port, "shared memory, please", use_shm=True)
     assert "hidden_states_base64" not in only_shm  # no base64 computed when shared memory serves and none asked
     assert only_shm["shm_hidden_states_name"] != name  # every answer its own segment
     assert torch.equal(decode_answer(only_shm, use_shm=True), decode_answer(both, use_shm=False))
-    _, with_b64, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated, use_shm=True,
-                                                                              return_base64=True))
+    _, with_b64, _ = generate(front.port, "shared memory, please", use_shm=True, return_base64=True)
     assert "hidden_states_base64" in with_b64 and "shm_hidden_states_name" in with_b64
     assert metric(front.port, "encoder_broker_http_results_total", transport="both") >= 2
     assert metric(front.port, "encoder_broker_http_live_segments") >= 3
 
 
 def test_segments_expire_and_a_budget_bounds_them(encoder_worker):
-    f = FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_ttl_s=1.0, sweep_interval_s=0.2,
-                    shm_prefix="ebs" + uuid.uuid4().hex[:6])
-    try:
-        status, first, _ = call(f.port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("left unread")))
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_ttl_s=1.0, sweep_interval_s=0.2) as f:
+        status, first, _ = generate(f.port, "left unread")
         assert status == 200 and "hidden_states_base64" in first, first
         size = os.stat(f"/dev/shm/{first['shm_hidden_states_name']}").st_size
         assert shm_names(f.cfg.shm_prefix) == [first["shm_hidden_states_name"]]
         assert eventually(lambda: shm_names(f.cfg.shm_prefix) == [])  # unlinked by the front at its expiry
-    finally:
-        f.stop()
 
-    g = FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_max_bytes=size + size // 2,
-                    shm_prefix="ebb" + uuid.uuid4().hex[:6])
-    try:
-        payload = lightx2v_payload(T2I_TEMPLATE.format("left unread"))
-        _, a, _ = call(g.port, "POST", "/generate", payload)
-        _, b, _ = call(g.port, "POST", "/generate", payload)
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_max_bytes=size + size // 2) as g:
+        _, a, _ = generate(g.port, "left unread")
+        _, b, _ = generate(g.port, "left unread")
         assert "shm_hidden_states_name" in a and "shm_hidden_states_name" not in b, (a.keys(), b.keys())
         assert torch.equal(decode_answer(b, use_shm=False), decode_answer(a, use_shm=True))  # base64 alone
         assert metric(g.port, "encoder_broker_http_shm_refused_total", reason="budget") == 1
         assert metric(g.port, "encoder_broker_http_live_segment_bytes") == size
         assert shm_names(g.cfg.shm_prefix) == [a["shm_hidden_states_name"]]
-    finally:
-        g.stop()
     assert shm_names(g.cfg.shm_prefix) == []  # a graceful stop unlinks what it still held
 
 
 def front_process(url, prefix, log_path):
     """`python -m broker.http_front` on a free port, once it answers: (process, port)."""
-    import subprocess
-    import sys
-
-    from tests.helpers import REPO
-
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "broker.http_front", "--port", str(port), "--redis-url", url,
-                             "--shm-prefix", prefix, "--shm-ttl-s", "1"], cwd=REPO, stdout=open(log_path, "w"),
-                            stderr=subprocess.STDOUT)
+    proc = start_process(["-m", "broker.http_front", "--port", str(port), "--redis-url", url, "--shm-prefix", prefix,
+                          "--shm-ttl-s", "1"], log_path)
     assert eventually(lambda: _answers(port) or proc.poll() is not None, timeout=60) and proc.poll() is None, \
         open(log_path).read()
     return proc, port
 
 
-def test_a_restarted_front_removes_what_a_killed_one_left(encoder_worker, tmp_path):
-    import signal
+def _answers(port) -> bool:
+    try:
+        return call(port, "GET", "/liveness")[0] == 200
+    except OSError:
+        return False
 
+
+def test_a_restarted_front_removes_what_a_killed_one_left(encoder_worker, tmp_path):
     prefix = "ebk" + uuid.uuid4().hex[:6]
     proc, port = front_process(encoder_worker["url"], prefix, tmp_path / "front.log")
     try:
-        status, result, _ = call(port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("orphan")))
+        status, result, _ = generate(port, "orphan")
         assert status == 200 and shm_names(prefix) == [result["shm_hidden_states_name"]]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     time.sleep(1.2)  # past the orphan's expiry: nobody is left to unlink it
     assert shm_names(prefix) == [result["shm_hidden_states_name"]]
-    f = FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_prefix=prefix)
-    try:
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_prefix=prefix):
         assert shm_names(prefix) == []  # swept as the new front started
-    finally:
-        f.stop()
 
 
 def test_sigterm_stops_the_front_gracefully(encoder_worker, tmp_path):
-    import signal
-
     prefix = "ebg" + uuid.uuid4().hex[:6]
     proc, port = front_process(encoder_worker["url"], prefix, tmp_path / "front.log")
     try:
-        status, result, _ = call(port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("graceful")))
+        status, result, _ = generate(port, "graceful")
         assert status == 200 and shm_names(prefix) == [result["shm_hidden_states_name"]]
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -250,13 +240,6 @@ def test_sigterm_stops_the_front_gracefully(encoder_worker, tmp_path):
             proc.kill()
     assert shm_names(prefix) == []  # unlinked on the way out
     assert "stopping: unlinking 1 answer segment(s)" in open(tmp_path / "front.log").read()
-
-
-def _answers(port) -> bool:
-    try:
-        return call(port, "GET", "/liveness")[0] == 200
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("body, status, says", [
@@ -283,13 +266,10 @@ def test_wrong_paths_methods_and_sizes(front):
     assert status == 405 and headers["allow"] == "POST" and "POST" in result["message"]
     assert call(front.port, "POST", "/health", b"{}")[0] == 405
 
-    conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=30)
-    conn.putrequest("POST", "/generate")
-    conn.putheader("Content-Length", str(2 << 20))  # refused from the header alone: the body is never read
-    conn.endheaders()
-    r = conn.getresponse()
-    assert r.status == 413 and "max_body_bytes" in json.loads(r.read())["message"]
-    conn.close()
+    with socket.create_connection(("127.0.0.1", front.port), timeout=30) as s:  # a body too large, never sent:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (2 << 20))
+        status, _, body = read_response(s.makefile("rb"))  # refused from the header alone
+        assert status == 413 and "max_body_bytes" in json.loads(body)["message"]
 
     with socket.create_connection(("127.0.0.1", front.port), timeout=30) as s:  # chunked: counted as it comes
         s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -337,11 +317,9 @@ def test_slow_clients_are_timed_out(front):
 
 def test_access_log_and_refusals_are_logged(front, caplog):
     caplog.set_level(logging.INFO, logger="broker.http_front")
-    templated = T2I_TEMPLATE.format("logged")
-    status, result, _ = call(front.port, "POST", "/generate", lightx2v_payload(templated, use_shm=False))
+    status, result, _ = generate(front.port, "logged", use_shm=False)
     assert status == 200
-    status, _, _ = call(front.port, "POST", "/generate", {"inputs": 5})
-    assert status == 422
+    assert call(front.port, "POST", "/generate", {"inputs": 5})[0] == 422
     assert eventually(lambda: len([r for r in caplog.records if r.name == "broker.http_front.access"]) >= 2)
     access = [r.getMessage() for r in caplog.records if r.name == "broker.http_front.access"]
     assert any(m.startswith("POST /generate 200 ") and " ms prompts=1 tokens=%d" % result["prompt_tokens"] in m
@@ -359,11 +337,8 @@ def test_openapi_and_docs(front):
         {"$ref": "#/components/schemas/GenerateBody"}
     assert "inputs" in schema["components"]["schemas"]["GenerateBody"]["properties"]
     assert {"/health", "/liveness", "/readiness", "/metrics"} <= set(schema["paths"])
-    conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=30)
-    conn.request("GET", "/docs")
-    r = conn.getresponse()
-    assert r.status == 200 and b"swagger" in r.read().lower()
-    conn.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{front.port}/docs", timeout=30) as r:
+        assert r.status == 200 and b"swagger" in r.read().lower()
 
 
 def test_graceful_shutdown_finishes_requests_in_flight(encoder_worker):
@@ -410,62 +385,47 @@ def test_keep_alive_and_expect_continue(front):
 def hold_one_request(f, until):
     """Sends one request to a front whose queue has no worker, in a thread; returns once `until()` holds."""
     held = {}
-    t = threading.Thread(target=lambda: held.update(answer=call(f.port, "POST", "/generate",
-                                                                 lightx2v_payload(T2I_TEMPLATE.format("held")))))
+    t = threading.Thread(target=lambda: held.update(answer=generate(f.port, "held")))
     t.start()
-    deadline = time.time() + 20
-    while not until() and time.time() < deadline:
-        time.sleep(0.02)
-    assert until()
+    assert eventually(until, interval=0.02)
     return t, held
 
 
 def test_overload_answers_429(encoder_worker):
-    import redis
-
+    url = encoder_worker["url"]
     stalled = "stalled-" + uuid.uuid4().hex[:8]  # a queue no worker serves: requests stay in flight
-    by_inflight = FrontThread(redis_url=encoder_worker["url"], queue=stalled, max_inflight=1, timeout=2.0)
-    by_queue = FrontThread(redis_url=encoder_worker["url"], queue=stalled + "-q", max_queue_depth=1, timeout=2.0)
-    r = redis.Redis.from_url(encoder_worker["url"])
-    try:
+    r = redis.Redis.from_url(url)
+    with (FrontThread(redis_url=url, queue=stalled, max_inflight=1, timeout=2.0) as by_inflight,
+          FrontThread(redis_url=url, queue=stalled + "-q", max_queue_depth=1, timeout=2.0) as by_queue):
         t1, held1 = hold_one_request(by_inflight, lambda: by_inflight.front.inflight == 1)
         t2, held2 = hold_one_request(by_queue, lambda: r.llen(f"rq:queue:{stalled}-q") == 1)
-        status, result, headers = call(by_inflight.port, "POST", "/generate", lightx2v_payload("x"))
+        status, result, headers = generate(by_inflight.port, "x")
         assert status == 429 and "max_inflight" in result["message"] and headers["retry-after"] == "1"
-        status, result, _ = call(by_queue.port, "POST", "/generate", lightx2v_payload("x"))
+        status, result, _ = generate(by_queue.port, "x")
         assert status == 429 and "queue" in result["message"], result
         t1.join(30)
         t2.join(30)
         for held in (held1, held2):  # nobody served them: the broker's timeout is the client's 504
             assert held["answer"][0] == 504, held
-    finally:
-        by_inflight.stop()
-        by_queue.stop()
 
 
 def test_health_is_503_unless_redis_and_a_live_worker_serve(encoder_worker):
-    f = FrontThread(redis_url=f"redis://127.0.0.1:{free_port()}/0", retries=0, timeout=5.0)
-    try:
+    with FrontThread(redis_url=f"redis://127.0.0.1:{free_port()}/0", retries=0, timeout=5.0) as f:
         for path in ("/health", "/liveness", "/readiness"):
             status, health, _ = call(f.port, "GET", path)
             assert status == 503 and health["redis"] is False and "cannot reach Redis" in health["reason"], health
-        status, result, _ = call(f.port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format("x")))
+        status, result, _ = generate(f.port, "x")
         assert status == 503 and "cannot reach Redis" in result["message"], result
-    finally:
-        f.stop()
-    g = FrontThread(redis_url=encoder_worker["url"], queue="nobody-" + uuid.uuid4().hex[:6])
-    try:
+    with FrontThread(redis_url=encoder_worker["url"], queue="nobody-" + uuid.uuid4().hex[:6]) as g:
         status, health, _ = call(g.port, "GET", "/readiness")
         assert status == 503 and health["redis"] is True and "no live worker" in health["reason"], health
-    finally:
-        g.stop()
 
 
 def test_metrics_count_jobs_by_outcome(front):
     before = metric(front.port, "encoder_broker_http_jobs_total", outcome="ok")
     refused = metric(front.port, "encoder_broker_http_jobs_total", outcome="refused")
     for text in ("one", "two"):
-        assert call(front.port, "POST", "/generate", lightx2v_payload(T2I_TEMPLATE.format(text)))[0] == 200
+        assert generate(front.port, text)[0] == 200
     assert call(front.port, "POST", "/generate", {"inputs": ""})[0] == 422
     assert metric(front.port, "encoder_broker_http_jobs_total", outcome="ok") == before + 2
     assert metric(front.port, "encoder_broker_http_jobs_total", outcome="refused") == refused + 1
@@ -475,14 +435,7 @@ def test_metrics_count_jobs_by_outcome(front):
     assert metric(front.port, "encoder_broker_http_requests_total", path="/generate", status="422") >= 1
 
 
-def encoders_take_images(encoder) -> bool:
-    return "images" in inspect.signature(encoder.encode).parameters
-
-
 def test_i2i_images_reach_the_encoder(front, baseline):
-    if not encoders_take_images(baseline):
-        pytest.skip("the encoders take no images yet (issue 5): their encode() has no 'images' parameter; "
-                    "until then the worker refuses i2i jobs and the front answers 422 with its message")
     from PIL import Image
 
     from workers.templates import I2I

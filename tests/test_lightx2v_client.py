@@ -3,6 +3,7 @@ LightX2V does (tests/lightx2v_reader.py: uint8 viewed as bfloat16, multiprocessi
 never unlinked) against real encoder workers in float32, float16 and bfloat16, over shared memory and base64."""
 
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -11,9 +12,15 @@ import uuid
 import pytest
 import torch
 
+from broker.client import EncoderClient
+from broker.errors import EncodeFailed
+from dit_workers.config import DitWorkerConfig
+from dit_workers.embeddings import make_embedder
+from dit_workers.lightllm_http import LightLLMHttpEmbedder
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
-from tests.helpers import REPO, eventually, shm_names, start_process, stop_process, wait_for_workers, write_config
+from tests.helpers import REPO, eventually, shm_names, start_worker, stop_process, wait_for_workers, write_config
 from tests.test_http_front import T2I_DROP_IDX, T2I_TEMPLATE, FrontThread
+from workers.encoders import load_encoder
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk, long exposure"]
 DTYPES = ("float32", "float16", "bfloat16")
@@ -23,25 +30,21 @@ DTYPES = ("float32", "float16", "bfloat16")
 def fronts(tiny_dir, redis_server, tmp_path_factory):
     """One worker per dtype, each on its own queue, each with its own front (shm_ttl_s 2 s)."""
     d = tmp_path_factory.mktemp("lightx2v")
-    procs, out = [], {}
-    for dtype in DTYPES:
-        queue = f"lx-{dtype}-{uuid.uuid4().hex[:6]}"
-        cfg = write_config(str(d / f"{dtype}.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
-                           dtype=dtype, redis_url=redis_server.url, queue=queue,
-                           max_prompt_tokens=TEST_MAX_PROMPT_TOKENS, shm_prefix="ebw" + uuid.uuid4().hex[:6])
-        log = str(d / f"{dtype}.log")
-        procs.append((start_process(["-m", "workers", "--config", cfg], log), log, queue))
+    queues = {dtype: f"lx-{dtype}-{uuid.uuid4().hex[:6]}" for dtype in DTYPES}
+    procs = [start_worker(d, dtype, model_dir=tiny_dir, backend="baseline", device="cpu", dtype=dtype,
+                          redis_url=redis_server.url, queue=queues[dtype], max_prompt_tokens=TEST_MAX_PROMPT_TOKENS,
+                          shm_prefix="ebw" + uuid.uuid4().hex[:6]) for dtype in DTYPES]
+    out = {}
     try:
-        for i, (proc, log, queue) in enumerate(procs):
+        for i, (proc, log) in enumerate(procs):
             wait_for_workers(redis_server.url, i + 1, proc, log)
-        for dtype, (_, _, queue) in zip(DTYPES, procs):
-            out[dtype] = FrontThread(redis_url=redis_server.url, queue=queue, shm_ttl_s=2.0, sweep_interval_s=0.2,
-                                     shm_prefix="ebx" + uuid.uuid4().hex[:6])
+        for dtype, queue in queues.items():
+            out[dtype] = FrontThread(redis_url=redis_server.url, queue=queue, shm_ttl_s=2.0, sweep_interval_s=0.2)
         yield out
     finally:
         for f in out.values():
             f.stop()
-        for proc, _, _ in procs:
+        for proc, _ in procs:
             stop_process(proc)
 
 
@@ -56,8 +59,6 @@ def read_as_lightx2v(url: str, use_shm: bool, tmp_path) -> dict:
 
 @functools.cache
 def in_process(tiny_dir: str, dtype: str) -> list[torch.Tensor]:
-    from workers.encoders import load_encoder
-
     return load_encoder(tiny_dir, backend="baseline", device="cpu", dtype=dtype,
                         max_prompt_tokens=TEST_MAX_PROMPT_TOKENS).encode(PROMPTS)
 
@@ -94,14 +95,7 @@ def lightx2v_qwen_image_config(path, service_url: str, model_path: str) -> str:
 
 
 def test_a_lightx2v_config_as_it_is_speaks_http_to_the_front(encoder_worker, baseline, tiny_dir, tmp_path, caplog):
-    import logging
-
-    from dit_workers.config import DitWorkerConfig
-    from dit_workers.embeddings import make_embedder
-    from dit_workers.lightllm_http import LightLLMHttpEmbedder
-
-    front = FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_prefix="ebd" + uuid.uuid4().hex[:6])
-    try:
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode") as front:
         path = lightx2v_qwen_image_config(str(tmp_path / "qwen_image_t2i_service.json"),
                                           f"http://127.0.0.1:{front.port}", tiny_dir)
         with caplog.at_level(logging.INFO, logger="broker.config"):
@@ -118,18 +112,11 @@ def test_a_lightx2v_config_as_it_is_speaks_http_to_the_front(encoder_worker, bas
             assert g.dtype == torch.bfloat16 and g.shape == want.shape
             torch.testing.assert_close(g.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-5)
         assert front.front.metrics.results.labels("shm")._value.get() == 2  # read from shared memory
-
-        from broker.errors import EncodeFailed
-
         with pytest.raises(EncodeFailed, match="max_prompt_tokens"):  # a 422 is not retried
             embedder.embed([" fox" * (TEST_MAX_PROMPT_TOKENS + 1)], "t2i", [])
-    finally:
-        front.stop()
 
 
 def test_encoder_client_refuses_an_http_service_url(tmp_path, tiny_dir):
-    from broker.client import EncoderClient
-
     path = lightx2v_qwen_image_config(str(tmp_path / "c.json"), "http://127.0.0.1:8010", tiny_dir)
     with pytest.raises(ValueError, match="LightLLM"):
         EncoderClient.from_config(path)

@@ -1,35 +1,23 @@
 """An encoder worker's Prometheus metrics (metrics_port), scraped after real jobs."""
 
-import urllib.request
+import pytest
+from rq import Worker
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from broker import EncoderClient
+from broker.errors import EncodeFailed
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
-
-
-def scrape(port: int) -> dict:
-    """{(sample name, sorted labels): value} of a /metrics page."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+from tests.helpers import eventually, scrape
 
 
 def test_worker_metrics_count_real_jobs(encoder_worker, client):
-    from broker.errors import EncodeFailed
-
     port = encoder_worker["metrics_port"]
     before = scrape(port)
     client.encode(["a red fox", "a blue fox", " "])
     client.encode(["a red fox"])  # the same prompt again: the encoding cache's
-    from broker import EncoderClient
-
-    by_blob = EncoderClient(encoder_worker["url"], timeout=30, transport="blob")
-    by_blob.encode(["a red fox"])
-    by_blob.close()
-    try:
+    with EncoderClient(encoder_worker["url"], timeout=30, transport="blob") as by_blob:
+        by_blob.encode(["a red fox"])
+    with pytest.raises(EncodeFailed):
         client.encode(["a fox", " fox" * (TEST_MAX_PROMPT_TOKENS + 1)])
-    except EncodeFailed:
-        pass
     after = scrape(port)
 
     def grew(name, labels=()):
@@ -53,16 +41,9 @@ def test_worker_metrics_count_real_jobs(encoder_worker, client):
 
 def test_rq_worker_counters_are_true(encoder_worker, client):
     """`rq info` reads RQ's worker counters: they follow the jobs the worker ran (a heartbeat behind at most)."""
-    from rq import Worker
-
-    from broker.errors import EncodeFailed
-    from tests.helpers import eventually
-
     client.encode(["counted once"])
-    try:
+    with pytest.raises(EncodeFailed):
         client.encode(["a fox", " fox" * (TEST_MAX_PROMPT_TOKENS + 1)])
-    except EncodeFailed:
-        pass
     conn = client.wire.redis
 
     def agree():

@@ -12,12 +12,12 @@ import redis
 from broker import keys
 from broker.client import EncoderClient
 from broker.enqueue import enqueue_args, new_job_mapping
-from broker.errors import EncodeFailed, InvalidRequest, PromptTooLong
+from broker.errors import EncodeFailed, InvalidRequest, PromptTooLong, ProtocolError
 from broker.results import parse_result_entry, raise_for_error
 from broker.schemas import EncodeRequest
 from broker.scripts import Scripts
 from tests.helpers import write_config
-from workers.config import EncoderWorkerConfig
+from workers.config import PROMPT_CHARS_PER_TOKEN, EncoderWorkerConfig
 from workers.worker import EncoderWorker
 
 
@@ -40,11 +40,8 @@ def raw_job(worker, request: dict, job_id: str | None = None) -> str:
 
 
 def outcome_of(worker, job_id: str):
-    client = EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=10)
-    try:
+    with EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=10) as client:
         return client.wire.wait(job_id, time.time() + 10)
-    finally:
-        client.close()
 
 
 def run_through(worker) -> None:
@@ -137,8 +134,6 @@ def test_a_huge_prompt_is_refused_before_tokenizing_and_the_jobs_behind_it_run(w
 
 
 def test_max_prompt_chars_defaults_from_max_prompt_tokens():
-    from workers.config import PROMPT_CHARS_PER_TOKEN
-
     assert EncoderWorkerConfig(max_prompt_tokens=100).max_prompt_chars == 100 * PROMPT_CHARS_PER_TOKEN
     assert EncoderWorkerConfig(max_prompt_chars=7).max_prompt_chars == 7
 
@@ -167,7 +162,5 @@ def test_the_heartbeat_keeps_a_job_alive_from_its_take_to_its_record(worker, bas
 def test_a_malformed_result_entry_is_a_protocol_error(entry):
     """What a client reads back from Redis is checked too: a clear ProtocolError, not whatever int(), base64 or
     zlib happen to raise."""
-    from broker.errors import ProtocolError
-
     with pytest.raises(ProtocolError, match="malformed"):
         parse_result_entry(entry)

@@ -13,7 +13,6 @@ import time
 import tracemalloc
 import zlib
 
-import posix_ipc
 import pytest
 import redis
 import torch
@@ -27,9 +26,8 @@ from broker.results import TRUSTED_UIDS_ENV, read_shm, trusted_owners
 from broker.schemas import Handle
 from broker.serializer import InflateLimitExceeded, inflate
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
-from tests.helpers import REPO, RedisServer, eventually, start_process, stop_process, wait_for_workers
-from tests.helpers import write_config as write_cfg
-from tests.test_broker_e2e import zlib_bomb
+from tests.helpers import REPO, RedisServer, eventually, start_worker, stop_process, wait_for_workers
+from tests.test_broker_e2e import assert_same, zlib_bomb
 
 
 def test_inflate_refuses_a_bomb_having_made_no_more_than_its_bound():
@@ -60,14 +58,13 @@ def test_inflate_gives_back_what_fits_and_refuses_what_is_cut_short():
 
 # -- S1: result segments are read only when trusted ----------------------------------------------------------------
 
-def _handle(name: str, states: torch.Tensor, nbytes: int | None = None) -> Handle:
+def _handle(name: str, states: torch.Tensor) -> Handle:
     return Handle(transport="shm", location=name, dtype="float32", shapes=[list(states.shape)], offsets=[0],
-                  nbytes=states.numel() * 4 if nbytes is None else nbytes, expires_at=time.time() + 30)
+                  nbytes=states.numel() * 4, expires_at=time.time() + 30)
 
 
-def _segment(states: torch.Tensor, size: int | None = None) -> str:
-    data = states.numpy().tobytes()
-    return shm.write_segment(len(data) if size is None else size, 30, "ebtrust", [(0, data)])
+def _path(name: str) -> str:
+    return f"/dev/shm/{name.lstrip('/')}"
 
 
 @pytest.fixture
@@ -76,50 +73,47 @@ def states():
 
 
 @pytest.fixture
-def cleanup():
+def segment(states):
+    """make(size=None): a segment holding `states` (of `size` bytes if given), as a worker writes it; whatever the
+    test leaves of them is unlinked after it."""
     names = []
-    yield names
+
+    def make(size: int | None = None) -> str:
+        data = states.numpy().tobytes()
+        names.append(shm.write_segment(len(data) if size is None else size, 30, "ebtrust", [(0, data)]))
+        return names[-1]
+
+    yield make
     for n in names:
         shm.unlink_segment(n)
 
 
-def _posix(name: str):
-    return posix_ipc.SharedMemory(name, 0)
-
-
 @pytest.mark.parametrize("copy", [True, False])
-def test_a_segment_the_worker_made_is_read_and_unlinked(states, cleanup, copy):
-    name = _segment(states)
-    cleanup.append(name)
+def test_a_segment_the_worker_made_is_read_and_unlinked(states, segment, copy):
+    name = segment()
     (got,) = read_shm(_handle(name, states), copy=copy)
     assert torch.equal(got, states)
-    assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+    assert not os.path.exists(_path(name))
 
 
 @pytest.mark.parametrize("copy", [True, False])
-def test_a_segment_others_could_write_is_refused(states, cleanup, copy):
-    name = _segment(states)
-    cleanup.append(name)
-    mem = _posix(name)
-    os.fchmod(mem.fd, 0o644)
-    mem.close_fd()
+def test_a_segment_others_could_write_is_refused(states, segment, copy):
+    name = segment()
+    os.chmod(_path(name), 0o644)
     with pytest.raises(ResultLost, match="has mode 0644, not 0600"):
         read_shm(_handle(name, states), copy=copy)
-    assert os.path.exists(f"/dev/shm/{name.lstrip('/')}")  # left where it is
+    assert os.path.exists(_path(name))  # left where it is
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="giving a segment to another user needs root")
 @pytest.mark.parametrize("copy", [True, False])
-def test_a_segment_of_another_owner_is_refused_unless_trusted(states, cleanup, copy):
+def test_a_segment_of_another_owner_is_refused_unless_trusted(states, segment, copy):
     other = 54321
-    name = _segment(states)
-    cleanup.append(name)
-    mem = _posix(name)
-    os.fchown(mem.fd, other, -1)
-    mem.close_fd()
+    name = segment()
+    os.chown(_path(name), other, -1)
     with pytest.raises(ResultLost, match=f"owned by uid {other}, not by this process's uid"):
         read_shm(_handle(name, states), copy=copy)
-    assert os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+    assert os.path.exists(_path(name))
     (got,) = read_shm(_handle(name, states), copy=copy, trusted=trusted_owners([other]))
     assert torch.equal(got, states)
 
@@ -134,17 +128,14 @@ def test_trusted_uids_come_from_the_client_and_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("copy", [True, False])
-def test_a_segment_of_another_size_than_the_handle_states_is_refused(states, cleanup, copy):
-    name = _segment(states, size=states.numel() * 4 + 4096)  # room for more than the handle says
-    cleanup.append(name)
+def test_a_segment_of_another_size_than_the_handle_states_is_refused(states, segment, copy):
+    name = segment(size=states.numel() * 4 + 4096)  # room for more than the handle says
     with pytest.raises(ResultLost, match=f"holds {states.numel() * 4 + 4096} bytes, not the {states.numel() * 4}"):
         read_shm(_handle(name, states), copy=copy)
 
 
-def test_a_handle_whose_states_do_not_fit_its_bytes_is_refused(states, cleanup):
-    name = _segment(states)
-    cleanup.append(name)
-    bad = _handle(name, states)
+def test_a_handle_whose_states_do_not_fit_its_bytes_is_refused(states, segment):
+    bad = _handle(segment(), states)
     bad.shapes = [[500, 8]]
     with pytest.raises(ResultLost, match=r"shape \[500, 8\] at offset 0 does not fit its 160 bytes"):
         read_shm(bad)
@@ -195,18 +186,13 @@ def test_connect_takes_the_password_from_the_url_or_the_file(locked_redis, monke
 
 def test_a_locked_redis_serves_a_client_and_a_worker_that_have_the_password_and_no_others(
         tiny_dir, baseline, locked_redis, tmp_path, monkeypatch):
-    from tests.test_broker_e2e import assert_same
-
     authed = f"redis://:{locked_redis.password}@127.0.0.1:{locked_redis.port}/0"
-    cfg = write_cfg(str(tmp_path / "encoder.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
-                    redis_url=locked_redis.url, max_prompt_tokens=TEST_MAX_PROMPT_TOKENS, shm_prefix="ebtlock",
-                    result_ttl_s=30)
-    logs = {k: str(tmp_path / f"{k}.log") for k in ("with", "without")}
-    with_pw = start_process(["-m", "workers", "--config", cfg], logs["with"],
-                            env={PASSWORD_FILE_ENV: locked_redis.password_file})
-    without = start_process(["-m", "workers", "--config", cfg], logs["without"])
+    config = dict(model_dir=tiny_dir, backend="baseline", device="cpu", redis_url=locked_redis.url,
+                  max_prompt_tokens=TEST_MAX_PROMPT_TOKENS, shm_prefix="ebtlock", result_ttl_s=30)
+    with_pw, with_log = start_worker(tmp_path, "with", env={PASSWORD_FILE_ENV: locked_redis.password_file}, **config)
+    without, without_log = start_worker(tmp_path, "without", **config)
     try:
-        wait_for_workers(authed, 1, with_pw, logs["with"])
+        wait_for_workers(authed, 1, with_pw, with_log)
         with EncoderClient(authed, timeout=30) as c:  # the password in the URL
             assert_same(c.encode(["a locked door"]), baseline.encode(["a locked door"]))
         monkeypatch.setenv(PASSWORD_FILE_ENV, locked_redis.password_file)
@@ -216,7 +202,7 @@ def test_a_locked_redis_serves_a_client_and_a_worker_that_have_the_password_and_
         with EncoderClient(locked_redis.url, timeout=10, retries=0) as c:
             with pytest.raises(BrokerUnavailable, match="asks for a password"):
                 c.encode(["no key"])
-        assert eventually(lambda: "Authentication required" in open(logs["without"]).read(), timeout=120)
+        assert eventually(lambda: "Authentication required" in open(without_log).read(), timeout=120)
         assert without.poll() is None  # it keeps trying, saying why
         assert connect(authed).scard("rq:workers") == 1  # only the worker with the password got in
         stats = subprocess.run([sys.executable, "-m", "broker", "stats", "--json", "--redis-url", locked_redis.url],

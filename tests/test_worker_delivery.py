@@ -15,49 +15,35 @@ from broker import keys
 from broker.client import EncoderClient
 from broker.doorbell import Doorbell
 from broker.errors import EncodeFailed
-from broker.host import host_id
 from broker.results import raise_for_error, read_shm
-from broker.schemas import EncodeRequest, Handle
+from broker.schemas import Handle
 from shm import SHM_DIR
-from tests.helpers import free_port, write_config
+from tests.helpers import assert_encoded, free_port, shm_names, submit_prompt, write_config
 from workers.config import EncoderWorkerConfig
 from workers.worker import EncoderWorker
 
 
 @pytest.fixture
-def worker_and_client(baseline, tiny_dir, redis_server, tmp_path):
-    queue = "deliver-" + uuid.uuid4().hex[:8]
+def worker(baseline, tiny_dir, redis_server, tmp_path):
     cfg = write_config(str(tmp_path / "w.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
-                       redis_url=redis_server.url, queue=queue, shm_prefix="ebd" + uuid.uuid4().hex[:6],
-                       cache_max_bytes=0, max_wait_ms=0)
-    worker = EncoderWorker(EncoderWorkerConfig.from_json(cfg), baseline)
-    client = EncoderClient(redis_server.url, queue=queue, timeout=30)
-    yield worker, client
-    client.close()
+                       redis_url=redis_server.url, queue="deliver-" + uuid.uuid4().hex[:8],
+                       shm_prefix="ebd" + uuid.uuid4().hex[:6], cache_max_bytes=0, max_wait_ms=0)
+    return EncoderWorker(EncoderWorkerConfig.from_json(cfg), baseline)
 
 
-def submit(client, prompt: str, bell: Doorbell | None = None) -> tuple[str, float]:
-    """Enqueues `prompt` as EncoderClient.encode does; (job id, deadline)."""
-    deadline = client.wire.deadline()
-    req = EncodeRequest(prompts=[prompt], client_host=host_id(), deadline=deadline, bell=bell.name if bell else "")
-    return client.wire.submit(req.validate().to_msgpack(), deadline), deadline
+@pytest.fixture
+def client(worker):
+    """Here, a client of `worker`'s queue (conftest's is one of the encoder worker process)."""
+    with EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=30) as c:
+        yield c
 
 
 def read_result(client, job_id: str, deadline: float) -> torch.Tensor:
     return read_shm(Handle.from_msgpack(raise_for_error(client.wire.wait(job_id, deadline))))[0]
 
 
-def assert_encoded(got: torch.Tensor, prompt: str, baseline) -> None:
-    assert torch.equal(got, baseline.encode([prompt])[0].to(got.dtype))
-
-
-def segments_of(worker) -> set[str]:
-    return {n for n in os.listdir(SHM_DIR) if n.startswith(worker.config.shm_prefix)}
-
-
-def test_a_job_goes_through_intake_compute_and_delivery(worker_and_client, baseline):
-    worker, client = worker_and_client
-    jobs = {p: submit(client, p) for p in ("a lone red fox", "a second prompt")}
+def test_a_job_goes_through_intake_compute_and_delivery(worker, client, baseline):
+    jobs = {p: submit_prompt(client, p) for p in ("a lone red fox", "a second prompt")}
     batch = worker.intake.next_batch()
     assert sorted(p.taken.job_id for p in batch.jobs) == sorted(j for j, _ in jobs.values())
     r = redis.Redis.from_url(worker.config.redis_url)
@@ -71,10 +57,9 @@ def test_a_job_goes_through_intake_compute_and_delivery(worker_and_client, basel
     assert (stats["batches"], stats["jobs"], stats["batch_le_2"]) == (1, 2, 1)
 
 
-def test_a_bad_job_fails_at_intake_and_the_good_ones_batch_on(worker_and_client, baseline):
-    worker, client = worker_and_client
-    good = submit(client, "a good prompt")
-    long_job = submit(client, "word " * 200)  # over the tiny test encoder's max_prompt_tokens
+def test_a_bad_job_fails_at_intake_and_the_good_ones_batch_on(worker, client, baseline):
+    good = submit_prompt(client, "a good prompt")
+    long_job = submit_prompt(client, "word " * 200)  # over the tiny test encoder's max_prompt_tokens
     batch = worker.intake.next_batch()
     assert [p.taken.job_id for p in batch.jobs] == [good[0]]
     with pytest.raises(EncodeFailed, match="max_prompt_tokens"):
@@ -83,9 +68,8 @@ def test_a_bad_job_fails_at_intake_and_the_good_ones_batch_on(worker_and_client,
     assert_encoded(read_result(client, *good), "a good prompt", baseline)
 
 
-def test_result_segments_are_reserved_while_the_batch_computes(worker_and_client, baseline):
-    worker, client = worker_and_client
-    ok, bad = submit(client, "kept result"), submit(client, "a job that fails")
+def test_result_segments_are_reserved_while_the_batch_computes(worker, client, baseline):
+    ok, bad = submit_prompt(client, "kept result"), submit_prompt(client, "a job that fails")
     batch = worker.intake.next_batch()
     enc = worker.compute.compute(batch)
     reserved = {p.taken.job_id: p.reserved for p in batch.jobs}
@@ -105,9 +89,8 @@ def test_result_segments_are_reserved_while_the_batch_computes(worker_and_client
         raise_for_error(client.wire.wait(*bad))
 
 
-def test_a_reservation_of_another_size_is_dropped_for_a_fresh_segment(worker_and_client):
-    worker, client = worker_and_client
-    job_id, _ = submit(client, "any prompt")
+def test_a_reservation_of_another_size_is_dropped_for_a_fresh_segment(worker, client):
+    job_id, _ = submit_prompt(client, "any prompt")
     (taken,) = worker.source.take(1, 60)
     name = worker.delivery.writer.reserve(job_id, 64)
     states = torch.randn(3, 9)  # 108 bytes, 128 laid out: not the 64 reserved
@@ -117,10 +100,9 @@ def test_a_reservation_of_another_size_is_dropped_for_a_fresh_segment(worker_and
     assert torch.equal(read_shm(handle)[0], states)
 
 
-def test_delivery_rings_the_client_then_records_the_result(worker_and_client, baseline):
-    worker, client = worker_and_client
+def test_delivery_rings_the_client_then_records_the_result(worker, client, baseline):
     bell = Doorbell()
-    job_id, deadline = submit(client, "rung back", bell)
+    job_id, deadline = submit_prompt(client, "rung back", bell.name)
     worker.delivery.deliver(worker.compute.compute(worker.intake.next_batch()))
     handle, stale = bell.take(job_id)
     assert handle is not None and not stale
@@ -132,21 +114,19 @@ def test_delivery_rings_the_client_then_records_the_result(worker_and_client, ba
     bell.close()
 
 
-def test_a_batch_whose_record_fails_leaves_no_segment(worker_and_client, redis_server):
+def test_a_batch_whose_record_fails_leaves_no_segment(worker, client):
     """Redis gone while delivering: the results nobody was told of are unlinked; the jobs stay started, for
     recovery to retry."""
-    worker, client = worker_and_client
-    submit(client, "never recorded")
+    submit_prompt(client, "never recorded")
     batch = worker.intake.next_batch()
     enc = worker.compute.compute(batch)
     worker.source.connection.connection_pool = redis.ConnectionPool(port=free_port())  # nothing listens there
     worker.delivery.deliver(enc)  # logs, does not raise
-    assert not segments_of(worker)
+    assert not shm_names(worker.config.shm_prefix)
 
 
-def test_a_stopping_intake_hands_on_every_job_it_holds_then_ends(worker_and_client, baseline):
-    worker, client = worker_and_client
-    jobs = [submit(client, f"held job {i}") for i in range(3)]
+def test_a_stopping_intake_hands_on_every_job_it_holds_then_ends(worker, client, baseline):
+    jobs = [submit_prompt(client, f"held job {i}") for i in range(3)]
     worker.intake.admit(worker.source.take(3, 60))  # taken and tokenized: this worker's to run
     worker.intake.policy.max_batch_requests = 1
     worker.links.ready = queue.Queue()  # (no compute thread here to take each batch as it comes)
