@@ -86,7 +86,7 @@ RESULT_BYTES = 35 * 7168  # one 35-token prompt's states, 7B
 
 def run_result(mode: str, n: int, idle_s: float) -> list[float]:
     """us from the worker starting to fill the result to the client holding a copy."""
-    from shm import fill_segment, reserve_segment
+    from shm import write_segment
 
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
@@ -98,12 +98,11 @@ def run_result(mode: str, n: int, idle_s: float) -> list[float]:
     data = os.urandom(RESULT_BYTES)
     started = []
     for _ in range(n):
-        segment = reserve_segment(RESULT_BYTES, 30, "ebhops")  # as while the device computes
         time.sleep(idle_s)
         t = time.perf_counter()
         if mode == "early ring":
             sock.sendto(b"soon", "\0" + name)
-        fill_segment(segment, [(0, data)])
+        segment = write_segment(RESULT_BYTES, 30, "ebhops", [(0, data)])
         sock.sendto(segment.encode(), "\0" + name)
         started.append(t)
         ready.get()

@@ -1,5 +1,5 @@
 """Named POSIX shared-memory segments, created exclusively with mode 0600 and written whole through their file
-descriptor, never mapped (`write_segment`, or `reserve_segment` ahead and `fill_segment` later); read whole
+descriptor, never mapped (`write_segment`); read whole
 (`read_segment`) or attached for zero-copy views (`attach_segment`); unlinked by name.
 
 Lifetime of a mapping: every view (numpy array or torch tensor) is built on a memoryview slice of the
@@ -168,40 +168,12 @@ def write_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, parts=(
     (byte offset, bytes-like) pairs, zeros elsewhere; return its name. Written through the file descriptor, never
     mapped: no page faults for the writer, and a /dev/shm that fills up mid-write is an error (ShmSpaceError,
     nothing left behind), never a SIGBUS, so no space is reserved (zeroed) first."""
-    return _new_segment(size, ttl_s, prefix, max_total_bytes, parts=parts)
-
-
-def reserve_segment(size: int, ttl_s: float, prefix: str = DEFAULT_PREFIX, *,
-                    max_total_bytes: int | None = None) -> str:
-    """Create a new, uniquely named segment of `size` bytes (this user only) with its memory allocated (and zeroed)
-    now, for `fill_segment` to write later: the allocation, most of a write's cost, is paid ahead (a worker
-    reserves a result's segment while the device computes it). Raises ShmSpaceError (nothing left behind) when
-    the space or the budget is short."""
-    return _new_segment(size, ttl_s, prefix, max_total_bytes, allocate=True)
-
-
-def fill_segment(name: str, parts) -> None:
-    """Write `parts`, (byte offset, bytes-like) pairs, into an existing segment through its descriptor."""
-    name, mem, size = _open_existing(name, writable=True)
-    try:
-        _write_parts(mem.fd, name, size, parts)
-    except OSError as e:
-        raise ShmError(f"shm segment {name}: writing failed: {e}") from e
-    finally:
-        mem.close_fd()
-
-
-def _new_segment(size, ttl_s: float, prefix: str, max_total_bytes: int | None, *, parts=(),
-                 allocate: bool = False) -> str:
     size = _checked_request(size, ttl_s, prefix, max_total_bytes)
     name = SegmentName.new(ttl_s, prefix).format()
     mem = _open_exclusive(name)
     try:
         os.fchmod(mem.fd, 0o600)
-        if allocate:
-            os.posix_fallocate(mem.fd, 0, max(size, 1))
-        else:
-            os.ftruncate(mem.fd, max(size, 1))  # readers see the whole size; an empty result is 1 byte, as mapped
+        os.ftruncate(mem.fd, max(size, 1))  # readers see the whole size; an empty result is 1 byte, as mapped
         if max_total_bytes is not None:  # again, now counting ourselves: catches a concurrent create
             _check_budget(size, prefix, max_total_bytes, name=name, own=max(size, 1))
         _write_parts(mem.fd, name, size, parts)

@@ -61,8 +61,8 @@ def _bytes(t):
 
 
 def test_create_is_exclusive_and_names_its_creator(prefix):
-    """(Its mode, size and allocation: test_reserved_segment_is_allocated_now_and_filled_later.)"""
-    name = shm.reserve_segment(1000, 60, prefix)
+    """(Its mode and size: test_write_segment_writes_parts_through_the_descriptor.)"""
+    name = shm.write_segment(1000, 60, prefix)
     assert SegmentName.parse(name, prefix).pid == os.getpid()
     with pytest.raises(ShmExistsError):
         _open_exclusive(name)
@@ -181,11 +181,9 @@ def test_refusals_leave_nothing(prefix):
     st = os.statvfs(shm.SHM_DIR)
     more_than_free = st.f_bavail * st.f_frsize + (1 << 30)
     with pytest.raises(ShmSpaceError, match=f"asked for {more_than_free} bytes"):  # refused before creating
-        shm.reserve_segment(more_than_free, 60, prefix)
+        shm.write_segment(more_than_free, 60, prefix)
     with pytest.raises(ShmSpaceError, match="free"):
         shm.write_segment(1 << 60, 60, prefix)
-    with pytest.raises(ShmSpaceError, match="budget"):
-        shm.reserve_segment(4096, 60, prefix, max_total_bytes=1024)
     with pytest.raises(ShmSpaceError, match="budget"):
         shm.write_segment(1 << 20, 60, prefix, [(0, b"x")], max_total_bytes=1 << 10)
     with pytest.raises(ValueError, match="outside"):
@@ -193,14 +191,14 @@ def test_refusals_leave_nothing(prefix):
     assert shm_names(prefix) == []
 
 
-def test_failed_reservation_unlinks_half_made_segment(prefix):
-    # A real fallocate failure: RLIMIT_FSIZE below the size makes tmpfs refuse with EFBIG (SIGXFSZ ignored).
+def test_failed_create_unlinks_half_made_segment(prefix):
+    # A real failure: RLIMIT_FSIZE below the size makes tmpfs refuse with EFBIG (SIGXFSZ ignored).
     code = f"""
 import resource, signal, shm
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
 try:
-    shm.reserve_segment(1 << 20, 60, {prefix!r})
+    shm.write_segment(1 << 20, 60, {prefix!r}, [(0, bytes(1 << 20))])
 except shm.ShmSpaceError as e:
     print("ShmSpaceError:", e)
 """
@@ -281,24 +279,3 @@ def test_write_segment_writes_parts_through_the_descriptor(prefix):
         assert not r.numpy(off_b + b.nbytes, (11,), np.uint8).any()
     assert bytes(shm.read_segment(name))[off_b:off_b + b.nbytes] == b.tobytes()
     shm.unlink_segment(name)
-
-
-def test_reserved_segment_is_allocated_now_and_filled_later(prefix):
-    rng = np.random.default_rng()
-    a = rng.integers(0, 256, 4096 * 3 + 7, dtype=np.uint8)  # odd length
-    b = rng.integers(0, 256, 101, dtype=np.uint8)
-    size = 64 * ((a.nbytes + 63) // 64) + b.nbytes
-    name = shm.reserve_segment(size, 60, prefix)
-    st = os.stat(Path(shm.SHM_DIR) / name[1:])
-    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == size
-    assert st.st_blocks * 512 >= size  # the memory is there before any write: not a sparse file
-    assert not np.frombuffer(shm.read_segment(name), np.uint8).any()  # zeros until filled
-    off_b = size - b.nbytes
-    shm.fill_segment(name, [(0, a), (off_b, b)])
-    got = np.frombuffer(shm.read_segment(name), np.uint8)
-    assert np.array_equal(got[:a.nbytes], a) and np.array_equal(got[off_b:], b)
-    with pytest.raises(ValueError, match="outside"):
-        shm.fill_segment(name, [(size - 2, b)])
-    shm.unlink_segment(name)
-    with pytest.raises(ShmNotFoundError):
-        shm.fill_segment(name, [(0, b)])

@@ -1,9 +1,7 @@
 """The encoder worker's stages, driven through their public methods: intake forms batches of taken, checked and
-tokenized jobs; compute runs them and reserves their result segments meanwhile; delivery writes, rings and
-records them. A real worker object (its threads not started), a real Redis, the tiny encoder; the results are
-read back as a client reads them."""
+tokenized jobs; compute runs them; delivery writes, rings and records them. A real worker object (its threads not
+started), a real Redis, the tiny encoder; the results are read back as a client reads them."""
 
-import os
 import queue
 import uuid
 
@@ -17,7 +15,6 @@ from broker.doorbell import Doorbell
 from broker.errors import EncodeFailed
 from broker.results import raise_for_error, read_shm
 from broker.schemas import Handle
-from shm import SHM_DIR
 from tests.helpers import assert_encoded, free_port, shm_names, submit_prompt, write_config
 from workers.config import EncoderWorkerConfig
 from workers.worker import EncoderWorker
@@ -68,36 +65,17 @@ def test_a_bad_job_fails_at_intake_and_the_good_ones_batch_on(worker, client, ba
     assert_encoded(read_result(client, *good), "a good prompt", baseline)
 
 
-def test_result_segments_are_reserved_while_the_batch_computes(worker, client, baseline):
+def test_a_job_the_encoder_failed_fails_alone_at_delivery(worker, client, baseline):
     ok, bad = submit_prompt(client, "kept result"), submit_prompt(client, "a job that fails")
-    batch = worker.intake.next_batch()
-    enc = worker.compute.compute(batch)
-    reserved = {p.taken.job_id: p.reserved for p in batch.jobs}
-    assert set(reserved) == {ok[0], bad[0]} and None not in reserved.values()
-    paths = {job: os.path.join(SHM_DIR, name.lstrip("/")) for job, (name, _) in reserved.items()}
-    for job, (_, nbytes) in reserved.items():
-        assert os.stat(paths[job]).st_size == nbytes  # sized from the token counts before the states exist
+    enc = worker.compute.compute(worker.intake.next_batch())
     enc.errors[bad[0]] = "encoder failed: as if its sequences had"
     del enc.outputs[bad[0]]
     worker.delivery.deliver(enc)
-    assert not any(p.reserved for p in batch.jobs)
-    assert not os.path.exists(paths[bad[0]])  # the failed job's segment is gone
     handle = Handle.from_msgpack(raise_for_error(client.wire.wait(*ok)))
-    assert handle.location.lstrip("/") == reserved[ok[0]][0].lstrip("/")  # the result went into its reservation
+    assert shm_names(worker.config.shm_prefix) == [handle.location.lstrip("/")]  # none for the failed job
     assert_encoded(read_shm(handle)[0], "kept result", baseline)
     with pytest.raises(EncodeFailed, match="as if its sequences had"):
         raise_for_error(client.wire.wait(*bad))
-
-
-def test_a_reservation_of_another_size_is_dropped_for_a_fresh_segment(worker, client):
-    job_id, _ = submit_prompt(client, "any prompt")
-    (taken,) = worker.source.take(1, 60)
-    name = worker.delivery.writer.reserve(job_id, 64)
-    states = torch.randn(3, 9)  # 108 bytes, 128 laid out: not the 64 reserved
-    handle = worker.delivery.writer.write(job_id, taken.request, [states], None, {}, reserved=(name, 64))
-    assert handle.transport == "shm" and handle.location.lstrip("/") != name.lstrip("/")
-    assert not os.path.exists(os.path.join(SHM_DIR, name.lstrip("/")))
-    assert torch.equal(read_shm(handle)[0], states)
 
 
 def test_delivery_rings_the_client_then_records_the_result(worker, client, baseline):

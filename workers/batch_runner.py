@@ -29,7 +29,6 @@ class PreparedJob:
 
     taken: TakenJob
     tokens: TokenizedBatch
-    reserved: tuple[str, int] | None = None  # (segment, bytes) made ahead for its result
 
     @property
     def n_tokens(self) -> int:
@@ -88,10 +87,9 @@ class BatchRunner:
                     # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
                     self.cache.put(key, r.clone() if r.untyped_storage().nbytes() > r.nbytes else r)
 
-    def run(self, batch: Batch, while_device_runs=None) -> Encoded:
+    def run(self, batch: Batch) -> Encoded:
         """Every job's tensors (CPU), computing each distinct sequence once and repeats from the cache;
-        or the error of each job whose sequences failed. `while_device_runs()` is called once the batch's work is
-        launched, before waiting for the device (on a CPU backend: after computing)."""
+        or the error of each job whose sequences failed."""
         t0 = time.time()
         outputs, errors = {}, {}
         computed = hits = misses = 0
@@ -146,8 +144,6 @@ class BatchRunner:
                     errors[p.taken.job_id] = bad[0]
                 else:
                     outputs[p.taken.job_id] = [states[i] for i in idx]
-        if while_device_runs is not None:
-            while_device_runs()
         # Wait until the device has computed the batch (not for its copy to the host): "device idle" must mean
         # it, or the next batch would close at once with whatever little has arrived, queued behind this one.
         for ev in computed_events:

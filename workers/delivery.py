@@ -9,7 +9,7 @@ import time
 
 from broker.doorbell import Ringer
 from shm import unlink_segment
-from workers.batch_runner import Batch, BatchRunner, Encoded
+from workers.batch_runner import BatchRunner, Encoded
 from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
 from workers.links import LAUNCH_WAIT_S, Links
 from workers.result_writer import ResultWriter
@@ -55,9 +55,7 @@ class Delivery:
             for name in unrung:  # nobody will be told where they are (rung ones are being read)
                 unlink_segment(name)
             return
-        finally:
-            self._release_reserved(enc.batch)  # of jobs not delivered by shm
-            # recorded, or left to recovery once their heartbeat lapses (the jobs stay started)
+        finally:  # recorded, or left to recovery once their heartbeat lapses (the jobs stay started)
             self.links.held.put(("release", [p.taken for p in enc.batch.jobs]))
         for t, reason in failed:
             log.warning("job %s failed: %s", t.job_id, reason)
@@ -83,8 +81,7 @@ class Delivery:
                            infer_ms=round(enc.infer_ms, 3),
                            deliver_ms=ms(time.time() - enc.started_at - enc.infer_ms / 1e3),
                            batch_jobs=len(enc.batch.jobs), handed_at=time.time())
-            reserved, p.reserved = p.reserved, None
-            handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], pipe, timings, reserved)
+            handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], pipe, timings)
             value = handle.to_msgpack()
             if handle.transport == "shm":
                 # A client waiting on a doorbell has its result now, before Redis does (broker.doorbell).
@@ -95,10 +92,3 @@ class Delivery:
             done.append((t, value))
             latencies.append((time.time() - queued) * 1e3)
         return done, failed, batch_stats(enc, failed=len(failed), latencies_ms=latencies, results_rung=rung)
-
-    @staticmethod
-    def _release_reserved(batch: Batch) -> None:
-        for p in batch.jobs:
-            if p.reserved is not None:
-                unlink_segment(p.reserved[0])
-                p.reserved = None

@@ -10,7 +10,7 @@ import torch
 
 from broker import keys
 from broker.schemas import Blob, EncodeRequest, Handle
-from shm import ShmError, ShmSpaceError, fill_segment, reserve_segment, unlink_segment, write_segment
+from shm import ShmError, ShmSpaceError, write_segment
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +19,11 @@ DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float
 
 
 def layout(tensors: list[torch.Tensor]) -> tuple[list, list, int]:
-    """(shapes, byte offsets, total bytes) of the prompts' states laid back to back."""
-    return layout_of([list(t.shape) for t in tensors], tensors[0].element_size() if tensors else 1)
-
-
-def layout_of(shapes: list[list[int]], itemsize: int) -> tuple[list, list, int]:
-    """(shapes, byte offsets, total bytes) of states of these shapes laid back to back, each start aligned."""
-    offsets, pos = [], 0
-    for shape in shapes:
+    """(shapes, byte offsets, total bytes) of the prompts' states laid back to back, each start aligned."""
+    shapes, offsets, pos = [list(t.shape) for t in tensors], [], 0
+    for t in tensors:
         offsets.append(pos)
-        pos += -(-shape[0] * shape[1] * itemsize // ALIGN) * ALIGN
+        pos += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     return shapes, offsets, pos
 
 
@@ -45,35 +40,18 @@ class ResultWriter:
     def goes_by_shm(self, request: EncodeRequest) -> bool:
         return request.transport == "shm" and request.client_host == self.host_id
 
-    def reserve(self, job_id: str, nbytes: int) -> str | None:
-        """A segment for a result of `nbytes`, its memory allocated now (shm.reserve_segment), to be filled by
-        `write`; None when the space or the budget is short (`write` then finds another way)."""
-        try:
-            return reserve_segment(nbytes, self.ttl_s, self.shm_prefix, max_total_bytes=self.shm_max_bytes)
-        except ShmError as e:
-            log.info("job %s: no segment reserved ahead (%s)", job_id, e)
-            return None
-
     def write(self, job_id: str, request: EncodeRequest, tensors: list[torch.Tensor], pipeline,
-              timings: dict, reserved: tuple[str, int] | None = None) -> Handle:
-        """`tensors` are CPU and contiguous. Blob writes go on `pipeline`, executed by the caller. `reserved`:
-        (name, bytes) of a segment from `reserve`, used when the result has that size (else unlinked)."""
+              timings: dict) -> Handle:
+        """`tensors` are CPU and contiguous. Blob writes go on `pipeline`, executed by the caller."""
         dtype = DTYPE_NAMES[tensors[0].dtype]
         shapes, offsets, total = layout(tensors)
         expires_at = time.time() + self.ttl_s
         common = dict(dtype=dtype, shapes=shapes, offsets=offsets, nbytes=total, expires_at=expires_at,
                       timings=timings, worker=self.worker_name)
-        if reserved is not None and (reserved[1] != total or not self.goes_by_shm(request)):
-            unlink_segment(reserved[0])
-            reserved = None
         if self.goes_by_shm(request):
             parts = [(off, t.view(torch.uint8).numpy()) for t, off in zip(tensors, offsets) if t.numel()]
             try:
-                if reserved is not None:
-                    fill_segment(reserved[0], parts)
-                    name = reserved[0]
-                else:
-                    name = write_segment(total, self.ttl_s, self.shm_prefix, parts, max_total_bytes=self.shm_max_bytes)
+                name = write_segment(total, self.ttl_s, self.shm_prefix, parts, max_total_bytes=self.shm_max_bytes)
             except ShmSpaceError as e:
                 log.warning("job %s: %s; sending it as a Redis blob instead", job_id, e)
             except ShmError as e:
@@ -81,8 +59,6 @@ class ResultWriter:
             else:
                 self.results["shm"] += 1
                 return Handle(transport="shm", location=name, **common)
-            if reserved is not None:
-                unlink_segment(reserved[0])
         data = bytearray(total)
         view = memoryview(data)
         for t, off in zip(tensors, offsets):

@@ -51,7 +51,7 @@ class EncoderWorker(ServeLoop):
         self.tally = Tally()
         self.source.observe = lambda update: record_in(self.tally, update)
         self.intake = Intake(self.source, encoder, config, self.links)
-        self.compute = Compute(runner, writer, self.links)
+        self.compute = Compute(runner, self.links)
         self.delivery = Delivery(self.source, writer, runner, config.result_ttl_s, self.links)
 
     def describe(self) -> str:
