@@ -3,6 +3,7 @@
 Imported before `workers.kernels`: without a GPU, Triton must run in its interpreter, and triton.jit picks
 compiled or interpreted when the kernel modules are imported."""
 
+import itertools
 import os
 import zlib
 
@@ -36,3 +37,20 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
 def seed(*parts) -> None:
     """Random inputs per parameter case, different for every case and reproducible when one fails."""
     torch.manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """RoPE's inverse frequencies: [Dh/2], fp32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=DEVICE) / head_dim))
+
+
+def mrope_positions(T: int, pos_dtype: torch.dtype, text_start: int = 0) -> torch.Tensor:
+    """[3, T]: distinct t/h/w rows like image tokens, the first T // 2 text-like (equal rows from text_start)."""
+    pos = torch.randint(0, 300, (3, T), device=DEVICE)
+    pos[:, :T // 2] = text_start + torch.arange(T // 2, device=DEVICE)
+    return pos.to(pos_dtype)
+
+
+def cu_seqlens(lens: list[int]) -> torch.Tensor:
+    """[B + 1] int32: where each sequence of a packed batch starts, then the total."""
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEVICE)

@@ -36,21 +36,13 @@ def test_output_length_is_user_tokens_plus_suffix(baseline):
     assert out.shape == (n_user + 5, baseline.hidden_size)  # <|im_end|>\n<|im_start|>assistant\n
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ("just a string", "list of strings"),
-    ([], "empty"),
-    (["ok", 3], "prompt 1 is a int"),
+@pytest.mark.parametrize("prompts, task, error, message", [
+    ("just a string", "t2i", InvalidRequest, "list of strings"),
+    ([], "t2i", InvalidRequest, "empty"),
+    (["ok", 3], "t2i", InvalidRequest, "prompt 1 is a int"),
+    (["x"], "video", InvalidRequest, "unknown task"),
+    (["fox " * 200], "t2i", PromptTooLong, "over the limit of 96"),
 ])
-def test_bad_prompts_are_refused(baseline, bad, msg):
-    with pytest.raises(InvalidRequest, match=msg):
-        baseline.encode(bad)
-
-
-def test_unknown_task_is_refused(baseline):
-    with pytest.raises(InvalidRequest, match="unknown task"):
-        baseline.encode(["x"], task="video")
-
-
-def test_over_the_limit_is_a_clear_error(baseline):
-    with pytest.raises(PromptTooLong, match="over the limit of 96"):
-        baseline.encode(["fox " * 200])
+def test_bad_requests_are_refused_clearly(baseline, prompts, task, error, message):
+    with pytest.raises(error, match=message):
+        baseline.encode(prompts, task=task)

@@ -1,4 +1,8 @@
-from workers.batching import split_by_tokens, unique_sequences
+import pytest
+import torch
+
+from workers.batching import BatchPolicy, split_by_tokens, unique_sequences
+from workers.encoding_cache import EncodingCache, cache_key
 
 
 def test_unique_sequences_maps_duplicates_to_one():
@@ -8,20 +12,12 @@ def test_unique_sequences_maps_duplicates_to_one():
     assert [uniq[i] for i in index] == seqs
 
 
-def test_split_by_tokens_respects_the_budget():
-    lengths = [5, 3, 8, 2, 2, 9, 1]
-    groups = split_by_tokens(lengths, 10)
-    assert [i for g in groups for i in g] == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in g) <= 10 for g in groups)
-    assert groups == [[0, 1], [2, 3], [4], [5, 6]]
-
-
-def test_a_sequence_over_the_budget_runs_alone():
-    assert split_by_tokens([4, 30, 4], 10) == [[0], [1], [2]]
-
-
-from workers.batching import BatchPolicy  # noqa: E402
-from workers.encoding_cache import EncodingCache, cache_key  # noqa: E402
+@pytest.mark.parametrize("lengths, groups", [
+    ([5, 3, 8, 2, 2, 9, 1], [[0, 1], [2, 3], [4], [5, 6]]),  # in order, no group over 10 tokens: 8, 10, 2, 10
+    ([4, 30, 4], [[0], [1], [2]]),  # a sequence over the budget runs alone
+])
+def test_split_by_tokens_respects_the_budget(lengths, groups):
+    assert split_by_tokens(lengths, 10) == groups
 
 
 def test_policy_closes_at_the_request_and_token_limits():
@@ -53,8 +49,6 @@ def test_policy_waits_only_while_the_device_is_idle():
 
 
 def test_cache_is_bounded_in_bytes_and_counts_hits():
-    import torch
-
     c = EncodingCache(max_bytes=3 * 40)  # three [10] float32 tensors
     keys = [cache_key("m", "t2i", 34, [i, i + 1]) for i in range(4)]
     for i, k in enumerate(keys):

@@ -6,8 +6,10 @@ CPU, small sizes and few steps. `service` goes through the real Redis, encoder w
 
 import hashlib
 import io
+import json
 import os
 import shutil
+import threading
 import time
 
 import msgpack
@@ -20,8 +22,13 @@ from PIL import Image
 from broker.errors import EncodeFailed, InvalidRequest
 from broker.generation import GenerationClient
 from broker.schemas import GenerateRequest
+from dit_workers.census import encoder_census, encoder_param_shapes
 from dit_workers.config import DitWorkerConfig
+from dit_workers.embeddings import ServiceEmbedder, image_support
+from dit_workers.engine import DitEngine, checksum
 from dit_workers.make_tiny_pipeline import MARKER, MODEL_INDEX, PARTS, ensure_tiny_pipeline
+from dit_workers.pipeline import pad_embeds
+from dit_workers.worker import DitWorker, JobHeartbeat
 from tests.helpers import start_process, stop_process, wait_for_workers, write_config
 
 PROMPT = "a red fox in snow, watercolor"
@@ -34,8 +41,6 @@ def pipeline_dir(tiny_dir):
 
 
 def engine_for(mode: str, model_path: str):
-    from dit_workers.engine import DitEngine
-
     return DitEngine(DitWorkerConfig(text_encoder_type=mode, model_path=model_path, device="cpu"), "cpu")
 
 
@@ -46,10 +51,6 @@ def baseline_engine(pipeline_dir):
 
 @pytest.fixture(scope="module")
 def kernel_engine(pipeline_dir):
-    try:
-        import workers.encoders.kernel  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"kernel encoder backend not importable yet (workers/encoders/kernel.py, issue 3): {e}")
     return engine_for("kernel", pipeline_dir)
 
 
@@ -64,8 +65,6 @@ def dit_service(encoder_worker, pipeline_dir, tmp_path_factory):
                                                               "service_retry": 1, "use_shm": True})
     log = str(d / "dit.log")
     proc = start_process(["-m", "dit_workers", "--config", cfg], log)
-    import redis
-
     before = redis.Redis.from_url(url).scard("rq:workers")
     wait_for_workers(url, before + 1, proc, log)
     client = GenerationClient(url, queue="generate-pipeline", timeout=120)
@@ -113,8 +112,6 @@ def test_tiny_pipeline_is_deterministic_idempotent_and_leaves_the_encoder_alone(
     marker = os.path.join(fresh, MARKER)
     stamp = os.stat(marker).st_mtime_ns
     assert ensure_tiny_pipeline(fresh) == fresh and os.stat(marker).st_mtime_ns == stamp
-    import json
-
     index = json.load(open(os.path.join(fresh, "model_index.json")))
     assert {k: v for k, v in index.items() if not k.startswith("_diffusers")} == MODEL_INDEX
     te = json.load(open(os.path.join(fresh, "text_encoder", "config.json")))
@@ -140,8 +137,6 @@ def test_baseline_embeds_equal_the_pipelines_own_encode_prompt(baseline_engine, 
 
 
 def test_pad_embeds_matches_diffusers_padding():
-    from dit_workers.pipeline import pad_embeds
-
     states = [torch.randn(5, 8), torch.randn(3, 8)]
     embeds, mask = pad_embeds(states, torch.float32, torch.device("cpu"))
     assert embeds.shape == (2, 5, 8) and mask.tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
@@ -177,8 +172,6 @@ def test_baseline_mode_generates_a_png_of_the_requested_size(baseline_engine):
 
 def test_the_census_sees_an_in_process_encoder(baseline_engine, pipeline_dir):
     """The check that `service` mode passes must fail when an encoder is loaded (here, baseline's)."""
-    from dit_workers.census import encoder_census, encoder_param_shapes
-
     census = encoder_census(encoder_param_shapes(os.path.join(pipeline_dir, "text_encoder")),
                             baseline_engine.pipeline_modules())
     assert any("Qwen2_5_VL" in m for m in census["encoder_modules"])
@@ -193,8 +186,6 @@ def test_service_mode_end_to_end_matches_baseline_and_holds_no_encoder(dit_servi
     assert img.size == (128, 96)
     want = baseline.encode([PROMPT, " "])
     assert res.embeds_shapes == [list(t.shape) for t in want]
-    from dit_workers.engine import checksum
-
     assert res.embeds_checksum == pytest.approx(checksum(want), rel=1e-5)
     local = decode_png(baseline_engine.generate(GenerateRequest(PROMPT, **SMALL)).png)
     assert np.abs(pixels(img) - pixels(local)).max() <= 2  # same embeddings, same seed: the same picture
@@ -228,10 +219,6 @@ def test_progress_meta_reaches_the_client(dit_service):
 
 def test_in_process_worker_keeps_a_long_jobs_heartbeat(baseline_engine, redis_server, monkeypatch):
     """While a job runs, its started-registry deadline moves forward (else recovery would take it for dead)."""
-    import threading
-
-    from dit_workers.worker import DitWorker, JobHeartbeat
-
     monkeypatch.setattr(JobHeartbeat, "interval_s", 0.05)
     cfg = DitWorkerConfig(text_encoder_type="baseline", model_path=baseline_engine.cfg.model_path,
                           redis_url=redis_server.url, queue="generate-heartbeat")
@@ -262,7 +249,7 @@ def test_in_process_worker_keeps_a_long_jobs_heartbeat(baseline_engine, redis_se
     client.close()
 
 
-def test_path_results(dit_service, tmp_path):
+def test_path_results(dit_service):
     client = dit_service["client"]
     res = client.generate(PROMPT, width=64, height=80, steps=2, return_path=True)
     assert res.png == b"" and os.path.dirname(res.path) == dit_service["images"]
@@ -342,23 +329,9 @@ def test_i2i_plumbing_condition_images_and_the_edit_pipeline(baseline_engine, mo
 
 
 def test_i2i_end_to_end_through_the_broker(dit_service, encoder_worker):
-    from dit_workers.embeddings import ServiceEmbedder, image_support
-
     cfg = DitWorkerConfig(lightllm_config={"service_url": encoder_worker["url"], "service_timeout": 30})
-    reason = image_support(ServiceEmbedder(cfg))
-    if reason is not None:
-        pytest.skip(f"the encoder worker does not encode images yet (issue 5); its answer: {reason}")
+    assert image_support(ServiceEmbedder(cfg)) is None  # the probe a DiT worker can send the broker
     res = dit_service["client"].generate("make it blue", task="i2i", images=[input_png()], width=64, height=64,
                                          steps=2)
     assert decode_png(res.png).size == (64, 64) and res.task == "i2i"
 
-
-def test_i2i_in_process(baseline_engine):
-    from dit_workers.embeddings import image_support
-
-    reason = image_support(baseline_engine.embedder)
-    if reason is not None:
-        pytest.skip(f"the baseline encoder backend does not encode images yet (issue 5); its answer: {reason}")
-    res = baseline_engine.generate(GenerateRequest("make it blue", task="i2i", images=[input_png()], width=64,
-                                                   height=64, steps=2))
-    assert decode_png(res.png).size == (64, 64)

@@ -6,19 +6,19 @@ import types
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from broker.schemas import GenerateRequest
+from dit_workers import pipeline as P
+from dit_workers.make_tiny_pipeline import ensure_tiny_pipeline
 from tests.test_dit_pipeline import decode_png, engine_for, input_png
 from tests.test_i2i_encoder import IMAGE_TOKEN, rel_l2
+from tests.test_image_patches import IMAGES
+from workers.encoders import load_encoder
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_dir):
-    from dit_workers.make_tiny_pipeline import ensure_tiny_pipeline
-
-    from workers.encoders import load_encoder
-
     d = ensure_tiny_pipeline(tiny_dir)
     kernel = engine_for("kernel", d)
     # the torch reference ops: this process runs Triton under its CPU interpreter, far too slow for ~600 tokens
@@ -52,8 +52,6 @@ def pipeline_encode_prompt(pipe, text_encoder, processor, prompt, images, token_
 
 def test_dit_i2i_embeds_are_the_edit_pipelines_encode_prompt(engines, tiny_dir):
     from transformers import Qwen2VLProcessor
-
-    from dit_workers import pipeline as P
 
     eng = engines["baseline"]
     blobs = [input_png((96, 64)), input_png((50, 170))]
@@ -90,12 +88,7 @@ def test_kernel_mode_i2i_gives_the_baseline_embeddings_and_an_image(engines, mon
 
 def test_input_images_are_decoded_upright():
     # a phone JPEG stored sideways with EXIF "rotate 90": the DiT side sees it (and sends it on) as a viewer does
-    from PIL import ImageOps
-
-    from dit_workers.pipeline import decode_images
-    from tests.test_image_patches import IMAGES
-
     blob = IMAGES["EXIF rotate 90"]
-    (img,) = decode_images([blob], 10**7)
+    (img,) = P.decode_images([blob], 10**7)
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB")
     assert img.size == (240, 400) and img.tobytes() == upright.tobytes()

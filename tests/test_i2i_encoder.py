@@ -12,6 +12,15 @@ import torch
 from PIL import Image
 
 from broker.errors import InvalidRequest
+from broker.schemas import EncodeRequest, per_prompt_images
+from tests.test_kernel_encoder import EagerRunner, rel_l2
+from workers import images as I
+from workers.encoders import load_encoder
+from workers.encoders.kernel import shared_parts
+from workers.encoding_cache import EncodingCache
+from workers.images import ImageLimits
+from workers.model.mrope_positions import mrope_positions
+from workers.templates import I2I
 
 # QwenImageEditPlusPipeline.prompt_template_encode and its start index, as diffusers 0.42 writes them
 EDIT_TEMPLATE = (
@@ -35,10 +44,6 @@ def noise_png(w: int, h: int, seed: int = 0, fmt: str = "PNG") -> bytes:
 
 
 WIDE, TALL, SQUARE = noise_png(500, 300, 1), noise_png(200, 640, 2), noise_png(96, 96, 3)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +95,6 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def kern(tiny_dir):
-    from workers.encoders import load_encoder
-
     return load_encoder(tiny_dir, backend="kernel", use_triton=False)
 
 
@@ -101,8 +104,6 @@ def want(baseline, processor):
 
 
 def test_templates_are_the_pipelines():
-    from workers.templates import I2I
-
     assert I2I.text == EDIT_TEMPLATE and I2I.drop_idx == EDIT_DROP_IDX
 
 
@@ -158,8 +159,6 @@ def test_kernel_prefix_cache_serves_i2i_and_equals_uncached(kern, monkeypatch):
 
 
 def test_kernel_runs_each_image_through_the_vision_tower_once(kern, monkeypatch):
-    from workers.encoding_cache import EncodingCache
-
     monkeypatch.setattr(kern, "feature_cache", EncodingCache(64 << 20))
     c0, r0 = kern.vision_images_computed, kern.vision_images_reused
     calls = []
@@ -186,8 +185,6 @@ def test_kernel_runs_each_image_through_the_vision_tower_once(kern, monkeypatch)
 
 
 def test_raw_i2i_input_returns_every_token(baseline):
-    from workers.templates import I2I
-
     raw = I2I.format("make it blue", 2)
     (got,) = baseline.encode_tokens(baseline.tokenize([raw], "i2i", raw=True, images=[[WIDE, TALL]]))
     (cut,) = baseline.encode(["make it blue"], task="i2i", images=[[WIDE, TALL]])
@@ -217,8 +214,6 @@ def layout(rng, parts):
     [[64, 8, (1, 22, 34), 5], [64, 3, (1, 40, 14), 2, (1, 4, 4), 30]],  # a right-padded batch of two
 ])
 def test_mrope_positions_equal_hf_get_rope_index(baseline, parts_list):
-    from workers.model.mrope_positions import mrope_positions
-
     rng = np.random.default_rng(len(str(parts_list)))
     seqs = [layout(rng, parts) for parts in parts_list]
     L = max(len(ids) for ids, _ in seqs)
@@ -237,8 +232,6 @@ def test_mrope_positions_equal_hf_get_rope_index(baseline, parts_list):
 
 
 def test_mrope_positions_refuse_a_grid_that_does_not_fit():
-    from workers.model.mrope_positions import mrope_positions
-
     with pytest.raises(ValueError, match="needs 6"):
         mrope_positions([1, IMAGE_TOKEN, IMAGE_TOKEN, 2], [(1, 4, 6)], IMAGE_TOKEN, 2)
     with pytest.raises(ValueError, match="1 image grid"):
@@ -249,8 +242,6 @@ def test_mrope_positions_refuse_a_grid_that_does_not_fit():
 
 def test_condition_resize_is_the_pipelines_and_condition_images_pass_unchanged():
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
-
-    from workers import images as I
 
     for w in range(40, 3000, 37):
         for h in (45, 64, 300, 384, 416, 641, 1024, 2999):
@@ -284,19 +275,13 @@ def png_header_only(w: int, h: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
 
 
-def gif() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, "GIF")
-    return buf.getvalue()
-
-
 BAD = [
     (WIDE[: len(WIDE) // 2], "cannot be decoded, truncated or corrupt"),
     (png_header_only(0, 10), "declares a size of 0x10"),
     (png_header_only(100000, 100000), "over max_image_side 8192"),
     (png_header_only(5000, 5000), "25000000 pixels, over max_image_pixels 16777216"),
     (b"definitely not an image", "is not a readable PNG, JPEG, WebP or BMP image"),
-    (gif(), "is not a readable PNG, JPEG, WebP or BMP image"),
+    (noise_png(8, 8, fmt="GIF"), "is not a readable PNG, JPEG, WebP or BMP image"),
     (noise_png(4000, 4, 1), "aspect ratio is too extreme"),
     (b"", "is empty"),
 ]
@@ -325,8 +310,6 @@ def test_bad_image_arguments_are_refused_clearly(baseline, kwargs, message):
 
 
 def test_image_pads_must_match_the_images(baseline):
-    from workers.templates import I2I
-
     with pytest.raises(InvalidRequest, match="holds 2 <|image_pad|> token.*for 1 image"):
         baseline.encode(["<|vision_start|><|image_pad|><|vision_end|> sneaky"], task="i2i", images=[WIDE])
     with pytest.raises(InvalidRequest, match="holds 1 <|image_pad|> token.*for 2 image.*raw input"):
@@ -342,9 +325,7 @@ def test_the_text_limit_does_not_count_image_tokens(baseline):
         baseline.encode(["fox " * 200], task="i2i", images=[[WIDE]])
 
 
-def test_image_limits_are_configurable(tiny_dir, baseline):
-    from workers.images import ImageLimits
-
+def test_image_limits_are_configurable(baseline):
     baseline.configure_images(ImageLimits(max_images=1, max_pixels=100 * 100, max_side=200))
     try:
         with pytest.raises(InvalidRequest, match="over max_images_per_job 1"):
@@ -360,8 +341,6 @@ def test_image_limits_are_configurable(tiny_dir, baseline):
 # -- the wire format -------------------------------------------------------------------------------------------
 
 def test_request_images_are_one_list_per_prompt():
-    from broker.schemas import EncodeRequest, per_prompt_images
-
     ok = EncodeRequest(prompts=["a", "b"], task="i2i", images=[[b"x"], [b"y", b"z"]]).validate()
     assert EncodeRequest.from_msgpack(ok.to_msgpack()) == ok
     assert per_prompt_images([b"x", b"y"], 2) == [[b"x", b"y"], [b"x", b"y"]]  # the CFG-pair shorthand
@@ -383,17 +362,6 @@ def test_request_images_are_one_list_per_prompt():
 def test_kernel_i2i_through_the_graph_runner_equals_eager(kern, monkeypatch):
     """i2i batches replay the graphs that read spliced embeddings (an eager stand-in for replay on the CPU): the
     same rows as the eager path, with and without the prefix cache, in buckets and past the largest."""
-    from workers.encoding_cache import EncodingCache
-    from workers.model.graph_runner import GraphRunner
-
-    class Replay:
-        def __init__(self, step):
-            self.replay = step
-
-    class EagerRunner(GraphRunner):
-        def _capture_one(self, step):
-            return Replay(step)
-
     monkeypatch.setattr(kern, "feature_cache", EncodingCache(0))
     cases = [(["make the sky purple"], [[WIDE]]), (["x", " "], [[TALL, SQUARE], [TALL, SQUARE]]),
              (["put it on the sofa"], [[WIDE, TALL, SQUARE]])]  # the last: more tokens than the largest bucket
@@ -412,8 +380,6 @@ def test_kernel_i2i_through_the_graph_runner_equals_eager(kern, monkeypatch):
 
 
 def test_shared_parts_group_prompts_with_the_same_images(kern):
-    from workers.encoders.kernel import shared_parts
-
     prompts = ["make it blue", " ", "make it red", "make it blue", "a different picture"]
     images = [[WIDE, TALL], [WIDE, TALL], [WIDE, TALL], [TALL, WIDE], [SQUARE]]
     batch = kern.tokenize(prompts, "i2i", images=images)
@@ -437,9 +403,6 @@ def test_shared_parts_group_prompts_with_the_same_images(kern):
 def test_kernel_computes_a_jobs_shared_part_once_with_the_same_answer(kern, monkeypatch, prefix_cache):
     """CFG pairs, a group of three, a prompt alone with its images and one whose images nobody shares: the two
     forwards give what one forward over every whole sequence gives, and the first forward runs each part once."""
-    from workers.encoders.kernel import shared_parts
-    from workers.encoding_cache import EncodingCache
-
     monkeypatch.setattr(kern, "feature_cache", EncodingCache(0))
     monkeypatch.setattr(kern, "prefix_cache", prefix_cache)
     prompts = ["make it blue", " ", "put the cat on the sofa", " ", "the same", "the same", "alone", "x"]

@@ -8,8 +8,9 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
+from broker.errors import InvalidRequest
 from workers import images as I
 from workers.model.image_patches import PixelSpec, image_patches, resize_u8
 
@@ -77,8 +78,6 @@ def test_device_pixels_equal_diffusers_and_the_processor(prep, name):
 
 
 def test_exif_orientation_is_applied_before_anything(prep):
-    from PIL import ImageOps
-
     blob = IMAGES["EXIF rotate 90"]
     im = prep.prepare(blob, "rotated")
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB")
@@ -136,8 +135,6 @@ def test_a_jobs_images_decode_in_the_pool_and_equal_one_by_one(tiny_dir):
 
 
 def test_a_bad_image_in_the_pool_fails_its_job_by_name(tiny_dir):
-    from broker.errors import InvalidRequest
-
     prep = I.ImagePreprocessor(f"{tiny_dir}/processor", decode_threads=2)
     with pytest.raises(InvalidRequest, match="prompt 0 image 1 .* truncated or corrupt"):
         prep.prepare_job([[IMAGES["odd wide"], IMAGES["large"][:5000], IMAGES["palette"]]])

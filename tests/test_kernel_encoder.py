@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -13,6 +14,13 @@ import torch
 
 from broker.errors import ModelLoadError
 from tests.helpers import REPO
+from workers.checkpoint import read_text_config, resolve_checkpoint
+from workers.encoders import load_encoder
+from workers.model import ops as ops_mod
+from workers.model.batch import pack, text_positions
+from workers.model.graph_runner import GraphRunner
+from workers.model.qwen2_5_vl_text import ModelArgs, load_state_dict
+from workers.templates import T2I
 
 PROMPTS = [
     "",
@@ -27,24 +35,23 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return tiny_dir
+class EagerRunner(GraphRunner):
+    """The graph runner with each capture replayed eagerly: its layout, padding, buckets and gather on the CPU."""
+
+    def _capture_one(self, step):
+        return types.SimpleNamespace(replay=step)
 
 
 @pytest.fixture(scope="module")
-def base(tiny):
-    from workers.encoders import load_encoder
-
-    return load_encoder(tiny, backend="baseline")
+def base(tiny_dir):
+    # not conftest's `baseline`: PROMPTS run past its max_prompt_tokens
+    return load_encoder(tiny_dir, backend="baseline")
 
 
 @pytest.fixture(scope="module")
-def kern(tiny):
+def kern(tiny_dir):
     """The torch-reference ops (fast on the CPU); the Triton kernels run in the subprocess test below."""
-    from workers.encoders import load_encoder
-
-    return load_encoder(tiny, backend="kernel", use_triton=False)
+    return load_encoder(tiny_dir, backend="kernel", use_triton=False)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,7 @@ def test_kernel_matches_baseline(kern, want, prefix_cache, monkeypatch):
         assert "t2i" in kern._prefixes
 
 
-def test_prefix_cache_is_used_and_equals_uncached(kern, want, monkeypatch):
+def test_prefix_cache_is_used_and_equals_uncached(kern, monkeypatch):
     batch = kern.tokenize(PROMPTS)
     assert kern._usable_prefix(batch) is kern.prefix_for("t2i")
     prefix = kern.prefix_for("t2i")
@@ -98,8 +105,6 @@ def test_encode_packed_views(kern):
 
 def test_padded_bucket_layout_equals_unpadded(kern):
     """The CUDA-graph layout (fixed slots, empty slots, a dummy pad sequence, max_seqlen = bucket) run eagerly."""
-    from workers.model.batch import pack, text_positions
-
     batch = kern.tokenize(PROMPTS[:3])
     prefix = kern.prefix_for("t2i")
     seqs = [ids[34:] for ids in batch.ids]
@@ -132,12 +137,10 @@ def test_extra_embeds_splice(kern):
     torch.testing.assert_close(explicit, plain)
 
 
-def test_cpu_has_no_graph_runner_and_unknown_options_fail(kern, tiny):
-    from workers.encoders import load_encoder
-
+def test_cpu_has_no_graph_runner_and_unknown_options_fail(kern, tiny_dir):
     assert kern.graphs is None and kern.model.ops.attention_name == "reference"
     with pytest.raises(ModelLoadError, match="unknown kernel encoder options: bogus"):
-        load_encoder(tiny, backend="kernel", use_triton=False, bogus=1)
+        load_encoder(tiny_dir, backend="kernel", use_triton=False, bogus=1)
 
 
 def _rewrite_checkpoint(src: str, dst: str, rename, drop: str | None = None) -> None:
@@ -162,16 +165,13 @@ def _new_style(name: str) -> str:
     return name
 
 
-def test_new_style_key_names_load_identically(tiny, tmp_path):
-    from workers.checkpoint import read_text_config, resolve_checkpoint
-    from workers.model.qwen2_5_vl_text import ModelArgs, load_state_dict
-
+def test_new_style_key_names_load_identically(tiny_dir, tmp_path):
     new = str(tmp_path / "new")
-    _rewrite_checkpoint(tiny, new, _new_style)
-    args = ModelArgs.from_text_config(read_text_config(os.path.join(tiny, "text_encoder")))
+    _rewrite_checkpoint(tiny_dir, new, _new_style)
+    args = ModelArgs.from_text_config(read_text_config(os.path.join(tiny_dir, "text_encoder")))
     assert args == ModelArgs.from_name("tiny")
     cpu = torch.device("cpu")
-    legacy = load_state_dict(args, resolve_checkpoint(tiny).text_encoder, cpu, torch.float32)
+    legacy = load_state_dict(args, resolve_checkpoint(tiny_dir).text_encoder, cpu, torch.float32)
     renamed = load_state_dict(args, resolve_checkpoint(new).text_encoder, cpu, torch.float32)
     assert legacy.keys() == renamed.keys()
     for k in legacy:
@@ -182,7 +182,7 @@ def test_new_style_key_names_load_identically(tiny, tmp_path):
     assert legacy["layers.0.feed_forward.w13.weight"].shape == (2 * 160, 64)
 
     broken = str(tmp_path / "broken")
-    _rewrite_checkpoint(tiny, broken, lambda n: n, drop="model.layers.1.self_attn.k_proj.bias")
+    _rewrite_checkpoint(tiny_dir, broken, lambda n: n, drop="model.layers.1.self_attn.k_proj.bias")
     with pytest.raises(ModelLoadError, match="lacks decoder weights"):
         load_state_dict(args, resolve_checkpoint(broken).text_encoder, cpu, torch.float32)
 
@@ -210,11 +210,11 @@ torch.save({"names": names, "cached": cached, "uncached": uncached, "padded": pa
 """
 
 
-def test_triton_kernels_interpreted_match_baseline(tiny, want, tmp_path):
+def test_triton_kernels_interpreted_match_baseline(tiny_dir, want, tmp_path):
     prompts = PROMPTS[:3]
     out = str(tmp_path / "out.pt")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT, tiny, json.dumps(prompts), out], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT, tiny_dir, json.dumps(prompts), out], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = torch.load(out)
@@ -232,8 +232,7 @@ def test_attention_dispatch_in_the_model(kern, want, monkeypatch, use_triton):
     """A stand-in library kernel (ops.LIBRARY_KERNELS) serves the uncached batches; the cached ones go to our
     Triton attention (here interpreted; the other ops stay torch references for speed) or, where Triton is
     off, to the library through the per-layer [prefix ++ own] gather."""
-    from tests.test_kernels_ops import fake_library
-    from workers.model import ops as ops_mod
+    from tests.test_kernels_ops import fake_library  # not at the top: that module skips itself without Triton
 
     calls: list = []
     monkeypatch.setattr(ops_mod, "LIBRARY_DEVICE_TYPES", ("cpu",))
@@ -264,37 +263,22 @@ def test_ffn_row_chunks_change_nothing(kern, monkeypatch):
     assert rel_l2(chunked, whole) < 1e-6
 
 
-class _EagerReplay:
-    def __init__(self, step):
-        self.replay = step
-
-
 def test_graph_runner_buffers_and_buckets_on_cpu(kern, monkeypatch):
-    """The runner's static layout, padding, bucket choice and output gather, with an eager stand-in for replay."""
-    from workers.model.graph_runner import GraphRunner
-
-    class EagerRunner(GraphRunner):
-        def _capture_one(self, step):
-            return _EagerReplay(step)
-
+    """The runner's static layout, padding, bucket choice and output gather equal the eager path's."""
     runner = EagerRunner(kern.model, torch.device("cpu"), max_tokens=64, max_seqs=3, buckets=(16, 32, 64, 128))
     assert runner.buckets == (16, 32, 64)
     cases = [PROMPTS[:1], PROMPTS[1:3], PROMPTS[:3], PROMPTS[:4], [PROMPTS[1]] * 4]
-    eager = {}
-    for prefix_cache in (True, False):
-        monkeypatch.setattr(kern, "prefix_cache", prefix_cache)
-        for i, prompts in enumerate(cases):
-            eager[prefix_cache, i] = kern.encode_packed(kern.tokenize(prompts))
-    monkeypatch.setattr(kern, "graphs", runner)
     replays = []
     for prefix_cache in (True, False):
         monkeypatch.setattr(kern, "prefix_cache", prefix_cache)
         for i, prompts in enumerate(cases):
             batch = kern.tokenize(prompts)
+            monkeypatch.setattr(kern, "graphs", None)
+            want, want_lengths = kern.encode_packed(batch)
+            monkeypatch.setattr(kern, "graphs", runner)
             computed = sum(len(x) - (34 if prefix_cache else 0) for x in batch.ids)
             replays.append(runner.bucket_for(computed, len(prompts)))
             packed, lengths = kern.encode_packed(batch)
-            want, want_lengths = eager[prefix_cache, i]
             assert lengths == want_lengths and packed.shape == want.shape
             assert rel_l2(packed, want) < 1e-6, (prefix_cache, i)
     # graphs for both prefixes (the t2i cache and none), and both replayed and eager batches were seen
@@ -304,8 +288,6 @@ def test_graph_runner_buffers_and_buckets_on_cpu(kern, monkeypatch):
 
 def test_raw_inputs_run_uncached_and_match(kern, base):
     """Raw (already templated) inputs keep every row (drop_idx 0): the prefix cache stays out of the way."""
-    from workers.templates import T2I
-
     texts = [T2I.format("a red fox"), "<|im_start|>user\nno system prompt<|im_end|>\n"]
     batch = kern.tokenize(texts, raw=True)
     assert batch.drop_idx == 0 and kern._usable_prefix(batch) is None

@@ -1,17 +1,11 @@
 import pytest
 import torch
 
-from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # noqa: F401  (imports first: sets TRITON_INTERPRET)
+from tests.kernel_checks import DEVICE, DTYPES, cu_seqlens, rel_l2, seed, tol  # imported first: sets TRITON_INTERPRET
 from workers.kernels import Segments, varlen_attention, varlen_attention_ref
+from workers.kernels import attention as attention_module
 
 LENS = [[1], [7], [1, 7, 13, 33], [5, 0, 16, 2]]  # single tokens, odd lengths, an empty sequence
-
-
-def _cu_seqlens(lens: list[int]) -> torch.Tensor:
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32, device=DEVICE)
 
 
 def _inputs(lens, n_prefix, n_q, n_kv, head_dim, dtype, case_seed):
@@ -24,18 +18,22 @@ def _inputs(lens, n_prefix, n_q, n_kv, head_dim, dtype, case_seed):
     return q, k, v, pk, pv
 
 
-def _check(lens, n_prefix, n_q, n_kv, head_dim, dtype, max_seqlen=None, causal=True):
+def _check(lens, n_prefix, n_q, n_kv, head_dim, dtype, max_seqlen=None, causal=True, seg_lens=None):
+    """The kernel against the reference on fresh inputs (with segments of seg_lens: see _segments); returns the
+    reference's output and the inputs."""
     q, k, v, pk, pv = _inputs(lens, n_prefix, n_q, n_kv, head_dim, dtype,
-                              (lens, n_prefix, n_q, head_dim, dtype, causal))
-    cu = _cu_seqlens(lens)
+                              (lens, n_prefix, n_q, head_dim, dtype, causal, seg_lens))
+    segments = None if seg_lens is None else _segments(seg_lens, n_kv, head_dim, dtype, (lens, seg_lens, dtype))
+    cu = cu_seqlens(lens)
     max_seqlen = max_seqlen or max(lens)
     scale = head_dim**-0.5
-    ref = varlen_attention_ref(q, k, v, cu, max_seqlen, scale, pk, pv, causal=causal)
+    ref = varlen_attention_ref(q, k, v, cu, max_seqlen, scale, pk, pv, causal=causal, segments=segments)
     out = torch.full_like(q, float("nan"))  # unwritten rows stay NaN and fail the comparison
-    o = varlen_attention(q, k, v, cu, max_seqlen, scale, pk, pv, out=out, causal=causal)
+    o = varlen_attention(q, k, v, cu, max_seqlen, scale, pk, pv, out=out, causal=causal, segments=segments)
     assert o is out and o.dtype == dtype
     assert not o.isnan().any(), "some output rows were never written"
     assert rel_l2(o, ref) < tol(dtype)
+    return ref, (q, k, v, pk, pv)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -55,10 +53,7 @@ def test_varlen_attention_heads_and_head_dims(n_q, n_kv, head_dim, dtype):
 
 
 def _set_blocks(monkeypatch, blocks):
-    import importlib
-
-    attention = importlib.import_module("workers.kernels.attention")
-    monkeypatch.setattr(attention, "_attention_config", lambda head_dim, dtype, causal=True: (*blocks, 1, 1))
+    monkeypatch.setattr(attention_module, "_attention_config", lambda head_dim, dtype, causal=True: (*blocks, 1, 1))
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (64, 16)], ids=lambda b: f"m{b[0]}-n{b[1]}")
@@ -97,16 +92,9 @@ def _segments(seg_lens, n_kv, head_dim, dtype, case_seed):
                                             ([1, 7, 13, 33], [33, 0, 70, 16])],
                          ids=lambda x: "-".join(map(str, x)))
 def test_varlen_attention_with_segments_matches_ref(dtype, n_prefix, lens, seg_lens):
-    q, k, v, pk, pv = _inputs(lens, n_prefix, 4, 2, 16, dtype, ("seg", lens, seg_lens, n_prefix, dtype))
-    segments = _segments(seg_lens, 2, 16, dtype, (lens, seg_lens, dtype))
-    cu = _cu_seqlens(lens)
-    ref = varlen_attention_ref(q, k, v, cu, max(lens), 0.25, pk, pv, segments=segments)
-    out = torch.full_like(q, float("nan"))
-    varlen_attention(q, k, v, cu, max(lens), 0.25, pk, pv, out=out, segments=segments)
-    assert not out.isnan().any(), "some output rows were never written"
-    assert rel_l2(out, ref) < tol(dtype)
+    ref, (q, k, v, pk, pv) = _check(lens, n_prefix, 4, 2, 16, dtype, seg_lens=seg_lens)
     if any(seg_lens):  # the segments change the answer
-        assert rel_l2(varlen_attention_ref(q, k, v, cu, max(lens), 0.25, pk, pv), ref) > 1e-2
+        assert rel_l2(varlen_attention_ref(q, k, v, cu_seqlens(lens), max(lens), 0.25, pk, pv), ref) > 1e-2
 
 
 @pytest.mark.parametrize("n_prefix", [0, 5])
@@ -114,22 +102,22 @@ def test_segments_are_the_sequences_own_earlier_tokens(n_prefix):
     # the reference's meaning, checked against whole sequences: attention over [segment ++ own] as one causal
     # sequence gives, on its last rows, what the own rows get with the segment passed separately
     seg_lens, lens = [6, 11], [3, 8]
-    q, k, v, pk, pv = _inputs([a + b for a, b in zip(seg_lens, lens)], n_prefix, 4, 2, 16, torch.float32,
-                              ("whole", n_prefix))
-    whole = varlen_attention_ref(q, k, v, _cu_seqlens([a + b for a, b in zip(seg_lens, lens)]), 19, 0.25, pk, pv)
+    whole_lens = [a + b for a, b in zip(seg_lens, lens)]
+    q, k, v, pk, pv = _inputs(whole_lens, n_prefix, 4, 2, 16, torch.float32, ("whole", n_prefix))
+    whole = varlen_attention_ref(q, k, v, cu_seqlens(whole_lens), 19, 0.25, pk, pv)
     own = torch.cat([torch.arange(s + a, s + a + n) for s, a, n in zip([0, 9], seg_lens, lens)])
     seg = torch.cat([torch.arange(s, s + a) for s, a in zip([0, 9], seg_lens)])
     segments = Segments(k[seg].contiguous(), v[seg].contiguous(),
                         torch.tensor([0, 6], dtype=torch.int32, device=DEVICE),
                         torch.tensor(seg_lens, dtype=torch.int32, device=DEVICE))
-    got = varlen_attention_ref(q[own], k[own].contiguous(), v[own].contiguous(), _cu_seqlens(lens), 8, 0.25, pk, pv,
+    got = varlen_attention_ref(q[own], k[own].contiguous(), v[own].contiguous(), cu_seqlens(lens), 8, 0.25, pk, pv,
                                segments=segments)
     assert rel_l2(got, whole[own]) < 1e-6
 
 
 def test_segments_are_checked():
     q, k, v, _, _ = _inputs([4, 2], 0, 4, 2, 16, torch.float32, "bad segments")
-    cu = _cu_seqlens([4, 2])
+    cu = cu_seqlens([4, 2])
     good = _segments([3, 1], 2, 16, torch.float32, "bad")
     with pytest.raises(AssertionError, match="int32"):
         varlen_attention(q, k, v, cu, 4, 0.25, segments=Segments(good.k, good.v, good.start.long(), good.length))
@@ -168,7 +156,7 @@ def test_bidirectional_attention_differs_from_causal():
     # the flag reaches the kernel: the same inputs give other rows than causal attention (all but each
     # sequence's last row see keys after them)
     q, k, v, _, _ = _inputs([5, 7], 0, 2, 2, 16, torch.float32, "flag")
-    cu = _cu_seqlens([5, 7])
+    cu = cu_seqlens([5, 7])
     bi = varlen_attention(q, k, v, cu, 7, 0.25, causal=False)
     ca = varlen_attention(q, k, v, cu, 7, 0.25)
     assert torch.allclose(bi[[4, 11]], ca[[4, 11]], atol=1e-5)
@@ -177,7 +165,7 @@ def test_bidirectional_attention_differs_from_causal():
 
 def test_varlen_attention_rejects_bad_inputs():
     q, k, v, _, _ = _inputs([4], 0, 3, 2, 16, torch.float32, "bad")
-    cu = _cu_seqlens([4])
+    cu = cu_seqlens([4])
     with pytest.raises(AssertionError, match="multiple"):
         varlen_attention(q, k, v, cu, 4, 0.25)
     q, k, v, _, _ = _inputs([4], 0, 4, 2, 16, torch.float32, "bad")
@@ -197,7 +185,7 @@ def test_varlen_attention_ref_matches_sdpa(n_prefix, causal):
     # an independent check of the reference: per sequence, SDPA with an explicit prefix-visible causal mask
     lens = [3, 8]
     q, k, v, pk, pv = _inputs(lens, n_prefix, 4, 2, 16, torch.float32, ("sdpa", n_prefix))
-    cu = _cu_seqlens(lens)
+    cu = cu_seqlens(lens)
     ref = varlen_attention_ref(q, k, v, cu, 8, 0.25, pk, pv, causal=causal)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         L = end - start

@@ -2,22 +2,15 @@
 kernel serves batches with and without a cached prefix under each switch, the self-checks, the log lines."""
 
 import logging
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # triton.jit picks compiled or interpreted when the kernel modules are imported: set it before that
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.kernel_checks import DEVICE, cu_seqlens  # imported first: sets TRITON_INTERPRET
+from workers.kernels import varlen_attention_ref
+from workers.model import ops as ops_mod
+from workers.model.ops import KernelOptions, Ops, build_attn_meta
 
-pytest.importorskip("triton")
-
-from workers.kernels import varlen_attention_ref  # noqa: E402
-from workers.model import ops as ops_mod  # noqa: E402
-from workers.model.ops import KernelOptions, Ops, build_attn_meta  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N_Q, N_KV, HEAD_DIM = 4, 2, 16
 
 
@@ -75,7 +68,7 @@ def _run(ops: Ops, with_prefix: bool) -> None:
     pk, pv = (torch.randn(P, N_KV, HEAD_DIM, generator=gen).to(DEVICE) for _ in range(2))
     if not with_prefix:
         pk = pv = None
-    cu = torch.tensor([0, 3, 3, 22, 23], dtype=torch.int32, device=DEVICE)
+    cu = cu_seqlens(lens)
     meta = build_attn_meta(cu, max(lens), P if with_prefix else 0, T, ops.needs_kv_index)
     got = ops.attention(q, k, v, meta, HEAD_DIM**-0.5, pk, pv)
     want = varlen_attention_ref(q, k, v, cu, max(lens), HEAD_DIM**-0.5, pk, pv)

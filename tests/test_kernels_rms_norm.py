@@ -1,32 +1,32 @@
 import pytest
 import torch
 
-from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # noqa: F401  (imports first: sets TRITON_INTERPRET)
+from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # imported first: sets TRITON_INTERPRET
 from workers.kernels import rms_norm, rms_norm_ref, triton_available
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 3, 17])
 @pytest.mark.parametrize("D", [8, 24, 40, 96])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_matches_ref(dtype, T, D, with_residual):
-    seed("rms", dtype, T, D, with_residual)
+@pytest.mark.parametrize("residual_mode", ["none", "stored", "not stored"])  # not stored: the model's final norm
+def test_rms_norm_matches_ref(dtype, T, D, residual_mode):
+    seed("rms", dtype, T, D, residual_mode)
     x = torch.randn(T, D, device=DEVICE, dtype=dtype)
     weight = (1.0 + 0.5 * torch.randn(D, device=DEVICE)).to(dtype)
-    residual = torch.randn(T, D, device=DEVICE, dtype=dtype) if with_residual else None
-    eps = 1e-6
-    y_ref, r_ref = rms_norm_ref(x, weight, eps, residual)
+    residual = None if residual_mode == "none" else torch.randn(T, D, device=DEVICE, dtype=dtype)
+    store = residual_mode != "not stored"
+    y_ref, r_ref = rms_norm_ref(x, weight, 1e-6, residual, store_residual=store)
 
     out = torch.full_like(x, float("nan"))  # unwritten elements stay NaN and fail the comparison
-    r_out = torch.full_like(x, float("nan")) if with_residual else None
-    y, r = rms_norm(x, weight, eps, residual, out=out, residual_out=r_out)
+    r_out = torch.full_like(x, float("nan")) if residual_mode == "stored" else None
+    y, r = rms_norm(x, weight, 1e-6, residual, out=out, residual_out=r_out, store_residual=store)
 
     assert y is out and y.dtype == dtype
     assert rel_l2(y, y_ref) < tol(dtype)
-    if with_residual:
+    if residual_mode == "stored":
         assert r is r_out
         assert rel_l2(r, r_ref) < tol(dtype)
-    else:
+    else:  # no residual, or its sum normalized but not kept
         assert r is None and r_ref is None
 
 
@@ -35,9 +35,8 @@ def test_rms_norm_model_width_in_place_residual(dtype):
     # the real hidden size (3584, not a power of two); the residual stream is updated in place
     seed("rms-3584", dtype)
     T, D = 3, 3584
-    x = torch.randn(T, D, device=DEVICE, dtype=dtype)
+    x, residual = (torch.randn(T, D, device=DEVICE, dtype=dtype) for _ in range(2))
     weight = torch.randn(D, device=DEVICE, dtype=dtype)
-    residual = torch.randn(T, D, device=DEVICE, dtype=dtype)
     y_ref, r_ref = rms_norm_ref(x, weight, 1e-6, residual)
     y, r = rms_norm(x, weight, 1e-6, residual, residual_out=residual)
     assert r is residual
@@ -59,6 +58,9 @@ def test_rms_norm_rejects_bad_inputs():
         rms_norm(x.t(), torch.ones(4, device=DEVICE), 1e-6)
     with pytest.raises(AssertionError, match="dtype"):
         rms_norm(x, torch.ones(8, device=DEVICE, dtype=torch.float16), 1e-6)
+    with pytest.raises(AssertionError, match="store_residual"):
+        rms_norm(x, torch.ones(8, device=DEVICE), 1e-6, torch.zeros_like(x), residual_out=torch.empty_like(x),
+                 store_residual=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -69,12 +71,10 @@ def test_rms_norm_ref_matches_hf(dtype):
     seed("rms-hf", dtype)
     T, D = 5, 40
     norm = Qwen2_5_VLRMSNorm(D, eps=1e-6).to(DEVICE, dtype)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(D))
-    x = torch.randn(T, D, device=DEVICE, dtype=dtype)
-    residual = torch.randn(T, D, device=DEVICE, dtype=dtype)
+    x, residual = (torch.randn(T, D, device=DEVICE, dtype=dtype) for _ in range(2))
     h = residual + x
     with torch.no_grad():
+        norm.weight.copy_(torch.randn(D))
         y_hf = norm(h)
     y, r = rms_norm_ref(x, norm.weight.detach(), 1e-6, residual)
     torch.testing.assert_close(r, h, rtol=0, atol=0)
@@ -86,20 +86,3 @@ def test_triton_available_here():
     assert triton_available(DEVICE)
     assert triton_available(torch.empty(1, device=DEVICE))
     assert not triton_available("meta")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_without_storing_the_residual(dtype):
-    # the model's final norm: the sum is normalized but not kept
-    seed("rms-no-store", dtype)
-    T, D = 5, 40
-    x, residual = (torch.randn(T, D, device=DEVICE, dtype=dtype) for _ in range(2))
-    weight = torch.randn(D, device=DEVICE, dtype=dtype)
-    y_ref, r_ref = rms_norm_ref(x, weight, 1e-6, residual, store_residual=False)
-    assert r_ref is None
-    out = torch.full_like(x, float("nan"))
-    y, r = rms_norm(x, weight, 1e-6, residual, out=out, store_residual=False)
-    assert y is out and r is None
-    assert rel_l2(y, y_ref) < tol(dtype)
-    with pytest.raises(AssertionError, match="store_residual"):
-        rms_norm(x, weight, 1e-6, residual, residual_out=torch.empty_like(x), store_residual=False)

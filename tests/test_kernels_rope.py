@@ -1,23 +1,12 @@
 import pytest
 import torch
 
-from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # noqa: F401  (imports first: sets TRITON_INTERPRET)
+# imported first: sets TRITON_INTERPRET
+from tests.kernel_checks import DEVICE, DTYPES, mrope_positions, rel_l2, rope_inv_freq, seed, tol
 from workers.kernels import apply_mrope, apply_mrope_ref
 
 # (Hq, Hk, Dh, mrope_section): the tiny model's, an odd split, the real model's
 HEADS = [(4, 2, 16, (2, 3, 3)), (3, 1, 32, (5, 6, 5)), (28, 4, 128, (16, 24, 24))]
-
-
-def _inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=DEVICE) / head_dim))
-
-
-def _positions(T: int, pos_dtype: torch.dtype) -> torch.Tensor:
-    # [3, T]: distinct t/h/w rows like image tokens, with the first tokens text-like (equal rows)
-    pos = torch.randint(0, 300, (3, T), device=DEVICE)
-    n_text = T // 2
-    pos[:, :n_text] = torch.arange(n_text, device=DEVICE)
-    return pos.to(pos_dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -26,10 +15,9 @@ def _positions(T: int, pos_dtype: torch.dtype) -> torch.Tensor:
 def test_apply_mrope_matches_ref(dtype, T, heads):
     n_q, n_k, head_dim, section = heads
     seed(("rope", dtype, T, heads))
-    q = torch.randn(T, n_q, head_dim, device=DEVICE, dtype=dtype)
-    k = torch.randn(T, n_k, head_dim, device=DEVICE, dtype=dtype)
-    positions = _positions(T, torch.int64 if T != 3 else torch.int32)
-    inv_freq = _inv_freq(head_dim, 1e6)
+    q, k = (torch.randn(T, n_heads, head_dim, device=DEVICE, dtype=dtype) for n_heads in (n_q, n_k))
+    positions = mrope_positions(T, torch.int64 if T != 3 else torch.int32)
+    inv_freq = rope_inv_freq(head_dim, 1e6)
     q_ref, k_ref = apply_mrope_ref(q, k, positions, inv_freq, section)
 
     # in place: every element is rewritten, so there is nothing to poison; the originals must not survive
@@ -44,9 +32,9 @@ def test_apply_mrope_rejects_bad_section():
     k = torch.randn(2, 2, 16, device=DEVICE)
     pos = torch.zeros(3, 2, dtype=torch.long, device=DEVICE)
     with pytest.raises(AssertionError, match="mrope_section"):
-        apply_mrope(q, k, pos, _inv_freq(16, 1e4), (2, 3, 2))
+        apply_mrope(q, k, pos, rope_inv_freq(16, 1e4), (2, 3, 2))
     with pytest.raises(AssertionError, match="positions"):
-        apply_mrope(q, k, pos.float(), _inv_freq(16, 1e4), (2, 3, 3))
+        apply_mrope(q, k, pos.float(), rope_inv_freq(16, 1e4), (2, 3, 3))
 
 
 def _hf_mrope(q, k, positions, head_dim, section, theta):
@@ -56,8 +44,7 @@ def _hf_mrope(q, k, positions, head_dim, section, theta):
     qh, kh = q.transpose(0, 1)[None], k.transpose(0, 1)[None]
     pos = positions[:, None, :]
     if hasattr(hf, "apply_multimodal_rotary_pos_emb"):  # transformers 4.x: sections applied in the function
-        inv_freq = _inv_freq(head_dim, theta)
-        freqs = pos[..., None].float() * inv_freq  # [3, 1, T, Dh/2]
+        freqs = pos[..., None].float() * rope_inv_freq(head_dim, theta)  # [3, 1, T, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         qo, ko = hf.apply_multimodal_rotary_pos_emb(qh, kh, emb.cos(), emb.sin(), list(section))
     else:  # transformers 5.x: the rotary class recomposes the sections, apply_rotary_pos_emb rotates
@@ -80,10 +67,9 @@ def test_apply_mrope_ref_matches_hf(heads):
     n_q, n_k, head_dim, section = heads
     seed(("rope-hf", heads))
     T, theta = 19, 1e6
-    q = torch.randn(T, n_q, head_dim, device=DEVICE)
-    k = torch.randn(T, n_k, head_dim, device=DEVICE)
+    q, k = (torch.randn(T, n_heads, head_dim, device=DEVICE) for n_heads in (n_q, n_k))
     positions = torch.randint(0, 500, (3, T), device=DEVICE)  # all three rows differ
     q_hf, k_hf = _hf_mrope(q, k, positions, head_dim, section, theta)
-    q_ref, k_ref = apply_mrope_ref(q, k, positions, _inv_freq(head_dim, theta), section)
+    q_ref, k_ref = apply_mrope_ref(q, k, positions, rope_inv_freq(head_dim, theta), section)
     torch.testing.assert_close(q_ref, q_hf, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(k_ref, k_hf, rtol=1e-6, atol=1e-6)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # noqa: F401  (imports first: sets TRITON_INTERPRET)
+from tests.kernel_checks import DEVICE, DTYPES, rel_l2, seed, tol  # imported first: sets TRITON_INTERPRET
 from workers.kernels import silu_and_mul, silu_and_mul_ref
 
 

@@ -1,11 +1,16 @@
 """Our vision tower (workers.model.qwen2_5_vl_vision) against HF's Qwen2_5_VisionTransformerPretrainedModel on the
 tiny checkpoint in fp32: several images of varied aspect ratios in one forward, windows cut short at the edges."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from tests.kernel_checks import rel_l2, seed  # noqa: F401  (imports first: sets TRITON_INTERPRET)
+from broker.errors import ModelLoadError
+from tests.kernel_checks import rel_l2, seed  # imported first: sets TRITON_INTERPRET
+from workers.checkpoint import read_text_config
 from workers.model.ops import KernelOptions
 from workers.model.qwen2_5_vl_vision import VisionArgs, load_vision, vision_layout
 
@@ -22,8 +27,6 @@ def hf_tower(baseline):
 
 @pytest.fixture(scope="module", params=[False, True], ids=["reference", "triton"])
 def ours(request, baseline):
-    from workers.checkpoint import read_text_config
-
     te = baseline.paths.text_encoder
     return load_vision(te, read_text_config(te).raw, torch.device("cpu"), torch.float32,
                        KernelOptions(use_triton=request.param))
@@ -73,12 +76,6 @@ def test_layout_matches_hf_window_index():
 
 
 def test_vision_weights_checked_on_load(baseline, tmp_path):
-    import json
-    import shutil
-
-    from broker.errors import ModelLoadError
-    from workers.checkpoint import read_text_config
-
     te = tmp_path / "te"
     shutil.copytree(baseline.paths.text_encoder, te)
     raw = read_text_config(str(te)).raw
