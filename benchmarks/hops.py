@@ -85,7 +85,7 @@ RESULT_BYTES = 35 * 7168  # one 35-token prompt's states, 7B
 
 
 def run_result(mode: str, n: int, idle_s: float) -> list[float]:
-    """us from the worker starting to fill the result to the client holding a copy."""
+    """us from the worker starting to write the result's segment to the client holding a copy."""
     from shm import write_segment
 
     ctx = mp.get_context("spawn")

@@ -1,6 +1,6 @@
 """Named POSIX shared-memory segments, created exclusively with mode 0600 and written whole through their file
-descriptor, never mapped (`write_segment`); read whole
-(`read_segment`) or attached for zero-copy views (`attach_segment`); unlinked by name.
+descriptor, never mapped (`write_segment`); read whole (`read_segment`) or attached for zero-copy views
+(`attach_segment`); unlinked by name.
 
 Lifetime of a mapping: every view (numpy array or torch tensor) is built on a memoryview slice of the
 segment's mmap object, and holds a reference to it (numpy through `.base`, torch through the storage's
