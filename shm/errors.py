@@ -6,7 +6,7 @@ class ShmError(Exception):
 
 
 class ShmSpaceError(ShmError):
-    """Not enough room in /dev/shm (or in the creator's budget) to reserve a segment."""
+    """Not enough room in /dev/shm (or in the creator's budget) for a new segment."""
 
 
 class ShmNotFoundError(ShmError):
