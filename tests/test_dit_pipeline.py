@@ -29,7 +29,7 @@ from dit_workers.engine import DitEngine, checksum
 from dit_workers.make_tiny_pipeline import MARKER, MODEL_INDEX, PARTS, ensure_tiny_pipeline
 from dit_workers.pipeline import pad_embeds
 from dit_workers.worker import DitWorker, JobHeartbeat
-from tests.helpers import start_process, stop_process, wait_for_workers, write_config
+from tests.helpers import start_worker, stop_process, wait_for_workers
 
 PROMPT = "a red fox in snow, watercolor"
 SMALL = dict(width=128, height=96, steps=3, seed=7)
@@ -59,13 +59,11 @@ def dit_service(encoder_worker, pipeline_dir, tmp_path_factory):
     """A DiT worker process in `service` mode (seed alias) on the test Redis, next to the encoder worker."""
     d = tmp_path_factory.mktemp("dit-service")
     url = encoder_worker["url"]
-    cfg = write_config(str(d / "dit.json"), text_encoder_type="lightllm_service", model_path=pipeline_dir,
-                       redis_url=url, queue="generate-pipeline", device="cpu", output_dir=str(d / "images"),
-                       progress_log_every=1, lightllm_config={"service_url": url, "service_timeout": 30,
-                                                              "service_retry": 1, "use_shm": True})
-    log = str(d / "dit.log")
-    proc = start_process(["-m", "dit_workers", "--config", cfg], log)
     before = redis.Redis.from_url(url).scard("rq:workers")
+    proc, log = start_worker(d, "dit", "dit_workers", text_encoder_type="lightllm_service", model_path=pipeline_dir,
+                             redis_url=url, queue="generate-pipeline", device="cpu", output_dir=str(d / "images"),
+                             progress_log_every=1, lightllm_config={"service_url": url, "service_timeout": 30,
+                                                                    "service_retry": 1, "use_shm": True})
     wait_for_workers(url, before + 1, proc, log)
     client = GenerationClient(url, queue="generate-pipeline", timeout=120)
     yield {"url": url, "proc": proc, "log": log, "client": client, "images": str(d / "images")}

@@ -12,7 +12,7 @@ from broker.client import EncoderClient
 from broker.errors import EncodeFailed, InvalidRequest
 from broker.queues import ENCODE_FUNCTION
 from broker.rq_wire import JobWire
-from tests.helpers import eventually, start_process, stop_process, wait_for_workers, write_config
+from tests.helpers import eventually, start_worker, stop_process, wait_for_workers
 from tests.test_broker_e2e import assert_same, raw_job
 from tests.test_i2i_encoder import BAD, SQUARE, TALL, WIDE, noise_png, rel_l2
 
@@ -87,11 +87,9 @@ def test_malformed_image_jobs_fail_clearly_on_the_worker(encoder_worker, baselin
 def kernel_worker(tiny_dir, redis_server, tmp_path_factory):
     """A kernel-backend worker (torch references on the CPU) on its own queue."""
     d = tmp_path_factory.mktemp("i2i-kernel")
-    cfg = write_config(str(d / "kernel.json"), model_dir=tiny_dir, backend="kernel", device="cpu",
-                       redis_url=redis_server.url, queue="encode-i2i", max_images_per_job=3)
-    log = str(d / "kernel.log")
-    proc = start_process(["-m", "workers", "--config", cfg], log)
     before = redis.Redis.from_url(redis_server.url).scard("rq:workers")
+    proc, log = start_worker(d, "kernel", model_dir=tiny_dir, backend="kernel", device="cpu",
+                             redis_url=redis_server.url, queue="encode-i2i", max_images_per_job=3)
     wait_for_workers(redis_server.url, before + 1, proc, log)
     yield {"url": redis_server.url, "proc": proc, "log": log}
     stop_process(proc)
