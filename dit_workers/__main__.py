@@ -25,9 +25,14 @@ def main(argv=None) -> int:
         cfg.text_encoder_type = normalize_text_encoder_type(args.text_encoder_type)
     logging.getLogger().setLevel(cfg.log_level)
     if cfg.make_tiny_if_missing:
+        from broker.errors import ModelLoadError
         from dit_workers.make_tiny_pipeline import ensure_tiny_pipeline
 
-        ensure_tiny_pipeline(cfg.model_path)
+        try:
+            ensure_tiny_pipeline(cfg.model_path)
+        except ModelLoadError as e:  # a folder we may not touch: one line, no traceback
+            logging.getLogger("dit_workers").error("%s", e)
+            return 2
     device = worker_device(cfg.device)
     from dit_workers.worker import DitWorker
 

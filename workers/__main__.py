@@ -66,7 +66,14 @@ def main(argv=None) -> int:
 
     from workers.metrics import start_metrics
 
-    worker = EncoderWorker(cfg, load_configured_encoder(cfg))
+    from broker.errors import ModelLoadError
+
+    try:
+        encoder = load_configured_encoder(cfg)
+    except ModelLoadError as e:  # a wrong path or a folder we may not touch: one line, no traceback
+        logging.getLogger("workers").error("%s", e)
+        return 2
+    worker = EncoderWorker(cfg, encoder)
     start_metrics(cfg.metrics_port, worker.tally, worker.connection, cfg.queue, worker.name, worker.writer)
     worker.run()
     end_process(0)

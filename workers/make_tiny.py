@@ -204,11 +204,31 @@ def write_processor(tokenizer, outdir: str) -> None:
         json.dump(preprocessor, f, indent=2)
 
 
+def not_ours(outdir: str) -> str | None:
+    """Why `outdir` may not be written: None when it is missing or a finished tiny checkpoint (ours), else the
+    reason. A folder we did not make may be a user's real checkpoint: it is never written into or removed."""
+    if not os.path.lexists(outdir) or os.path.exists(os.path.join(outdir, MARKER)):
+        return None
+    what = "a folder" if os.path.isdir(outdir) else "a file"
+    return (f"{outdir} is {what} that encoder-broker did not make (it has no {MARKER!r} marker of the embedded "
+            "tiny checkpoint), so it is left as it is. To load a real Qwen-Image checkpoint from it, set "
+            "make_tiny_if_missing to false (EB_MAKE_TINY_IF_MISSING=false); for the tiny default, point model_dir "
+            "(model_path for a DiT worker) at a folder that does not exist yet; to replace it with the tiny "
+            "checkpoint, run `python -m workers.make_tiny --force` on it")
+
+
 def make_tiny(outdir: str, force: bool = False) -> str:
-    """Writes the tiny checkpoint into `outdir` (atomically: a temp dir renamed into place) and returns it."""
+    """Writes the tiny checkpoint into `outdir` (atomically: a temp dir renamed into place) and returns it. A path
+    that exists and is not a finished tiny checkpoint is a ModelLoadError, unless `force` (the user asked to
+    replace it)."""
     outdir = os.path.abspath(outdir)
     if os.path.exists(os.path.join(outdir, MARKER)) and not force:
         return outdir
+    reason = not_ours(outdir)
+    if reason is not None and not force:
+        from broker.errors import ModelLoadError
+
+        raise ModelLoadError(reason)
     from workers.tokenizer import build_qwen2_tokenizer
 
     parent = os.path.dirname(outdir)
@@ -226,8 +246,10 @@ def make_tiny(outdir: str, force: bool = False) -> str:
         write_processor(tokenizer, os.path.join(tmp, "processor"))
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(f"seed {SEED}\n")
-        if os.path.exists(outdir):
+        if os.path.isdir(outdir) and not os.path.islink(outdir):  # ours, or --force
             shutil.rmtree(outdir)
+        elif os.path.lexists(outdir):
+            os.remove(outdir)
         os.rename(tmp, outdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -237,24 +259,40 @@ def make_tiny(outdir: str, force: bool = False) -> str:
 
 def ensure_tiny(outdir: str) -> str:
     """Creates the tiny checkpoint on first use; later calls return at once. Processes starting together
-    (honcho starts the encoder and DiT workers at once) take turns on a lock file, so one writes it."""
+    (honcho starts the encoder and DiT workers at once) take turns on a lock file, so one writes it. A path that
+    exists and is not the tiny checkpoint is a ModelLoadError: it is never touched."""
     import fcntl
+
+    from broker.errors import ModelLoadError
 
     outdir = os.path.abspath(outdir)
     if os.path.exists(os.path.join(outdir, MARKER)):
         return outdir
+    if (reason := not_ours(outdir)) is not None:
+        raise ModelLoadError(reason)
     os.makedirs(os.path.dirname(outdir), exist_ok=True)
-    with open(outdir + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # O_CREAT without O_TRUNC: an existing file of that name is only locked, never emptied.
+    fd = os.open(outdir + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         return make_tiny(outdir, force=False)
+    finally:
+        os.close(fd)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workers.make_tiny", description=__doc__.split("\n")[0])
     ap.add_argument("outdir")
-    ap.add_argument("--force", action="store_true", help="rewrite even if a finished copy is there")
+    ap.add_argument("--force", action="store_true", help="rewrite even if a finished copy is there, or replace "
+                    "a folder it did not make (its contents are deleted)")
     args = ap.parse_args(argv)
-    print(make_tiny(args.outdir, force=args.force))
+    from broker.errors import ModelLoadError
+
+    try:
+        print(make_tiny(args.outdir, force=args.force))
+    except ModelLoadError as e:
+        print(f"make-tiny: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
