@@ -32,7 +32,8 @@ class BrokerUnavailable(BrokerError, ConnectionError):
 
 
 class ResultLost(BrokerError):
-    """A result handle points at data that is gone (segment swept or blob expired before it was read)."""
+    """A result handle points at data that is gone (segment swept or blob expired before it was read), or at
+    something that is not this job's result (a segment name of another prefix, another key): nothing is read."""
 
 
 class ModelLoadError(BrokerError):
