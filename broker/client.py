@@ -12,6 +12,7 @@ from broker.doorbell import Doorbell
 from broker.errors import InvalidRequest
 from broker.host import host_id
 from broker.queues import DEFAULT_QUEUE, ENCODE_FUNCTION
+from broker.redis_errors import BrokerErrors
 from broker.results import (check_location, discard_result, raise_for_error, read_blob, read_shm,
                             resolve_shm_prefix, trusted_owners)
 from broker.rq_wire import JobWire
@@ -31,6 +32,7 @@ class EncoderClient:
     read (e.g. the workers' user, for a client running as root); a segment of any other owner is ResultLost.
     `shm_prefix`: the workers' shm_prefix (None: $EB_SHM_PREFIX, else "eb"); a result segment named under any
     other prefix, or a blob key that is not the job's own, is ResultLost, and nothing is opened or deleted.
+    Every failure is a BrokerError (broker.errors): Redis's own errors too (BrokerUnavailable, RedisRefused).
     `doorbell` (shm transport, sync `encode`): a worker on this host hands the result's handle straight back to
     this process (broker.doorbell), besides recording it in Redis. One thread at a time waits on the doorbell;
     others sharing the client wait on Redis alone. `aencode` works in any event loop (one connection pool each).
@@ -52,6 +54,7 @@ class EncoderClient:
         self._bell: Doorbell | None = None
         self._bell_in_use = threading.Lock()  # held by the one thread waiting on the doorbell
         self.wire = JobWire(redis_url, queue, ENCODE_FUNCTION, timeout, retries, max_queue_depth)
+        self._redis_errors = BrokerErrors(redis_url)
 
     @classmethod
     def from_config(cls, path: str, **overrides) -> "EncoderClient":
@@ -99,7 +102,8 @@ class EncoderClient:
         handle, _via = self.handle_of(prompts, task, images, raw)
         if handle.transport == "shm":
             return read_shm(handle, copy=self.copy, trusted=self.trusted, prefix=self.shm_prefix)
-        return read_blob(self.wire.getdel(handle.location), handle)
+        with self._redis_errors:
+            return read_blob(self.wire.getdel(handle.location), handle)
 
     def handle_of(self, prompts: list[str], task: str = "t2i", images: list | None = None,
                   raw: bool = False) -> tuple[Handle, str]:
@@ -110,8 +114,9 @@ class EncoderClient:
         try:
             bell = self._doorbell() if ringable else None
             payload, description = self._payload(prompts, task, images, deadline, raw, bell)
-            job_id = self.wire.submit(payload, deadline, description)
-            outcome = self.wire.wait(job_id, deadline, bell, stale=self._discard)
+            with self._redis_errors:
+                job_id = self.wire.submit(payload, deadline, description)
+                outcome = self.wire.wait(job_id, deadline, bell, stale=self._discard)
         finally:
             if ringable:
                 self._bell_in_use.release()
@@ -126,12 +131,14 @@ class EncoderClient:
         """`encode` for asyncio: many calls may be in flight at once on one client."""
         deadline = self.wire.deadline()
         payload, description = self._payload(prompts, task, images, deadline, raw)
-        job_id = await self.wire.asubmit(payload, deadline, description)
-        outcome = await self.wire.await_result(job_id, deadline)
+        with self._redis_errors:
+            job_id = await self.wire.asubmit(payload, deadline, description)
+            outcome = await self.wire.await_result(job_id, deadline)
         handle = check_location(Handle.from_msgpack(raise_for_error(outcome)), job_id, self.shm_prefix)
         if handle.transport == "shm":
             return read_shm(handle, copy=self.copy, trusted=self.trusted, prefix=self.shm_prefix)
-        return read_blob(await self.wire.agetdel(handle.location), handle)
+        with self._redis_errors:
+            return read_blob(await self.wire.agetdel(handle.location), handle)
 
     def close(self) -> None:
         self.wire.close()

@@ -40,8 +40,8 @@ from broker.client import EncoderClient
 from broker.config import DEFAULT_REDIS_URL, from_json_file
 from broker.connections import redacted
 from broker.enqueue import queue_key
-from broker.errors import (BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded, ProtocolError,
-                           ResultLost)
+from broker.errors import (BrokerError, BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded,
+                           ProtocolError, RedisRefused, ResultLost)
 from broker.front_metrics import FrontMetrics
 from broker.http_serving import AccessLog, TimedH11Protocol, listen
 from broker.lightllm import (GenerateAnswer, GenerateBody, HttpError, answer_fields, base64_field, failure_status,
@@ -362,10 +362,15 @@ class HttpFront:
                            f"encoder worker refused the request: {e}") from None
         except BrokerTimeout as e:
             raise _Refusal("timeout", 504, str(e)) from None
-        except BrokerUnavailable as e:
+        except (BrokerUnavailable, RedisRefused) as e:
             raise _Refusal("unavailable", 503, str(e)) from None
         except (ResultLost, ProtocolError) as e:  # the worker's answer (or what stands for it) could not be read
             raise _Refusal("failed", 502, f"the encoder's result could not be read: {e}") from None
+        except BrokerError as e:
+            raise _Refusal("failed", 500, f"{type(e).__name__}: {e}") from None
+        except Exception as e:  # a bug: logged with its traceback, answered in JSON as every failure is
+            log.exception("POST /generate failed")
+            raise _Refusal("failed", 500, f"internal error: {type(e).__name__}: {e}") from None
         finally:
             self.inflight -= 1
 
