@@ -75,7 +75,7 @@ def result_receiver(bell_name: str, n: int, ready, out) -> None:
             bell.setblocking(True)
         rows = RESULT_BYTES // 7168
         read_shm(Handle(transport="shm", location=msg.decode(), dtype="bfloat16", shapes=[[rows, 3584]],
-                        offsets=[0], nbytes=RESULT_BYTES, expires_at=time.time() + 30))
+                        offsets=[0], nbytes=RESULT_BYTES, expires_at=time.time() + 30), prefix="ebhops")
         done.append(time.perf_counter())
         ready.put(i)
     out.put(done)

@@ -29,6 +29,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+SHM_PREFIX = "ebload"  # the worker's segments, which its clients read
+
 # A realistic t2i mix: short to long user prompts (the tiny model's cost barely depends on length).
 PROMPTS = [
     "a red fox in snow",
@@ -72,7 +74,7 @@ def client_process(url, n_requests, tasks, seed, out_q, go):
         return lat, errors
 
     async def main():
-        c = EncoderClient(url, timeout=300)
+        c = EncoderClient(url, timeout=300, shm_prefix=SHM_PREFIX)
         try:
             res = await asyncio.gather(*(one_client(c, k) for k in range(tasks)))
         finally:
@@ -80,7 +82,7 @@ def client_process(url, n_requests, tasks, seed, out_q, go):
         return [x for r in res for x in r[0]], sum(r[1] for r in res)
 
     if tasks == 1:  # the plain sync path, as most DiT workers call it
-        c = EncoderClient(url, timeout=300)
+        c = EncoderClient(url, timeout=300, shm_prefix=SHM_PREFIX)
         lat, errors = [], 0
         for i in range(n_requests):
             prompt = client_prompt(seed, None, i)
@@ -147,7 +149,7 @@ def through_broker(c, prompt: str) -> dict:
     t0 = time.time()
     handle, via = c.handle_of([prompt])
     t2 = time.time()
-    read_shm(handle)
+    read_shm(handle, prefix=SHM_PREFIX)
     t3 = time.time()
     tm = handle.timings
     rows = {"queue (enqueued -> taken: ENQUEUE, wake-up, TAKE)": tm["queue_ms"] / 1e3,
@@ -166,7 +168,7 @@ def broker_block_server(url: str, blocks, results) -> None:
     the broker, one request at a time, and sends back their stages (then PING round trips, on None)."""
     from broker.client import EncoderClient
 
-    c = EncoderClient(url, timeout=60)
+    c = EncoderClient(url, timeout=60, shm_prefix=SHM_PREFIX)
     results.put("ready")
     while (prompts := blocks.get()) is not None:
         results.put([through_broker(c, p) for p in prompts])
@@ -224,7 +226,7 @@ def start_stack(args, tmp):
     if args.redis_server:
         os.environ["PATH"] = os.path.dirname(os.path.abspath(args.redis_server)) + os.pathsep + os.environ["PATH"]
     server = RedisServer(port).start()
-    prefix = "ebload"
+    prefix = SHM_PREFIX
     cfg = write_config(os.path.join(tmp, "w.json"), model_dir=args.model_dir, backend=args.backend,
                        device=args.device, redis_url=server.url, queue="encode", shm_prefix=prefix,
                        max_batch_requests=args.batch, max_queue_depth=0, cache_max_bytes=0, log_level="INFO")

@@ -90,7 +90,7 @@ def client_main(k: int, url: str, model_dir: str, start_file: str, duration: flo
     counts = collections.Counter()
     errors: list[tuple[float, str, str]] = []
     worst, latencies = 0.0, []
-    client = EncoderClient(url, timeout=timeout, retries=retries)
+    client = EncoderClient(url, timeout=timeout, retries=retries, shm_prefix=PREFIX)
     i = 0
     while time.time() < t0 + duration:
         j = i % len(prompts)

@@ -3,10 +3,10 @@
 The clients are imported on first use, so `python -m broker stats` does not load torch."""
 
 from broker.errors import (BrokerError, BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded,
-                           ResultLost)
+                           RedisRefused, ResultLost)
 
 __all__ = ["BrokerError", "BrokerTimeout", "BrokerUnavailable", "EncodeFailed", "EncoderClient", "GenerationClient",
-           "InvalidRequest", "Overloaded", "ResultLost"]
+           "InvalidRequest", "Overloaded", "RedisRefused", "ResultLost"]
 
 
 def __getattr__(name: str):

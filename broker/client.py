@@ -12,7 +12,9 @@ from broker.doorbell import Doorbell
 from broker.errors import InvalidRequest
 from broker.host import host_id
 from broker.queues import DEFAULT_QUEUE, ENCODE_FUNCTION
-from broker.results import discard_result, raise_for_error, read_blob, read_shm, trusted_owners
+from broker.redis_errors import BrokerErrors
+from broker.results import (check_location, discard_result, raise_for_error, read_blob, read_shm,
+                            resolve_shm_prefix, trusted_owners)
 from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest, Handle, per_prompt_images
 
@@ -28,6 +30,9 @@ class EncoderClient:
     `copy=False` returns tensors that view the (already unlinked) shared memory instead of copies.
     `trusted_uids`: besides this process's own uid (and $EB_TRUSTED_UIDS), the users whose result segments are
     read (e.g. the workers' user, for a client running as root); a segment of any other owner is ResultLost.
+    `shm_prefix`: the workers' shm_prefix (None: $EB_SHM_PREFIX, else "eb"); a result segment named under any
+    other prefix, or a blob key that is not the job's own, is ResultLost, and nothing is opened or deleted.
+    Every failure is a BrokerError (broker.errors): Redis's own errors too (BrokerUnavailable, RedisRefused).
     `doorbell` (shm transport, sync `encode`): a worker on this host hands the result's handle straight back to
     this process (broker.doorbell), besides recording it in Redis. One thread at a time waits on the doorbell;
     others sharing the client wait on Redis alone. `aencode` works in any event loop (one connection pool each).
@@ -35,7 +40,8 @@ class EncoderClient:
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_QUEUE,
                  timeout: float = 30.0, retries: int = 3, transport: str = "shm", *,
-                 max_queue_depth: int = 0, copy: bool = True, doorbell: bool = True, trusted_uids=()):
+                 max_queue_depth: int = 0, copy: bool = True, doorbell: bool = True, trusted_uids=(),
+                 shm_prefix: str | None = None):
         if transport not in ("shm", "blob"):
             raise ValueError(f"transport must be 'shm' or 'blob', not {transport!r}")
         if timeout <= 0:
@@ -43,10 +49,12 @@ class EncoderClient:
         self.transport = transport
         self.copy = copy
         self.trusted = trusted_owners(trusted_uids)
+        self.shm_prefix = resolve_shm_prefix(shm_prefix)
         self.use_doorbell = doorbell and transport == "shm"
         self._bell: Doorbell | None = None
         self._bell_in_use = threading.Lock()  # held by the one thread waiting on the doorbell
         self.wire = JobWire(redis_url, queue, ENCODE_FUNCTION, timeout, retries, max_queue_depth)
+        self._redis_errors = BrokerErrors(redis_url)
 
     @classmethod
     def from_config(cls, path: str, **overrides) -> "EncoderClient":
@@ -60,7 +68,7 @@ class EncoderClient:
             raise ValueError(f"{path}: service_url {cc.redis_url} is a LightLLM-protocol HTTP server; EncoderClient "
                              "speaks to the broker's Redis (DiT workers speak HTTP to such a URL)")
         kw = dict(redis_url=cc.redis_url, queue=cc.queue, timeout=cc.timeout, retries=cc.retries,
-                  transport=cc.transport)
+                  transport=cc.transport, shm_prefix=cc.shm_prefix)
         kw.update(overrides)
         return cls(**kw)
 
@@ -93,34 +101,44 @@ class EncoderClient:
         features computed once)."""
         handle, _via = self.handle_of(prompts, task, images, raw)
         if handle.transport == "shm":
-            return read_shm(handle, copy=self.copy, trusted=self.trusted)
-        return read_blob(self.wire.getdel(handle.location), handle)
+            return read_shm(handle, copy=self.copy, trusted=self.trusted, prefix=self.shm_prefix)
+        with self._redis_errors:
+            return read_blob(self.wire.getdel(handle.location), handle)
 
     def handle_of(self, prompts: list[str], task: str = "t2i", images: list | None = None,
                   raw: bool = False) -> tuple[Handle, str]:
-        """`encode` up to the result's handle, not yet read: (the handle, how it came: "redis" or "doorbell")."""
+        """`encode` up to the result's handle, not yet read: (the handle, how it came: "redis" or "doorbell"). The
+        handle points at a segment named under shm_prefix or at the job's own blob key (else ResultLost)."""
         deadline = self.wire.deadline()
         ringable = self.use_doorbell and self._bell_in_use.acquire(blocking=False)
         try:
             bell = self._doorbell() if ringable else None
             payload, description = self._payload(prompts, task, images, deadline, raw, bell)
-            job_id = self.wire.submit(payload, deadline, description)
-            outcome = self.wire.wait(job_id, deadline, bell, stale=discard_result)
+            with self._redis_errors:
+                job_id = self.wire.submit(payload, deadline, description)
+                outcome = self.wire.wait(job_id, deadline, bell, stale=self._discard)
         finally:
             if ringable:
                 self._bell_in_use.release()
-        return Handle.from_msgpack(raise_for_error(outcome)), outcome.via
+        return check_location(Handle.from_msgpack(raise_for_error(outcome)), job_id, self.shm_prefix), outcome.via
+
+    def _discard(self, handle: bytes) -> None:
+        """Unlinks the segment of a ring for a job this client no longer waits for (under shm_prefix only)."""
+        discard_result(handle, self.shm_prefix)
 
     async def aencode(self, prompts: list[str], task: str = "t2i", images: list | None = None,
                       raw: bool = False) -> list[torch.Tensor]:
         """`encode` for asyncio: many calls may be in flight at once on one client."""
         deadline = self.wire.deadline()
         payload, description = self._payload(prompts, task, images, deadline, raw)
-        job_id = await self.wire.asubmit(payload, deadline, description)
-        handle = Handle.from_msgpack(raise_for_error(await self.wire.await_result(job_id, deadline)))
+        with self._redis_errors:
+            job_id = await self.wire.asubmit(payload, deadline, description)
+            outcome = await self.wire.await_result(job_id, deadline)
+        handle = check_location(Handle.from_msgpack(raise_for_error(outcome)), job_id, self.shm_prefix)
         if handle.transport == "shm":
-            return read_shm(handle, copy=self.copy, trusted=self.trusted)
-        return read_blob(await self.wire.agetdel(handle.location), handle)
+            return read_shm(handle, copy=self.copy, trusted=self.trusted, prefix=self.shm_prefix)
+        with self._redis_errors:
+            return read_blob(await self.wire.agetdel(handle.location), handle)
 
     def close(self) -> None:
         self.wire.close()

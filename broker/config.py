@@ -130,10 +130,12 @@ class ClientConfig:
     timeout: float = 30.0
     retries: int = 3
     transport: str = "shm"
+    shm_prefix: str | None = None  # the encoder workers' shm_prefix; None: $EB_SHM_PREFIX, else "eb"
 
     @classmethod
     def from_seed(cls, cfg: dict) -> "ClientConfig":
-        """From a seed-style DiT config: lightllm_config.{service_url, service_timeout, service_retry, use_shm}."""
+        """From a seed-style DiT config: lightllm_config.{service_url, service_timeout, service_retry, use_shm}, and
+        our own lightllm_config.shm_prefix (the encoder workers')."""
         lc = cfg.get("lightllm_config") or {}
         return cls(
             redis_url=lc.get("service_url") or cfg.get("redis_url") or redis_url_from_env(),
@@ -141,4 +143,5 @@ class ClientConfig:
             timeout=float(lc.get("service_timeout", 30.0)),
             retries=int(lc.get("service_retry", 3)),
             transport="shm" if lc.get("use_shm", True) else "blob",
+            shm_prefix=lc.get("shm_prefix"),
         )

@@ -31,8 +31,14 @@ class BrokerUnavailable(BrokerError, ConnectionError):
     """Redis could not be reached."""
 
 
+class RedisRefused(BrokerError):
+    """Redis answered with an error: out of memory, a read-only replica, a missing permission, a failing disk...;
+    the message says what to change."""
+
+
 class ResultLost(BrokerError):
-    """A result handle points at data that is gone (segment swept or blob expired before it was read)."""
+    """A result handle points at data that is gone (segment swept or blob expired before it was read), or at
+    something that is not this job's result (a segment name of another prefix, another key): nothing is read."""
 
 
 class ModelLoadError(BrokerError):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import time
 
-import redis
-
 from broker import keys
-from broker.connections import unreachable
-from broker.errors import BrokerTimeout, BrokerUnavailable
+from broker.errors import BrokerTimeout
 from broker.queues import DEFAULT_GENERATE_QUEUE, GENERATE_FUNCTION
+from broker.redis_errors import BrokerErrors
 from broker.results import raise_for_error
 from broker.rq_wire import JobWire
 from broker.schemas import GenerateRequest, GenerateResult
@@ -18,11 +16,13 @@ from broker.serializer import MsgpackSerializer
 
 class GenerationClient:
     """Sends generation jobs to the DiT workers behind `redis_url`. `timeout` bounds each job end to end
-    (queueing, encoding, denoising, decoding); set it for your slowest size and step count."""
+    (queueing, encoding, denoising, decoding); set it for your slowest size and step count. Every failure is a
+    BrokerError (broker.errors), Redis's own errors too."""
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_GENERATE_QUEUE,
                  timeout: float = 600.0, retries: int = 0):
         self.wire = JobWire(redis_url, queue, GENERATE_FUNCTION, timeout, retries)
+        self._redis_errors = BrokerErrors(redis_url)
 
     def submit(self, prompt: str, **kw) -> tuple[str, float]:
         """Enqueues one generation; returns (job id, deadline) for `wait`. Keywords: GenerateRequest's fields
@@ -30,11 +30,16 @@ class GenerationClient:
         Raises InvalidRequest at once for what can be checked here (e.g. steps=0, i2i without images)."""
         deadline = self.wire.deadline()
         req = GenerateRequest(prompt=prompt, deadline=deadline, **kw).validate()
-        return self.wire.submit(req.to_msgpack(), deadline, f"generate: {prompt[:40]}"), deadline
+        with self._redis_errors:
+            return self.wire.submit(req.to_msgpack(), deadline, f"generate: {prompt[:40]}"), deadline
 
     def wait(self, job_id: str, deadline: float, on_progress=None, poll_s: float = 0.25) -> GenerateResult:
         """The job's result. With `on_progress`, it is called with each new `progress(job_id)` value while waiting
         (every `poll_s` at most)."""
+        with self._redis_errors:
+            return self._wait(job_id, deadline, on_progress, poll_s)
+
+    def _wait(self, job_id: str, deadline: float, on_progress, poll_s: float) -> GenerateResult:
         if on_progress is None:
             return GenerateResult.from_msgpack(raise_for_error(self.wire.wait(job_id, deadline)))
         last = None
@@ -57,10 +62,8 @@ class GenerationClient:
     def progress(self, job_id: str) -> dict:
         """The job's progress as the DiT worker reports it: {"step": denoising steps done, "steps": of how many};
         {"step": 0, ...} once its embeddings are in; {} before it starts (or once the job record expired)."""
-        try:
+        with self._redis_errors:
             raw = self.wire.redis.hget(keys.job(job_id), "meta")
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise BrokerUnavailable(unreachable(self.wire.redis_url, e)) from None
         if not raw:
             return {}
         meta = MsgpackSerializer.loads(raw)

@@ -40,7 +40,8 @@ from broker.client import EncoderClient
 from broker.config import DEFAULT_REDIS_URL, from_json_file
 from broker.connections import redacted
 from broker.enqueue import queue_key
-from broker.errors import BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded, ResultLost
+from broker.errors import (BrokerError, BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded,
+                           ProtocolError, RedisRefused, ResultLost)
 from broker.front_metrics import FrontMetrics
 from broker.http_serving import AccessLog, TimedH11Protocol, listen
 from broker.lightllm import (GenerateAnswer, GenerateBody, HttpError, answer_fields, base64_field, failure_status,
@@ -72,7 +73,8 @@ class HttpFrontConfig:
     shutdown_grace_s: float = 10.0  # on SIGTERM/SIGINT, requests in flight get this long to finish
     shm_default: str = "both"  # when a request doesn't set parameters.use_shm: off | shm | both
     shm_ttl_s: float = 10.0  # an answer's segment is unlinked this long after it is written
-    shm_prefix: str = "eb"
+    shm_prefix: str = "eb"  # of the front's answer segments
+    worker_shm_prefix: str | None = None  # the encoder workers' shm_prefix (None: $EB_SHM_PREFIX, else "eb")
     shm_max_bytes: int = 256 << 20  # the front's live answer segments; past it answers go as base64 (0: no shm)
     sweep_interval_s: float = 1.0
     worker_stale_s: float = 15.0  # a worker whose RQ heartbeat is older than this does not count as serving
@@ -90,6 +92,8 @@ class HttpFrontConfig:
             raise ValueError("max_queue_depth, retries, shm_max_bytes and shutdown_grace_s must be >= 0, "
                              "port in [0, 65535]")
         check_prefix(self.shm_prefix)
+        if self.worker_shm_prefix is not None:
+            check_prefix(self.worker_shm_prefix)
 
     @classmethod
     def load(cls, path: str | None = None, **overrides) -> "HttpFrontConfig":
@@ -119,7 +123,8 @@ class HttpFront:
     def __init__(self, cfg: HttpFrontConfig):
         self.cfg = cfg
         self.client = EncoderClient(cfg.redis_url, cfg.queue, timeout=cfg.timeout, retries=cfg.retries,
-                                    transport="shm", max_queue_depth=cfg.max_queue_depth, copy=False)
+                                    transport="shm", max_queue_depth=cfg.max_queue_depth, copy=False,
+                                    shm_prefix=cfg.worker_shm_prefix)
         self.inflight = 0
         self._depth = float("nan")  # the queue's length at the last scrape
         self.metrics = FrontMetrics(cfg.queue, lambda: self._depth, lambda: self.segments)
@@ -357,10 +362,15 @@ class HttpFront:
                            f"encoder worker refused the request: {e}") from None
         except BrokerTimeout as e:
             raise _Refusal("timeout", 504, str(e)) from None
-        except BrokerUnavailable as e:
+        except (BrokerUnavailable, RedisRefused) as e:
             raise _Refusal("unavailable", 503, str(e)) from None
-        except ResultLost as e:
-            raise _Refusal("failed", 500, str(e)) from None
+        except (ResultLost, ProtocolError) as e:  # the worker's answer (or what stands for it) could not be read
+            raise _Refusal("failed", 502, f"the encoder's result could not be read: {e}") from None
+        except BrokerError as e:
+            raise _Refusal("failed", 500, f"{type(e).__name__}: {e}") from None
+        except Exception as e:  # a bug: logged with its traceback, answered in JSON as every failure is
+            log.exception("POST /generate failed")
+            raise _Refusal("failed", 500, f"internal error: {type(e).__name__}: {e}") from None
         finally:
             self.inflight -= 1
 

@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
+from broker import keys
 from broker.errors import EncodeFailed, ProtocolError, ResultLost
 from broker.schemas import Blob, Handle
 from broker.serializer import InflateLimitExceeded, MsgpackSerializer, inflate
+from shm.names import DEFAULT_PREFIX, SegmentName, check_prefix
 
 TRUSTED_UIDS_ENV = "EB_TRUSTED_UIDS"
+SHM_PREFIX_ENV = "EB_SHM_PREFIX"  # the workers' shm_prefix, as their configs read it
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 MAX_ERROR_TEXT_BYTES = 1 << 20  # a failed job's traceback, as RQ stores it (zlib)
@@ -103,6 +106,37 @@ def trusted_owners(extra=()) -> frozenset[int]:
     return frozenset({os.getuid(), *from_env, *(int(u) for u in extra)})
 
 
+def resolve_shm_prefix(prefix: str | None = None) -> str:
+    """The prefix of the workers' segment names, the only segments a client reads: `prefix`, else $EB_SHM_PREFIX
+    (as the workers' config reads it), else "eb"."""
+    return check_prefix(prefix if prefix is not None else os.environ.get(SHM_PREFIX_ENV) or DEFAULT_PREFIX)
+
+
+def _check_segment_name(location, prefix: str) -> None:
+    """ResultLost unless `location` is a segment name a worker under `prefix` makes (shm.SegmentName): a handle
+    comes through Redis or a doorbell, and a name of any other form or prefix is not ours to open or unlink."""
+    parsed = SegmentName.parse(location) if isinstance(location, str) else None
+    if parsed is not None and parsed.prefix == prefix:
+        return
+    if parsed is not None:
+        raise ResultLost(f"result refused: segment {location} is named under shm prefix {parsed.prefix!r}, not "
+                         f"{prefix!r}; if the workers' shm_prefix is {parsed.prefix!r}, give the client "
+                         f"shm_prefix={parsed.prefix!r} (or ${SHM_PREFIX_ENV}); nothing was opened")
+    raise ResultLost(f"result refused: {location!r} is not a segment name a worker makes "
+                     f"(/{prefix}.<pid>.<expiry ms>.<16 hex digits>); nothing was opened")
+
+
+def check_location(handle: Handle, job_id: str, prefix: str) -> Handle:
+    """`handle`, once it points where job `job_id`'s result may be: a segment named under `prefix`, or the job's
+    own blob key (broker.keys.blob); else ResultLost, with nothing opened, read or deleted."""
+    if handle.transport == "shm":
+        _check_segment_name(handle.location, prefix)
+    elif handle.location != keys.blob(job_id):
+        raise ResultLost(f"result refused: blob key {handle.location!r} is not job {job_id}'s result key "
+                         f"{keys.blob(job_id)!r}; nothing was read or deleted")
+    return handle
+
+
 def _check_spans(layout, nbytes: int, what: str) -> None:
     """Every prompt's states lie inside the `nbytes` a handle or blob holds (else reading them would fail
     obscurely, or read what another prompt's offsets do not describe)."""
@@ -120,14 +154,17 @@ def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def read_shm(handle: Handle, copy: bool = True, trusted: frozenset[int] | None = None) -> list[torch.Tensor]:
+def read_shm(handle: Handle, copy: bool = True, trusted: frozenset[int] | None = None,
+             prefix: str = DEFAULT_PREFIX) -> list[torch.Tensor]:
     """Reads the segment and unlinks it. With copy=False the tensors view the (unlinked) mapping directly.
 
-    The handle came through Redis (or a doorbell), so the segment is read only if it is what a worker makes: owned
-    by this process's user or a `trusted` uid (default: trusted_owners()), mode 0600, exactly the handle's size;
-    anything else is ResultLost with the reason, and is left where it is."""
+    The handle came through Redis (or a doorbell), so the segment is read only if it is what a worker makes: named
+    as a worker under `prefix` names its segments (before anything opens it), owned by this process's user or a
+    `trusted` uid (default: trusted_owners()), mode 0600, exactly the handle's size; anything else is ResultLost
+    with the reason, and is left where it is."""
     from shm import ShmNotFoundError, ShmUntrustedError, attach_segment, read_segment, unlink_segment
 
+    _check_segment_name(handle.location, prefix)
     _check_spans(handle, handle.nbytes, f"result handle for {handle.location}")
     expect = dict(owners=trusted_owners() if trusted is None else trusted, size=max(handle.nbytes, 1))
     try:
@@ -159,16 +196,18 @@ def read_shm(handle: Handle, copy: bool = True, trusted: frozenset[int] | None =
         seg.close()
 
 
-def discard_result(handle_bytes: bytes) -> None:
+def discard_result(handle_bytes: bytes, prefix: str = DEFAULT_PREFIX) -> None:
     """Unlinks the segment of a result nobody will read (a doorbell ring for a job its client no longer waits
-    for); anything that is not a handle to one of our segments, or a segment already gone, is left alone."""
-    from shm import SegmentName, ShmError, unlink_segment
+    for); anything that is not a handle to a segment named under `prefix`, or a segment already gone, is left
+    alone."""
+    from shm import ShmError, unlink_segment
 
     try:
         handle = Handle.from_msgpack(handle_bytes)
     except ProtocolError:
         return
-    if handle.transport == "shm" and SegmentName.parse(handle.location) is not None:
+    if handle.transport == "shm" and isinstance(handle.location, str) \
+            and SegmentName.parse(handle.location, prefix) is not None:
         try:
             unlink_segment(handle.location)
         except ShmError:

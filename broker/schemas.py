@@ -39,7 +39,19 @@ def validate_prompts(prompts) -> list[str]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise InvalidRequest(f"prompt {i} is a {type(p).__name__}, not a string")
+        check_text(p, f"prompt {i}")
     return list(prompts)
+
+
+def check_text(text: str, what: str) -> None:
+    """InvalidRequest unless `text` can go on the wire as UTF-8: a lone surrogate (e.g. "\\ud800", which a JSON
+    escape or a bad decode can make) cannot be encoded, nor tokenized."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:
+            raise InvalidRequest(f"{what} is not valid Unicode text: {text[e.start]!r} at character {e.start} is a "
+                                 "lone surrogate, which has no UTF-8 encoding") from None
 
 
 def validate_deadline(deadline) -> None:
@@ -210,6 +222,8 @@ class GenerateRequest:
         validate_deadline(self.deadline)
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InvalidRequest("prompt and negative_prompt must be strings")
+        check_text(self.prompt, "prompt")
+        check_text(self.negative_prompt, "negative_prompt")
         if self.task not in TASKS:
             raise InvalidRequest(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
         if not isinstance(self.images, list) or not all(isinstance(b, (bytes, bytearray)) for b in self.images):
@@ -230,6 +244,7 @@ class GenerateRequest:
             raise InvalidRequest(f"true_cfg_scale must be a finite number >= 0, got {cfg!r}")
         if not isinstance(self.output_dir, str):
             raise InvalidRequest("output_dir must be a string (a folder path, or empty)")
+        check_text(self.output_dir, "output_dir")
         for name in ("return_path", "debug"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name} must be true or false, got {getattr(self, name)!r}")

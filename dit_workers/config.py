@@ -29,7 +29,8 @@ class DitWorkerConfig:
     max_input_pixels: int = 4096 * 4096  # of one decoded input image
     progress_log_every: int = 0  # a log line every N denoising steps; 0: about ten lines per job
     result_ttl_s: int = 300
-    lightllm_config: dict = field(default_factory=dict)  # service_url, service_timeout, service_retry, use_shm
+    # service_url, service_timeout, service_retry, use_shm; shm_prefix: the encoder workers' (None: $EB_SHM_PREFIX)
+    lightllm_config: dict = field(default_factory=dict)
     log_level: str = "INFO"
 
     def __post_init__(self):

@@ -28,7 +28,7 @@ class ServiceEmbedder:
 
         cc = cfg.encoder_client
         self.client = EncoderClient(cc.redis_url, queue=cc.queue, timeout=cc.timeout, retries=cc.retries,
-                                    transport=cc.transport)
+                                    transport=cc.transport, shm_prefix=cc.shm_prefix)
 
     def embed(self, prompts: list[str], task: str, images: list[bytes]) -> list[torch.Tensor]:
         # one job: the prompt and its negative, each with the same condition images (features computed once)

@@ -25,6 +25,7 @@ from .errors import ShmError, ShmExistsError, ShmNotFoundError, ShmSpaceError, S
 from .names import DEFAULT_PREFIX, SHM_DIR, SegmentName, check_prefix
 
 MAX_MARGIN_BYTES = 64 << 20  # free-space safety margin: 5% of /dev/shm, at most this much
+NAME_MAX = 255  # bytes of one name in /dev/shm (Linux's NAME_MAX)
 
 
 def _free_bytes() -> tuple[int, int]:
@@ -68,10 +69,26 @@ def _check_budget(size: int, prefix: str, max_total_bytes: int, name: str = "", 
         )
 
 
+def _posix_name(name: str) -> str:
+    """`name` with its leading slash, once it is a name a POSIX segment can have: one component of /dev/shm, no NUL,
+    valid UTF-8, at most NAME_MAX bytes. Anything else must not reach posix_ipc, which crashes the process on a
+    NUL and resolves a slash as a path."""
+    bare = name[1:] if isinstance(name, str) and name.startswith("/") else name
+    try:
+        ok = isinstance(bare, str) and 0 < len(bare.encode()) <= NAME_MAX and bare not in (".", "..") \
+            and "/" not in bare and "\0" not in bare
+    except UnicodeEncodeError:  # a lone surrogate
+        ok = False
+    if not ok:
+        raise ShmError(f"{name!r} is not a shared-memory segment name (one name in {SHM_DIR}: no slash after the "
+                       f"first, no NUL, 1-{NAME_MAX} bytes)")
+    return "/" + bare
+
+
 def unlink_segment(name: str) -> bool:
-    """Remove a name; True if we removed it, False if it was already gone."""
-    if not name.startswith("/"):
-        name = "/" + name
+    """Remove a name; True if we removed it, False if it was already gone. A name no segment can have is a
+    ShmError (nothing is removed)."""
+    name = _posix_name(name)
     try:
         posix_ipc.unlink_shared_memory(name)
         return True
@@ -227,8 +244,7 @@ def _open_existing(name: str, writable: bool, owners: Collection[int] | None = N
                    size: int | None = None) -> tuple[str, posix_ipc.SharedMemory, int]:
     """(the name with its leading slash, the open segment, its size); the caller closes the descriptor. With
     `owners`, the segment must be trusted (_check_trusted) or ShmUntrustedError is raised."""
-    if not name.startswith("/"):
-        name = "/" + name
+    name = _posix_name(name)
     try:
         mem = posix_ipc.SharedMemory(name, 0, read_only=not writable)
     except posix_ipc.ExistentialError:

@@ -57,5 +57,5 @@ def encoder_worker(tiny_dir, redis_server, tmp_path_factory):
 def client(encoder_worker):
     from broker.client import EncoderClient
 
-    with EncoderClient(encoder_worker["url"], timeout=30) as c:
+    with EncoderClient(encoder_worker["url"], timeout=30, shm_prefix=encoder_worker["prefix"]) as c:
         yield c

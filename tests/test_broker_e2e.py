@@ -66,7 +66,7 @@ def test_blob_transport_gives_the_same_tensors(encoder_worker, baseline):
 
 
 def test_zero_copy_views_survive_unlink(encoder_worker, baseline):
-    with EncoderClient(encoder_worker["url"], timeout=30, copy=False) as c:
+    with EncoderClient(encoder_worker["url"], timeout=30, copy=False, shm_prefix=encoder_worker["prefix"]) as c:
         got = c.encode(["zero copy"])
     assert shm_names(encoder_worker["prefix"]) == []
     assert_same([got[0].clone()], baseline.encode(["zero copy"]))
@@ -76,7 +76,7 @@ def test_32_concurrent_aencode_calls(encoder_worker, baseline):
     prompts = [f"prompt number {i}: " + "red " * (i % 7) + "fox" for i in range(32)]
 
     async def run():
-        c = EncoderClient(encoder_worker["url"], timeout=60)
+        c = EncoderClient(encoder_worker["url"], timeout=60, shm_prefix=encoder_worker["prefix"])
         try:
             return await asyncio.gather(*(c.aencode([p]) for p in prompts))
         finally:
@@ -91,7 +91,7 @@ def test_32_concurrent_aencode_calls(encoder_worker, baseline):
 def test_a_client_works_across_asyncio_run_calls(encoder_worker, baseline):
     """D10: each asyncio.run() is a new event loop; the client's asyncio connections belong to the loop that made
     them, so each loop gets its own, and no call leaves a segment behind."""
-    with EncoderClient(encoder_worker["url"], timeout=30) as c:
+    with EncoderClient(encoder_worker["url"], timeout=30, shm_prefix=encoder_worker["prefix"]) as c:
         for i in range(3):
             (got,) = asyncio.run(c.aencode([f"loop {i}"]))
             assert_same([got], baseline.encode([f"loop {i}"]))
@@ -172,9 +172,9 @@ def test_unreachable_redis_is_a_clear_error_within_the_timeout():
 def test_from_seed_config(tmp_path, encoder_worker, baseline):
     cfg = write_config(str(tmp_path / "dit.json"), text_encoder_type="lightllm_service",
                        lightllm_config={"service_url": encoder_worker["url"], "service_timeout": 20,
-                                        "service_retry": 1, "use_shm": False})
+                                        "service_retry": 1, "use_shm": False, "shm_prefix": "ebseed"})
     c = EncoderClient.from_config(cfg)
-    assert (c.wire.timeout, c.wire.retries, c.transport) == (20.0, 1, "blob")
+    assert (c.wire.timeout, c.wire.retries, c.transport, c.shm_prefix) == (20.0, 1, "blob", "ebseed")
     assert_same(c.encode(["from config"]), baseline.encode(["from config"]))
     with pytest.raises(ValueError, match="text_encoder_type"):
         EncoderClient.from_config(write_config(str(tmp_path / "bad.json"), text_encoder_type="baseline"))

@@ -63,7 +63,8 @@ def dit_service(encoder_worker, pipeline_dir, tmp_path_factory):
     proc, log = start_worker(d, "dit", "dit_workers", text_encoder_type="lightllm_service", model_path=pipeline_dir,
                              redis_url=url, queue="generate-pipeline", device="cpu", output_dir=str(d / "images"),
                              progress_log_every=1, lightllm_config={"service_url": url, "service_timeout": 30,
-                                                                    "service_retry": 1, "use_shm": True})
+                                                                    "service_retry": 1, "use_shm": True,
+                                                                    "shm_prefix": encoder_worker["prefix"]})
     wait_for_workers(url, before + 1, proc, log)
     client = GenerationClient(url, queue="generate-pipeline", timeout=120)
     yield {"url": url, "proc": proc, "log": log, "client": client, "images": str(d / "images")}
@@ -327,7 +328,8 @@ def test_i2i_plumbing_condition_images_and_the_edit_pipeline(baseline_engine, mo
 
 
 def test_i2i_end_to_end_through_the_broker(dit_service, encoder_worker):
-    cfg = DitWorkerConfig(lightllm_config={"service_url": encoder_worker["url"], "service_timeout": 30})
+    cfg = DitWorkerConfig(lightllm_config={"service_url": encoder_worker["url"], "service_timeout": 30,
+                                           "shm_prefix": encoder_worker["prefix"]})
     assert image_support(ServiceEmbedder(cfg)) is None  # the probe a DiT worker can send the broker
     res = dit_service["client"].generate("make it blue", task="i2i", images=[input_png()], width=64, height=64,
                                          steps=2)

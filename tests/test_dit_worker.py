@@ -14,18 +14,20 @@ from tests.helpers import start_worker, stop_process, wait_for_workers
 from tests.test_http_front import front_process
 
 
-def start_dit_worker(folder, tiny_dir, url: str, queue: str, service_url: str):
-    """A DiT worker process serving `queue`, its prompts encoded by the service at `service_url`: (process, log)."""
+def start_dit_worker(folder, tiny_dir, url: str, queue: str, service_url: str, encoder_prefix: str):
+    """A DiT worker process serving `queue`, its prompts encoded by the service at `service_url` (by encoder workers
+    whose shm_prefix is `encoder_prefix`, when it is Redis): (process, log)."""
     return start_worker(folder, "dit", "dit_workers", text_encoder_type="lightllm_service", model_path=tiny_dir,
                         redis_url=url, queue=queue, device="cpu",
                         lightllm_config={"service_url": service_url, "service_timeout": 30, "service_retry": 1,
-                                         "use_shm": True})
+                                         "use_shm": True, "shm_prefix": encoder_prefix})
 
 
 @pytest.fixture(scope="module")
 def dit_worker(encoder_worker, tiny_dir, tmp_path_factory):
     url = encoder_worker["url"]
-    proc, log = start_dit_worker(tmp_path_factory.mktemp("dit-worker"), tiny_dir, url, "generate", url)
+    proc, log = start_dit_worker(tmp_path_factory.mktemp("dit-worker"), tiny_dir, url, "generate", url,
+                                 encoder_worker["prefix"])
     wait_for_workers(url, 2, proc, log)  # the encoder worker and this one
     yield {"url": url, "proc": proc, "log": log}
     stop_process(proc)
@@ -58,8 +60,10 @@ def test_a_dit_worker_process_speaks_lightllm_http_to_the_front_process(encoder_
                                                                         tmp_path):
     """LightX2V's meaning of an http:// service_url, as processes: DiT worker -> HTTP front -> encoder worker."""
     url = encoder_worker["url"]
-    front, port = front_process(url, "ebh" + uuid.uuid4().hex[:6], tmp_path / "front.log")
-    proc, log = start_dit_worker(tmp_path, tiny_dir, url, "generate_http", f"http://127.0.0.1:{port}")
+    front, port = front_process(url, "ebh" + uuid.uuid4().hex[:6], tmp_path / "front.log",
+                                encoder_worker["prefix"])
+    proc, log = start_dit_worker(tmp_path, tiny_dir, url, "generate_http", f"http://127.0.0.1:{port}",
+                                 encoder_worker["prefix"])
     try:
         wait_for_workers(url, 1, proc, log, queue="generate_http")
         client = GenerationClient(url, queue="generate_http", timeout=60)

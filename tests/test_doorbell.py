@@ -34,10 +34,10 @@ def segment_exists(name: str) -> bool:
     return os.path.exists(os.path.join(SHM_DIR, name.lstrip("/")))
 
 
-def assert_came(outcome, via: str, prompt: str, baseline) -> None:
-    """`outcome` came `via` where expected and its segment holds `prompt`'s states."""
+def assert_came(outcome, via: str, prompt: str, baseline, prefix: str) -> None:
+    """`outcome` came `via` where expected and its segment (named under `prefix`) holds `prompt`'s states."""
     assert outcome.via == via and outcome.error is None
-    assert_encoded(read_shm(Handle.from_msgpack(outcome.value))[0], prompt, baseline)
+    assert_encoded(read_shm(Handle.from_msgpack(outcome.value), prefix=prefix)[0], prompt, baseline)
 
 
 def test_a_ring_reaches_its_bell_and_rings_for_other_jobs_are_set_apart():
@@ -85,7 +85,7 @@ def test_the_worker_rings_the_result_to_its_client_and_records_it_in_redis(clien
     bell = client._doorbell()
     job_id, deadline = submit_prompt(client, "a heron at dawn", bell.name)
     outcome = client.wire.wait(job_id, deadline, bell)
-    assert_came(outcome, "doorbell", "a heron at dawn", baseline)
+    assert_came(outcome, "doorbell", "a heron at dawn", baseline, client.shm_prefix)
     # the result reaches Redis as well: status, registry and result stream, with the same handle
     r = redis.Redis.from_url(encoder_worker["url"])
     assert eventually(lambda: r.hget(f"rq:job:{job_id}", "status") == b"finished")
@@ -98,21 +98,24 @@ def test_a_result_nobody_rings_comes_through_redis(client, baseline):
     """A job whose worker can't ring (here: the request names no bell, as a worker on another host would not
     ring) is still answered while the client waits on its bell."""
     job_id, deadline = submit_prompt(client, "a quiet harbour")
-    assert_came(client.wire.wait(job_id, deadline, client._doorbell()), "redis", "a quiet harbour", baseline)
+    assert_came(client.wire.wait(job_id, deadline, client._doorbell()), "redis", "a quiet harbour", baseline,
+                client.shm_prefix)
 
 
 def test_a_worker_whose_ring_is_not_heard_still_delivers_through_redis(encoder_worker, baseline):
     gone = Doorbell()
     gone.close()
-    with EncoderClient(encoder_worker["url"], timeout=30, doorbell=False) as client:
+    with EncoderClient(encoder_worker["url"], timeout=30, doorbell=False,
+                       shm_prefix=encoder_worker["prefix"]) as client:
         job_id, deadline = submit_prompt(client, "nobody at the door", gone.name)
-        assert_came(client.wire.wait(job_id, deadline), "redis", "nobody at the door", baseline)
+        assert_came(client.wire.wait(job_id, deadline), "redis", "nobody at the door", baseline,
+                    client.shm_prefix)
 
 
 def test_a_stale_ring_is_dropped_and_its_segment_unlinked(client, baseline):
     ringer = Ringer()
     try:
-        stale = write_segment(8, 30, "ebstale", [(0, b"\0" * 8)])
+        stale = write_segment(8, 30, client.shm_prefix, [(0, b"\0" * 8)])  # a worker's, for another job
         assert ringer.ring(client._doorbell().name, uuid.uuid4().hex, shm_handle(stale))
         assert_encoded(client.encode(["the lighthouse keeper"])[0], "the lighthouse keeper", baseline)
         assert not segment_exists(stale)
@@ -185,10 +188,11 @@ def test_a_forked_child_binds_a_doorbell_of_its_own(client, encoder_worker, base
 def test_threads_sharing_a_client_each_get_their_own_results(encoder_worker, baseline):
     """One thread at a time waits on the doorbell (the others on Redis): no thread takes another's ring."""
     prompts = [f"a shared client, thread request {i}" for i in range(12)]
-    with EncoderClient(encoder_worker["url"], timeout=60) as client, ThreadPoolExecutor(4) as pool:
+    with (EncoderClient(encoder_worker["url"], timeout=60, shm_prefix=encoder_worker["prefix"]) as client,
+          ThreadPoolExecutor(4) as pool):
         got = list(pool.map(lambda p: client.handle_of([p]), prompts))
         for p, (handle, _via) in zip(prompts, got):
-            (states,) = read_shm(handle)
+            (states,) = read_shm(handle, prefix=client.shm_prefix)
             # (jobs of one batch: padding may move the last bits, as in tests/test_broker_e2e.py)
             torch.testing.assert_close(states, baseline.encode([p])[0].to(states.dtype), rtol=1e-5, atol=1e-5)
         assert {via for _, via in got} <= {"doorbell", "redis"} and any(via == "doorbell" for _, via in got)

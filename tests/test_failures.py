@@ -125,7 +125,7 @@ def test_vanished_client_leaves_no_segment_beyond_its_expiry(workers, own_redis)
 
 def test_redis_restart_clients_get_a_clear_error_and_workers_reconnect(workers, own_redis, baseline):
     workers.start()
-    client = EncoderClient(own_redis.url, timeout=5, retries=1)
+    client = EncoderClient(own_redis.url, timeout=5, retries=1, shm_prefix=workers.prefix)
     assert client.encode(["before"])[0].shape == baseline.encode(["before"])[0].shape
     own_redis.stop()
     with pytest.raises(BrokerUnavailable, match="cannot reach Redis"):  # down for longer than the timeout
@@ -148,7 +148,7 @@ def test_a_request_sent_while_redis_is_down_is_served_when_it_is_back(workers, o
     """A restart shorter than the client's timeout costs its requests time, not an error (the soak's Redis
     restarts failed 2 requests a client with a fixed count of retries)."""
     workers.start()
-    client = EncoderClient(own_redis.url, timeout=60, retries=3)
+    client = EncoderClient(own_redis.url, timeout=60, retries=3, shm_prefix=workers.prefix)
     client.encode(["warm"])
     own_redis.stop()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -173,7 +173,7 @@ def test_clients_and_workers_ride_out_a_redis_restart_between_requests(workers, 
     """D1, D2: the first request after Redis comes back is served, whatever connections went stale (the
     doorbell's raced XREAD, the pool's, the asyncio client's, the worker's wait), within the clients' retries."""
     workers.start()
-    clients = [EncoderClient(own_redis.url, timeout=30, retries=3, **kw)
+    clients = [EncoderClient(own_redis.url, timeout=30, retries=3, shm_prefix=workers.prefix, **kw)
                for kw in ({}, {"doorbell": False}, {"transport": "blob"})]
     for c in clients:
         c.encode(["warm"])
@@ -205,7 +205,8 @@ def test_tiny_shm_budget_falls_back_to_blob(workers, baseline):
     wire, job_id, deadline = submit(workers.url, ["too big for the budget", "b"])
     handle = Handle.from_msgpack(wire.wait(job_id, deadline).value)
     assert handle.transport == "blob"
-    client = EncoderClient(workers.url, timeout=30)  # the client reads whichever transport came back
+    # the client reads whichever transport came back
+    client = EncoderClient(workers.url, timeout=30, shm_prefix=workers.prefix)
     got = client.encode(["too big for the budget"])
     assert got[0].shape == baseline.encode(["too big for the budget"])[0].shape
     assert shm_names(workers.prefix) == []
@@ -232,7 +233,7 @@ def test_overload_is_refused_at_once(workers):
 
 def test_stats_show_batches_cache_and_workers(workers):
     workers.start()
-    client = EncoderClient(workers.url, timeout=30)
+    client = EncoderClient(workers.url, timeout=30, shm_prefix=workers.prefix)
     client.encode([" ", "a fox", " "])  # duplicates in one job: computed once
     client.encode([" "])  # across clients/jobs: a cache hit
     r = redis.Redis.from_url(workers.url)

@@ -78,8 +78,8 @@ class FrontThread:
 
 @pytest.fixture(scope="module")
 def front(encoder_worker):
-    with FrontThread(redis_url=encoder_worker["url"], queue="encode", max_body_bytes=1 << 20,
-                     client_timeout_s=1.0) as f:
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", worker_shm_prefix=encoder_worker["prefix"],
+                     max_body_bytes=1 << 20, client_timeout_s=1.0) as f:
         yield f
 
 
@@ -177,14 +177,16 @@ def test_default_answer_has_both_and_the_front_unlinks_its_segments(front):
 
 
 def test_segments_expire_and_a_budget_bounds_them(encoder_worker):
-    with FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_ttl_s=1.0, sweep_interval_s=0.2) as f:
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", worker_shm_prefix=encoder_worker["prefix"],
+                     shm_ttl_s=1.0, sweep_interval_s=0.2) as f:
         status, first, _ = generate(f.port, "left unread")
         assert status == 200 and "hidden_states_base64" in first, first
         size = os.stat(f"/dev/shm/{first['shm_hidden_states_name']}").st_size
         assert shm_names(f.cfg.shm_prefix) == [first["shm_hidden_states_name"]]
         assert eventually(lambda: shm_names(f.cfg.shm_prefix) == [])  # unlinked by the front at its expiry
 
-    with FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_max_bytes=size + size // 2) as g:
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", worker_shm_prefix=encoder_worker["prefix"],
+                     shm_max_bytes=size + size // 2) as g:
         _, a, _ = generate(g.port, "left unread")
         _, b, _ = generate(g.port, "left unread")
         assert "shm_hidden_states_name" in a and "shm_hidden_states_name" not in b, (a.keys(), b.keys())
@@ -195,11 +197,12 @@ def test_segments_expire_and_a_budget_bounds_them(encoder_worker):
     assert shm_names(g.cfg.shm_prefix) == []  # a graceful stop unlinks what it still held
 
 
-def front_process(url, prefix, log_path):
-    """`python -m broker.http_front` on a free port, once it answers: (process, port)."""
+def front_process(url, prefix, log_path, worker_prefix):
+    """`python -m broker.http_front` on a free port (its answers' segments under `prefix`, reading the results of
+    workers whose shm_prefix is `worker_prefix`), once it answers: (process, port)."""
     port = free_port()
     proc = start_process(["-m", "broker.http_front", "--port", str(port), "--redis-url", url, "--shm-prefix", prefix,
-                          "--shm-ttl-s", "1"], log_path)
+                          "--worker-shm-prefix", worker_prefix, "--shm-ttl-s", "1"], log_path)
     assert eventually(lambda: _answers(port) or proc.poll() is not None, timeout=60) and proc.poll() is None, \
         open(log_path).read()
     return proc, port
@@ -214,7 +217,7 @@ def _answers(port) -> bool:
 
 def test_a_restarted_front_removes_what_a_killed_one_left(encoder_worker, tmp_path):
     prefix = "ebk" + uuid.uuid4().hex[:6]
-    proc, port = front_process(encoder_worker["url"], prefix, tmp_path / "front.log")
+    proc, port = front_process(encoder_worker["url"], prefix, tmp_path / "front.log", encoder_worker["prefix"])
     try:
         status, result, _ = generate(port, "orphan")
         assert status == 200 and shm_names(prefix) == [result["shm_hidden_states_name"]]
@@ -223,13 +226,14 @@ def test_a_restarted_front_removes_what_a_killed_one_left(encoder_worker, tmp_pa
         proc.wait()
     time.sleep(1.2)  # past the orphan's expiry: nobody is left to unlink it
     assert shm_names(prefix) == [result["shm_hidden_states_name"]]
-    with FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_prefix=prefix):
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_prefix=prefix,
+                     worker_shm_prefix=encoder_worker["prefix"]):
         assert shm_names(prefix) == []  # swept as the new front started
 
 
 def test_sigterm_stops_the_front_gracefully(encoder_worker, tmp_path):
     prefix = "ebg" + uuid.uuid4().hex[:6]
-    proc, port = front_process(encoder_worker["url"], prefix, tmp_path / "front.log")
+    proc, port = front_process(encoder_worker["url"], prefix, tmp_path / "front.log", encoder_worker["prefix"])
     try:
         status, result, _ = generate(port, "graceful")
         assert status == 200 and shm_names(prefix) == [result["shm_hidden_states_name"]]

@@ -21,7 +21,8 @@ PAIR = ["make the sky purple", " "]
 
 @pytest.mark.parametrize("transport", ["shm", "blob"])
 def test_cfg_pair_through_the_broker_equals_in_process(encoder_worker, baseline, transport):
-    with EncoderClient(encoder_worker["url"], timeout=60, transport=transport) as c:
+    with EncoderClient(encoder_worker["url"], timeout=60, transport=transport,
+                       shm_prefix=encoder_worker["prefix"]) as c:
         got = c.encode(PAIR, task="i2i", images=[WIDE, TALL])  # one job: both prompts, the same two images
         per_prompt = c.encode(["x", "y"], task="i2i", images=[[SQUARE], [TALL, WIDE, SQUARE]])
     assert_same(got, baseline.encode(PAIR, task="i2i", images=[[WIDE, TALL], [WIDE, TALL]]))
@@ -30,7 +31,7 @@ def test_cfg_pair_through_the_broker_equals_in_process(encoder_worker, baseline,
 
 def test_aencode_i2i_jobs_batch_with_t2i_jobs(encoder_worker, baseline):
     async def run():
-        c = EncoderClient(encoder_worker["url"], timeout=60)
+        c = EncoderClient(encoder_worker["url"], timeout=60, shm_prefix=encoder_worker["prefix"])
         try:
             return await asyncio.gather(c.aencode(PAIR, task="i2i", images=[WIDE]), c.aencode(["plain t2i"]),
                                         c.aencode(PAIR, task="i2i", images=[TALL]))
@@ -47,7 +48,7 @@ def test_bad_images_fail_their_own_job_and_the_worker_keeps_serving(encoder_work
     too_many = [noise_png(64, 64, s) for s in range(5)]
 
     async def run():
-        c = EncoderClient(encoder_worker["url"], timeout=60)
+        c = EncoderClient(encoder_worker["url"], timeout=60, shm_prefix=encoder_worker["prefix"])
         try:
             calls = [c.aencode(["x"], task="i2i", images=[blob]) for blob, _ in BAD]
             calls += [c.aencode(["x"], task="i2i", images=too_many), c.aencode(PAIR, task="i2i", images=[WIDE])]
@@ -79,7 +80,7 @@ def test_malformed_image_jobs_fail_clearly_on_the_worker(encoder_worker, baselin
     wire = JobWire(encoder_worker["url"], "encode", ENCODE_FUNCTION, timeout=30, retries=0)
     outcome = wire.wait(job_id, time.time() + 30)
     assert outcome.value is None and message in outcome.error
-    with EncoderClient(encoder_worker["url"], timeout=60) as c:
+    with EncoderClient(encoder_worker["url"], timeout=60, shm_prefix=encoder_worker["prefix"]) as c:
         assert_same(c.encode(["x"], task="i2i", images=[SQUARE]), baseline.encode(["x"], task="i2i", images=[SQUARE]))
 
 

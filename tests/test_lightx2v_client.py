@@ -31,15 +31,17 @@ def fronts(tiny_dir, redis_server, tmp_path_factory):
     """One worker per dtype, each on its own queue, each with its own front (shm_ttl_s 2 s)."""
     d = tmp_path_factory.mktemp("lightx2v")
     queues = {dtype: f"lx-{dtype}-{uuid.uuid4().hex[:6]}" for dtype in DTYPES}
+    prefix = "ebw" + uuid.uuid4().hex[:6]  # the workers' result segments
     procs = [start_worker(d, dtype, model_dir=tiny_dir, backend="baseline", device="cpu", dtype=dtype,
                           redis_url=redis_server.url, queue=queues[dtype], max_prompt_tokens=TEST_MAX_PROMPT_TOKENS,
-                          shm_prefix="ebw" + uuid.uuid4().hex[:6]) for dtype in DTYPES]
+                          shm_prefix=prefix) for dtype in DTYPES]
     out = {}
     try:
         for i, (proc, log) in enumerate(procs):
             wait_for_workers(redis_server.url, i + 1, proc, log)
         for dtype, queue in queues.items():
-            out[dtype] = FrontThread(redis_url=redis_server.url, queue=queue, shm_ttl_s=2.0, sweep_interval_s=0.2)
+            out[dtype] = FrontThread(redis_url=redis_server.url, queue=queue, worker_shm_prefix=prefix, shm_ttl_s=2.0,
+                                     sweep_interval_s=0.2)
         yield out
     finally:
         for f in out.values():
@@ -95,7 +97,8 @@ def lightx2v_qwen_image_config(path, service_url: str, model_path: str) -> str:
 
 
 def test_a_lightx2v_config_as_it_is_speaks_http_to_the_front(encoder_worker, baseline, tiny_dir, tmp_path, caplog):
-    with FrontThread(redis_url=encoder_worker["url"], queue="encode") as front:
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode",
+                     worker_shm_prefix=encoder_worker["prefix"]) as front:
         path = lightx2v_qwen_image_config(str(tmp_path / "qwen_image_t2i_service.json"),
                                           f"http://127.0.0.1:{front.port}", tiny_dir)
         with caplog.at_level(logging.INFO, logger="broker.config"):

@@ -40,7 +40,8 @@ def raw_job(worker, request: dict, job_id: str | None = None) -> str:
 
 
 def outcome_of(worker, job_id: str):
-    with EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=10) as client:
+    with EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=10,
+                       shm_prefix=worker.config.shm_prefix) as client:
         return client.wire.wait(job_id, time.time() + 10)
 
 

@@ -1,6 +1,7 @@
 """shm/: real POSIX shared memory in /dev/shm, no mocks. Each test uses its own name prefix and must leave
 nothing behind under it."""
 import gc
+import json
 import os
 import secrets
 import stat
@@ -279,3 +280,29 @@ def test_write_segment_writes_parts_through_the_descriptor(prefix):
         assert not r.numpy(off_b + b.nbytes, (11,), np.uint8).any()
     assert bytes(shm.read_segment(name))[off_b:off_b + b.nbytes] == b.tobytes()
     shm.unlink_segment(name)
+
+
+BAD_NAMES_CHILD = """
+import json, sys
+import shm
+for name in json.loads(sys.argv[1]):
+    for fn in (shm.read_segment, shm.attach_segment, shm.unlink_segment):
+        try:
+            fn(name)
+            print(fn.__name__, repr(name), "no error")
+        except shm.ShmError as e:
+            print(fn.__name__, repr(name), "ShmError" if "is not a shared-memory segment name" in str(e) else e)
+        except Exception as e:
+            print(fn.__name__, repr(name), type(e).__name__, e)
+"""
+
+
+def test_a_name_no_segment_can_have_is_a_shm_error_before_posix_ipc_sees_it():
+    """A NUL once crashed the process inside posix_ipc (SIGSEGV), a slash resolved as a path: in a child process,
+    so that a crash fails this test rather than ending pytest."""
+    names = ["/a\x00b", "/../../etc/passwd", "a/b", "", "/", "..", "/" + "x" * 256, "/a\ud800"]
+    child = subprocess.run([sys.executable, "-c", BAD_NAMES_CHILD, json.dumps(names)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, f"died with {child.returncode}: {child.stderr[-2000:]}"
+    lines = child.stdout.splitlines()
+    assert len(lines) == 3 * len(names) and all(line.endswith(" ShmError") for line in lines), child.stdout

@@ -91,7 +91,7 @@ def segment(states):
 @pytest.mark.parametrize("copy", [True, False])
 def test_a_segment_the_worker_made_is_read_and_unlinked(states, segment, copy):
     name = segment()
-    (got,) = read_shm(_handle(name, states), copy=copy)
+    (got,) = read_shm(_handle(name, states), copy=copy, prefix="ebtrust")
     assert torch.equal(got, states)
     assert not os.path.exists(_path(name))
 
@@ -101,7 +101,7 @@ def test_a_segment_others_could_write_is_refused(states, segment, copy):
     name = segment()
     os.chmod(_path(name), 0o644)
     with pytest.raises(ResultLost, match="has mode 0644, not 0600"):
-        read_shm(_handle(name, states), copy=copy)
+        read_shm(_handle(name, states), copy=copy, prefix="ebtrust")
     assert os.path.exists(_path(name))  # left where it is
 
 
@@ -112,9 +112,9 @@ def test_a_segment_of_another_owner_is_refused_unless_trusted(states, segment, c
     name = segment()
     os.chown(_path(name), other, -1)
     with pytest.raises(ResultLost, match=f"owned by uid {other}, not by this process's uid"):
-        read_shm(_handle(name, states), copy=copy)
+        read_shm(_handle(name, states), copy=copy, prefix="ebtrust")
     assert os.path.exists(_path(name))
-    (got,) = read_shm(_handle(name, states), copy=copy, trusted=trusted_owners([other]))
+    (got,) = read_shm(_handle(name, states), copy=copy, trusted=trusted_owners([other]), prefix="ebtrust")
     assert torch.equal(got, states)
 
 
@@ -131,14 +131,14 @@ def test_trusted_uids_come_from_the_client_and_the_environment(monkeypatch):
 def test_a_segment_of_another_size_than_the_handle_states_is_refused(states, segment, copy):
     name = segment(size=states.numel() * 4 + 4096)  # room for more than the handle says
     with pytest.raises(ResultLost, match=f"holds {states.numel() * 4 + 4096} bytes, not the {states.numel() * 4}"):
-        read_shm(_handle(name, states), copy=copy)
+        read_shm(_handle(name, states), copy=copy, prefix="ebtrust")
 
 
 def test_a_handle_whose_states_do_not_fit_its_bytes_is_refused(states, segment):
     bad = _handle(segment(), states)
     bad.shapes = [[500, 8]]
     with pytest.raises(ResultLost, match=r"shape \[500, 8\] at offset 0 does not fit its 160 bytes"):
-        read_shm(bad)
+        read_shm(bad, prefix="ebtrust")
 
 
 # -- S1: the Redis asks for a password -----------------------------------------------------------------------------
@@ -193,10 +193,10 @@ def test_a_locked_redis_serves_a_client_and_a_worker_that_have_the_password_and_
     without, without_log = start_worker(tmp_path, "without", **config)
     try:
         wait_for_workers(authed, 1, with_pw, with_log)
-        with EncoderClient(authed, timeout=30) as c:  # the password in the URL
+        with EncoderClient(authed, timeout=30, shm_prefix="ebtlock") as c:  # the password in the URL
             assert_same(c.encode(["a locked door"]), baseline.encode(["a locked door"]))
         monkeypatch.setenv(PASSWORD_FILE_ENV, locked_redis.password_file)
-        with EncoderClient(locked_redis.url, timeout=30) as c:  # the password from its file
+        with EncoderClient(locked_redis.url, timeout=30, shm_prefix="ebtlock") as c:  # the password from its file
             assert_same(c.encode(["a key"]), baseline.encode(["a key"]))
         monkeypatch.delenv(PASSWORD_FILE_ENV)
         with EncoderClient(locked_redis.url, timeout=10, retries=0) as c:

@@ -31,12 +31,14 @@ def worker(baseline, tiny_dir, redis_server, tmp_path):
 @pytest.fixture
 def client(worker):
     """Here, a client of `worker`'s queue (conftest's is one of the encoder worker process)."""
-    with EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=30) as c:
+    with EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=30,
+                       shm_prefix=worker.config.shm_prefix) as c:
         yield c
 
 
 def read_result(client, job_id: str, deadline: float) -> torch.Tensor:
-    return read_shm(Handle.from_msgpack(raise_for_error(client.wire.wait(job_id, deadline))))[0]
+    handle = Handle.from_msgpack(raise_for_error(client.wire.wait(job_id, deadline)))
+    return read_shm(handle, prefix=client.shm_prefix)[0]
 
 
 def test_a_job_goes_through_intake_compute_and_delivery(worker, client, baseline):
@@ -73,7 +75,7 @@ def test_a_job_the_encoder_failed_fails_alone_at_delivery(worker, client, baseli
     worker.delivery.deliver(enc)
     handle = Handle.from_msgpack(raise_for_error(client.wire.wait(*ok)))
     assert shm_names(worker.config.shm_prefix) == [handle.location.lstrip("/")]  # none for the failed job
-    assert_encoded(read_shm(handle)[0], "kept result", baseline)
+    assert_encoded(read_shm(handle, prefix=client.shm_prefix)[0], "kept result", baseline)
     with pytest.raises(EncodeFailed, match="as if its sequences had"):
         raise_for_error(client.wire.wait(*bad))
 
@@ -88,7 +90,7 @@ def test_delivery_rings_the_client_then_records_the_result(worker, client, basel
     assert outcome.value == handle
     r = redis.Redis.from_url(worker.config.redis_url)
     assert float(r.hget(keys.QueueKeys(worker.queue).stats(worker.name), "results_rung")) == 1
-    assert_encoded(read_shm(Handle.from_msgpack(handle))[0], "rung back", baseline)
+    assert_encoded(read_shm(Handle.from_msgpack(handle), prefix=client.shm_prefix)[0], "rung back", baseline)
     bell.close()
 
 
