@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     from workers.metrics import start_metrics
 
     worker = EncoderWorker(cfg, load_configured_encoder(cfg))
-    start_metrics(cfg.metrics_port, worker.tally, worker.connection, cfg.queue, worker.name, worker.writer)
+    start_metrics(cfg.metrics_port, worker.tally, worker.connection, cfg.queue, worker.name, worker.writer,
+                  worker.links.pixels)
     worker.run()
     end_process(0)
 

@@ -29,6 +29,7 @@ class PreparedJob:
 
     taken: TakenJob
     tokens: TokenizedBatch
+    pixels: int = 0  # decoded image pixels it holds of the worker's budget (workers.pixel_budget) until computed
 
     @property
     def n_tokens(self) -> int:
