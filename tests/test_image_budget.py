@@ -141,6 +141,25 @@ def test_a_job_whose_deadline_passes_while_it_waits_for_room_is_failed_not_compu
     assert_same(result(client, *after), baseline.encode(["a text job sent afterwards"]))
 
 
+def test_a_job_whose_deadline_passes_before_compute_is_dropped_and_the_rest_of_its_batch_runs(worker, client,
+                                                                                             baseline):
+    gone = submit(client, ["its client has gone"], [[png(3)]], within_s=1.5)
+    kept = submit(client, ["kept"])
+    batch = worker.intake.next_batch()
+    assert sorted(p.taken.job_id for p in batch.jobs) == sorted([gone[0], kept[0]])
+    until_past(gone[1])  # the batch ahead is slow
+    enc = worker.compute.compute(batch)
+    (kept_job,) = [p for p in batch.jobs if p.taken.job_id == kept[0]]
+    assert enc.computed_tokens == kept_job.n_tokens and enc.vision_computed == 0  # only the kept job ran
+    assert worker.links.pixels.in_use == 0
+    worker.delivery.deliver(enc)
+    with pytest.raises(EncodeFailed, match="deadline passed before compute"):
+        raise_for_error(client.wire.wait(gone[0], time.time() + 10))
+    assert_same(result(client, *kept), baseline.encode(["kept"]))
+    s = stats(worker)
+    assert (s["expired_before_compute"], s["jobs"], s["failed"], s["prompts"]) == (1, 2, 1, 1)
+
+
 def test_a_job_over_the_whole_budget_fails_at_once_naming_the_key(worker, client, baseline):
     big = submit(client, ["too big"], [[png(4, side=SIDE + 32)]])
     fits = submit(client, ["fits"], [[png(5)]])
