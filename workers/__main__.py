@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         logging.getLogger("workers").error("%s", e)
         return 2
     worker = EncoderWorker(cfg, encoder)
-    start_metrics(cfg.metrics_port, worker.tally, worker.connection, cfg.queue, worker.name, worker.writer)
+    start_metrics(cfg.metrics_port, worker.tally, worker.connection, cfg.queue, worker.name, worker.writer,
+                  worker.links.pixels)
     worker.run()
     end_process(0)
 

@@ -22,6 +22,8 @@ from workers.job_source import TakenJob
 
 log = logging.getLogger("workers")
 
+EXPIRED = "client deadline passed before compute: not computed"
+
 
 @dataclass(slots=True)
 class PreparedJob:
@@ -29,6 +31,7 @@ class PreparedJob:
 
     taken: TakenJob
     tokens: TokenizedBatch
+    pixels: int = 0  # decoded image pixels it holds of the worker's budget (workers.pixel_budget) until computed
 
     @property
     def n_tokens(self) -> int:
@@ -67,6 +70,7 @@ class Encoded:
     vision_reused: int = 0  # image occurrences served from the feature cache or a repeat in the batch
     copies: list = field(default_factory=list)  # CUDA events of device-to-host copies still in flight
     to_cache: list = field(default_factory=list)  # (cache key, state) to keep once copied
+    expired: int = 0  # jobs not computed: their client's deadline had passed (failed with EXPIRED)
 
 
 class BatchRunner:
@@ -89,15 +93,22 @@ class BatchRunner:
 
     def run(self, batch: Batch) -> Encoded:
         """Every job's tensors (CPU), computing each distinct sequence once and repeats from the cache;
-        or the error of each job whose sequences failed."""
+        or the error of each job whose sequences failed, or whose client's deadline has passed (its client is
+        gone: the batch's other jobs run without it)."""
         t0 = time.time()
         outputs, errors = {}, {}
+        live = []
+        for p in batch.jobs:
+            if 0 < p.taken.request.deadline < t0:
+                errors[p.taken.job_id] = EXPIRED
+            else:
+                live.append(p)
         computed = hits = misses = 0
         events, to_cache = [], []  # device-to-host copies in flight; new states for the cache, once copied
         computed_events = []
         vision_before = self._vision_counts()
         groups: dict[tuple[str, int], list[PreparedJob]] = {}  # raw inputs (drop_idx 0) run apart
-        for p in batch.jobs:
+        for p in live:
             groups.setdefault((p.tokens.task, p.tokens.drop_idx), []).append(p)
         for (task, drop), group in groups.items():
             # a sequence is its ids and its images' digests (i2i: same ids, other images -> another sequence)
@@ -150,7 +161,7 @@ class BatchRunner:
             ev.synchronize()
         vision = [a - b for a, b in zip(self._vision_counts(), vision_before)]
         return Encoded(batch, outputs, errors, t0, (time.time() - t0) * 1e3, computed, hits, misses, *vision,
-                       copies=events, to_cache=to_cache)
+                       copies=events, to_cache=to_cache, expired=len(batch.jobs) - len(live))
 
     def _vision_counts(self) -> tuple[int, int]:
         return (getattr(self.encoder, "vision_images_computed", 0), getattr(self.encoder, "vision_images_reused", 0))

@@ -34,6 +34,9 @@ class EncoderWorkerConfig:
     max_images_per_job: int = 4  # i2i: distinct images in one job, and images per prompt; more fails that job
     max_image_pixels: int = 4096 * 4096  # an image's declared width x height; larger fails that job undecoded
     max_image_side: int = 8192  # an image's declared width or height
+    # decoded image pixels (width x height) the worker holds at once, from decode to the end of compute; an image
+    # job waits for room (or fails if over it alone). None: max_images_per_job x max_image_pixels (one largest job)
+    max_image_pixels_in_flight: int | None = None
     image_cache_max_bytes: int = 256 << 20  # kernel backend: image features kept on the device by digest (0: off)
     job_heartbeat_ttl_s: int = 10  # a job whose worker is silent this long is retried or failed
     result_ttl_s: int = 60  # how long handles, blobs and segments wait for their client
@@ -46,6 +49,11 @@ class EncoderWorkerConfig:
     def __post_init__(self):
         if self.max_prompt_chars is None:
             self.max_prompt_chars = PROMPT_CHARS_PER_TOKEN * self.max_prompt_tokens
+        if self.max_image_pixels_in_flight is None:
+            self.max_image_pixels_in_flight = self.max_images_per_job * self.max_image_pixels
+        if self.max_image_pixels_in_flight < 1:
+            raise ValueError(f"max_image_pixels_in_flight must be at least 1 (null: max_images_per_job x "
+                             f"max_image_pixels), got {self.max_image_pixels_in_flight}")
 
     @classmethod
     def from_json(cls, path: str | None, **overrides) -> "EncoderWorkerConfig":

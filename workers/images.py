@@ -126,10 +126,10 @@ def _check_size(w: int, h: int, where: str, limits: ImageLimits) -> None:
         raise InvalidRequest(f"{where} declares {w}x{h} = {w * h} pixels, over max_image_pixels {limits.max_pixels}")
 
 
-def decode_image(blob, where: str, limits: ImageLimits):
-    """Encoded bytes -> an RGB PIL image, EXIF orientation applied, or InvalidRequest naming `where` and the
-    reason. The declared size is checked before any pixel data is decoded."""
-    from PIL import Image, ImageOps
+def open_image(blob, where: str, limits: ImageLimits):
+    """Encoded bytes -> a PIL image of which only the header is read, its declared size checked; or
+    InvalidRequest naming `where` and the reason."""
+    from PIL import Image
 
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise InvalidRequest(f"{where} is a {type(blob).__name__}, not encoded image bytes")
@@ -148,8 +148,17 @@ def decode_image(blob, where: str, limits: ImageLimits):
     except Exception as e:  # UnidentifiedImageError, SyntaxError, ... for bytes that are no image
         raise InvalidRequest(f"{where} ({len(blob)} bytes) is not a readable PNG, JPEG, WebP or BMP image: "
                              f"{type(e).__name__}: {e}") from None
+    _check_size(*img.size, where, limits)
+    return img
+
+
+def decode_image(blob, where: str, limits: ImageLimits):
+    """Encoded bytes -> an RGB PIL image, EXIF orientation applied, or InvalidRequest naming `where` and the
+    reason. The declared size is checked before any pixel data is decoded."""
+    from PIL import ImageOps
+
+    img = open_image(blob, where, limits)
     w, h = img.size
-    _check_size(w, h, where, limits)
     try:
         img.load()  # truncated or corrupt data fails here (PIL's LOAD_TRUNCATED_IMAGES is left off)
         if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
@@ -286,11 +295,8 @@ class ImagePreprocessor:
     def prepare_job(self, per_prompt: list[list]) -> list[tuple[PreparedImage, ...]]:
         """One job's images, one list per prompt: limits checked, the same bytes prepared once; the distinct
         images not in the cache decoded side by side in the pool (PIL releases the GIL while it decodes)."""
-        lim = self.limits.max_images
         digests = [[image_digest(b) for b in imgs] for imgs in per_prompt]  # types checked by per_prompt_images
-        for i, imgs in enumerate(per_prompt):
-            if len(imgs) > lim:
-                raise InvalidRequest(f"prompt {i} has {len(imgs)} images, over max_images_per_job {lim}")
+        self._check_counts(per_prompt)
         todo: dict[bytes, tuple[bytes, str]] = {}
         done: dict[bytes, PreparedImage] = {}
         for i, (imgs, row) in enumerate(zip(per_prompt, digests)):
@@ -301,8 +307,7 @@ class ImagePreprocessor:
                         done[d] = hit
                     else:
                         todo[d] = (b, f"prompt {i} image {j}")
-        if len(done) + len(todo) > lim:
-            raise InvalidRequest(f"{len(done) + len(todo)} distinct images in one job, over max_images_per_job {lim}")
+        self._check_counts(per_prompt, len(done) + len(todo))
         if len(todo) > 1:
             futures = {d: self._decode_pool().submit(self.decode, b, where, d) for d, (b, where) in todo.items()}
             decoded = {d: f.result() for d, f in futures.items()}  # the first failure (in order) fails the job
@@ -312,3 +317,28 @@ class ImagePreprocessor:
             self._remember(p)
         done.update(decoded)
         return [tuple(done[d] for d in row) for row in digests]
+
+    def declared_pixels(self, per_prompt: list[list]) -> int:
+        """Width x height summed over a job's distinct images as their headers declare, no pixel decoded: what
+        `prepare_job` will hold decoded (3 bytes a pixel). Refuses, with the same InvalidRequest, what
+        `prepare_job` would refuse before decoding: too many images, a header that is no image's or declares
+        too large a size."""
+        self._check_counts(per_prompt)
+        distinct: dict[bytes, str] = {}
+        for i, imgs in enumerate(per_prompt):
+            for j, b in enumerate(imgs):
+                distinct.setdefault(bytes(b), f"prompt {i} image {j}")
+        self._check_counts(per_prompt, len(distinct))
+        total = 0
+        for b, where in distinct.items():
+            w, h = open_image(b, where, self.limits).size  # EXIF rotation and RGB keep width x height
+            total += w * h
+        return total
+
+    def _check_counts(self, per_prompt: list[list], n_distinct: int = 0) -> None:
+        lim = self.limits.max_images
+        for i, imgs in enumerate(per_prompt):
+            if len(imgs) > lim:
+                raise InvalidRequest(f"prompt {i} has {len(imgs)} images, over max_images_per_job {lim}")
+        if n_distinct > lim:
+            raise InvalidRequest(f"{n_distinct} distinct images in one job, over max_images_per_job {lim}")

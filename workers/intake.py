@@ -1,5 +1,9 @@
 """The intake stage of the encoder worker: takes jobs, checks and tokenizes them, and forms the next batch while
-the device runs the current one (workers.links.ready holds exactly one). Bad jobs fail here, alone."""
+the device runs the current one (workers.links.ready holds exactly one). Bad jobs fail here, alone.
+
+An image job reserves its decoded pixels (workers.pixel_budget, max_image_pixels_in_flight) before its images are
+decoded. Without room it waits here, undecoded, in order, until compute releases enough, or until its client's
+deadline passes (then it fails): jobs without images pass it by, so text keeps flowing."""
 
 from __future__ import annotations
 
@@ -15,12 +19,18 @@ from workers.batch_runner import Batch, PreparedJob
 from workers.batching import BatchPolicy
 from workers.config import EncoderWorkerConfig
 from workers.encoders.base import TokenizedBatch
+from workers.images import per_prompt_images
 from workers.job_source import CONNECTION_ERRORS, JobSource, StatsUpdate, TakenJob
 from workers.links import LAUNCH_WAIT_S, Links
 
 log = logging.getLogger("workers")
 
 MAX_BACKOFF_S = 1.0  # between tries while Redis is unreachable: a restarted Redis is used within this
+# Longest the intake waits for room for a waiting image job before it looks at the queue (for jobs without
+# images) and at the waiting jobs' deadlines again.
+ROOM_WAIT_S = 0.02
+EXPIRED_WAITING = ("client deadline passed before compute, while the job waited for room for its images "
+                   "(max_image_pixels_in_flight): not computed")
 
 
 class Intake:
@@ -31,6 +41,8 @@ class Intake:
         self.links = links
         self.policy = BatchPolicy(config.max_batch_tokens, config.max_batch_requests, config.max_wait_ms)
         self._pending: collections.deque[PreparedJob] = collections.deque()  # started, not yet in a batch
+        # started image jobs, undecoded, with the pixels they need: waiting for room in links.pixels
+        self._waiting: collections.deque[tuple[TakenJob, int]] = collections.deque()
         self._forming = Batch()
         # Image jobs spend a while a picture decoding and preprocessing (RESULTS.md, i2i run 1); PIL and numpy
         # let go of the GIL, so several at once go through a thread pool.
@@ -55,9 +67,17 @@ class Intake:
             if batch is not None:
                 self.links.ready.put(batch)
                 time.sleep(0)  # lets the woken compute thread take the GIL now, not a switch interval later
-        while (batch := self._close(self._forming)) is not None:  # no started job is dropped
-            self._forming = Batch()
-            self.links.ready.put(batch)
+        while True:  # no started job is dropped: those waiting for room get it as compute goes on
+            try:
+                self.admit_waiting()
+            except Exception:  # Redis gone while failing expired ones: recovery retries those
+                log.exception("failing jobs past their deadline while stopping")
+            if (batch := self._close(self._forming)) is not None:
+                self.links.ready.put(batch)
+            elif self._waiting:
+                self.links.pixels.wait_for_room(self._waiting[0][1], ROOM_WAIT_S)
+            else:
+                break
         self.links.ready.put(None)
 
     def next_batch(self) -> Batch | None:
@@ -65,18 +85,22 @@ class Intake:
         came within a second (or the worker stops)."""
         batch = self._forming
         while not self.links.stopping.is_set():
+            self.admit_waiting()
             self._fill(batch)
-            if batch.jobs and (self._pending or self.policy.should_close(
+            # Jobs waiting for room close the batch at once: room is freed only as batches are computed.
+            if batch.jobs and (self._pending or self._waiting or self.policy.should_close(
                     len(batch.jobs), batch.tokens, batch.waited_ms(), self.links.device_idle.is_set())):
                 break
-            room = self.policy.max_batch_requests - len(batch.jobs)
-            if not batch.jobs:
+            room = self.policy.max_batch_requests - len(batch.jobs) - len(self._waiting)
+            if not batch.jobs and not self._waiting:
                 taken = self.take(room, wait=True)
                 if not taken:
                     return None
                 self.admit(taken)
-            elif taken := self.take(room):
+            elif room > 0 and (taken := self.take(room)):
                 self.admit(taken)
+            elif not batch.jobs:  # only jobs waiting for room, which computing batches ahead frees
+                self.links.pixels.wait_for_room(self._waiting[0][1], ROOM_WAIT_S)
             # Nothing queued: wait briefly for more, polling. (Redis checks blocking-command timeouts only about
             # every 100 ms, so a BLPOP of 2 ms would wait up to 100.) While the device is busy the polls are
             # short, so the batch closes the moment the device frees up.
@@ -108,38 +132,98 @@ class Intake:
 
     def admit(self, taken: list[TakenJob]) -> None:
         """Checks and tokenizes taken (already started) jobs: the good ones wait for a batch, the bad ones fail
-        at once."""
+        at once. An image job first reserves the pixels its images decode to; without room it waits for
+        `admit_waiting`, behind the image jobs already waiting."""
         failed = [(t, t.error) for t in taken if t.error is not None]
-        ok = [t for t in taken if t.error is None]
-        if sum(1 for t in ok if t.request.images) > 1:
-            futures = [self._image_pool.submit(self.prepare, t.request) for t in ok]
+        ready: list[tuple[TakenJob, int]] = []
+        budget = self.links.pixels
+        for t in taken:
+            if t.error is not None:
+                continue
+            try:
+                pixels = self.pixels_of(t.request)
+            except Exception as e:  # refused before decoding, as `prepare` would refuse it
+                if not isinstance(e, BrokerError):
+                    log.exception("job %s: reading its images' headers failed", t.job_id)
+                failed.append((t, f"{type(e).__name__}: {e}"))
+                continue
+            if pixels > budget.capacity:
+                failed.append((t, f"InvalidRequest: the job's images decode to {pixels} pixels, over "
+                                  f"max_image_pixels_in_flight {budget.capacity} (what this worker holds decoded "
+                                  "at once): send fewer or smaller images, or raise max_image_pixels_in_flight"))
+            elif pixels == 0 or (not self._waiting and budget.try_acquire(pixels)):
+                ready.append((t, pixels))
+            else:
+                self._waiting.append((t, pixels))
+        self._prepare(ready, failed)
+        for t in taken:
+            if t.enqueued_at is not None:
+                self.policy.arrived(t.enqueued_at)
+        self._fail(failed)
+
+    def admit_waiting(self) -> None:
+        """The image jobs waiting for room: those whose client's deadline passed fail; then, in order, those
+        that now fit reserve their pixels and are prepared."""
+        if not self._waiting:
+            return
+        now, budget = time.time(), self.links.pixels
+        expired, ready, still = [], [], collections.deque()
+        for t, pixels in self._waiting:
+            if 0 < t.request.deadline < now:
+                expired.append((t, EXPIRED_WAITING))
+            elif not still and budget.try_acquire(pixels):
+                ready.append((t, pixels))
+            else:
+                still.append((t, pixels))
+        self._waiting = still
+        failed: list[tuple[TakenJob, str]] = []
+        self._prepare(ready, failed)
+        self._fail(expired + failed, expired=len(expired))
+
+    def pixels_of(self, req: EncodeRequest) -> int:
+        """The pixels the request's images decode to, read from their headers (0 for a job without images); raises
+        what `prepare` would raise before decoding them."""
+        if req.task != "i2i" or not req.images:
+            return 0
+        self.check(req)
+        return self.encoder.images.declared_pixels(per_prompt_images(req.images, len(req.prompts)))
+
+    def _prepare(self, jobs: list[tuple[TakenJob, int]], failed: list) -> None:
+        """Tokenizes `jobs` (with the pixels each has reserved) into `_pending`; a failed one gives its pixels
+        back and goes to `failed`."""
+        if sum(1 for t, _ in jobs if t.request.images) > 1:
+            futures = [self._image_pool.submit(self.prepare, t.request) for t, _ in jobs]
         else:
-            futures = [None] * len(ok)
-        for t, future in zip(ok, futures):
+            futures = [None] * len(jobs)
+        for (t, pixels), future in zip(jobs, futures):
             self.links.launched.wait(LAUNCH_WAIT_S)
             try:
                 tokens = future.result() if future is not None else self.prepare(t.request)
             except Exception as e:  # a job the tokenizer chokes on fails alone, like one it refuses
+                if pixels:
+                    self.links.pixels.release(pixels)
                 if not isinstance(e, BrokerError):
                     log.exception("job %s: preparing its request failed", t.job_id)
                 failed.append((t, f"{type(e).__name__}: {e}"))
             else:
-                self._pending.append(PreparedJob(t, tokens))
-        for t in taken:
-            if t.enqueued_at is not None:
-                self.policy.arrived(t.enqueued_at)
-        if failed:
-            try:
-                prompts = sum(len(getattr(t.request, "prompts", ())) for t, _ in failed)  # 0 if unparsed
-                self.source.record([], failed, self.config.result_ttl_s,
-                                   StatsUpdate({"failed": len(failed), "failed_prompts": prompts}))
-            finally:  # recorded, or left to recovery once their heartbeat lapses
-                self.links.held.put(("release", [t for t, _ in failed]))
-            for t, reason in failed:
-                log.warning("job %s failed: %s", t.job_id, reason)
+                self._pending.append(PreparedJob(t, tokens, pixels))
 
-    def prepare(self, req: EncodeRequest) -> TokenizedBatch:
-        """The request's token ids, after the checks that bound what tokenizing it costs."""
+    def _fail(self, failed: list[tuple[TakenJob, str]], expired: int = 0) -> None:
+        if not failed:
+            return
+        try:
+            prompts = sum(len(getattr(t.request, "prompts", ())) for t, _ in failed)  # 0 if unparsed
+            counts = {"failed": len(failed), "failed_prompts": prompts}
+            if expired:
+                counts["expired_before_compute"] = expired
+            self.source.record([], failed, self.config.result_ttl_s, StatsUpdate(counts))
+        finally:  # recorded, or left to recovery once their heartbeat lapses
+            self.links.held.put(("release", [t for t, _ in failed]))
+        for t, reason in failed:
+            log.warning("job %s failed: %s", t.job_id, reason)
+
+    def check(self, req: EncodeRequest) -> None:
+        """The checks that bound what tokenizing the request costs."""
         if len(req.prompts) > self.config.max_prompts_per_job:
             raise InvalidRequest(f"{len(req.prompts)} prompts in one job, over max_prompts_per_job "
                                  f"{self.config.max_prompts_per_job}")
@@ -147,6 +231,10 @@ class Intake:
             if len(p) > self.config.max_prompt_chars:
                 raise PromptTooLong(f"prompt {i} is {len(p)} characters, over max_prompt_chars "
                                     f"{self.config.max_prompt_chars}")
+
+    def prepare(self, req: EncodeRequest) -> TokenizedBatch:
+        """The request's token ids, after the checks that bound what tokenizing it costs."""
+        self.check(req)
         batch = self.encoder.tokenize(req.prompts, req.task, raw=req.raw, images=req.images or None)
         if req.max_tokens is not None:
             for i, n in enumerate(batch.text_lengths):

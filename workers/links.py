@@ -3,6 +3,7 @@ Nothing else crosses threads.
 
     intake --ready--> compute --done--> delivery
     intake, delivery --held--> housekeeping (heartbeats the jobs it is told are held)
+    intake --pixels--> compute (decoded image pixels: intake reserves them before decoding, compute releases them)
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
+
+from workers.pixel_budget import PixelBudget
 
 # Longest intake and delivery hold back, per job, while compute launches kernels (Links.launched): a bound, in case
 # a launch phase includes waiting for the device.
@@ -41,3 +44,5 @@ class Links:
     launched: threading.Event = field(default_factory=_set_event)
     stopping: threading.Event = field(default_factory=threading.Event)  # a signal came: intake takes no more jobs
     finished: threading.Event = field(default_factory=threading.Event)  # delivery is done: housekeeping ends
+    # Decoded image pixels held from decode (intake) to the end of their batch's compute: max_image_pixels_in_flight.
+    pixels: PixelBudget = field(kw_only=True)

@@ -1,7 +1,7 @@
 """An encoder worker's Prometheus metrics at http://<host>:<metrics_port>/metrics, read at scrape time from the
 figures the worker keeps anyway (workers.stats.Tally) and the queue's length in Redis.
 
-    start_metrics(port, tally, connection, queue, writer=writer)   # a daemon thread; port 0: nothing
+    start_metrics(port, tally, connection, queue, writer=writer, pixels=budget)   # a daemon thread; port 0: nothing
 """
 
 from __future__ import annotations
@@ -29,14 +29,18 @@ COUNTER_HELP = {
     "computed_tokens": "tokens the encoder computed (the rest came from the cache)",
     "cache_hits": "prompts found in the encoding cache",
     "cache_misses": "prompts not found in the encoding cache",
+    "expired_before_compute": "jobs failed uncomputed: their client's deadline passed before compute",
 }
 SKIPPED = {"jobs", "failed", "jobs_ok", "prompts", "failed_prompts", "infer_ms"}  # by outcome; infer_ms: encode_seconds
 
 
 class WorkerCollector:
-    def __init__(self, tally: Tally, connection: redis.Redis | None, queue: str, worker: str, writer=None):
-        """`writer`: the worker's workers.result_writer.ResultWriter (results by transport), if any."""
+    def __init__(self, tally: Tally, connection: redis.Redis | None, queue: str, worker: str, writer=None,
+                 pixels=None):
+        """`writer`: the worker's workers.result_writer.ResultWriter (results by transport), if any; `pixels`: its
+        workers.pixel_budget.PixelBudget, if any."""
         self.tally, self.connection, self.queue, self.worker, self.writer = tally, connection, queue, worker, writer
+        self.pixels = pixels
 
     def collect(self):
         counters, histograms = self.tally.snapshot()
@@ -64,6 +68,13 @@ class WorkerCollector:
             for transport in ("shm", "blob"):
                 results.add_metric([transport], sent.get(transport, 0))
             yield results
+        if self.pixels is not None:
+            yield GaugeMetricFamily(PREFIX + "image_pixels_in_flight", "decoded image pixels held now, from decode "
+                                    "to the end of compute", value=self.pixels.in_use)
+            yield GaugeMetricFamily(PREFIX + "image_pixels_in_flight_peak", "the most decoded image pixels held at "
+                                    "once since the worker started", value=self.pixels.peak)
+            yield GaugeMetricFamily(PREFIX + "image_pixels_in_flight_max", "max_image_pixels_in_flight, the bound "
+                                    "of both", value=self.pixels.capacity)
         depth = GaugeMetricFamily("encoder_broker_queue_depth", "jobs waiting in the queue", labels=["queue"])
         try:
             depth.add_metric([self.queue], self.connection.llen(f"rq:queue:{self.queue}"))
@@ -73,12 +84,12 @@ class WorkerCollector:
 
 
 def start_metrics(port: int, tally: Tally, connection: redis.Redis | None, queue: str, worker: str = "",
-                  writer=None):
+                  writer=None, pixels=None):
     """Serves the worker's metrics on `port` (all interfaces) from a daemon thread; port 0: off."""
     if not port:
         return None
     registry = CollectorRegistry()
-    registry.register(WorkerCollector(tally, connection, queue, worker, writer))
+    registry.register(WorkerCollector(tally, connection, queue, worker, writer, pixels))
     try:
         server, _thread = start_http_server(port, registry=registry)
     except OSError as e:

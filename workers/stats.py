@@ -30,6 +30,8 @@ def batch_stats(enc, *, failed: int, latencies_ms: list[float], results_rung: in
                       results_rung=results_rung)
     if enc.vision_computed or enc.vision_reused:  # i2i: vision tower runs vs reuses
         increments.update(vision_images_computed=enc.vision_computed, vision_images_reused=enc.vision_reused)
+    if enc.expired:
+        increments.update(expired_before_compute=enc.expired)
     increments[bucket_of(len(jobs))] = 1
     return StatsUpdate(increments, latencies_ms)
 

@@ -24,6 +24,7 @@ from workers.images import ImageLimits
 from workers.intake import Intake
 from workers.job_source import TakenJob
 from workers.links import Links
+from workers.pixel_budget import PixelBudget
 from workers.result_writer import ResultWriter
 from workers.serve_loop import CONNECTION_ERRORS, ServeLoop
 from workers.stats import Tally, record_in
@@ -42,7 +43,7 @@ class EncoderWorker(ServeLoop):
                                                  config.max_image_side), config.image_cache_max_bytes)
         self.maintenance_interval_s = config.sweep_interval_s
         self.heartbeat_ttl_s = config.job_heartbeat_ttl_s
-        self.links = Links(stopping=self.stopping)
+        self.links = Links(stopping=self.stopping, pixels=PixelBudget(config.max_image_pixels_in_flight))
         self._held: dict[str, TakenJob] = {}  # the housekeeping thread's own, from links.held
         runner = BatchRunner(encoder, EncodingCache(config.cache_max_bytes), config.max_batch_tokens,
                              self.links.launched)
