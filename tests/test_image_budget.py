@@ -41,13 +41,13 @@ def png(seed: int, side: int = SIDE) -> bytes:
 def budget_worker(tiny_dir, redis_server, tmp_path_factory):
     """A worker process that holds at most two 512x512 images decoded at once."""
     d = tmp_path_factory.mktemp("pixel-budget")
-    queue_name, port = "budget-" + uuid.uuid4().hex[:8], free_port()
+    queue_name, port, prefix = "budget-" + uuid.uuid4().hex[:8], free_port(), "ebb" + uuid.uuid4().hex[:6]
     before = redis.Redis.from_url(redis_server.url).scard(f"rq:workers:{queue_name}")
     proc, log = start_worker(d, "budget", model_dir=tiny_dir, backend="baseline", device="cpu",
-                             redis_url=redis_server.url, queue=queue_name, shm_prefix="ebb" + uuid.uuid4().hex[:6],
+                             redis_url=redis_server.url, queue=queue_name, shm_prefix=prefix,
                              max_image_pixels_in_flight=2 * ONE_IMAGE, metrics_port=port, cache_max_bytes=0)
     wait_for_workers(redis_server.url, before + 1, proc, log, queue=queue_name)
-    yield {"url": redis_server.url, "queue": queue_name, "proc": proc, "port": port}
+    yield {"url": redis_server.url, "queue": queue_name, "proc": proc, "port": port, "prefix": prefix}
     stop_process(proc)
 
 
@@ -56,7 +56,8 @@ def test_concurrent_big_image_jobs_stay_within_the_budget_and_are_all_right(budg
     over = [png(201), png(202), png(203)]  # three images: over the budget on its own
 
     async def run():
-        c = EncoderClient(budget_worker["url"], queue=budget_worker["queue"], timeout=120)
+        c = EncoderClient(budget_worker["url"], queue=budget_worker["queue"], timeout=120,
+                          shm_prefix=budget_worker["prefix"])
         try:
             calls = [c.aencode([f"edit {i}", " "], task="i2i", images=imgs) for i, imgs in enumerate(jobs)]
             calls += [c.aencode(["a text job"]), c.aencode(["too much"], task="i2i", images=over)]
@@ -92,7 +93,8 @@ def worker(baseline, tiny_dir, redis_server, tmp_path):
 
 @pytest.fixture
 def client(worker):
-    with EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=30) as c:
+    with EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=30,
+                       shm_prefix=worker.config.shm_prefix) as c:
         yield c
 
 
@@ -106,7 +108,8 @@ def submit(client, prompts, images=None, within_s: float | None = None) -> tuple
 
 
 def result(client, job_id: str, deadline: float):
-    return read_shm(Handle.from_msgpack(raise_for_error(client.wire.wait(job_id, deadline))))
+    return read_shm(Handle.from_msgpack(raise_for_error(client.wire.wait(job_id, deadline))),
+                    prefix=client.shm_prefix)
 
 
 def until_past(deadline: float) -> None:
