@@ -379,8 +379,8 @@ async def serve(cfg: HttpFrontConfig) -> None:
     await front.wait()  # until SIGINT/SIGTERM (see HttpFront.lifespan)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m broker.http_front", description=__doc__.split("\n")[0])
+def main(argv=None, prog: str = "python -m broker.http_front") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--config", help="JSON file with any of the keys below (then EB_<KEY> variables, then flags)")
     for f in fields(HttpFrontConfig):
         kind = {"int": int, "float": float}.get(str(f.type), str)
