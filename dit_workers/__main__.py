@@ -8,16 +8,20 @@ import sys
 
 from dit_workers.config import DitWorkerConfig
 from workers.devices import worker_device
+from workers.process_log import setup_logging
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dit_workers", description="Run one DiT worker.")
+def main(argv=None, prog: str = "python -m dit_workers") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="Run one DiT worker.")
     ap.add_argument("--config", help="DiT worker JSON config (see configs/dit.json); EB_<KEY> variables override "
                                      "its keys")
     ap.add_argument("--redis-url", help="overrides the config's redis_url")
     ap.add_argument("--text-encoder-type", help="overrides the config's text_encoder_type")
     args = ap.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from broker.extras import require
+
+    require("diffusers", "a DiT worker")  # said before anything is loaded or written
+    setup_logging("INFO", diffusers=True)
     cfg = DitWorkerConfig.from_json(args.config, redis_url=args.redis_url)
     if args.text_encoder_type:
         from broker.config import normalize_text_encoder_type
