@@ -2,9 +2,9 @@
 `python -m` form it names, with the same arguments (`encoder-broker COMMAND --help`).
 
 A command whose optional dependency is missing (diffusers for `dit`, ...) says which extra to install
-(broker.extras) instead of ending in a traceback. It names modules of every package (dit_workers -> workers -> broker -> shm) but imports a command's module only
-when that command runs, so `broker` itself depends on none of the layers above it. `python -m broker.cli` is the
-same command without the console script.
+(broker.extras) instead of ending in a traceback. It names modules of every package (dit_workers -> workers ->
+broker -> shm) but imports a command's module only when that command runs, so `broker` itself depends on none of
+the layers above it. `python -m broker.cli` is the same command without the console script.
 """
 
 from __future__ import annotations
