@@ -35,8 +35,8 @@ def install_hint(extra: str, module: str | None = None) -> str:
     clone or from a wheel built in one (no package index holds encoder-broker)."""
     alone = f"`pip install '{requirement(module, extra)}'` into this environment, or " if module else ""
     return (f"{alone}install encoder-broker with its [{extra}] extra: in a clone, `pip install '.[{extra}]'`; from a "
-            f"wheel, `pip install 'encoder_broker-VERSION-py3-none-any.whl[{extra}]'` (`python -m build --wheel` in "
-            f"a clone builds it into dist/)")
+            f"wheel, `pip install 'encoder_broker-VERSION-py3-none-any.whl[{extra}]'` (`pip wheel --no-deps -w dist .` "
+            f"in a clone builds it)")
 
 
 def require(module: str, needed_for: str):

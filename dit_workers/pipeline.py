@@ -126,11 +126,19 @@ def decode_images(blobs: list[bytes], max_pixels: int) -> list:
     return out
 
 
+def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
+    """(width, height) of about `area` pixels at aspect `ratio`, sides multiples of 32: diffusers' Edit pipeline's
+    (and LightX2V's) rule for condition images and for an i2i output without a size."""
+    edit_plus = require("diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus", "a DiT worker")
+    width, height = edit_plus.calculate_dimensions(area, ratio)[:2]
+    return int(width), int(height)
+
+
 def condition_images(pipe, images: list) -> list:
     """What QwenImageEditPlusPipeline hands its processor: each image resized to about 384x384 in area, sides
     multiples of 32, with the pipeline's own image processor."""
     edit_plus = require("diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus", "a DiT worker")
-    CONDITION_IMAGE_SIZE, calculate_dimensions = edit_plus.CONDITION_IMAGE_SIZE, edit_plus.calculate_dimensions
+    CONDITION_IMAGE_SIZE = edit_plus.CONDITION_IMAGE_SIZE
 
     out = []
     for img in images:

@@ -121,9 +121,10 @@ def test_a_lightx2v_config_as_it_is_speaks_http_to_the_front(encoder_worker, bas
                                           f"http://127.0.0.1:{front.port}", tiny_dir)
         with caplog.at_level(logging.INFO, logger="broker.config"):
             cfg = DitWorkerConfig.from_json(path)
-        ignored = [r.getMessage() for r in caplog.records if "ignoring key" in r.getMessage()]
-        assert len(ignored) == 1 and "infer_steps" in ignored[0] and "prompt_template_encode" in ignored[0]
-        assert cfg.text_encoder_type == "service"
+        ignored = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+        assert len(ignored) == 1 and "attn_type" in ignored[0] and "vae_scale_factor" in ignored[0]
+        assert "infer_steps" not in ignored[0] and "prompt_template_encode" not in ignored[0]  # honoured
+        assert cfg.text_encoder_type == "service" and cfg.default_steps == 8
 
         embedder = make_embedder(cfg, "cpu")
         assert isinstance(embedder, LightLLMHttpEmbedder) and embedder.use_shm
