@@ -16,8 +16,8 @@ from broker.connections import connect, unreachable
 from broker.stats import collect, format_stats
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m broker")
+def main(argv=None, prog: str = "python -m broker") -> int:
+    ap = argparse.ArgumentParser(prog=prog)
     sub = ap.add_subparsers(dest="command", required=True)
     st = sub.add_parser("stats", help="queue depth, workers, batch sizes, latency and cache hit rate")
     st.add_argument("--redis-url", default=redis_url_from_env())

@@ -1,6 +1,7 @@
 """Reading configs: a JSON file, then EB_<KEY> environment variables (which win), then command-line flags.
 Paths inside a config file are relative to the file (in a variable, to the current directory); `$VAR` and `~`
-expand. Keys a config does not know are ignored with one INFO line (LightX2V's configs carry many)."""
+expand; the defaults of keys a config leaves out are relative to ./configs (the tiny model in ./var/tiny), wherever
+the file is. Keys a config does not use are named in one WARNING, each with why (LightX2V's configs carry many)."""
 
 from __future__ import annotations
 
@@ -87,21 +88,33 @@ def parse_env_value(name: str, raw: str, type_name: str):
     return value
 
 
-def take_known(cls, data: dict, what: str) -> dict:
-    """The keys of `data` that are fields of dataclass `cls`; others are ignored with one INFO line."""
+def take_known(cls, data: dict, what: str, ignored: dict[str, str] | None = None) -> dict:
+    """The keys of `data` that are fields of dataclass `cls`. The others, and those of `ignored` ({key: why}), are
+    named in one WARNING, grouped by why ("_"-prefixed keys, comments by convention, are skipped silently)."""
     known = {f.name for f in fields(cls)}
-    unknown = sorted(k for k in data if k not in known and not k.startswith("_"))
-    if unknown:
-        log.info("%s: ignoring key(s) this program does not use: %s", what, ", ".join(unknown))
+    why = dict(ignored or {})
+    for k in data:
+        if k not in known and not k.startswith("_"):
+            why.setdefault(k, "not a key of this program's config")
+    if why:
+        groups: dict[str, list[str]] = {}
+        for k in sorted(why):
+            groups.setdefault(why[k], []).append(k)
+        log.warning("%s: ignoring %d key(s): %s", what, len(why),
+                    "; ".join(f"{', '.join(keys)}: {reason}" for reason, keys in groups.items()))
     return {k: v for k, v in data.items() if k in known}
 
 
-def from_json_file(cls, path: str | None, path_fields: tuple[str, ...] = (), **overrides):
+def from_json_file(cls, path: str | None, path_fields: tuple[str, ...] = (), translate=None, **overrides):
     """A config dataclass: the JSON file's known keys (or the defaults when `path` is None), then every field's
     EB_<KEY> environment variable, then the non-None `overrides` (command-line flags). `path_fields` are
-    resolved against the file's folder (a variable's or a flag's against the current directory)."""
+    resolved against the file's folder (a variable's or a flag's against the current directory). `translate(raw)`
+    -> (raw in this config's keys, {ignored key: why}) reads another program's keys (dit_workers.lightx2v_config)."""
     raw = load_json(path) if path else {}
-    values = take_known(cls, raw, path or "config")
+    ignored = {}
+    if translate is not None:
+        raw, ignored = translate(raw)
+    values = take_known(cls, raw, path or "config", ignored)
     for name in path_fields:
         if name in values:
             values[name] = resolve_path(raw, values[name])
@@ -115,8 +128,9 @@ def from_json_file(cls, path: str | None, path_fields: tuple[str, ...] = (), **o
         if v is not None:
             values[k] = resolve_path(cwd, v) if k in path_fields else v
     cfg = cls(**values)
-    # Defaults are relative to a checkout's configs/ folder: the file's, or ./configs without one.
-    home = {"_config_dir": raw["_config_dir"] if path else os.path.join(os.getcwd(), "configs")}
+    # Defaults are relative to ./configs, never to the file's folder: a config from elsewhere (LightX2V's
+    # configs/qwen_image/) must not have the tiny model written beside it.
+    home = {"_config_dir": os.path.join(os.getcwd(), "configs")}
     for name in path_fields:
         if name not in values:
             setattr(cfg, name, resolve_path(home, getattr(cfg, name)))

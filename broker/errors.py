@@ -47,3 +47,7 @@ class ModelLoadError(BrokerError):
 
 class ProtocolError(BrokerError):
     """A message on the wire is not what this version of encoder-broker speaks."""
+
+
+class MissingExtra(BrokerError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it (broker.extras)."""

@@ -9,9 +9,11 @@ bytes, as LightLLM's return-hidden-states server does (the protocol: broker.ligh
 (Prometheus), /docs (OpenAPI).
 
 Shared memory: a request chooses with `parameters.use_shm` (and `parameters.return_base64` to add base64); one
-that says nothing gets `shm_default` (both, as LightLLM sends: base64 and a segment, which LightX2V reads when its
-`use_shm` is on and ignores otherwise). Only a client on this host gets a segment (its address is loopback or the
-one it connected to). Segments live shm_ttl_s, within shm_max_bytes (broker.answer_segments).
+that says nothing gets `shm_default`. LightX2V never says (its `use_shm` only decides what it reads), so the default
+is `off`: base64 alone, no segment written for a reader that may never open it, none held in /dev/shm, no resource
+tracker warnings in the reader's process. `both` (LightLLM's answer: base64 and a segment) saves same-host readers
+with `use_shm` the base64 work. Only a client on this host gets a segment (its address is loopback or the one it
+connected to). Segments live shm_ttl_s, within shm_max_bytes (broker.answer_segments).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class HttpFrontConfig:
     client_timeout_s: float = 10.0  # a request's head, and then its body, must arrive within this long
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this long
     shutdown_grace_s: float = 10.0  # on SIGTERM/SIGINT, requests in flight get this long to finish
-    shm_default: str = "both"  # when a request doesn't set parameters.use_shm: off | shm | both
+    shm_default: str = "off"  # when a request doesn't set parameters.use_shm (LightX2V never does): off | shm | both
     shm_ttl_s: float = 10.0  # an answer's segment is unlinked this long after it is written
     shm_prefix: str = "eb"  # of the front's answer segments
     worker_shm_prefix: str | None = None  # the encoder workers' shm_prefix (None: $EB_SHM_PREFIX, else "eb")
@@ -389,8 +391,8 @@ async def serve(cfg: HttpFrontConfig) -> None:
     await front.wait()  # until SIGINT/SIGTERM (see HttpFront.lifespan)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m broker.http_front", description=__doc__.split("\n")[0])
+def main(argv=None, prog: str = "python -m broker.http_front") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--config", help="JSON file with any of the keys below (then EB_<KEY> variables, then flags)")
     for f in fields(HttpFrontConfig):
         kind = {"int": int, "float": float}.get(str(f.type), str)

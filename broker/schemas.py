@@ -201,17 +201,19 @@ class Blob:
 class GenerateRequest:
     """A DiT generation job: what a user of QwenImagePipeline (t2i) / QwenImageEditPlusPipeline (i2i) passes.
 
-    `width`, `height` and `steps` left out (None) take the worker's defaults; 0 is refused, never a default."""
+    `width`, `height`, `steps`, `seed`, `true_cfg_scale` and `negative_prompt` left out (None) take the worker's
+    defaults (its config's default_*: 1024x1024, 50 steps, seed 0, 4.0 and " " unless it says otherwise); 0 is
+    refused for a size or steps, never read as a default."""
 
     prompt: str
-    negative_prompt: str = " "
+    negative_prompt: str | None = None  # None: the worker's default_negative_prompt (" ")
     task: str = "t2i"
     images: list = field(default_factory=list)  # i2i input images, encoded bytes (PNG, JPEG, WebP); t2i: none
     width: int | None = None  # pixels, a multiple of the pipeline's unit (16 for Qwen-Image); None: default
     height: int | None = None
     steps: int | None = None  # denoising steps; None: the worker's default_steps
-    seed: int = 0
-    true_cfg_scale: float = 4.0  # > 1 runs classifier-free guidance with the negative prompt
+    seed: int | None = None  # None: the worker's default_seed (0)
+    true_cfg_scale: float | None = None  # > 1 runs classifier-free guidance with the negative prompt; None: 4.0
     output_dir: str = ""  # the worker writes the PNG into this folder and returns its path
     return_path: bool = False  # a path under the worker's own output_dir instead of the PNG's bytes
     debug: bool = False  # the result carries what the worker process holds (modules, encoder weights, memory)
@@ -220,10 +222,11 @@ class GenerateRequest:
 
     def validate(self) -> "GenerateRequest":
         validate_deadline(self.deadline)
-        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
-            raise InvalidRequest("prompt and negative_prompt must be strings")
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, (str, type(None))):
+            raise InvalidRequest("prompt and negative_prompt must be strings (negative_prompt None: the worker's)")
         check_text(self.prompt, "prompt")
-        check_text(self.negative_prompt, "negative_prompt")
+        if self.negative_prompt is not None:
+            check_text(self.negative_prompt, "negative_prompt")
         if self.task not in TASKS:
             raise InvalidRequest(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
         if not isinstance(self.images, list) or not all(isinstance(b, (bytes, bytearray)) for b in self.images):
@@ -237,11 +240,12 @@ class GenerateRequest:
             if v is not None and (not _is_int(v) or v < 1):
                 raise InvalidRequest(f"{name} must be a positive integer, or left out (None) for the worker's "
                                      f"default; got {v!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
-            raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise InvalidRequest(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
         cfg = self.true_cfg_scale
-        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg < float("inf"):
-            raise InvalidRequest(f"true_cfg_scale must be a finite number >= 0, got {cfg!r}")
+        if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or
+                                not 0 <= cfg < float("inf")):
+            raise InvalidRequest(f"true_cfg_scale must be a finite number >= 0 or None, got {cfg!r}")
         if not isinstance(self.output_dir, str):
             raise InvalidRequest("output_dir must be a string (a folder path, or empty)")
         check_text(self.output_dir, "output_dir")
@@ -290,6 +294,7 @@ class GenerateResult:
     task: str = "t2i"
     steps: int = 0
     seed: int = 0
+    true_cfg_scale: float = 0.0  # the guidance it ran with (at most 1: none)
     timings: dict = field(default_factory=dict)  # encode_ms, denoise_ms, png_ms, total_ms
     debug: dict = field(default_factory=dict)  # when asked: the worker process's modules, encoder weights, memory
     version: int = SCHEMA_VERSION

@@ -49,6 +49,7 @@ def collect(conn: redis.Redis, queue: str = "encode") -> dict:
                 histogram[k] = histogram.get(k, 0) + int(v)
         workers.append({"name": name, "state": info.get("state", "?"), "host": info.get("hostname", ""),
                         "pid": info.get("pid", ""), "device": info.get("device", ""),
+                        "dtype": info.get("dtype", ""), "quantization": info.get("quantization", ""),
                         "last_heartbeat": info.get("last_heartbeat", ""),
                         **counters})
     latencies = sorted(float(x) for x in lat)
@@ -92,7 +93,9 @@ def format_stats(s: dict) -> str:
         f"workers ({len(s['workers'])}):",
     ]
     for w in s["workers"]:
-        lines.append(f"  {w['name']}  {w['state']:<5}  host {w['host']} pid {w['pid']} on {w['device'] or '?'}  "
+        compute = "".join(f", {x}" for x in (w.get("dtype"), w.get("quantization")) if x)  # what EB_DTYPE gave
+        lines.append(f"  {w['name']}  {w['state']:<5}  host {w['host']} pid {w['pid']} on {w['device'] or '?'}"
+                     f"{compute}  "
                      f"{w['batches']} batches, {w['jobs']} jobs, {w['failed']} failed, "
                      f"last heartbeat {w['last_heartbeat']}")
     return "\n".join(lines)

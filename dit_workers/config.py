@@ -1,16 +1,26 @@
 """The DiT worker's config (configs/dit.json): seed-style `text_encoder_type` + `lightllm_config`, the pipeline's
-checkpoint and what a generation request may ask for."""
+checkpoint and what a generation request may ask for. A LightX2V Qwen-Image config works as it is: its keys mean
+what they mean to LightX2V (dit_workers.lightx2v_config)."""
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
-from broker.config import DEFAULT_REDIS_URL, ClientConfig, from_json_file, normalize_text_encoder_type
+from broker.config import (DEFAULT_REDIS_URL, ClientConfig, env_name, from_json_file, load_json,
+                           normalize_text_encoder_type)
+from dit_workers import lightx2v_config
+
+log = logging.getLogger("dit_workers.config")
+PATH_FIELDS = ("model_path", "edit_model_path", "output_dir")
 
 
 @dataclass(slots=True)
 class DitWorkerConfig:
-    text_encoder_type: str = "service"  # baseline | kernel | service (lightllm_kernel / lightllm_service)
+    # baseline | kernel | service (lightllm_kernel / lightllm_service); None (not set): baseline, as LightX2V reads
+    # a config without it
+    text_encoder_type: str | None = None
     model_path: str = "../var/tiny"  # a Qwen-Image directory; relative to the config file
     edit_model_path: str | None = None  # a Qwen-Image-Edit(-2509) directory for i2i; None: model_path
     make_tiny_if_missing: bool = True  # the embedded tiny checkpoint and pipeline, written on first run
@@ -23,6 +33,10 @@ class DitWorkerConfig:
     default_steps: int = 50  # a request without steps (diffusers' own default)
     default_width: int | None = None  # a t2i request without a size; None: the pipeline's (1024 for Qwen-Image)
     default_height: int | None = None
+    default_true_cfg_scale: float = 4.0  # a request without true_cfg_scale; at most 1: no CFG, no negative prompt
+    default_seed: int = 0  # a request without a seed
+    default_negative_prompt: str = " "  # a request without a negative prompt
+    i2i_resolution: int = 1024  # an i2i request without a size: its last image's aspect at about this^2 pixels
     max_steps: int = 200
     max_side: int = 4096  # pixels, either side of the image made
     max_images: int = 4  # i2i input images per request
@@ -34,8 +48,25 @@ class DitWorkerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self):
-        assert self.default_steps >= 1 and self.max_steps >= self.default_steps, "need 1 <= default_steps <= max_steps"
+        if not 1 <= self.default_steps <= self.max_steps:
+            raise ValueError(f"default_steps (LightX2V's infer_steps) {self.default_steps} must be in 1..max_steps "
+                             f"{self.max_steps}")
         assert self.max_images >= 1 and self.max_side >= 16, "max_images >= 1 and max_side >= 16"
+        if isinstance(self.default_seed, bool) or not isinstance(self.default_seed, int) \
+                or not 0 <= self.default_seed < 2**63:
+            raise ValueError(f"default_seed (LightX2V's seed) must be an integer in [0, 2**63), got "
+                             f"{self.default_seed!r}")
+        if not isinstance(self.default_negative_prompt, str):
+            raise ValueError(f"default_negative_prompt (LightX2V's negative_prompt) must be a string, got "
+                             f"{self.default_negative_prompt!r}")
+        if not self.default_true_cfg_scale >= 0 or self.i2i_resolution < 16:
+            raise ValueError("default_true_cfg_scale must be >= 0 and i2i_resolution >= 16")
+        if self.text_encoder_type is None:
+            log.warning("text_encoder_type is not set: 'baseline', the text encoder loaded in this DiT process, as "
+                        "LightX2V reads a config without it; set it to 'lightllm_service' (or EB_TEXT_ENCODER_TYPE, "
+                        "--text-encoder-type) to use the shared encoder behind the broker")
+            self.text_encoder_type = "baseline"
+        self.text_encoder_type = normalize_text_encoder_type(self.text_encoder_type)
 
     @property
     def encoder_client(self) -> ClientConfig:
@@ -43,6 +74,11 @@ class DitWorkerConfig:
 
     @classmethod
     def from_json(cls, path: str | None, **overrides) -> "DitWorkerConfig":
-        cfg = from_json_file(cls, path, ("model_path", "edit_model_path", "output_dir"), **overrides)
-        cfg.text_encoder_type = normalize_text_encoder_type(cfg.text_encoder_type)
+        """From `path` (ours or a LightX2V config), then EB_<KEY> variables, then the non-None `overrides`."""
+        cfg = from_json_file(cls, path, PATH_FIELDS, translate=lightx2v_config.translate, **overrides)
+        given = (path and "model_path" in load_json(path)) or env_name("model_path") in os.environ \
+            or overrides.get("model_path") is not None
+        if not given and cfg.make_tiny_if_missing:
+            log.warning("model_path is not set (LightX2V takes it as --model_path; here: the config's model_path, "
+                        "EB_MODEL_PATH or --model-path): the embedded tiny checkpoint at %s", cfg.model_path)
         return cfg

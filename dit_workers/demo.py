@@ -70,8 +70,8 @@ def run_i2i(client: GenerationClient, image_png: bytes, args) -> None:
     print(f"demo: i2i {EDIT_PROMPT!r}: {path} {size[0]}x{size[1]}", flush=True)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dit_workers.demo")
+def main(argv=None, prog: str = "python -m dit_workers.demo") -> int:
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--config", required=True)
     ap.add_argument("--once", action="store_true", help="exit after printing instead of waiting")
     ap.add_argument("--width", type=int, default=256)

@@ -36,6 +36,8 @@ class Prepared:
     states: list  # [prompt] or [prompt, negative]: [L_i, D] each, as the encoder returned them
     steps: int
     encode_ms: float
+    seed: int = 0
+    true_cfg_scale: float = 0.0
 
 
 class DitEngine:
@@ -66,13 +68,18 @@ class DitEngine:
         return [m for p in pipes for m in (p.transformer, p.vae)]
 
     # -- checking --------------------------------------------------------------------------------------
-    def resolve_size(self, req: GenerateRequest) -> tuple[int | None, int | None]:
-        """The request's size, or the configured default for t2i; i2i without a size lets the pipeline take it
-        from the last input image (about 1024x1024 in area), as QwenImageEditPlusPipeline does."""
+    def resolve_size(self, req: GenerateRequest, images: list | None = None) -> tuple[int, int]:
+        """The request's size, or the configured default for t2i; i2i without a size takes the last input image's
+        aspect at about i2i_resolution^2 pixels (1024: what QwenImageEditPlusPipeline itself picks)."""
         width, height = req.width, req.height
         if req.task == "t2i":
             width = width or self.cfg.default_width or self.t2i.default_sample_size * self.t2i.vae_scale_factor
             height = height or self.cfg.default_height or self.t2i.default_sample_size * self.t2i.vae_scale_factor
+        elif images and not (width and height):
+            side = self.cfg.i2i_resolution
+            w, h = P.calculate_dimensions(side * side, images[-1].size[0] / images[-1].size[1])
+            width = width or max(self.unit, w // self.unit * self.unit)  # floored to the unit, as the pipeline does
+            height = height or max(self.unit, h // self.unit * self.unit)
         for name, v in (("width", width), ("height", height)):
             if v is None:
                 continue
@@ -102,9 +109,10 @@ class DitEngine:
 
     # -- running ---------------------------------------------------------------------------------------
     def prepare(self, req: GenerateRequest) -> Prepared:
+        """What the pipeline will be called with. A request that leaves out its size, steps, seed, guidance or
+        negative prompt gets the worker's defaults (default_* in its config: LightX2V's keys land there)."""
         req.validate()
         self.output_folder(req)  # a bad output_dir fails before any work is done
-        width, height = self.resolve_size(req)
         steps = self.resolve_steps(req)
         images, cond_png = None, []
         pipe = self.t2i
@@ -112,16 +120,22 @@ class DitEngine:
             if len(req.images) > self.cfg.max_images:
                 raise InvalidRequest(f"{len(req.images)} images, over max_images {self.cfg.max_images}")
             images = P.decode_images(req.images, self.cfg.max_input_pixels)
+        width, height = self.resolve_size(req, images)
+        if images is not None:
             pipe = self.i2i()
             cond_png = [P.png_bytes(im) for im in P.condition_images(pipe, images)]
-        prompts = [req.prompt, req.negative_prompt] if req.true_cfg_scale > 1 else [req.prompt]
+        cfg = self.cfg
+        seed = cfg.default_seed if req.seed is None else req.seed
+        scale = cfg.default_true_cfg_scale if req.true_cfg_scale is None else req.true_cfg_scale
+        negative = cfg.default_negative_prompt if req.negative_prompt is None else req.negative_prompt
+        prompts = [req.prompt, negative] if scale > 1 else [req.prompt]
         t0 = time.time()
         states = self.embedder.embed(prompts, req.task, cond_png)
         encode_ms = (time.time() - t0) * 1e3
         self.check_states(states, len(prompts))
         kwargs = P.call_kwargs(states, dtype=self.dtype, device=self.device, width=width, height=height, steps=steps,
-                               seed=req.seed, true_cfg_scale=req.true_cfg_scale, images=images)
-        return Prepared(req.task, pipe, kwargs, states, steps, encode_ms)
+                               seed=seed, true_cfg_scale=scale, images=images)
+        return Prepared(req.task, pipe, kwargs, states, steps, encode_ms, seed, float(scale))
 
     def run(self, prep: Prepared, progress=None):
         """Runs the pipeline; `progress(step, steps)` after each denoising step (and with 0 before the first)."""
@@ -148,7 +162,8 @@ class DitEngine:
         return GenerateResult(
             embeds_shapes=[list(s.shape) for s in prep.states], embeds_checksum=checksum(prep.states),
             encoder_mode=self.mode, png=b"" if path else png, path=path, width=image.size[0],
-            height=image.size[1], task=req.task, steps=prep.steps, seed=req.seed,
+            height=image.size[1], task=req.task, steps=prep.steps, seed=prep.seed,
+            true_cfg_scale=prep.true_cfg_scale,
             timings={"encode_ms": round(prep.encode_ms, 3), "denoise_ms": round((t2 - t1) * 1e3, 3),
                      "png_ms": round((t3 - t2) * 1e3, 3), "total_ms": round((t3 - t0) * 1e3, 3)})
 

@@ -74,17 +74,16 @@ def fill_deterministic(model, seed: int) -> None:
 
 def write_pipeline_parts(outdir: str, hidden_size: int) -> None:
     """Writes transformer/, vae/, scheduler/ and model_index.json into `outdir` (which must exist)."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from broker.extras import require
 
-    transformer = QwenImageTransformer2DModel(joint_attention_dim=hidden_size, **TINY_TRANSFORMER)
+    diffusers = require("diffusers", "the tiny Qwen-Image pipeline")
+    transformer = diffusers.QwenImageTransformer2DModel(joint_attention_dim=hidden_size, **TINY_TRANSFORMER)
     fill_deterministic(transformer, SEED)
     transformer.save_pretrained(os.path.join(outdir, "transformer"), safe_serialization=True)
-    vae = AutoencoderKLQwenImage(**TINY_VAE)
+    vae = diffusers.AutoencoderKLQwenImage(**TINY_VAE)
     fill_deterministic(vae, SEED + 1)
     vae.save_pretrained(os.path.join(outdir, "vae"), safe_serialization=True)
-    FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER).save_pretrained(os.path.join(outdir, "scheduler"))
-    import diffusers
-
+    diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER).save_pretrained(os.path.join(outdir, "scheduler"))
     with open(os.path.join(outdir, "model_index.json"), "w") as f:
         json.dump(dict(MODEL_INDEX, _diffusers_version=diffusers.__version__), f, indent=2, sort_keys=True)
 

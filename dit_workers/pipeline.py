@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import torch
 
 from broker.errors import InvalidRequest, ModelLoadError
+from broker.extras import require
+from dit_workers.make_tiny_pipeline import MARKER as TINY_PIPELINE_MARKER
 
 log = logging.getLogger("dit_workers")
 
@@ -35,12 +38,25 @@ def _quiet(pipe):
     return pipe
 
 
+def weight_loading(diffusers, model_path: str) -> dict:
+    """from_pretrained's `low_cpu_mem_usage`: diffusers loads weights straight into an empty model only through
+    accelerate. Without it diffusers falls back to building the model (random weights) and then loading, with a
+    multi-line warning on every load; asking for that way outright loads the same weights without it. A real
+    checkpoint pays for that way in time and host memory, so one line says so; the tiny one does not."""
+    lean = diffusers.utils.is_accelerate_available()
+    if not lean and not os.path.exists(os.path.join(model_path, TINY_PIPELINE_MARKER)):
+        log.warning("accelerate is not installed: diffusers builds %s's transformer with random weights before "
+                    "loading its own (slower, about twice the host memory); `pip install accelerate` avoids that",
+                    model_path)
+    return {"low_cpu_mem_usage": lean}
+
+
 def load_t2i(model_path: str, device: torch.device, dtype: torch.dtype):
     """QwenImagePipeline from a Qwen-Image directory, without its text encoder and tokenizer."""
-    from diffusers import QwenImagePipeline
-
+    diffusers = require("diffusers", "a DiT worker")
     try:
-        pipe = QwenImagePipeline.from_pretrained(model_path, text_encoder=None, tokenizer=None, dtype=dtype)
+        pipe = diffusers.QwenImagePipeline.from_pretrained(model_path, text_encoder=None, tokenizer=None, dtype=dtype,
+                                                           **weight_loading(diffusers, model_path))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a Qwen-Image pipeline (transformer/, vae/, scheduler/, model_index.json) "
                              f"from {model_path}: {e}") from None
@@ -50,8 +66,8 @@ def load_t2i(model_path: str, device: torch.device, dtype: torch.dtype):
 def load_i2i(edit_model_path: str | None, t2i, device: torch.device, dtype: torch.dtype):
     """QwenImageEditPlusPipeline: its own checkpoint (Qwen-Image-Edit-2509's transformer differs from
     Qwen-Image's), or, without one, the t2i pipeline's components shared (the tiny default)."""
-    from diffusers import QwenImageEditPlusPipeline
-
+    diffusers = require("diffusers", "a DiT worker")
+    QwenImageEditPlusPipeline = diffusers.QwenImageEditPlusPipeline
     if edit_model_path is None:
         from diffusers.utils import logging as diffusers_logging
 
@@ -63,7 +79,8 @@ def load_i2i(edit_model_path: str | None, t2i, device: torch.device, dtype: torc
             diffusers_logging.set_verbosity(level)
     try:
         pipe = QwenImageEditPlusPipeline.from_pretrained(edit_model_path, text_encoder=None, tokenizer=None,
-                                                         processor=None, dtype=dtype)
+                                                         processor=None, dtype=dtype,
+                                                         **weight_loading(diffusers, edit_model_path))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a Qwen-Image-Edit pipeline from {edit_model_path}: {e}") from None
     return _quiet(pipe.to(device))
@@ -109,10 +126,19 @@ def decode_images(blobs: list[bytes], max_pixels: int) -> list:
     return out
 
 
+def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
+    """(width, height) of about `area` pixels at aspect `ratio`, sides multiples of 32: diffusers' Edit pipeline's
+    (and LightX2V's) rule for condition images and for an i2i output without a size."""
+    edit_plus = require("diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus", "a DiT worker")
+    width, height = edit_plus.calculate_dimensions(area, ratio)[:2]
+    return int(width), int(height)
+
+
 def condition_images(pipe, images: list) -> list:
     """What QwenImageEditPlusPipeline hands its processor: each image resized to about 384x384 in area, sides
     multiples of 32, with the pipeline's own image processor."""
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+    edit_plus = require("diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus", "a DiT worker")
+    CONDITION_IMAGE_SIZE = edit_plus.CONDITION_IMAGE_SIZE
 
     out = []
     for img in images:

@@ -83,6 +83,7 @@ class DitWorker(ServeLoop):
         self.cfg = cfg
         self.engine = engine if engine is not None else DitEngine(cfg, device)
         self.device = describe_device(str(self.engine.device))
+        self.dtype = str(self.engine.dtype).replace("torch.", "")
         self._encoder_shapes = None
 
     @property

@@ -6,8 +6,8 @@ from .names import DEFAULT_PREFIX
 from .sweep import sweep
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shm", description=__doc__)
+def main(argv=None, prog: str = "python -m shm") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sweep", help="unlink expired segments and those whose creator process is dead")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"segment name prefix (default {DEFAULT_PREFIX})")

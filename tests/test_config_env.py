@@ -29,10 +29,10 @@ def test_environment_wins_over_the_file(tmp_path, monkeypatch):
 
 
 def test_without_a_file_defaults_and_environment(monkeypatch):
-    monkeypatch.setenv("EB_SHM_DEFAULT", "off")
+    monkeypatch.setenv("EB_SHM_DEFAULT", "both")
     monkeypatch.setenv("EB_PORT", "9123")
     cfg = HttpFrontConfig.load(None)
-    assert (cfg.shm_default, cfg.port, cfg.max_inflight) == ("off", 9123, 256)
+    assert (cfg.shm_default, cfg.port, cfg.max_inflight) == ("both", 9123, 256)
     assert EncoderWorkerConfig.from_json(None).model_dir == os.path.join(os.getcwd(), "var", "tiny")
 
 
@@ -42,10 +42,20 @@ def test_a_bad_variable_is_a_clear_error(monkeypatch):
         EncoderWorkerConfig.from_json(None)
 
 
-def test_unknown_keys_are_ignored_with_one_info_line(tmp_path, caplog):
-    path = write_config(str(tmp_path / "http.json"), port=8011, infer_steps=40, attn_type="flash_attn3")
+def test_unknown_keys_are_named_in_one_warning(tmp_path, caplog):
+    path = write_config(str(tmp_path / "http.json"), port=8011, infer_steps=40, attn_type="flash_attn3",
+                        _comment="skipped")
     with caplog.at_level(logging.INFO, logger="broker.config"):
         cfg = from_json_file(HttpFrontConfig, path)
     assert cfg.port == 8011
-    lines = [r.getMessage() for r in caplog.records if r.name == "broker.config"]
-    assert len(lines) == 1 and "attn_type, infer_steps" in lines[0], lines
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.config"]
+    assert len(lines) == 1 and lines[0][0] == "WARNING", lines
+    assert "ignoring 2 key(s): attn_type, infer_steps: not a key of this program's config" in lines[0][1], lines
+
+
+def test_defaults_left_out_of_a_file_are_relative_to_dot_configs_not_to_the_file(tmp_path, monkeypatch):
+    """A config kept elsewhere (LightX2V's configs/qwen_image/) must not get the tiny model written beside it."""
+    path = write_config(str(tmp_path / "far" / "away.json") if (tmp_path / "far").mkdir() is None else "",
+                        max_batch_tokens=100)
+    monkeypatch.chdir(tmp_path)
+    assert EncoderWorkerConfig.from_json(path).model_dir == str(tmp_path / "var" / "tiny")

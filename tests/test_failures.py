@@ -243,11 +243,11 @@ def test_stats_show_batches_cache_and_workers(workers):
     s = json.loads(out.stdout)
     assert s["depth"] == 0 and s["finished"] == 2
     assert len(s["workers"]) == 1 and s["workers"][0]["state"] in ("idle", "busy")
-    assert s["workers"][0]["device"] == "cpu"  # the device it holds
+    assert (s["workers"][0]["device"], s["workers"][0]["dtype"]) == ("cpu", "float32")  # what it holds
     assert s["totals"]["jobs"] == 2 and s["totals"]["cache_hits"] >= 1
     assert s["totals"]["computed_tokens"] < s["totals"]["tokens"]
     assert sum(s["batch_histogram"].values()) == s["totals"]["batches"]
     assert s["latency_ms"]["samples"] == 2 and s["latency_ms"]["p50"] > 0
     text = subprocess.run([sys.executable, "-m", "broker", "stats", "--redis-url", workers.url],
                           cwd=REPO, capture_output=True, text=True, check=True, timeout=60).stdout
-    assert "cache hit rate" in text and "workers (1)" in text and " on cpu " in text
+    assert "cache hit rate" in text and "workers (1)" in text and " on cpu, float32 " in text

@@ -79,7 +79,7 @@ class FrontThread:
 @pytest.fixture(scope="module")
 def front(encoder_worker):
     with FrontThread(redis_url=encoder_worker["url"], queue="encode", worker_shm_prefix=encoder_worker["prefix"],
-                     max_body_bytes=1 << 20, client_timeout_s=1.0) as f:
+                     max_body_bytes=1 << 20, client_timeout_s=1.0, shm_default="both") as f:  # tests read both forms
         yield f
 
 
@@ -154,9 +154,21 @@ def test_base64_answer_is_the_baseline_encoding(front, baseline):
     close(full[T2I_DROP_IDX:], want)
 
 
-def test_default_answer_has_both_and_the_front_unlinks_its_segments(front):
-    """LightLLM's default: base64 and a segment, so clients with use_shm on or off both parse it. The reader never
-    unlinks (LightX2V doesn't): the front does, at the segment's expiry or when it stops."""
+def test_by_default_an_answer_is_base64_alone_unless_shm_is_asked_for(encoder_worker):
+    """LightX2V never sends use_shm: by default no segment is written for it, even on this host."""
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode") as f:
+        assert f.cfg.shm_default == "off"
+        status, result, _ = generate(f.port, "base64, please")
+        assert status == 200 and "hidden_states_base64" in result, result
+        assert not any(k.startswith("shm_") for k in result) and shm_names(f.cfg.shm_prefix) == []
+        _, asked, _ = generate(f.port, "base64, please", use_shm=True)  # a client that asks gets a segment
+        assert shm_names(f.cfg.shm_prefix) == [asked["shm_hidden_states_name"]]
+        assert torch.equal(decode_answer(asked, use_shm=True), decode_answer(result, use_shm=False))
+
+
+def test_answer_with_both_and_the_front_unlinks_its_segments(front):
+    """shm_default both, LightLLM's answer: base64 and a segment, so clients with use_shm on or off both parse it.
+    The reader never unlinks (LightX2V doesn't): the front does, at the segment's expiry or when it stops."""
     status, both, _ = generate(front.port, "shared memory, please")
     assert status == 200, both
     name = both["shm_hidden_states_name"]
@@ -178,7 +190,7 @@ def test_default_answer_has_both_and_the_front_unlinks_its_segments(front):
 
 def test_segments_expire_and_a_budget_bounds_them(encoder_worker):
     with FrontThread(redis_url=encoder_worker["url"], queue="encode", worker_shm_prefix=encoder_worker["prefix"],
-                     shm_ttl_s=1.0, sweep_interval_s=0.2) as f:
+                     shm_ttl_s=1.0, sweep_interval_s=0.2, shm_default="both") as f:
         status, first, _ = generate(f.port, "left unread")
         assert status == 200 and "hidden_states_base64" in first, first
         size = os.stat(f"/dev/shm/{first['shm_hidden_states_name']}").st_size
@@ -186,7 +198,7 @@ def test_segments_expire_and_a_budget_bounds_them(encoder_worker):
         assert eventually(lambda: shm_names(f.cfg.shm_prefix) == [])  # unlinked by the front at its expiry
 
     with FrontThread(redis_url=encoder_worker["url"], queue="encode", worker_shm_prefix=encoder_worker["prefix"],
-                     shm_max_bytes=size + size // 2) as g:
+                     shm_max_bytes=size + size // 2, shm_default="both") as g:
         _, a, _ = generate(g.port, "left unread")
         _, b, _ = generate(g.port, "left unread")
         assert "shm_hidden_states_name" in a and "shm_hidden_states_name" not in b, (a.keys(), b.keys())
@@ -202,7 +214,8 @@ def front_process(url, prefix, log_path, worker_prefix):
     workers whose shm_prefix is `worker_prefix`), once it answers: (process, port)."""
     port = free_port()
     proc = start_process(["-m", "broker.http_front", "--port", str(port), "--redis-url", url, "--shm-prefix", prefix,
-                          "--worker-shm-prefix", worker_prefix, "--shm-ttl-s", "1"], log_path)
+                          "--worker-shm-prefix", worker_prefix, "--shm-ttl-s", "1", "--shm-default", "both"],
+                         log_path)
     assert eventually(lambda: _answers(port) or proc.poll() is not None, timeout=60) and proc.poll() is None, \
         open(log_path).read()
     return proc, port

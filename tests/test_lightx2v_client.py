@@ -28,7 +28,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @pytest.fixture(scope="module")
 def fronts(tiny_dir, redis_server, tmp_path_factory):
-    """One worker per dtype, each on its own queue, each with its own front (shm_ttl_s 2 s)."""
+    """One worker per dtype, each on its own queue, each with its own front (shm_ttl_s 2 s; shm_default both, so
+    that a reader with use_shm gets segments)."""
     d = tmp_path_factory.mktemp("lightx2v")
     queues = {dtype: f"lx-{dtype}-{uuid.uuid4().hex[:6]}" for dtype in DTYPES}
     prefix = "ebw" + uuid.uuid4().hex[:6]  # the workers' result segments
@@ -41,7 +42,7 @@ def fronts(tiny_dir, redis_server, tmp_path_factory):
             wait_for_workers(redis_server.url, i + 1, proc, log)
         for dtype, queue in queues.items():
             out[dtype] = FrontThread(redis_url=redis_server.url, queue=queue, worker_shm_prefix=prefix, shm_ttl_s=2.0,
-                                     sweep_interval_s=0.2)
+                                     sweep_interval_s=0.2, shm_default="both")
         yield out
     finally:
         for f in out.values():
@@ -56,7 +57,7 @@ def read_as_lightx2v(url: str, use_shm: bool, tmp_path) -> dict:
                           "1" if use_shm else "0", str(T2I_DROP_IDX), out,
                           *[T2I_TEMPLATE.format(p) for p in PROMPTS]], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(out)
+    return {**torch.load(out), "stderr": run.stderr}
 
 
 @functools.cache
@@ -87,6 +88,25 @@ def test_lightx2v_reads_what_the_encoder_computed(fronts, tiny_dir, dtype, use_s
         assert rel < {"float32": 4e-3, "float16": 1e-2, "bfloat16": 2e-2}[dtype], rel
 
 
+def test_by_default_lightx2v_pays_for_no_segment_and_exits_quietly(encoder_worker, tiny_dir, tmp_path):
+    """LightX2V with use_shm on never says so in its request: the default front answers it in base64, which it
+    reads, so no segment is written and its process exits without resource_tracker warnings. With `both`, each
+    segment it opens is registered with its resource tracker (multiprocessing.shared_memory does that for every
+    segment it opens, and only the opener's own unlink() undoes it), which warns about each at exit: the front
+    can't hand a segment's lifetime over without that."""
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode") as front:
+        got = read_as_lightx2v(f"http://127.0.0.1:{front.port}", True, tmp_path)
+        assert [s["via"] for s in got["seen"]] == ["base64"] * len(PROMPTS)
+        assert "resource_tracker" not in got["stderr"], got["stderr"]
+        assert front.front.metrics.results.labels("shm")._value.get() == 0 and shm_names(front.cfg.shm_prefix) == []
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_default="both") as front:
+        got = read_as_lightx2v(f"http://127.0.0.1:{front.port}", True, tmp_path)
+        assert [s["via"] for s in got["seen"]] == ["shm"] * len(PROMPTS)
+        assert "resource_tracker" in got["stderr"]  # the cost of `both` that the default avoids
+    for states, want in zip(got["states"], in_process(tiny_dir, "float32")):
+        torch.testing.assert_close(states[0].float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-5)
+
+
 def lightx2v_qwen_image_config(path, service_url: str, model_path: str) -> str:
     """A config in LightX2V's Qwen-Image service format, keys this project does not use included."""
     return write_config(path, infer_steps=8, sample_guide_scale=4.0, enable_cfg=True, attn_type="flash_attn3",
@@ -103,9 +123,10 @@ def test_a_lightx2v_config_as_it_is_speaks_http_to_the_front(encoder_worker, bas
                                           f"http://127.0.0.1:{front.port}", tiny_dir)
         with caplog.at_level(logging.INFO, logger="broker.config"):
             cfg = DitWorkerConfig.from_json(path)
-        ignored = [r.getMessage() for r in caplog.records if "ignoring key" in r.getMessage()]
-        assert len(ignored) == 1 and "infer_steps" in ignored[0] and "prompt_template_encode" in ignored[0]
-        assert cfg.text_encoder_type == "service"
+        ignored = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+        assert len(ignored) == 1 and "attn_type" in ignored[0] and "vae_scale_factor" in ignored[0]
+        assert "infer_steps" not in ignored[0] and "prompt_template_encode" not in ignored[0]  # honoured
+        assert cfg.text_encoder_type == "service" and cfg.default_steps == 8
 
         embedder = make_embedder(cfg, "cpu")
         assert isinstance(embedder, LightLLMHttpEmbedder) and embedder.use_shm

@@ -46,7 +46,8 @@ def venv(tmp_path_factory):
                           capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(site, "borrowed.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
-    return {"wheel": wheel, "python": python, "bin": str(env / "bin"), "site": site, "dir": d}
+    return {"wheel": wheel, "python": python, "bin": str(env / "bin"), "site": site, "dir": d,
+            "build_output": build.stdout + build.stderr}
 
 
 def run(venv, args, **kw):
@@ -60,6 +61,12 @@ def test_wheel_holds_every_package_and_the_configs(venv):
     packages = {os.path.dirname(n).replace("/", ".") for n in names if n.endswith("/__init__.py")}
     assert tree_packages() <= packages, tree_packages() - packages
     assert {"broker/configs/encoder.json", "broker/configs/dit.json", "broker/configs/http.json"} <= set(names)
+
+
+def test_the_build_does_not_warn_about_undeclared_package_data(venv):
+    names = zipfile.ZipFile(venv["wheel"]).namelist()
+    assert {"broker/lua/rq.lua", "broker/lua/take.lua"} <= set(names)
+    assert "absent from the `packages` configuration" not in venv["build_output"], venv["build_output"][-3000:]
 
 
 def test_console_script_help_and_the_installed_modules(venv):

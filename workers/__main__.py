@@ -11,6 +11,7 @@ import torch
 
 from workers.config import EncoderWorkerConfig
 from workers.devices import worker_device
+from workers.process_log import setup_logging
 
 # The worker's intake, compute and delivery threads hand work to each other many times a batch. A thread woken
 # while another runs Python waits for the GIL up to the switch interval (CPython's default: 5 ms, a whole
@@ -49,15 +50,15 @@ def end_process(code: int = 0) -> None:
     os._exit(code)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workers", description=__doc__.split(":")[1].strip())
+def main(argv=None, prog: str = "python -m workers") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split(":")[1].strip())
     ap.add_argument("--config", help="encoder worker JSON config (see configs/encoder.json); EB_<KEY> variables "
                                      "override its keys; without one, the defaults and the variables")
     ap.add_argument("--redis-url", help="overrides the config's redis_url")
     ap.add_argument("--queue", help="overrides the config's queue")
     ap.add_argument("--backend", choices=["auto", "baseline", "kernel"], help="overrides the config's backend")
     args = ap.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging("INFO")
     cfg = EncoderWorkerConfig.from_json(args.config, redis_url=args.redis_url, queue=args.queue,
                                         backend=args.backend)
     logging.getLogger().setLevel(cfg.log_level)

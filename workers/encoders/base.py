@@ -64,6 +64,7 @@ class EncoderBase:
     """Subclasses implement `encode_tokens`; `encode` is the public, validated entry point."""
 
     backend = "base"
+    quantization: str | None = None  # the weights' quantization scheme; None: as loaded, in `dtype`
 
     def __init__(self, paths: CheckpointPaths, config: TextConfig, tokenizer, device: torch.device,
                  dtype: torch.dtype, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS):

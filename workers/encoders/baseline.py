@@ -24,8 +24,10 @@ class BaselineEncoder(EncoderBase):
         super().__init__(*args, **kwargs)
         from transformers import Qwen2_5_VLForConditionalGeneration
 
+        from workers.checkpoint import transformers_config
+
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            self.paths.text_encoder, dtype=self.dtype
+            self.paths.text_encoder, config=transformers_config(self.paths.text_encoder), dtype=self.dtype
         ).to(self.device).eval()
 
     @property
