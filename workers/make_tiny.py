@@ -214,7 +214,7 @@ def not_ours(outdir: str) -> str | None:
             "tiny checkpoint), so it is left as it is. To load a real Qwen-Image checkpoint from it, set "
             "make_tiny_if_missing to false (EB_MAKE_TINY_IF_MISSING=false); for the tiny default, point model_dir "
             "(model_path for a DiT worker) at a folder that does not exist yet; to replace it with the tiny "
-            "checkpoint, run `python -m workers.make_tiny --force` on it")
+            "checkpoint, run `encoder-broker make-tiny --force` on it")
 
 
 def make_tiny(outdir: str, force: bool = False) -> str:
@@ -280,8 +280,8 @@ def ensure_tiny(outdir: str) -> str:
         os.close(fd)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workers.make_tiny", description=__doc__.split("\n")[0])
+def main(argv=None, prog: str = "python -m workers.make_tiny") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     ap.add_argument("outdir")
     ap.add_argument("--force", action="store_true", help="rewrite even if a finished copy is there, or replace "
                     "a folder it did not make (its contents are deleted)")
