@@ -146,7 +146,7 @@ def test_a_dit_worker_runs_the_i2i_2511_service_config_through_the_front(encoder
     worker's start-up log is one screen of its own lines."""
     url = encoder_worker["url"]
     queue = "lx-" + uuid.uuid4().hex[:6]
-    with FrontThread(redis_url=url, queue="encode") as front:
+    with FrontThread(redis_url=url, queue="encode", worker_shm_prefix=encoder_worker["prefix"]) as front:
         path = shipped("qwen_image_i2i_2511_service.json", tmp_path,
                        lightllm_config={**SERVICE_KEYS["lightllm_config"],
                                         "service_url": f"http://127.0.0.1:{front.port}"})
