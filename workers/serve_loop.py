@@ -10,7 +10,7 @@ import threading
 import time
 
 import redis
-from rq import Queue, SimpleWorker
+from rq import Queue, SimpleWorker, worker_registration
 
 from broker.connections import connect
 from broker.serializer import MsgpackSerializer
@@ -61,8 +61,9 @@ class ServeLoop:
         return f"queue {self.queue!r}"
 
     def ensure_registered(self) -> None:
-        """Announces the worker, and again whenever Redis lost the record (a restart without persistence)."""
-        if self._registered and self.connection.sismember("rq:workers", self.rq_worker.key):
+        """Announces the worker, and again once Redis answers after an outage; in between, each heartbeat
+        writes back whatever of the record Redis dropped."""
+        if self._registered:
             return
         self.connection.delete(self.rq_worker.key)  # a heartbeat may have left a partial record behind
         self.rq_worker.register_birth()
@@ -72,13 +73,22 @@ class ServeLoop:
         self._registered = True
 
     def heartbeat(self, pipe=None) -> None:
-        self.rq_worker.heartbeat(self.heartbeat_ttl_s + 60, pipeline=pipe)
+        """RQ's heartbeat, on `pipe` if given, with the worker's registration written again: its record's fields
+        (those `broker stats`, /health and rq-dashboard read) and its place in rq:workers and rq:workers:<queue>.
+        A DEL, an eviction (allkeys-lru) or a restart that drops any of them is undone by the next heartbeat."""
+        w = self.rq_worker
+        conn = pipe if pipe is not None else self.connection
+        w.heartbeat(self.heartbeat_ttl_s + 60, pipeline=conn)  # last_heartbeat, and the record's expiry
+        if w.birth_date is not None:  # registered once (ensure_registered): restore, never announce early
+            conn.hset(w.key, mapping={**w.serialize(), "state": w.get_state(),
+                                      **({"device": self.device} if self.device else {})})
+            worker_registration.register(w, conn)
         tally = getattr(self, "tally", None)  # an encoder worker's (workers.stats.Tally)
         if tally is not None:
             # RQ's own worker counters, which `rq info` and rq-dashboard show: our jobs are recorded by scripts,
             # not by RQ's Worker, so they are set here from the worker's tally (at most a heartbeat behind).
             counters, _ = tally.snapshot()
-            (pipe or self.connection).hset(self.rq_worker.key, mapping={
+            conn.hset(w.key, mapping={
                 "successful_job_count": counters.get("jobs_ok", 0), "failed_job_count": counters.get("failed", 0),
                 "total_working_time": counters.get("infer_ms", 0) / 1e3})
 
