@@ -1,6 +1,7 @@
 """A worker as an operator meets it, with real processes and a real Redis: its registration outlives whatever
-Redis drops of it."""
+Redis drops of it, and stopping it together with its Redis (Ctrl-C under honcho) is quiet and clean."""
 
+import signal
 import socket
 import uuid
 
@@ -76,3 +77,18 @@ def test_each_heartbeat_writes_back_what_redis_dropped(redis_server):
     finally:
         loop.unregister()
     assert not r.sismember(f"rq:workers:{loop.queue}", key)
+
+
+@pytest.mark.parametrize("module", ["workers", "dit_workers"])
+def test_a_worker_stopped_with_its_redis_says_no_error_and_exits_0(module, tiny_dir, own_redis, tmp_path):
+    """Ctrl-C under honcho signals Redis and the workers at once; Redis may well close first."""
+    proc, log = start(module, tmp_path, tiny_dir, own_redis.url, "q-" + module)
+    try:
+        own_redis.proc.terminate()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        stop_process(proc)
+    text = open(log).read()
+    assert "ERROR" not in text and "Traceback" not in text, text
+    assert " stopped" in text, text

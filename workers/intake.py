@@ -17,6 +17,7 @@ from workers.config import EncoderWorkerConfig
 from workers.encoders.base import TokenizedBatch
 from workers.job_source import CONNECTION_ERRORS, JobSource, StatsUpdate, TakenJob
 from workers.links import LAUNCH_WAIT_S, Links
+from workers.outage import RedisOutage
 
 log = logging.getLogger("workers")
 
@@ -24,8 +25,9 @@ MAX_BACKOFF_S = 1.0  # between tries while Redis is unreachable: a restarted Red
 
 
 class Intake:
-    def __init__(self, source: JobSource, encoder, config: EncoderWorkerConfig, links: Links):
+    def __init__(self, source: JobSource, encoder, config: EncoderWorkerConfig, links: Links, outage: RedisOutage):
         self.source = source
+        self.outage = outage  # the worker's: what its log says while Redis is out of reach
         self.encoder = encoder
         self.config = config
         self.links = links
@@ -42,9 +44,10 @@ class Intake:
         while not self.links.stopping.is_set():
             try:
                 batch = self.next_batch()
+                self.outage.answered()
                 backoff = 0.05
             except CONNECTION_ERRORS as e:
-                log.error("Redis unreachable while taking jobs (%s); retrying in %.2fs", e, backoff)
+                self.outage.failed(e, "taking jobs")
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue

@@ -5,7 +5,9 @@ the encoder worker overlaps its stages in threads and reuses the pieces."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 
@@ -15,6 +17,7 @@ from rq import Queue, SimpleWorker, worker_registration
 from broker.connections import connect
 from broker.serializer import MsgpackSerializer
 from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
+from workers.outage import RedisOutage
 
 log = logging.getLogger("workers")
 
@@ -30,12 +33,16 @@ class ServeLoop:
         self.connection = connect(redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
         rq_queue = Queue(queue, connection=self.connection, serializer=MsgpackSerializer)
         # RQ's worker record only (registration, heartbeat, state) so rq-dashboard and `rq info` see us;
-        # RQ's own fork-per-job loop is not used.
-        self.rq_worker = SimpleWorker([rq_queue], connection=self.connection, serializer=MsgpackSerializer)
+        # RQ's own fork-per-job loop is not used. Nothing is sent to Redis before `run` (prepare_for_work would
+        # name the connection): a Redis that is not up yet, or that wants a password, is told and waited for there.
+        self.rq_worker = SimpleWorker([rq_queue], connection=self.connection, serializer=MsgpackSerializer,
+                                      prepare_for_work=False)
+        self.rq_worker.hostname, self.rq_worker.pid = socket.gethostname(), os.getpid()
         self.name = self.rq_worker.name
         self.queue = queue
         self.source = JobSource(self.connection, queue, self.name, max_payload_bytes, **source_kw)
         self.stopping = threading.Event()
+        self.outage = RedisOutage(redis_url, self.stopping)
         self._registered = False
         self._last_maintenance = 0.0
 
@@ -66,6 +73,10 @@ class ServeLoop:
         if self._registered:
             return
         self.connection.delete(self.rq_worker.key)  # a heartbeat may have left a partial record behind
+        try:
+            self.rq_worker.ip_address = str(self.connection.client_info()["addr"])  # as RQ's own worker shows it
+        except redis.ResponseError:  # CLIENT INFO refused (an older or managed Redis)
+            pass
         self.rq_worker.register_birth()
         self.rq_worker.set_state("idle")
         if self.device:
@@ -121,6 +132,7 @@ class ServeLoop:
             try:
                 self.housekeeping()
                 taken = self.source.wait_and_take(self.batch_size(), self.heartbeat_ttl_s, 1.0)
+                self.outage.answered()
                 if not taken:
                     continue
                 self.rq_worker.set_state("busy")
@@ -128,7 +140,7 @@ class ServeLoop:
                 self.rq_worker.set_state("idle")
                 backoff = 0.05
             except CONNECTION_ERRORS as e:
-                log.error("Redis unreachable (%s); retrying in %.2fs", e, backoff)
+                self.outage.failed(e, "serving jobs")
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)  # a restarted Redis is used within a second
                 self._registered = False
