@@ -12,6 +12,7 @@ import redis.asyncio as aredis
 from redis.credentials import CredentialProvider
 
 PASSWORD_FILE_ENV = "EB_REDIS_PASSWORD_FILE"  # the Redis password, in a file of mode 0600 (broker.redis_server)
+DEFAULT_PASSWORD_FILE = "var/redis/password"  # where the project's Redis makes it on its first run (.env names it)
 
 
 class PasswordFile(CredentialProvider):
@@ -66,8 +67,14 @@ def unreachable(url: str, err: Exception) -> str:
     """What to tell a user whose connection to `url` failed with `err`."""
     text = f"cannot reach Redis at {redacted(url)}: {err}"
     if isinstance(err, redis.AuthenticationError):
-        text += (f" (this Redis asks for a password: put it in the URL, redis://:PASSWORD@host:port/db, or name the "
-                 f"file holding it in ${PASSWORD_FILE_ENV})")
+        path = os.environ.get(PASSWORD_FILE_ENV)
+        if path and not _has_credential(url):
+            text += (f" (the password is read from {path}, named by ${PASSWORD_FILE_ENV}: the project's Redis, "
+                     f"`python -m broker redis-server`, writes it there on its first run)")
+        else:
+            text += (f" (this Redis asks for a password: put it in the URL, redis://:PASSWORD@host:port/db, or name "
+                     f"the file holding it in ${PASSWORD_FILE_ENV}; the project's Redis keeps it in "
+                     f"{DEFAULT_PASSWORD_FILE})")
     return text
 
 

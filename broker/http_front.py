@@ -6,7 +6,9 @@ FastAPI under uvicorn. Every POST /generate becomes one raw (already templated) 
 batched with the Python clients' jobs; the answer carries every token's last-layer hidden state as bfloat16
 bytes, as LightLLM's return-hidden-states server does (the protocol: broker.lightllm). Also: GET /health,
 /liveness, /readiness (200 only while Redis answers and a live worker serves the queue, else 503), /metrics
-(Prometheus), /docs (OpenAPI).
+(Prometheus), /docs (OpenAPI). While Redis answers and no live worker serves the queue, /generate is refused at
+once with 503 and /health's reason (the front looks in the background, SERVING_CHECK_S, so a served request pays
+no extra round trip), rather than held until its timeout.
 
 Shared memory: a request chooses with `parameters.use_shm` (and `parameters.return_base64` to add base64); one
 that says nothing gets `shm_default`. LightX2V never says (its `use_shm` only decides what it reads), so the default
@@ -40,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from broker.answer_segments import AnswerSegments
 from broker.client import EncoderClient
 from broker.config import DEFAULT_REDIS_URL, from_json_file
-from broker.connections import redacted
+from broker.connections import redacted, unreachable
 from broker.enqueue import queue_key
 from broker.errors import (BrokerError, BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded,
                            ProtocolError, RedisRefused, ResultLost)
@@ -56,6 +58,7 @@ log = logging.getLogger("broker.http_front")
 SHM_DEFAULTS = ("off", "shm", "both")
 ROUTES = ("/generate", "/health", "/liveness", "/readiness", "/metrics", "/docs", "/openapi.json")
 HEALTH_TIMEOUT_S = 2.0
+SERVING_CHECK_S = 0.5  # how often the front looks whether a live worker serves its queue (HttpFront._watch_serving)
 ORPHAN_SWEEP_EVERY = 5  # sweep intervals between scans of /dev/shm for dead creators' segments
 
 
@@ -137,6 +140,12 @@ class HttpFront:
         self._server: uvicorn.Server | None = None
         self._serving: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        # /health's reason while Redis answers and no live worker serves the queue (then /generate is refused at
+        # once), else None; kept fresh by _watch_serving.
+        self._no_worker: str | None = None
+        self._redis_run_id: str | None = None  # the Redis last looked at, and when another one took its place
+        self._redis_changed_at = float("-inf")
 
     # -- serving -----------------------------------------------------------------------------------------
     async def start(self) -> int:
@@ -165,11 +174,13 @@ class HttpFront:
         (shutdown_grace_s), then leaves this, before it re-raises the signal."""
         self.segments.sweep_orphans()  # what a front killed before us left behind
         self._sweeper = asyncio.create_task(self._sweep_loop())
+        self._watcher = asyncio.create_task(self._watch_serving())
         try:
             yield
         finally:
             log.info("stopping: unlinking %d answer segment(s), closing connections", self.segments.live)
             self._sweeper.cancel()
+            self._watcher.cancel()
             self.segments.close()
             await self.client.aclose()
             self.client.close()
@@ -256,33 +267,67 @@ class HttpFront:
     async def health(self, request: Request):
         """LightLLM's health routes, all three: 503 unless Redis answers and a live worker serves the queue."""
         body = {"queue": self.cfg.queue, "inflight": self.inflight, "max_inflight": self.cfg.max_inflight,
-                "redis": False, "queue_depth": None, "live_workers": 0}
-        try:
-            body.update(await asyncio.wait_for(self._serving_state(), HEALTH_TIMEOUT_S))
-        except Exception as e:  # any failure to answer means "Redis does not answer"
-            body["reason"] = f"cannot reach Redis at {self.cfg.redis_url}: {type(e).__name__}: " \
-                             f"{str(e) or f'no answer within {HEALTH_TIMEOUT_S} s'}"
-        if body["redis"] and not body["live_workers"]:
-            body["reason"] = f"no live worker serves queue {self.cfg.queue!r}"
+                **await self._check_serving()}
         ok = "reason" not in body
         body["status"] = "ok" if ok else "unavailable"
         if not ok:
             log.warning("%s %s: 503: %s", request.method, request.url.path, body["reason"])
         return JSONResponse(body, 200 if ok else 503)
 
+    async def _check_serving(self) -> dict:
+        """What /health tells: whether Redis answers, the queue's depth and live workers, and a `reason` when the
+        front can't serve. Notes in _no_worker whether to refuse /generate at once: only while Redis answers and no
+        live worker serves the queue. Not while Redis is out of reach (the client rides out a restart), nor for
+        worker_stale_s after another Redis took its place (restarted empty, a replica promoted): its workers
+        register again within a heartbeat, and a request held meanwhile is served."""
+        body = {"redis": False, "queue_depth": None, "live_workers": 0}
+        try:
+            body.update(await asyncio.wait_for(self._serving_state(), HEALTH_TIMEOUT_S))
+        except Exception as e:  # any failure to answer means "Redis does not answer"
+            body["reason"] = unreachable(self.cfg.redis_url, e) if str(e) else \
+                f"cannot reach Redis at {redacted(self.cfg.redis_url)}: no answer within {HEALTH_TIMEOUT_S} s"
+            self._no_worker = None
+            return body
+        run_id, now = body.pop("run_id"), time.monotonic()
+        if self._redis_run_id not in (None, run_id):
+            self._redis_changed_at = now
+        self._redis_run_id = run_id
+        if not body["live_workers"]:
+            body["reason"] = f"no live worker serves queue {self.cfg.queue!r}"
+        settled = now - self._redis_changed_at >= self.cfg.worker_stale_s
+        self._no_worker = body.get("reason") if settled else None
+        return body
+
+    async def _watch_serving(self) -> None:
+        while True:
+            await self._check_serving()
+            await asyncio.sleep(SERVING_CHECK_S)
+
+    async def _no_live_worker(self) -> str | None:
+        """/health's reason if no live worker serves the queue now, else None. Free while one does; while none
+        did at the last look, looked at again, so a worker that has just started serves this request."""
+        if self._no_worker is None:
+            return None
+        await self._check_serving()
+        return self._no_worker
+
     async def _serving_state(self) -> dict:
         aredis = self.client.wire.aredis
         async with aredis.pipeline(transaction=False) as pipe:
             pipe.llen(queue_key(self.cfg.queue))
             pipe.smembers(f"rq:workers:{self.cfg.queue}")
-            depth, members = await pipe.execute()
+            pipe.info("server")  # its run_id; a Redis that refuses INFO (renamed away) just goes without
+            depth, members, server = await pipe.execute(raise_on_error=False)
+        for reply in (depth, members):
+            if isinstance(reply, Exception):
+                raise reply
         async with aredis.pipeline(transaction=False) as pipe:
             for key in members:
                 pipe.hget(key, "last_heartbeat")
             beats = await pipe.execute()
         now = time.time()
         live = sum(1 for b in beats if b and now - utcparse(b.decode()).timestamp() < self.cfg.worker_stale_s)
-        return {"redis": True, "queue_depth": depth, "live_workers": live}
+        return {"redis": True, "queue_depth": depth, "live_workers": live, "run_id": server.get("run_id") if isinstance(server, dict) else None}
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.cfg.max_body_bytes
@@ -315,6 +360,9 @@ class HttpFront:
                 outcome = "overloaded"
                 raise HttpError(429, f"{self.inflight} requests in flight, the front's max_inflight: retry later",
                                 {"Retry-After": "1"})
+            if (reason := await self._no_live_worker()) is not None:
+                outcome = "unavailable"
+                raise HttpError(503, reason, {"Retry-After": "1"})
             outcome, states = await self._encode(call)
         except _Refusal as e:
             outcome = e.outcome
@@ -407,6 +455,8 @@ def main(argv=None, prog: str = "python -m broker.http_front") -> int:
     except ValueError as e:  # a taken port, a bad setting: one line, no traceback
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn raises SIGINT again once it has stopped gracefully
+        pass
     # Stopped: connections closed, segments unlinked. Skip the interpreter's finalization of torch's modules
     # (seconds), as the workers do.
     logging.shutdown()

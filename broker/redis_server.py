@@ -10,9 +10,7 @@ import secrets
 import shutil
 import stat
 
-from broker.connections import PASSWORD_FILE_ENV
-
-DEFAULT_PASSWORD_FILE = "var/redis/password"
+from broker.connections import DEFAULT_PASSWORD_FILE, PASSWORD_FILE_ENV
 
 
 def password_file() -> str:

@@ -39,7 +39,7 @@ class JobHeartbeat:
             try:
                 with w.connection.pipeline(transaction=False) as pipe:
                     w.source.refresh([t], HEARTBEAT_TTL_S, pipe)
-                    w.rq_worker.heartbeat(HEARTBEAT_TTL_S + 60, pipeline=pipe)
+                    w.heartbeat(pipe)
                     pipe.execute()
             except redis.RedisError as e:
                 log.warning("job %s: heartbeat not written (%s)", t.job_id, e)

@@ -4,6 +4,7 @@ drives it, against a real Redis and a real encoder worker; the front itself runs
 
 import asyncio
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -23,7 +24,9 @@ import torch
 
 from broker.http_front import HttpFront, HttpFrontConfig
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
-from tests.helpers import eventually, free_port, scrape, shm_names, start_process
+from tests.helpers import (RedisServer, eventually, free_port, scrape, shm_names, start_process, start_worker,
+                           stop_process, wait_for_workers)
+from workers.serve_loop import ServeLoop
 
 # Qwen-Image's templates as LightX2V's configs carry them (prompt_template_encode / _start_idx): the client
 # formats the prompt itself and slices the first drop_idx states off the answer.
@@ -259,6 +262,26 @@ def test_sigterm_stops_the_front_gracefully(encoder_worker, tmp_path):
     assert "stopping: unlinking 1 answer segment(s)" in open(tmp_path / "front.log").read()
 
 
+def test_ctrl_c_stops_the_front_and_its_redis_quietly(tmp_path):
+    """Ctrl-C under honcho signals Redis and the front at once: the front stops as it does on SIGTERM, exits 0 and
+    logs no error."""
+    server = RedisServer().start()
+    log = tmp_path / "front.log"
+    proc = start_process(["-m", "broker.http_front", "--port", str(free_port()), "--redis-url", server.url,
+                          "--shm-prefix", "ebc" + uuid.uuid4().hex[:6]], log)
+    try:
+        assert eventually(lambda: "LightLLM-protocol front on" in open(log).read() or proc.poll() is not None,
+                          timeout=60) and proc.poll() is None, open(log).read()
+        server.proc.terminate()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        stop_process(proc)
+        server.cleanup()
+    said = open(log).read()
+    assert "stopping: unlinking" in said and "Traceback" not in said and "ERROR" not in said, said
+
+
 @pytest.mark.parametrize("body, status, says", [
     (b"{not json", 400, "not JSON"),
     (b"[" * 100000, 400, "nested too deeply"),  # the JSON decoder's recursion: once a 500
@@ -358,16 +381,30 @@ def test_openapi_and_docs(front):
         assert r.status == 200 and b"swagger" in r.read().lower()
 
 
+@contextlib.contextmanager
+def stalled_worker(url, queue):
+    """A worker that serves `queue` as far as /health can tell (registered, heart-beating) but takes no job:
+    requests to it stay in flight (as behind a worker busy with a long batch)."""
+    loop = ServeLoop(url, queue, 1 << 20)
+    loop.ensure_registered()
+    try:
+        yield loop
+    finally:
+        loop.unregister()
+
+
 def test_graceful_shutdown_finishes_requests_in_flight(encoder_worker):
-    """A request held (its queue has no worker) when the front is told to stop still gets its answer (here the
+    """A request held (its worker takes nothing) when the front is told to stop still gets its answer (here the
     broker's timeout, 504), not a reset connection; new connections are refused meanwhile."""
-    f = FrontThread(redis_url=encoder_worker["url"], queue="nobody-" + uuid.uuid4().hex[:6], timeout=3.0)
-    t, held = hold_one_request(f, lambda: f.front.inflight == 1)
-    stopping = threading.Thread(target=f.stop)
-    stopping.start()
-    assert eventually(lambda: not _answers(f.port))
-    t.join(30)
-    stopping.join(30)
+    queue = "stalled-" + uuid.uuid4().hex[:6]
+    with stalled_worker(encoder_worker["url"], queue):
+        f = FrontThread(redis_url=encoder_worker["url"], queue=queue, timeout=3.0)
+        t, held = hold_one_request(f, lambda: f.front.inflight == 1)
+        stopping = threading.Thread(target=f.stop)
+        stopping.start()
+        assert eventually(lambda: not _answers(f.port))
+        t.join(30)
+        stopping.join(30)
     assert held["answer"][0] == 504, held
 
 
@@ -400,7 +437,7 @@ def test_keep_alive_and_expect_continue(front):
 
 
 def hold_one_request(f, until):
-    """Sends one request to a front whose queue has no worker, in a thread; returns once `until()` holds."""
+    """Sends one request to a front whose queue's worker takes nothing, in a thread; returns once `until()` holds."""
     held = {}
     t = threading.Thread(target=lambda: held.update(answer=generate(f.port, "held")))
     t.start()
@@ -410,9 +447,10 @@ def hold_one_request(f, until):
 
 def test_overload_answers_429(encoder_worker):
     url = encoder_worker["url"]
-    stalled = "stalled-" + uuid.uuid4().hex[:8]  # a queue no worker serves: requests stay in flight
+    stalled = "stalled-" + uuid.uuid4().hex[:8]  # a queue whose worker takes nothing: requests stay in flight
     r = redis.Redis.from_url(url)
-    with (FrontThread(redis_url=url, queue=stalled, max_inflight=1, timeout=2.0) as by_inflight,
+    with (stalled_worker(url, stalled), stalled_worker(url, stalled + "-q"),
+          FrontThread(redis_url=url, queue=stalled, max_inflight=1, timeout=2.0) as by_inflight,
           FrontThread(redis_url=url, queue=stalled + "-q", max_queue_depth=1, timeout=2.0) as by_queue):
         t1, held1 = hold_one_request(by_inflight, lambda: by_inflight.front.inflight == 1)
         t2, held2 = hold_one_request(by_queue, lambda: r.llen(f"rq:queue:{stalled}-q") == 1)
@@ -436,6 +474,38 @@ def test_health_is_503_unless_redis_and_a_live_worker_serve(encoder_worker):
     with FrontThread(redis_url=encoder_worker["url"], queue="nobody-" + uuid.uuid4().hex[:6]) as g:
         status, health, _ = call(g.port, "GET", "/readiness")
         assert status == 503 and health["redis"] is True and "no live worker" in health["reason"], health
+
+
+def test_generate_without_a_live_worker_is_refused_at_once_and_served_once_one_starts(tiny_dir, tmp_path):
+    server = RedisServer().start()
+    queue = "later-" + uuid.uuid4().hex[:6]
+    proc = None
+    # The front would hold a request for 600 s (the HTTP call gives up after 60): only a refusal answers in time.
+    try:
+        with FrontThread(redis_url=server.url, queue=queue, timeout=600.0) as f:
+            status, result, headers = generate(f.port, "nobody serves this")
+            health = call(f.port, "GET", "/health")[1]
+            assert status == 503 and result == {"message": health["reason"], "code": 503}, result
+            assert health["reason"] == f"no live worker serves queue {queue!r}" and headers["retry-after"] == "1"
+            assert redis.Redis.from_url(server.url).llen(f"rq:queue:{queue}") == 0  # refused, never queued
+            assert metric(f.port, "encoder_broker_http_jobs_total", outcome="unavailable") == 1
+            proc, log = start_worker(tmp_path, "later", model_dir=tiny_dir, backend="baseline", device="cpu",
+                                     redis_url=server.url, queue=queue, max_prompt_tokens=TEST_MAX_PROMPT_TOKENS,
+                                     shm_prefix="ebl" + uuid.uuid4().hex[:6])
+            wait_for_workers(server.url, 1, proc, log, queue=queue)
+            status, result, _ = generate(f.port, "a worker serves this", use_shm=False)
+            assert status == 200 and "hidden_states_base64" in result, result
+            # A Redis restarted empty has no worker until they register again: meanwhile a request is held, then
+            # served, not refused.
+            server.proc.kill()
+            server.proc.wait()
+            server.start()
+            status, result, _ = generate(f.port, "served after a restart", use_shm=False)
+            assert status == 200 and "hidden_states_base64" in result, result
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        server.cleanup()
 
 
 def test_metrics_count_jobs_by_outcome(front):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import time
 import tracemalloc
+import uuid
 import zlib
 
 import pytest
@@ -19,7 +21,7 @@ import torch
 
 import shm
 from broker.client import EncoderClient
-from broker.connections import PASSWORD_FILE_ENV, connect, redacted
+from broker.connections import DEFAULT_PASSWORD_FILE, PASSWORD_FILE_ENV, connect, redacted
 from broker.errors import BrokerUnavailable, ResultLost
 from broker.redis_server import ensure_credential, write_config
 from broker.results import TRUSTED_UIDS_ENV, read_shm, trusted_owners
@@ -202,8 +204,11 @@ def test_a_locked_redis_serves_a_client_and_a_worker_that_have_the_password_and_
         with EncoderClient(locked_redis.url, timeout=10, retries=0) as c:
             with pytest.raises(BrokerUnavailable, match="asks for a password"):
                 c.encode(["no key"])
-        assert eventually(lambda: "Authentication required" in open(without_log).read(), timeout=120)
-        assert without.poll() is None  # it keeps trying, saying why
+        # It says why in one line that names where the password goes, and keeps trying (no exit to race with).
+        assert eventually(lambda: PASSWORD_FILE_ENV in open(without_log).read(), timeout=120)
+        said = open(without_log).read()
+        assert "Authentication required" in said and DEFAULT_PASSWORD_FILE in said and "Traceback" not in said, said
+        assert without.poll() is None
         assert connect(authed).scard("rq:workers") == 1  # only the worker with the password got in
         stats = subprocess.run([sys.executable, "-m", "broker", "stats", "--json", "--redis-url", locked_redis.url],
                                capture_output=True, text=True, env=dict(os.environ, **{
@@ -213,3 +218,27 @@ def test_a_locked_redis_serves_a_client_and_a_worker_that_have_the_password_and_
     finally:
         stop_process(with_pw)
         stop_process(without)
+
+
+def test_a_worker_waits_for_the_password_file_its_redis_writes_on_first_run(tiny_dir, baseline, locked_redis,
+                                                                             tmp_path):
+    """Under honcho, .env names var/redis/password for every process and the Procfile's Redis makes it on its first
+    run: a worker that starts first says what it waits for (no traceback, no exit that would stop the others),
+    then serves once the file is there."""
+    later = str(tmp_path / "redis" / "password")
+    queue = "later-" + uuid.uuid4().hex[:6]
+    proc, log = start_worker(tmp_path, "later", env={PASSWORD_FILE_ENV: later}, model_dir=tiny_dir,
+                             backend="baseline", device="cpu", redis_url=locked_redis.url, queue=queue,
+                             max_prompt_tokens=TEST_MAX_PROMPT_TOKENS, shm_prefix="ebtlate")
+    try:
+        assert eventually(lambda: f"cannot read the Redis password from {later}" in open(log).read(), timeout=120)
+        assert PASSWORD_FILE_ENV in open(log).read() and proc.poll() is None
+        os.makedirs(os.path.dirname(later), mode=0o700)
+        shutil.copyfile(locked_redis.password_file, later)  # as that Redis would have written it
+        authed = f"redis://:{locked_redis.password}@127.0.0.1:{locked_redis.port}/0"
+        wait_for_workers(authed, 1, proc, log, queue=queue)
+        with EncoderClient(authed, queue=queue, timeout=30) as c:
+            assert_same(c.encode(["at last"]), baseline.encode(["at last"]))
+        assert "Traceback" not in open(log).read()
+    finally:
+        stop_process(proc)

@@ -22,6 +22,7 @@ from workers.encoders.base import TokenizedBatch
 from workers.images import per_prompt_images
 from workers.job_source import CONNECTION_ERRORS, JobSource, StatsUpdate, TakenJob
 from workers.links import LAUNCH_WAIT_S, Links
+from workers.outage import RedisOutage
 
 log = logging.getLogger("workers")
 
@@ -34,8 +35,9 @@ EXPIRED_WAITING = ("client deadline passed before compute, while the job waited 
 
 
 class Intake:
-    def __init__(self, source: JobSource, encoder, config: EncoderWorkerConfig, links: Links):
+    def __init__(self, source: JobSource, encoder, config: EncoderWorkerConfig, links: Links, outage: RedisOutage):
         self.source = source
+        self.outage = outage  # the worker's: what its log says while Redis is out of reach
         self.encoder = encoder
         self.config = config
         self.links = links
@@ -54,9 +56,10 @@ class Intake:
         while not self.links.stopping.is_set():
             try:
                 batch = self.next_batch()
+                self.outage.answered()
                 backoff = 0.05
             except CONNECTION_ERRORS as e:
-                log.error("Redis unreachable while taking jobs (%s); retrying in %.2fs", e, backoff)
+                self.outage.failed(e, "taking jobs")
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue

@@ -5,16 +5,19 @@ the encoder worker overlaps its stages in threads and reuses the pieces."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 
 import redis
-from rq import Queue, SimpleWorker
+from rq import Queue, SimpleWorker, worker_registration
 
 from broker.connections import connect
 from broker.serializer import MsgpackSerializer
 from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
+from workers.outage import RedisOutage
 
 log = logging.getLogger("workers")
 
@@ -32,12 +35,16 @@ class ServeLoop:
         self.connection = connect(redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
         rq_queue = Queue(queue, connection=self.connection, serializer=MsgpackSerializer)
         # RQ's worker record only (registration, heartbeat, state) so rq-dashboard and `rq info` see us;
-        # RQ's own fork-per-job loop is not used.
-        self.rq_worker = SimpleWorker([rq_queue], connection=self.connection, serializer=MsgpackSerializer)
+        # RQ's own fork-per-job loop is not used. Nothing is sent to Redis before `run` (prepare_for_work would
+        # name the connection): a Redis that is not up yet, or that wants a password, is told and waited for there.
+        self.rq_worker = SimpleWorker([rq_queue], connection=self.connection, serializer=MsgpackSerializer,
+                                      prepare_for_work=False)
+        self.rq_worker.hostname, self.rq_worker.pid = socket.gethostname(), os.getpid()
         self.name = self.rq_worker.name
         self.queue = queue
         self.source = JobSource(self.connection, queue, self.name, max_payload_bytes, **source_kw)
         self.stopping = threading.Event()
+        self.outage = RedisOutage(redis_url, self.stopping)
         self._registered = False
         self._last_maintenance = 0.0
 
@@ -63,10 +70,15 @@ class ServeLoop:
         return f"queue {self.queue!r}"
 
     def ensure_registered(self) -> None:
-        """Announces the worker, and again whenever Redis lost the record (a restart without persistence)."""
-        if self._registered and self.connection.sismember("rq:workers", self.rq_worker.key):
+        """Announces the worker, and again once Redis answers after an outage; in between, each heartbeat
+        writes back whatever of the record Redis dropped."""
+        if self._registered:
             return
         self.connection.delete(self.rq_worker.key)  # a heartbeat may have left a partial record behind
+        try:
+            self.rq_worker.ip_address = str(self.connection.client_info()["addr"])  # as RQ's own worker shows it
+        except redis.ResponseError:  # CLIENT INFO refused (an older or managed Redis)
+            pass
         self.rq_worker.register_birth()
         self.rq_worker.set_state("idle")
         shown = {k: v for k, v in (("device", self.device), ("dtype", self.dtype),
@@ -76,13 +88,22 @@ class ServeLoop:
         self._registered = True
 
     def heartbeat(self, pipe=None) -> None:
-        self.rq_worker.heartbeat(self.heartbeat_ttl_s + 60, pipeline=pipe)
+        """RQ's heartbeat, on `pipe` if given, with the worker's registration written again: its record's fields
+        (those `broker stats`, /health and rq-dashboard read) and its place in rq:workers and rq:workers:<queue>.
+        A DEL, an eviction (allkeys-lru) or a restart that drops any of them is undone by the next heartbeat."""
+        w = self.rq_worker
+        conn = pipe if pipe is not None else self.connection
+        w.heartbeat(self.heartbeat_ttl_s + 60, pipeline=conn)  # last_heartbeat, and the record's expiry
+        if w.birth_date is not None:  # registered once (ensure_registered): restore, never announce early
+            conn.hset(w.key, mapping={**w.serialize(), "state": w.get_state(),
+                                      **({"device": self.device} if self.device else {})})
+            worker_registration.register(w, conn)
         tally = getattr(self, "tally", None)  # an encoder worker's (workers.stats.Tally)
         if tally is not None:
             # RQ's own worker counters, which `rq info` and rq-dashboard show: our jobs are recorded by scripts,
             # not by RQ's Worker, so they are set here from the worker's tally (at most a heartbeat behind).
             counters, _ = tally.snapshot()
-            (pipe or self.connection).hset(self.rq_worker.key, mapping={
+            conn.hset(w.key, mapping={
                 "successful_job_count": counters.get("jobs_ok", 0), "failed_job_count": counters.get("failed", 0),
                 "total_working_time": counters.get("infer_ms", 0) / 1e3})
 
@@ -115,6 +136,7 @@ class ServeLoop:
             try:
                 self.housekeeping()
                 taken = self.source.wait_and_take(self.batch_size(), self.heartbeat_ttl_s, 1.0)
+                self.outage.answered()
                 if not taken:
                     continue
                 self.rq_worker.set_state("busy")
@@ -122,7 +144,7 @@ class ServeLoop:
                 self.rq_worker.set_state("idle")
                 backoff = 0.05
             except CONNECTION_ERRORS as e:
-                log.error("Redis unreachable (%s); retrying in %.2fs", e, backoff)
+                self.outage.failed(e, "serving jobs")
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)  # a restarted Redis is used within a second
                 self._registered = False

@@ -53,7 +53,7 @@ class EncoderWorker(ServeLoop):
         self.writer = writer  # its results by transport, for workers.metrics
         self.tally = Tally()
         self.source.observe = lambda update: record_in(self.tally, update)
-        self.intake = Intake(self.source, encoder, config, self.links)
+        self.intake = Intake(self.source, encoder, config, self.links, self.outage)
         self.compute = Compute(runner, self.links)
         self.delivery = Delivery(self.source, writer, runner, config.result_ttl_s, self.links)
 
@@ -101,9 +101,10 @@ class EncoderWorker(ServeLoop):
                 self.heartbeat(pipe)
                 pipe.execute()
             self.housekeeping()
+            self.outage.answered()
             return True
         except CONNECTION_ERRORS as e:
-            log.error("Redis unreachable (%s); retrying", e)
+            self.outage.failed(e, "heart-beating")
             self._registered = False
             self._last_maintenance = 0.0
         except Exception:
