@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         card["before"] = card_used_bytes()
         if "service" in modes:
             cfg = write_config(os.path.join(server.dir, "encoder.json"), model_dir=args.model_path,
-                               backend="auto", device=args.device, redis_url=server.url)
+                               make_tiny_if_missing=False, backend="auto", device=args.device, redis_url=server.url)
             log = os.path.join(server.dir, "encoder.log")
             enc_proc = start_process(["-m", "workers", "--config", cfg], log)
             wait_for_workers(server.url, 1, enc_proc, log, timeout=600)

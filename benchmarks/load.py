@@ -227,9 +227,9 @@ def start_stack(args, tmp):
         os.environ["PATH"] = os.path.dirname(os.path.abspath(args.redis_server)) + os.pathsep + os.environ["PATH"]
     server = RedisServer(port).start()
     prefix = SHM_PREFIX
-    cfg = write_config(os.path.join(tmp, "w.json"), model_dir=args.model_dir, backend=args.backend,
-                       device=args.device, redis_url=server.url, queue="encode", shm_prefix=prefix,
-                       max_batch_requests=args.batch, max_queue_depth=0, cache_max_bytes=0, log_level="INFO")
+    cfg = write_config(os.path.join(tmp, "w.json"), model_dir=args.model_dir, make_tiny_if_missing=False,
+                       backend=args.backend, device=args.device, redis_url=server.url, queue="encode",
+                       shm_prefix=prefix, max_batch_requests=args.batch, max_queue_depth=0, cache_max_bytes=0, log_level="INFO")
     log = os.path.join(tmp, "worker.log")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
