@@ -29,6 +29,7 @@ COUNTER_HELP = {
     "computed_tokens": "tokens the encoder computed (the rest came from the cache)",
     "cache_hits": "prompts found in the encoding cache",
     "cache_misses": "prompts not found in the encoding cache",
+    "duplicate_results": "results dropped: an earlier run of their job (enqueued again by its client) answered it",
 }
 SKIPPED = {"jobs", "failed", "jobs_ok", "prompts", "failed_prompts", "infer_ms"}  # by outcome; infer_ms: encode_seconds
 
