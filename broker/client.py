@@ -22,7 +22,7 @@ class EncoderClient:
 
     `timeout` bounds each call end to end (enqueue, queueing, encoding, reading); `retries` is how many times a
     job is re-run when the worker running it dies; a refused connection is retried until the timeout (never with
-    retries=0), so a call rides out a Redis restart.
+    retries=0), so a call rides out a Redis restart, even one that lost its job (enqueued again: broker.rq_wire).
     `max_queue_depth` refuses new jobs at once with `Overloaded` while the queue is that long; 0 takes the
     bound the queue's workers publish (their config's max_queue_depth).
     `copy=False` returns tensors that view the (already unlinked) shared memory instead of copies.
@@ -125,6 +125,8 @@ class EncoderClient:
     def close(self) -> None:
         self.wire.close()
         if self._bell is not None and self._bell.pid == os.getpid():
+            for handle in self._bell.take("")[1]:  # rings nobody waits for (a job run twice rings twice)
+                discard_result(handle)
             self._bell.close()
         self._bell = None
 

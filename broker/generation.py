@@ -41,10 +41,14 @@ class GenerationClient:
         while True:
             try:
                 outcome = self.wire.wait(job_id, min(deadline, time.time() + poll_s))
-            except BrokerTimeout:
-                if time.time() >= deadline:
+            except (BrokerTimeout, BrokerUnavailable) as e:
+                # A Redis restart outlasts a poll: the wait goes on (as without on_progress) until the deadline.
+                if time.time() >= deadline or (isinstance(e, BrokerUnavailable) and self.wire.retries <= 0):
                     raise
-                p = self.progress(job_id)
+                try:
+                    p = self.progress(job_id)
+                except BrokerUnavailable:
+                    continue
                 if p and p != last:
                     on_progress(p)
                     last = p
