@@ -30,7 +30,8 @@ class EncoderClient:
     read (e.g. the workers' user, for a client running as root); a segment of any other owner is ResultLost.
     `doorbell` (shm transport, sync `encode`): a worker on this host hands the result's handle straight back to
     this process (broker.doorbell), besides recording it in Redis. One thread at a time waits on the doorbell;
-    others sharing the client wait on Redis alone. `aencode` works in any event loop (one connection pool each).
+    others sharing the client wait on Redis alone. `aencode` works in any event loop (one connection pool each,
+    closed as its loop ends: broker.loop_clients).
     """
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_QUEUE,

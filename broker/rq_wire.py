@@ -18,7 +18,6 @@ import asyncio
 import logging
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 
 import redis
@@ -29,6 +28,7 @@ from broker.connections import CONNECTION_ERRORS, DeferredReplies, connect, reda
 from broker.doorbell import Doorbell, wait_either
 from broker.enqueue import enqueue_args, new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
+from broker.loop_clients import LoopClients
 from broker.recovery import recover_args
 from broker.results import JobOutcome, parse_result_entry, result_fields
 from broker.scripts import Scripts
@@ -84,7 +84,7 @@ class JobWire:
         self.redis = connect(redis_url, **self._kw)
         self.scripts = Scripts(self.redis)
         self._replies = DeferredReplies(self.redis)  # the XREADs raced against a doorbell
-        self._async = weakref.WeakKeyDictionary()  # event loop -> (its asyncio client, the client's scripts)
+        self._async = LoopClients(self._new_aclient)
         self._sent: dict[str, Sent] = {}  # job id -> its request, in the order sent, until its result comes
         self._sent_lock = threading.Lock()
 
@@ -198,14 +198,14 @@ class JobWire:
             raise self.unavailable(e) from None
 
     # -- asyncio ---------------------------------------------------------------------------------------
+    def _new_aclient(self) -> tuple[aredis.Redis, Scripts]:
+        client = connect(self.redis_url, asyncio=True, **self._kw)
+        return client, Scripts(client)
+
     def _aclient(self) -> tuple[aredis.Redis, Scripts]:
-        """The asyncio client of the running event loop: an asyncio connection belongs to the loop that made it,
-        and a client may be used across asyncio.run() calls (each its own loop)."""
-        loop = asyncio.get_running_loop()
-        if loop not in self._async:
-            client = connect(self.redis_url, asyncio=True, **self._kw)
-            self._async[loop] = (client, Scripts(client))
-        return self._async[loop]
+        """The asyncio client of the running event loop (broker.loop_clients: a client may be used across
+        asyncio.run() calls, each its own loop, and keeps connections for open loops only)."""
+        return self._async.get()
 
     @property
     def aredis(self) -> aredis.Redis:
@@ -253,6 +253,4 @@ class JobWire:
         self.redis.close()
 
     async def aclose(self) -> None:
-        mine = self._async.pop(asyncio.get_running_loop(), None)
-        if mine is not None:
-            await mine[0].aclose()
+        await self._async.close()
