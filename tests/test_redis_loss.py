@@ -51,7 +51,8 @@ def jobs_in_redis(url: str, queue: str = "encode") -> int:
 def lose_while_waiting(server, frozen, calls: list, how: str, queue: str = "encode", jobs: int = 0) -> list:
     """Runs `calls` (each in a thread of its own) while `frozen` worker processes are stopped, so that their jobs
     (`jobs`, default one a call) sit in Redis; then empties Redis (`how`: "restart", a kill -9 and a fresh one
-    without persistence, or "flushall") and wakes the workers: the calls' results."""
+    without persistence, or "flushall") and wakes the workers: the calls' results. A frozen worker's pending take
+    still takes the first job (it runs in Redis), so only the others are surely lost: each test sends two."""
     for proc in frozen:
         os.kill(proc.pid, signal.SIGSTOP)
     pool = concurrent.futures.ThreadPoolExecutor(len(calls))
@@ -106,16 +107,16 @@ def test_aencode_gets_its_result_when_redis_loses_its_job(workers, own_redis, ba
 
 def test_an_http_caller_gets_its_answer_when_redis_loses_its_job(workers, own_redis, baseline):
     proc = workers.start()
-    prompt = "a lost http job"
-    templated = T2I_TEMPLATE.format(prompt)
+    prompts = [f"a lost http job {i}" for i in range(2)]
     with FrontThread(redis_url=own_redis.url, queue="encode", timeout=TIMEOUT) as front:
-        (answer,) = lose_while_waiting(
-            own_redis, [proc], [lambda: call(front.port, "POST", "/generate", lightx2v_payload(templated,
-                                                                                               use_shm=False))],
+        answers = lose_while_waiting(
+            own_redis, [proc], [lambda p=p: call(front.port, "POST", "/generate",
+                                                 lightx2v_payload(T2I_TEMPLATE.format(p), use_shm=False))
+                                for p in prompts],
             "restart")
-    status, result, _ = answer
-    assert status == 200, result
-    close(decode_answer(result, use_shm=False)[T2I_DROP_IDX:], baseline.encode([prompt])[0])
+    for prompt, (status, result, _) in zip(prompts, answers):
+        assert status == 200, result
+        close(decode_answer(result, use_shm=False)[T2I_DROP_IDX:], baseline.encode([prompt])[0])
     assert eventually(lambda: shm_names(workers.prefix) == [], timeout=10)
 
 
@@ -129,17 +130,18 @@ def test_a_generation_client_gets_its_image_when_redis_loses_its_job(workers, ow
     try:
         wait_for_workers(own_redis.url, 1, dit, log, queue="generate")
         client = GenerationClient(own_redis.url, timeout=TIMEOUT, retries=1)
-        (res,) = lose_while_waiting(own_redis, [dit], [lambda: client.generate("a lost lighthouse", width=64,
-                                                                                height=64, steps=2)],
-                                    "restart", queue="generate")
+        prompts = [f"a lost lighthouse {i}" for i in range(2)]
+        got = lose_while_waiting(own_redis, [dit], [lambda p=p: client.generate(p, width=64, height=64, steps=2)
+                                                    for p in prompts], "restart", queue="generate")
     finally:
         os.kill(dit.pid, signal.SIGCONT)
         dit.terminate()
         dit.wait(30)
-    want = baseline.encode(["a lost lighthouse", " "])
-    assert res.embeds_shapes == [list(t.shape) for t in want]
-    assert res.embeds_checksum == pytest.approx(checksum(want), rel=1e-5)
-    assert res.png.startswith(b"\x89PNG")
+    for prompt, res in zip(prompts, got):
+        want = baseline.encode([prompt, " "])
+        assert res.embeds_shapes == [list(t.shape) for t in want]
+        assert res.embeds_checksum == pytest.approx(checksum(want), rel=1e-5)
+        assert res.png.startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("transport", ["shm", "blob"])
