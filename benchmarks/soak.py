@@ -81,9 +81,11 @@ class Outcomes:
         self.counts = collections.Counter()
         self.errors: list[tuple[float, str, str]] = []
         self.worst, self.latencies = 0.0, []
+        self.slowest = (0.0, 0.0)  # (latency, when it was sent, from the start) of the slowest result
 
     def got(self, j: int, states, started: float) -> None:
         self.latencies.append(time.time() - started)
+        self.slowest = max(self.slowest, (self.latencies[-1], started - self.t0))
         err = rel_err(states, self.want[j])
         if err > self.max_rel_err:
             self.counts["wrong"] += 1
@@ -98,7 +100,7 @@ class Outcomes:
 
     def summary(self, k: int) -> dict:
         return {"client": k, "ok": self.counts["ok"], "wrong": self.counts["wrong"], "errors": self.errors,
-                "worst_rel_err": self.worst, "latencies": self.latencies}
+                "worst_rel_err": self.worst, "latencies": self.latencies, "slowest": self.slowest}
 
 
 def http_sender(front_url: str, timeout: float):
@@ -399,6 +401,7 @@ def main() -> int:
         "worst_rel_err": max(res["worst_rel_err"] for res in results),
         "p50_ms": round(lat[len(lat) // 2] * 1e3, 1) if lat else None,
         "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, 1) if lat else None,
+        "slowest": [round(x, 2) for x in max(res["slowest"] for res in results)],
         "segments_left_at_end": len(left_at_end), "segments_left_after_sweep": len(left_after_sweep),
         "jobs_left_in_redis": in_redis, "worker_logs": logs,
         "worker_log_tracebacks": sum(open(log).read().count("Traceback") for log in logs),
@@ -437,6 +440,7 @@ def print_table(s: dict) -> None:
                                                  f"{s['jobs_left_in_redis']['started']}"),
         ("worst relative L2 error of a right result", f"{s['worst_rel_err']:.2e}"),
         ("latency p50 / p99 (ms)", f"{s['p50_ms']} / {s['p99_ms']}"),
+        ("slowest result (s, sent at s)", f"{s['slowest'][0]} (at {s['slowest'][1]})"),
         ("tracebacks in worker logs", s["worker_log_tracebacks"]),
     ]
     print("\n| | |\n|---|---|")
