@@ -2,17 +2,21 @@
 meanwhile; counts what was lost.
 
     python benchmarks/soak.py [--duration 300] [--workers 2] [--clients 8] [--redis-restarts 2] [--persist]
-                              [--backend baseline] [--device cpu] [--model-dir var/tiny] [--max-rel-err 1e-3]
-                              [--json OUT]
+                              [--transport shm|blob|async|http] [--backend baseline] [--device cpu]
+                              [--model-dir var/tiny] [--max-rel-err 1e-3] [--json OUT]
 
 Everything runs on this host: its own redis-server asking for a password (made as the Procfile's Redis makes it,
 broker.redis_server), the encoder worker processes (`python -m workers`, worker i with EB_WORKER_INDEX=i; the tiny
 model on the CPU by default), and client processes that each send one prompt at a time, their own prompts only,
 and check every result against the in-process CPU encoder's output for that prompt (same shape, relative L2 error
-under --max-rel-err). At a quarter of the run worker 0 is SIGKILLed and started again; Redis is SIGKILLed and
-started again (same port, same password) at evenly spaced times after that. Without --persist Redis keeps nothing
-(as the Procfile's), so a restart drops every job it held; with --persist it writes every command to an
-append-only file first, and comes back with them.
+under --max-rel-err). How clients send (--transport): `shm` EncoderClient.encode, results in shared memory (with
+the doorbell); `blob` EncoderClient.encode, results as Redis blobs; `async` EncoderClient.aencode in one event
+loop a client; `http` POST /generate to an HTTP front (`python -m broker.http_front`, started here on the soak's
+Redis) as LightX2V's LightLLM-protocol client does, the prompt templated, every token's bfloat16 state read from
+the answer's base64. At a quarter of the run worker 0 is SIGKILLed and started again; Redis is SIGKILLed and
+started again (same port, same password) at evenly spaced times after that. Without --persist Redis keeps nothing,
+so a restart drops every job it held and the clients must enqueue theirs again; with --persist it writes every
+command to an append-only file first, and comes back with them.
 
 Counted: results right, wrong (shape or values off: another prompt's states, or corrupt ones), requests that
 failed (by error type, by the event they came after, and their most common messages), segments of the workers'
@@ -23,6 +27,7 @@ and started registry, tracebacks in the worker logs. Prints a table; exits 1 whe
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import json
 import multiprocessing as mp
@@ -38,6 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 PREFIX = "ebsoak"
+TRANSPORTS = ("shm", "blob", "async", "http")
 RESULT_TTL_S = 10
 SWEEP_S = 1.0
 PROMPTS_PER_CLIENT = 16
@@ -63,8 +69,76 @@ def rel_err(got, want) -> float:
         1e-30))
 
 
-def client_main(k: int, url: str, model_dir: str, start_file: str, duration: float, timeout: float, retries: int,
-                max_rel_err: float, ready, out) -> None:
+class HttpFailure(Exception):
+    """A /generate answer other than 200."""
+
+
+class Outcomes:
+    """One client's tally: results right or wrong (against `want`, by prompt index), failures, latencies."""
+
+    def __init__(self, t0: float, want: list, max_rel_err: float):
+        self.t0, self.want, self.max_rel_err = t0, want, max_rel_err
+        self.counts = collections.Counter()
+        self.errors: list[tuple[float, str, str]] = []
+        self.worst, self.latencies = 0.0, []
+        self.slowest = (0.0, 0.0)  # (latency, when it was sent, from the start) of the slowest result
+
+    def got(self, j: int, states, started: float) -> None:
+        self.latencies.append(time.time() - started)
+        self.slowest = max(self.slowest, (self.latencies[-1], started - self.t0))
+        err = rel_err(states, self.want[j])
+        if err > self.max_rel_err:
+            self.counts["wrong"] += 1
+        else:
+            self.counts["ok"] += 1
+            self.worst = max(self.worst, err)
+
+    def failed(self, e: Exception) -> float:
+        """Records `e`; how long to wait before the next request."""
+        self.errors.append((round(time.time() - self.t0, 2), type(e).__name__, str(e)[:300]))
+        return 0.2 if type(e).__name__ in ("BrokerUnavailable", "HttpFailure") else 0.0
+
+    def summary(self, k: int) -> dict:
+        return {"client": k, "ok": self.counts["ok"], "wrong": self.counts["wrong"], "errors": self.errors,
+                "worst_rel_err": self.worst, "latencies": self.latencies, "slowest": self.slowest}
+
+
+def http_sender(front_url: str, timeout: float):
+    """POST /generate of a templated prompt, as LightX2V's lightllm_service client sends it: its [L, D] bfloat16
+    states (every token's, the template's too), read from the answer's base64."""
+    import base64
+    import http.client
+    from urllib.parse import urlsplit
+
+    import numpy as np
+    import torch
+
+    from workers.templates import T2I
+
+    where = urlsplit(front_url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout + 10)
+
+    def send(prompt: str):
+        payload = {"inputs": T2I.format(prompt),
+                   "parameters": {"do_sample": False, "return_details": True, "max_new_tokens": 1}}
+        try:
+            conn.request("POST", "/generate", body=json.dumps(payload), headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            body = r.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()  # a new connection next time
+            raise
+        if r.status != 200:
+            raise HttpFailure(f"HTTP {r.status}: {body[:200].decode(errors='replace')}")
+        answer = json.loads(body)
+        data = np.frombuffer(base64.b64decode(answer["hidden_states_base64"]), dtype=np.uint8)
+        return torch.from_numpy(data.reshape(answer["hidden_states_shape"]).copy()).view(torch.bfloat16)
+
+    return send
+
+
+def client_main(k: int, url: str, front_url: str, transport: str, model_dir: str, start_file: str, duration: float,
+                timeout: float, retries: int, max_rel_err: float, ready, out) -> None:
     """Client k: loads the reference states of its prompts, says it is ready, waits for the run's start time
     (written to `start_file` once every client is ready), then sends one prompt at a time until the run ends."""
     import torch
@@ -75,44 +149,63 @@ def client_main(k: int, url: str, model_dir: str, start_file: str, duration: flo
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     from broker.client import EncoderClient
-    from broker.errors import BrokerError, BrokerUnavailable
     from workers.encoders import load_encoder
+    from workers.templates import T2I
 
     prompts = client_prompts(k)
     encoder = load_encoder(model_dir, backend="baseline", device="cpu")
-    want = [encoder.encode([p])[0] for p in prompts]  # one at a time: the reference for each prompt alone
+    if transport == "http":  # the front answers every token's state, in bfloat16
+        want = [encoder.encode_tokens(encoder.tokenize([T2I.format(p)], raw=True))[0].to(torch.bfloat16)
+                for p in prompts]
+    else:  # one at a time: the reference for each prompt alone
+        want = [encoder.encode([p])[0] for p in prompts]
     del encoder
     ready.put(k)
     while not os.path.exists(start_file):
         time.sleep(0.02)
     with open(start_file) as f:
         t0 = float(f.read())
-    counts = collections.Counter()
-    errors: list[tuple[float, str, str]] = []
-    worst, latencies = 0.0, []
-    client = EncoderClient(url, timeout=timeout, retries=retries, shm_prefix=PREFIX)
+    outcomes = Outcomes(t0, want, max_rel_err)
+    if transport == "http":
+        send = http_sender(front_url, timeout)
+        client = None
+    else:
+        client = EncoderClient(url, timeout=timeout, retries=retries, shm_prefix=PREFIX,
+                               transport="blob" if transport == "blob" else "shm")
+        send = lambda p: client.encode([p])[0]  # noqa: E731
+    if transport == "async":
+        asyncio.run(async_loop(client, prompts, outcomes, t0 + duration))
+    else:
+        i = 0
+        while time.time() < t0 + duration:
+            j = i % len(prompts)
+            i += 1
+            start = time.time()
+            try:
+                states = send(prompts[j])
+            except Exception as e:  # BrokerError, HttpFailure, a broken connection: counted as lost
+                time.sleep(outcomes.failed(e))
+                continue
+            outcomes.got(j, states, start)
+    if client is not None:
+        client.close()
+    out.put(outcomes.summary(k))
+
+
+async def async_loop(client, prompts: list[str], outcomes: Outcomes, until: float) -> None:
+    """One prompt at a time through EncoderClient.aencode, in this one event loop."""
     i = 0
-    while time.time() < t0 + duration:
+    while time.time() < until:
         j = i % len(prompts)
         i += 1
         start = time.time()
         try:
-            (got,) = client.encode([prompts[j]])
-        except BrokerError as e:
-            errors.append((round(time.time() - t0, 2), type(e).__name__, str(e)[:300]))
-            if isinstance(e, BrokerUnavailable):
-                time.sleep(0.2)
+            (states,) = await client.aencode([prompts[j]])
+        except Exception as e:
+            await asyncio.sleep(outcomes.failed(e))
             continue
-        latencies.append(time.time() - start)
-        err = rel_err(got, want[j])
-        if err > max_rel_err:
-            counts["wrong"] += 1
-        else:
-            counts["ok"] += 1
-            worst = max(worst, err)
-    client.close()
-    out.put({"client": k, "ok": counts["ok"], "wrong": counts["wrong"], "errors": errors, "worst_rel_err": worst,
-             "latencies": latencies})
+        outcomes.got(j, states, start)
+    await client.aclose()
 
 
 class SoakRedis:
@@ -124,7 +217,8 @@ class SoakRedis:
         self.port, self.folder = port, folder
         self.password_file = os.path.join(folder, "password")
         self.password = ensure_credential(self.password_file)
-        self.conf = write_config(os.path.join(folder, "redis.conf"), self.password, port, workdir=folder)
+        self.conf = write_config(os.path.join(folder, "redis.conf"), self.password, port, workdir=folder,
+                                 persist=False)
         if persist:  # later lines win: every write reaches the append-only file before its reply
             with open(self.conf, "a") as f:
                 f.write("appendonly yes\nappendfsync always\n")
@@ -165,6 +259,33 @@ def start_worker(i: int, cfg: str, folder: str, env: dict) -> tuple[subprocess.P
     return proc, log
 
 
+def start_front(redis_url: str, folder: str, env: dict, timeout: float, retries: int) -> tuple:
+    """`python -m broker.http_front` on a free port of this host, once it answers /liveness with 200 (Redis up,
+    a worker serving): (process, its URL, its log). Its answers' segments carry the workers' prefix, so they are
+    counted with theirs."""
+    import urllib.error
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    port, log = free_port(), os.path.join(folder, "http_front.log")
+    proc = subprocess.Popen([sys.executable, "-m", "broker.http_front", "--port", str(port), "--redis-url", redis_url,
+                             "--shm-prefix", PREFIX, "--worker-shm-prefix", PREFIX, "--timeout", str(timeout), "--retries", str(retries)], cwd=REPO,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the HTTP front exited with {proc.returncode}:\n{open(log).read()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/liveness", timeout=5) as r:
+                if r.status == 200:
+                    return proc, url, log
+        except (OSError, urllib.error.HTTPError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the HTTP front did not answer within 120 s:\n{open(log).read()[-4000:]}")
+
+
 def shm_left() -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(PREFIX + "."))
 
@@ -175,6 +296,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--redis-restarts", type=int, default=2)
+    ap.add_argument("--transport", choices=TRANSPORTS, default="shm", help="how clients send (see above)")
     ap.add_argument("--persist", action="store_true", help="Redis keeps its data across restarts (AOF, fsync always)")
     ap.add_argument("--backend", default="baseline")
     ap.add_argument("--device", default="cpu")
@@ -207,12 +329,17 @@ def main() -> int:
     logs = [log for _, log in workers]
     for proc, log in workers:
         wait_for_workers(server.authed_url, args.workers, proc, log, timeout=600)
+    front, front_url = None, ""
+    if args.transport == "http":
+        front, front_url, front_log = start_front(server.url, folder, env, args.timeout, args.retries)
+        logs.append(front_log)
 
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
     start_file = os.path.join(folder, "start")
-    procs = [ctx.Process(target=client_main, args=(k, server.url, args.model_dir, start_file, args.duration,
-                                                   args.timeout, args.retries, args.max_rel_err, ready, out))
+    procs = [ctx.Process(target=client_main, args=(k, server.url, front_url, args.transport, args.model_dir, start_file,
+                                                   args.duration, args.timeout, args.retries, args.max_rel_err, ready,
+                                                   out))
              for k in range(args.clients)]
     for p in procs:
         p.start()
@@ -250,6 +377,9 @@ def main() -> int:
     left_after_sweep = shm_left()
     r = connect(server.url)
     in_redis = {"queued": r.llen("rq:queue:encode"), "started": r.zcard("rq:wip:encode")}
+    if front is not None:
+        front.send_signal(signal.SIGTERM)
+        front.wait(60)
     for proc, _ in workers:
         proc.send_signal(signal.SIGTERM)
     for proc, _ in workers:
@@ -264,7 +394,7 @@ def main() -> int:
     lat = sorted(x for res in results for x in res["latencies"])
     summary = {
         "load_s": args.duration, "duration_s": round(wall, 1), "workers": args.workers, "clients": args.clients,
-        "persist": args.persist,
+        "persist": args.persist, "transport": args.transport,
         "events": events, "ok": sum(res["ok"] for res in results), "wrong": sum(res["wrong"] for res in results),
         "failed": len(errors), "failed_by_type": dict(by_type),
         "failed_by_phase": failed_by_phase(events, errors),
@@ -272,6 +402,7 @@ def main() -> int:
         "worst_rel_err": max(res["worst_rel_err"] for res in results),
         "p50_ms": round(lat[len(lat) // 2] * 1e3, 1) if lat else None,
         "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, 1) if lat else None,
+        "slowest": [round(x, 2) for x in max(res["slowest"] for res in results)],
         "segments_left_at_end": len(left_at_end), "segments_left_after_sweep": len(left_after_sweep),
         "jobs_left_in_redis": in_redis, "worker_logs": logs,
         "worker_log_tracebacks": sum(open(log).read().count("Traceback") for log in logs),
@@ -295,9 +426,8 @@ def failed_by_phase(events: list, errors: list) -> list:
 
 
 def print_table(s: dict) -> None:
-    print(f"\nsoak: {s['workers']} workers, {s['clients']} clients, {s['load_s']:g} s of load (the last client done "
-          f"at {s['duration_s']} s), Redis "
-          f"{'persistent' if s['persist'] else 'without persistence'}")
+    print(f"\nsoak: {s['workers']} workers, {s['clients']} {s['transport']} clients, {s['load_s']:g} s of load (the last "
+          f"client done at {s['duration_s']} s), Redis {'persistent' if s['persist'] else 'without persistence'}")
     print("events: " + ", ".join(f"{what} at {at} s" for at, what in s["events"]))
     rows = [
         ("results right", s["ok"]),
@@ -311,6 +441,7 @@ def print_table(s: dict) -> None:
                                                  f"{s['jobs_left_in_redis']['started']}"),
         ("worst relative L2 error of a right result", f"{s['worst_rel_err']:.2e}"),
         ("latency p50 / p99 (ms)", f"{s['p50_ms']} / {s['p99_ms']}"),
+        ("slowest result (s, sent at s)", f"{s['slowest'][0]} (at {s['slowest'][1]})"),
         ("tracebacks in worker logs", s["worker_log_tracebacks"]),
     ]
     print("\n| | |\n|---|---|")

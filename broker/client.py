@@ -24,7 +24,7 @@ class EncoderClient:
 
     `timeout` bounds each call end to end (enqueue, queueing, encoding, reading); `retries` is how many times a
     job is re-run when the worker running it dies; a refused connection is retried until the timeout (never with
-    retries=0), so a call rides out a Redis restart.
+    retries=0), so a call rides out a Redis restart, even one that lost its job (enqueued again: broker.rq_wire).
     `max_queue_depth` refuses new jobs at once with `Overloaded` while the queue is that long; 0 takes the
     bound the queue's workers publish (their config's max_queue_depth).
     `copy=False` returns tensors that view the (already unlinked) shared memory instead of copies.
@@ -35,7 +35,8 @@ class EncoderClient:
     Every failure is a BrokerError (broker.errors): Redis's own errors too (BrokerUnavailable, RedisRefused).
     `doorbell` (shm transport, sync `encode`): a worker on this host hands the result's handle straight back to
     this process (broker.doorbell), besides recording it in Redis. One thread at a time waits on the doorbell;
-    others sharing the client wait on Redis alone. `aencode` works in any event loop (one connection pool each).
+    others sharing the client wait on Redis alone. `aencode` works in any event loop (one connection pool each,
+    closed as its loop ends: broker.loop_clients).
     """
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_QUEUE,
@@ -143,6 +144,8 @@ class EncoderClient:
     def close(self) -> None:
         self.wire.close()
         if self._bell is not None and self._bell.pid == os.getpid():
+            for handle in self._bell.take("")[1]:  # rings nobody waits for (a job run twice rings twice)
+                discard_result(handle)
             self._bell.close()
         self._bell = None
 

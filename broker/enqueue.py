@@ -58,12 +58,16 @@ def new_job_mapping(payload: bytes, queue: str, *, function: str = ENCODE_FUNCTI
     return job_id or new_job_id(), mapping
 
 
-def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int) -> tuple[list, list]:
-    """KEYS and ARGV of broker/lua/enqueue.lua."""
+def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int,
+                 again: bool = False) -> tuple[list, list]:
+    """KEYS and ARGV of broker/lua/enqueue.lua. `again`: the job was enqueued before and Redis lost it; it is pushed
+    only while Redis still knows nothing of it, and past any bound (it was admitted once)."""
     q = keys.QueueKeys(queue)
     fields = []
     for k, v in mapping.items():
         fields.extend((k, v))
+    keys_ = [q.queue, keys.job(job_id), keys.QUEUES_SET, q.bound, q.wake]
+    if again:
+        keys_.append(keys.results(job_id))
     # Redis's Lua cmsgpack reads only msgpack's original raw strings: no bin type.
-    return ([q.queue, keys.job(job_id), keys.QUEUES_SET, q.bound, q.wake],
-            [bound, ttl, job_id, msgpack.packb(fields, use_bin_type=False), MAX_WAKE_TOKENS])
+    return keys_, [-1 if again else bound, ttl, job_id, msgpack.packb(fields, use_bin_type=False), MAX_WAKE_TOKENS]

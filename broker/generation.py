@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from broker import keys
-from broker.errors import BrokerTimeout
+from broker.errors import BrokerTimeout, BrokerUnavailable
 from broker.queues import DEFAULT_GENERATE_QUEUE, GENERATE_FUNCTION
 from broker.redis_errors import BrokerErrors
 from broker.results import raise_for_error
@@ -46,10 +46,14 @@ class GenerationClient:
         while True:
             try:
                 outcome = self.wire.wait(job_id, min(deadline, time.time() + poll_s))
-            except BrokerTimeout:
-                if time.time() >= deadline:
+            except (BrokerTimeout, BrokerUnavailable) as e:
+                # A Redis restart outlasts a poll: the wait goes on (as without on_progress) until the deadline.
+                if time.time() >= deadline or (isinstance(e, BrokerUnavailable) and self.wire.retries <= 0):
                     raise
-                p = self.progress(job_id)
+                try:
+                    p = self.progress(job_id)
+                except BrokerUnavailable:
+                    continue
                 if p and p != last:
                     on_progress(p)
                     last = p

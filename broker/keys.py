@@ -4,10 +4,12 @@ prefixes of `PREFIXES` for keys named by job ids they read inside Redis).
 RQ's own layout (rq-dashboard, `rq info` and RQ's cleanup read these): rq:queue:<q> and rq:queues, rq:job:<id>,
 rq:wip:<q> (the started registry), rq:finished:<q>, rq:failed:<q>, rq:results:<id>, rq:execution:<id>:<exec>,
 rq:executions:<id>, rq:worker:<name>:executions. Ours: eb:wake:<q>, eb:bound:<q>, eb:stats:<q>:<worker>,
-eb:latency:<q>, eb:blob:<id>.
+eb:latency:<q>, eb:blob:<id>:<execution id>.
 """
 
 from __future__ import annotations
+
+import re
 
 QUEUES_SET = "rq:queues"
 JOB_PREFIX = "rq:job:"
@@ -32,8 +34,16 @@ def execution(job_id: str, exec_id: str) -> str:
     return f"{EXECUTION_PREFIX}{job_id}:{exec_id}"
 
 
-def blob(job_id: str) -> str:
-    return BLOB_PREFIX + job_id
+def blob(job_id: str, exec_id: str) -> str:
+    """A result blob: one per execution of the job, so that a second run's result (dropped: broker/lua/record.lua)
+    is deleted without touching the first's."""
+    return f"{BLOB_PREFIX}{job_id}:{exec_id}"
+
+
+def is_blob_of(key: str, job_id: str) -> bool:
+    """Whether `key` is a result blob of job `job_id` (of any of its executions)."""
+    head = f"{BLOB_PREFIX}{job_id}:"
+    return key.startswith(head) and re.fullmatch(r"[A-Za-z0-9_-]+", key[len(head):]) is not None
 
 
 def worker_executions(worker: str) -> str:

@@ -1,7 +1,9 @@
 """The Redis the project runs (Procfile, .ci/start): no client gets in without the password made on its first
 run. The password lives in a file of mode 0600 in a folder of mode 0700 (default var/redis/password, or
 $EB_REDIS_PASSWORD_FILE); every process reads it from there (broker.connections.connect), and redis-server from a
-config file of mode 0600 written beside it, so it is never on a command line that `ps` shows."""
+config file of mode 0600 written beside it, so it is never on a command line that `ps` shows. It keeps its data
+in an append-only file in that folder (fsync'ed every second), so a restart loses at most the last second of jobs,
+and the clients enqueue those again (broker.rq_wire)."""
 
 from __future__ import annotations
 
@@ -55,10 +57,15 @@ def ensure_credential(path: str | None = None) -> str:
     return password
 
 
-def write_config(conf_path: str, password: str, port: int, bind: str = "127.0.0.1", workdir: str | None = None) -> str:
-    """A redis.conf (mode 0600) for a server on `bind`:`port` that asks for `password` and keeps nothing on disk."""
+def write_config(conf_path: str, password: str, port: int, bind: str = "127.0.0.1", workdir: str | None = None,
+                 persist: bool = True) -> str:
+    """A redis.conf (mode 0600) for a server on `bind`:`port` that asks for `password`. With `persist` it keeps its
+    data across restarts: every write goes to an append-only file under `workdir` (default: the config's folder),
+    fsync'ed every second, and a restarted server reads it back (files already there are read, never removed);
+    without, it keeps nothing on disk."""
     _private_dir(conf_path)
-    lines = [f"port {int(port)}", f"bind {bind}", "protected-mode yes", 'save ""', "appendonly no",
+    durability = ["appendonly yes", "appendfsync everysec"] if persist else ["appendonly no"]
+    lines = [f"port {int(port)}", f"bind {bind}", "protected-mode yes", 'save ""', *durability,
              f"dir {os.path.abspath(workdir or os.path.dirname(os.path.abspath(conf_path)))}",
              f"requirepass {password}"]
     _write_private(conf_path, "\n".join(lines) + "\n", exclusive=False)
@@ -66,7 +73,8 @@ def write_config(conf_path: str, password: str, port: int, bind: str = "127.0.0.
 
 
 def exec_redis_server(port: int, bind: str = "127.0.0.1", password_path: str | None = None) -> None:
-    """Replaces this process with a redis-server asking for the project's password (made on first run)."""
+    """Replaces this process with a redis-server asking for the project's password (made on first run), its data
+    kept across restarts in the password file's folder."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server; .ci/setup does it)")

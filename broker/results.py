@@ -131,9 +131,9 @@ def check_location(handle: Handle, job_id: str, prefix: str) -> Handle:
     own blob key (broker.keys.blob); else ResultLost, with nothing opened, read or deleted."""
     if handle.transport == "shm":
         _check_segment_name(handle.location, prefix)
-    elif handle.location != keys.blob(job_id):
-        raise ResultLost(f"result refused: blob key {handle.location!r} is not job {job_id}'s result key "
-                         f"{keys.blob(job_id)!r}; nothing was read or deleted")
+    elif not keys.is_blob_of(handle.location, job_id):
+        raise ResultLost(f"result refused: blob key {handle.location!r} is not a result key of job {job_id} "
+                         f"({keys.blob(job_id, '<execution>')!r}); nothing was read or deleted")
     return handle
 
 

@@ -4,22 +4,31 @@ Jobs are RQ-compatible records (broker.enqueue); results are read from RQ's resu
 XREAD, so a waiting client costs Redis nothing and hears of the result at once. A sync client with a doorbell
 (broker.doorbell) waits on it and on the XREAD together. Connection errors are retried on a fresh connection until
 the deadline (unless `retries` is 0): a client rides out a Redis restart shorter than its timeout.
+
+A Redis that lost the job (restarted without its data, or failed over to a replica that never had it) would leave
+its client waiting until the timeout: so the client keeps what it sent until the result comes, looks whether
+Redis still knows the job after every reconnection and at every recovery check, and if not enqueues the same
+request again under the same id (a result of the first run, if one still comes, answers it as well). Results are
+deterministic; a worker records only the first result of a job (broker/lua/record.lua) and drops the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
-import weakref
+from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aredis
 
 from broker import keys
-from broker.connections import CONNECTION_ERRORS, DeferredReplies, connect, unreachable
+from broker.connections import CONNECTION_ERRORS, DeferredReplies, connect, redacted, unreachable
 from broker.doorbell import Doorbell, wait_either
 from broker.enqueue import enqueue_args, new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
+from broker.loop_clients import LoopClients
 from broker.recovery import recover_args
 from broker.results import JobOutcome, parse_result_entry, result_fields
 from broker.scripts import Scripts
@@ -29,6 +38,8 @@ RESULT_TTL_S = 60  # how long a result waits in Redis for a client that is slow 
 # worker alive to notice, the job is still retried or failed, not left hanging until the timeout.
 RECOVERY_CHECK_S = 2.0
 RETRY_MAX_DELAY_S = 1.0
+
+log = logging.getLogger("broker")
 
 
 class Retrying:
@@ -44,6 +55,15 @@ class Retrying:
             raise self.wire.unavailable(err) from None
         delay, self.delay = self.delay, min(2 * self.delay, RETRY_MAX_DELAY_S)
         return delay
+
+
+@dataclass(slots=True)
+class Sent:
+    """A request a client enqueued and waits for: what it takes to enqueue it again."""
+
+    payload: bytes
+    deadline: float
+    description: str
 
 
 class JobWire:
@@ -64,23 +84,52 @@ class JobWire:
         self.redis = connect(redis_url, **self._kw)
         self.scripts = Scripts(self.redis)
         self._replies = DeferredReplies(self.redis)  # the XREADs raced against a doorbell
-        self._async = weakref.WeakKeyDictionary()  # event loop -> (its asyncio client, the client's scripts)
+        self._async = LoopClients(self._new_aclient)
+        self._sent: dict[str, Sent] = {}  # job id -> its request, in the order sent, until its result comes
+        self._sent_lock = threading.Lock()
 
     def deadline(self) -> float:
         return time.time() + self.timeout
 
-    def _job(self, payload: bytes, deadline: float, description: str) -> tuple[str, list, list]:
+    def _job(self, payload: bytes, deadline: float, description: str,
+             job_id: str | None = None) -> tuple[str, list, list]:
+        """(job id, ENQUEUE's KEYS and ARGV); with `job_id`, that job enqueued again (see _again)."""
         remaining = max(1, int(deadline - time.time()) + 1)
+        again = job_id is not None
         job_id, mapping = new_job_mapping(
             payload, self.queue, function=self.function, job_timeout=remaining + 5, result_ttl=RESULT_TTL_S,
-            failure_ttl=RESULT_TTL_S, ttl=remaining, retries=self.retries, description=description)
-        return (job_id, *enqueue_args(job_id, mapping, self.queue, self.max_queue_depth, remaining))
+            failure_ttl=RESULT_TTL_S, ttl=remaining, retries=self.retries, description=description, job_id=job_id)
+        return job_id, *enqueue_args(job_id, mapping, self.queue, self.max_queue_depth, remaining, again=again)
 
-    def _admitted(self, job_id: str, pushed: int) -> str:
+    def _admitted(self, job_id: str, pushed: int, sent: Sent) -> str:
         if pushed < 0:
             raise Overloaded(f"queue {self.queue!r} is full ({-pushed - 1} jobs waiting, its max_queue_depth): "
                              "retry later or add workers")
+        with self._sent_lock:
+            now = time.time()
+            while self._sent:  # requests whose deadline passed: their callers gave up (the oldest come first)
+                oldest = next(iter(self._sent))
+                if self._sent[oldest].deadline >= now:
+                    break
+                del self._sent[oldest]
+            self._sent[job_id] = sent
         return job_id
+
+    def _answered(self, job_id: str) -> None:
+        with self._sent_lock:
+            self._sent.pop(job_id, None)
+
+    def _again(self, job_id: str, recovered: list) -> tuple[list, list] | None:
+        """ENQUEUE's KEYS and ARGV for `job_id` when RECOVER's reply says Redis lost it and this wire sent it."""
+        sent = self._sent.get(job_id)
+        if recovered[2] or sent is None:
+            return None
+        return self._job(sent.payload, sent.deadline, sent.description, job_id)[1:]
+
+    def _enqueued_again(self, job_id: str, pushed: int) -> None:
+        if pushed > 0:
+            log.warning("job %s is gone from Redis at %s (restarted without its data, or failed over): enqueued "
+                        "again on queue %r", job_id, redacted(self.redis_url), self.queue)
 
     def _xread_args(self, job_id: str, deadline: float) -> tuple:
         """XREAD of the job's result stream, blocking until the deadline or the next recovery check."""
@@ -99,7 +148,8 @@ class JobWire:
         retrying = Retrying(self, deadline)
         while True:
             try:
-                return self._admitted(job_id, self.scripts.call("enqueue", keys_, argv))
+                return self._admitted(job_id, self.scripts.call("enqueue", keys_, argv),
+                                      Sent(payload, deadline, description))
             except CONNECTION_ERRORS as e:
                 time.sleep(retrying.next_delay(e))
 
@@ -107,14 +157,25 @@ class JobWire:
         """The job's outcome from its result stream, or from `bell` if a worker rings it first (its value is
         then the handle). `stale` gets the handles of rings for other jobs."""
         retrying = Retrying(self, deadline)
+        check = False  # whether to recover the job (and see that Redis still has it) before waiting again
         while True:
             try:
+                if check:
+                    self._check(job_id)
+                    check = False
                 outcome = self._wait_once(job_id, deadline, bell, stale or (lambda handle: None))
                 if outcome is not None:
+                    self._answered(job_id)
                     return outcome
-                self.scripts.call("recover", *recover_args(self.queue, job_id))
+                check = True
             except CONNECTION_ERRORS as e:
+                check = True  # at once when Redis is back: it may have come back without the job
                 time.sleep(retrying.next_delay(e))
+
+    def _check(self, job_id: str) -> None:
+        again = self._again(job_id, self.scripts.call("recover", *recover_args(self.queue, job_id)))
+        if again is not None:
+            self._enqueued_again(job_id, self.scripts.call("enqueue", *again))
 
     def _wait_once(self, job_id: str, deadline: float, bell: Doorbell | None, stale) -> JobOutcome | None:
         """The outcome, or None when nothing came before the next recovery check."""
@@ -137,14 +198,14 @@ class JobWire:
             raise self.unavailable(e) from None
 
     # -- asyncio ---------------------------------------------------------------------------------------
+    def _new_aclient(self) -> tuple[aredis.Redis, Scripts]:
+        client = connect(self.redis_url, asyncio=True, **self._kw)
+        return client, Scripts(client)
+
     def _aclient(self) -> tuple[aredis.Redis, Scripts]:
-        """The asyncio client of the running event loop: an asyncio connection belongs to the loop that made it,
-        and a client may be used across asyncio.run() calls (each its own loop)."""
-        loop = asyncio.get_running_loop()
-        if loop not in self._async:
-            client = connect(self.redis_url, asyncio=True, **self._kw)
-            self._async[loop] = (client, Scripts(client))
-        return self._async[loop]
+        """The asyncio client of the running event loop (broker.loop_clients: a client may be used across
+        asyncio.run() calls, each its own loop, and keeps connections for open loops only)."""
+        return self._async.get()
 
     @property
     def aredis(self) -> aredis.Redis:
@@ -156,20 +217,29 @@ class JobWire:
         retrying = Retrying(self, deadline)
         while True:
             try:
-                return self._admitted(job_id, await self._aclient()[1].call("enqueue", keys_, argv))
+                return self._admitted(job_id, await self._aclient()[1].call("enqueue", keys_, argv),
+                                      Sent(payload, deadline, description))
             except CONNECTION_ERRORS as e:
                 await asyncio.sleep(retrying.next_delay(e))
 
     async def await_result(self, job_id: str, deadline: float) -> JobOutcome:
         retrying = Retrying(self, deadline)
+        check = False  # as in `wait`
         while True:
             try:
                 client, scripts = self._aclient()
+                if check:
+                    again = self._again(job_id, await scripts.call("recover", *recover_args(self.queue, job_id)))
+                    if again is not None:
+                        self._enqueued_again(job_id, await scripts.call("enqueue", *again))
+                    check = False
                 got = await client.execute_command(*self._xread_args(job_id, deadline))
                 if got:
+                    self._answered(job_id)
                     return parse_result_entry(result_fields(got))
-                await scripts.call("recover", *recover_args(self.queue, job_id))
+                check = True
             except CONNECTION_ERRORS as e:
+                check = True
                 await asyncio.sleep(retrying.next_delay(e))
 
     async def agetdel(self, key: str) -> bytes | None:
@@ -183,6 +253,4 @@ class JobWire:
         self.redis.close()
 
     async def aclose(self) -> None:
-        mine = self._async.pop(asyncio.get_running_loop(), None)
-        if mine is not None:
-            await mine[0].aclose()
+        await self._async.close()

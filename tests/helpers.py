@@ -52,7 +52,7 @@ class RedisServer:
             from broker.redis_server import ensure_credential, write_config
 
             args = [write_config(os.path.join(self.dir, "redis.conf"), ensure_credential(self.password_file),
-                                 self.port, workdir=self.dir)]
+                                 self.port, workdir=self.dir, persist=False)]
         else:
             args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                     "--dir", self.dir]

@@ -181,14 +181,14 @@ def test_a_client_of_that_prefix_reads_it(redis_server, other_prefix_segment):
     assert got.numpy().tobytes() == STATES and segment_bytes(other_prefix_segment) is None
 
 
-@pytest.mark.parametrize("key", ["innocent:key", keys.blob("another-job")])
+@pytest.mark.parametrize("key", ["innocent:key", keys.blob("another-job", "x1"), keys.blob("job", "x1") + ":../k"])
 @pytest.mark.parametrize("via, api", [("redis", "encode"), ("doorbell", "encode"), ("redis", "aencode")])
 def test_a_blob_key_that_is_not_the_jobs_is_left_intact(redis_server, key, via, api):
     r = redis.Redis.from_url(redis_server.url)
     r.set(key, b"precious")
     try:
         err = client_meets(redis_server.url, shm_handle(key, transport="blob"), via=via, api=api)
-        assert isinstance(err, ResultLost) and "is not job" in str(err) and "nothing was read" in str(err), \
+        assert isinstance(err, ResultLost) and "is not a result key of job" in str(err) and "nothing was read" in str(err), \
             report(err)
         assert r.get(key) == b"precious"
     finally:

@@ -1,6 +1,7 @@
 """The delivery stage of the encoder worker: writes each computed batch's results (shared-memory segments, or
 blobs), rings the clients on this host with their handles (broker.doorbell) and records the batch in Redis
-(blob writes and the RECORD script in one round trip)."""
+(blob writes and the RECORD script in one round trip). A job run twice (its client enqueued it again after Redis
+lost it) is recorded once: RECORD names the jobs an earlier run answered, and their results here are removed."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import logging
 import time
 
 from broker.doorbell import Ringer
+from broker.schemas import Handle
 from shm import unlink_segment
 from workers.batch_runner import BatchRunner, Encoded
-from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
+from workers.job_source import CONNECTION_ERRORS, JobSource, StatsUpdate, TakenJob, skipped_ids
 from workers.links import LAUNCH_WAIT_S, Links
 from workers.result_writer import ResultWriter
 from workers.stats import batch_stats
@@ -40,13 +42,15 @@ class Delivery:
     def deliver(self, enc: Encoded) -> None:
         """Delivers a batch; failures are logged, never raised (its jobs stay started: recovery retries them)."""
         unrung: list[str] = []  # shm results no client was rung about: unlinked if the record fails
+        handles: dict[str, Handle] = {}  # job id -> its result's handle
         try:
             self.runner.finish(enc)
             with self.source.connection.pipeline(transaction=False) as pipe:
-                done, failed, stats = self._write(enc, pipe, unrung)
-                self.source.record(done, failed, self.result_ttl_s, stats, pipe=pipe if len(pipe) else None)
-                if len(pipe):
-                    pipe.execute()
+                done, failed, stats = self._write(enc, pipe, unrung, handles)
+                on_pipe = len(pipe) > 0
+                skipped = self.source.record(done, failed, self.result_ttl_s, stats, pipe=pipe if on_pipe else None)
+                if on_pipe:
+                    skipped = skipped_ids(pipe.execute()[-1])
         except Exception as e:
             if isinstance(e, CONNECTION_ERRORS):
                 log.error("Redis unreachable; the results of %d job(s) were not recorded (%s)", len(enc.batch.jobs), e)
@@ -57,16 +61,42 @@ class Delivery:
             return
         finally:  # recorded, or left to recovery once their heartbeat lapses (the jobs stay started)
             self.links.held.put(("release", [p.taken for p in enc.batch.jobs]))
+        if skipped:
+            self._drop_second_results(skipped, handles, unrung)
         for t, reason in failed:
-            log.warning("job %s failed: %s", t.job_id, reason)
+            if t.job_id not in skipped:
+                log.warning("job %s failed: %s", t.job_id, reason)
         log.info("batch: %d job(s), %d token(s) (%d computed, %d cache hit(s)), %d failed; formed in %.1f ms, "
                  "%.1f ms on the encoder, %.1f ms to deliver", len(enc.batch.jobs), enc.batch.tokens,
                  enc.computed_tokens, enc.cache_hits, len(failed), (enc.started_at - enc.batch.opened_at) * 1e3,
                  enc.infer_ms, (time.time() - enc.started_at) * 1e3 - enc.infer_ms)
 
-    def _write(self, enc: Encoded, pipe, unrung: list[str]) -> tuple[list, list, object]:
+    def _drop_second_results(self, skipped: list[str], handles: dict[str, Handle], unrung: list[str]) -> None:
+        """Removes the results of jobs that an earlier run had answered: nobody will read them. A segment rung to
+        its client is left to it (it reads it, or its doorbell unlinks it as a ring for a job it no longer
+        waits for); a blob or an unrung segment is removed here."""
+        blobs = []
+        for job_id in skipped:
+            handle = handles.get(job_id)
+            if handle is None:
+                continue  # failed here: nothing written
+            if handle.transport == "blob":
+                blobs.append(handle.location)
+            elif handle.location in unrung:
+                unlink_segment(handle.location)
+        if blobs:
+            try:
+                self.source.connection.delete(*blobs)
+            except CONNECTION_ERRORS as e:  # they expire with result_ttl_s
+                log.error("Redis unreachable; %d dropped result blob(s) left to expire (%s)", len(blobs), e)
+        if self.source.observe is not None:
+            self.source.observe(StatsUpdate({"duplicate_results": len(skipped)}))
+        log.info("%d job(s) already answered by an earlier run (their client enqueued them again): this run's "
+                 "result dropped: %s", len(skipped), ", ".join(skipped))
+
+    def _write(self, enc: Encoded, pipe, unrung: list[str], handles: dict) -> tuple[list, list, object]:
         """Each job's result written (blob writes queued on `pipe`) and rung to its client on this host:
-        (done: (job, handle msgpack), failed: (job, reason), the batch's stats)."""
+        (done: (job, handle msgpack), failed: (job, reason), the batch's stats); `handles` gets each job's."""
         done: list[tuple[TakenJob, bytes]] = []
         failed: list[tuple[TakenJob, str]] = []
         latencies, rung = [], 0
@@ -81,7 +111,8 @@ class Delivery:
                            infer_ms=round(enc.infer_ms, 3),
                            deliver_ms=ms(time.time() - enc.started_at - enc.infer_ms / 1e3),
                            batch_jobs=len(enc.batch.jobs), handed_at=time.time())
-            handle = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], pipe, timings)
+            handle = handles[t.job_id] = self.writer.write(t.job_id, t.request, enc.outputs[t.job_id], pipe,
+                                                           timings, exec_id=t.exec_id)
             value = handle.to_msgpack()
             if handle.transport == "shm":
                 # A client waiting on a doorbell has its result now, before Redis does (broker.doorbell).

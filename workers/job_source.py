@@ -64,6 +64,11 @@ class StatsUpdate:
     latencies_ms: list = field(default_factory=list)
 
 
+def skipped_ids(record_reply: list) -> list[str]:
+    """The job ids a RECORD's reply names (jobs answered by an earlier run)."""
+    return [x.decode() if isinstance(x, bytes) else x for x in record_reply]
+
+
 def _rq_timestamp(value: bytes) -> float | None:
     try:
         return datetime.fromisoformat(value.decode()).timestamp() if value else None
@@ -182,9 +187,10 @@ class JobSource:
 
     # -- recording -----------------------------------------------------------------------------------
     def record(self, done: list[tuple[TakenJob, bytes]], failed: list[tuple[TakenJob, str]], result_ttl: int,
-               stats: StatsUpdate | None = None, pipe=None) -> None:
+               stats: StatsUpdate | None = None, pipe=None) -> list[str] | None:
         """Finished jobs (their return value: msgpack bytes), failed ones (the reason) and the batch's stats in one
-        script call; on `pipe` (executed by the caller) if given."""
+        script call; on `pipe` (executed by the caller, its last reply this one's) if given. Returns the ids of
+        the jobs not recorded because an earlier run of theirs was (see broker/lua/record.lua)."""
         stats = stats or StatsUpdate()
         if self.observe is not None:
             self.observe(stats)
@@ -200,8 +206,8 @@ class JobSource:
                  self.keys.latency]
         if pipe is not None:
             SCRIPTS["record"].on_pipeline(pipe, keys_, argv)
-        else:
-            self.scripts.call("record", keys_, argv)
+            return None
+        return skipped_ids(self.scripts.call("record", keys_, argv))
 
     def requeue_abandoned(self) -> list[int]:
         """Jobs whose worker stopped heart-beating are retried or failed (broker.recovery); [requeued, failed]."""

@@ -30,6 +30,7 @@ COUNTER_HELP = {
     "cache_hits": "prompts found in the encoding cache",
     "cache_misses": "prompts not found in the encoding cache",
     "expired_before_compute": "jobs failed uncomputed: their client's deadline passed before compute",
+    "duplicate_results": "results dropped: an earlier run of their job (enqueued again by its client) answered it",
 }
 SKIPPED = {"jobs", "failed", "jobs_ok", "prompts", "failed_prompts", "infer_ms"}  # by outcome; infer_ms: encode_seconds
 

@@ -41,8 +41,9 @@ class ResultWriter:
         return request.transport == "shm" and request.client_host == self.host_id
 
     def write(self, job_id: str, request: EncodeRequest, tensors: list[torch.Tensor], pipeline,
-              timings: dict) -> Handle:
-        """`tensors` are CPU and contiguous. Blob writes go on `pipeline`, executed by the caller."""
+              timings: dict, exec_id: str) -> Handle:
+        """`tensors` are CPU and contiguous. Blob writes go on `pipeline`, executed by the caller; a blob's key
+        names the job's execution `exec_id` too."""
         dtype = DTYPE_NAMES[tensors[0].dtype]
         shapes, offsets, total = layout(tensors)
         expires_at = time.time() + self.ttl_s
@@ -64,7 +65,7 @@ class ResultWriter:
         for t, off in zip(tensors, offsets):
             n = t.numel() * t.element_size()
             view[off:off + n] = t.contiguous().view(torch.uint8).numpy().tobytes() if n else b""
-        key = keys.blob(job_id)
+        key = keys.blob(job_id, exec_id)
         blob = Blob(dtype=dtype, shapes=shapes, offsets=offsets, data=bytes(data))
         pipeline.set(key, blob.to_msgpack(), ex=self.ttl_s)
         self.results["blob"] += 1

@@ -3,7 +3,8 @@
 -- housekeeping and by a waiting client for its own job; atomic, so two cleaners never requeue one job twice.
 -- KEYS: started registry, queue list, failed registry, the queue's wake-up list.
 -- ARGS: failure ttl, exc_string (b64 of zlib, RQ's result format), exc_info (zlib), only this job id or ''.
--- Returns {requeued, failed}.
+-- Returns {requeued, failed}; with a job id, a third element: 1 while Redis knows that job (its hash or its result
+-- stream exists), 0 once it lost it (restarted empty, or failed over to a replica that never had it).
 local now, now_text = rq_now()
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 local requeued, failed = 0, 0
@@ -30,5 +31,8 @@ for _, entry in ipairs(expired) do
       end
     end
   end
+end
+if ARGS[4] ~= '' then
+  return {requeued, failed, redis.call('EXISTS', JOB .. ARGS[4], RESULTS .. ARGS[4]) > 0 and 1 or 0}
 end
 return {requeued, failed}
