@@ -9,7 +9,7 @@ What LightX2V's runner, scheduler and text encoders read, and where it lands her
   aspect_ratio (+ aspect_ratios)    -> default_width, default_height of t2i (LightX2V's size table)
   resolution                        -> i2i_resolution (i2i without a size: the last image's aspect at resolution^2)
   seed, negative_prompt             -> default_seed, default_negative_prompt
-  text_encoder_type, lightllm_config.{service_url, service_timeout, service_retry, use_shm}: as they are
+  text_encoder_type, lightllm_config.{service_url, service_timeout, service_retry, use_shm, shm_prefix}: as they are
   prompt_template_encode(_start_idx), CONDITION_IMAGE_SIZE, USE_IMAGE_ID_IN_PROMPT: checked to be Qwen-Image's,
       which is what every text encoder mode here applies
 """
@@ -49,7 +49,7 @@ IGNORED = {
     **dict.fromkeys(("qwen25vl_tokenizer_path", "qwen25vl_processor_path"),
                     "an in-process encoder reads model_path's tokenizer/ and processor/"),
 }
-LIGHTLLM_USED = ("service_url", "service_timeout", "service_retry", "use_shm", "queue")
+LIGHTLLM_USED = ("service_url", "service_timeout", "service_retry", "use_shm", "queue", "shm_prefix")
 LIGHTLLM_IGNORED = dict.fromkeys(("use_flash_attention_kernel", "use_rmsnorm_kernel", "use_ffn_kernel"),
                                  "LightLLM's kernel switches: the kernel backend always runs its own Triton kernels")
 

@@ -23,7 +23,7 @@ def redis_clients(url: str) -> int:
 
 def test_aencode_in_many_asyncio_runs_keeps_no_connection_of_a_finished_loop(encoder_worker, baseline):
     url = encoder_worker["url"]
-    with EncoderClient(url, timeout=30) as c:
+    with EncoderClient(url, timeout=30, shm_prefix=encoder_worker["prefix"]) as c:
         (first,) = asyncio.run(c.aencode(["x"]))
         assert first.shape == baseline.encode(["x"])[0].shape
         fds, clients = open_fds(), redis_clients(url)
@@ -36,7 +36,7 @@ def test_aencode_in_many_asyncio_runs_keeps_no_connection_of_a_finished_loop(enc
 
 def test_loops_closed_without_shutting_down_leave_no_connection_once_the_next_loop_comes(encoder_worker):
     url = encoder_worker["url"]
-    with EncoderClient(url, timeout=30) as c:
+    with EncoderClient(url, timeout=30, shm_prefix=encoder_worker["prefix"]) as c:
         asyncio.run(c.aencode(["x"]))
         fds, clients = open_fds(), redis_clients(url)
         for _ in range(LOOPS):

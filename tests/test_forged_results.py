@@ -25,6 +25,7 @@ from broker.schemas import Handle
 from broker.serializer import MsgpackSerializer
 from shm import SHM_DIR, unlink_segment, write_segment
 from tests.helpers import REPO, eventually, free_port, start_process, stop_process
+from tests.test_http_front import stalled_worker
 from tests.test_http_front import call, lightx2v_payload
 
 NUL_NAME = "/a\x00b"
@@ -214,24 +215,25 @@ def test_the_front_answers_forged_results_with_json_and_stays_up(redis_server, t
                          log, env=env)
     r = redis.Redis.from_url(redis_server.url)
     r.set("innocent:key", b"precious")
-    try:
-        assert eventually(lambda: front_answers(port) or proc.poll() is not None, timeout=60), open(log).read()
-        forgeries = [
-            (recorded(shm_handle(NUL_NAME).to_msgpack()), "is not a segment name a worker makes"),
-            (recorded(shm_handle("/../../etc/passwd").to_msgpack()), "is not a segment name a worker makes"),
-            (recorded(shm_handle("innocent:key", transport="blob").to_msgpack()), "is not job"),
-            ({"type": 1, "return_value": "not base64 at all!"}, "result entry is malformed"),
-        ]
-        for entry, says in forgeries:
-            worker = fake_worker(redis_server.url, queue, entry=entry)
-            status, body, headers = call(port, "POST", "/generate", lightx2v_payload("a forged answer"))
-            worker.join(30)
-            assert proc.poll() is None, open(log).read()[-3000:]
-            assert (status, headers["content-type"]) == (502, "application/json"), (status, body)
-            assert body["code"] == 502 and "the encoder's result could not be read" in body["message"], body
-            assert says in body["message"], body
-        assert r.get("innocent:key") == b"precious"
-        assert front_answers(port)
-    finally:
-        r.delete("innocent:key")
-        stop_process(proc)
+    with stalled_worker(redis_server.url, queue):  # the front refuses at once while no worker serves
+        try:
+            assert eventually(lambda: front_answers(port) or proc.poll() is not None, timeout=60), open(log).read()
+            forgeries = [
+                (recorded(shm_handle(NUL_NAME).to_msgpack()), "is not a segment name a worker makes"),
+                (recorded(shm_handle("/../../etc/passwd").to_msgpack()), "is not a segment name a worker makes"),
+                (recorded(shm_handle("innocent:key", transport="blob").to_msgpack()), "is not a result key of job"),
+                ({"type": 1, "return_value": "not base64 at all!"}, "result entry is malformed"),
+            ]
+            for entry, says in forgeries:
+                worker = fake_worker(redis_server.url, queue, entry=entry)
+                status, body, headers = call(port, "POST", "/generate", lightx2v_payload("a forged answer"))
+                worker.join(30)
+                assert proc.poll() is None, open(log).read()[-3000:]
+                assert (status, headers["content-type"]) == (502, "application/json"), (status, body)
+                assert body["code"] == 502 and "the encoder's result could not be read" in body["message"], body
+                assert says in body["message"], body
+            assert r.get("innocent:key") == b"precious"
+            assert front_answers(port)
+        finally:
+            r.delete("innocent:key")
+            stop_process(proc)

@@ -15,7 +15,7 @@ from broker.generation import GenerationClient
 from broker.redis_errors import broker_error
 from broker.schemas import EncodeRequest, GenerateRequest
 from tests.helpers import RedisServer
-from tests.test_http_front import FrontThread, call, lightx2v_payload
+from tests.test_http_front import FrontThread, call, lightx2v_payload, stalled_worker
 
 SURROGATE = "a fox \ud800 in snow"  # a lone surrogate: what a JSON escape or a bad decode can make
 
@@ -68,7 +68,10 @@ def test_a_generation_client_meets_the_same_error(full_redis):
 
 
 def test_the_front_answers_a_full_redis_with_503_in_json(full_redis):
-    with FrontThread(redis_url=full_redis.url, queue=queue_name(), timeout=5.0) as f:
+    queue, r = queue_name(), redis.Redis.from_url(full_redis.url)
+    r.config_set("maxmemory", "0")  # room for a worker's registration, then full again
+    with stalled_worker(full_redis.url, queue), FrontThread(redis_url=full_redis.url, queue=queue, timeout=5.0) as f:
+        r.config_set("maxmemory", "1mb")
         status, body, headers = call(f.port, "POST", "/generate", lightx2v_payload("a fox"))
     assert (status, headers["content-type"]) == (503, "application/json"), (status, body)
     assert body["code"] == 503 and "out of memory" in body["message"] and "raise maxmemory" in body["message"]
@@ -155,7 +158,8 @@ def test_a_client_refuses_a_lone_surrogate_before_sending(redis_server, api):
 
 
 def test_the_front_answers_a_lone_surrogate_with_422(redis_server):
-    with FrontThread(redis_url=redis_server.url, queue=queue_name(), timeout=5.0) as f:
+    queue = queue_name()
+    with stalled_worker(redis_server.url, queue), FrontThread(redis_url=redis_server.url, queue=queue, timeout=5.0) as f:
         status, body, _ = call(f.port, "POST", "/generate", lightx2v_payload(SURROGATE))  # JSON: "\ud800"
         assert status == 422 and body["code"] == 422 and "not valid Unicode text" in body["message"], body
         assert call(f.port, "GET", "/liveness")[0] in (200, 503)  # and it goes on serving

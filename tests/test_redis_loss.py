@@ -81,7 +81,7 @@ def lose_while_waiting(server, frozen, calls: list, how: str, queue: str = "enco
 def test_a_sync_client_gets_its_result_when_redis_loses_its_job(workers, own_redis, baseline, kind, how):
     proc = workers.start()
     client = EncoderClient(own_redis.url, timeout=TIMEOUT, transport="blob" if kind == "blob" else "shm",
-                           doorbell=kind == "shm+doorbell")
+                           doorbell=kind == "shm+doorbell", shm_prefix=workers.prefix)
     prompts = [f"lost {kind} job {i}" for i in range(2)]
     got = lose_while_waiting(own_redis, [proc], [lambda p=p: client.encode([p])[0] for p in prompts], how)
     for prompt, states in zip(prompts, got):
@@ -93,7 +93,7 @@ def test_a_sync_client_gets_its_result_when_redis_loses_its_job(workers, own_red
 @pytest.mark.parametrize("how", ["restart", "flushall"])
 def test_aencode_gets_its_result_when_redis_loses_its_job(workers, own_redis, baseline, how):
     proc = workers.start()
-    client = EncoderClient(own_redis.url, timeout=TIMEOUT)
+    client = EncoderClient(own_redis.url, timeout=TIMEOUT, shm_prefix=workers.prefix)
     prompts = [f"lost async job {i}" for i in range(2)]
 
     async def both():
@@ -108,7 +108,8 @@ def test_aencode_gets_its_result_when_redis_loses_its_job(workers, own_redis, ba
 def test_an_http_caller_gets_its_answer_when_redis_loses_its_job(workers, own_redis, baseline):
     proc = workers.start()
     prompts = [f"a lost http job {i}" for i in range(2)]
-    with FrontThread(redis_url=own_redis.url, queue="encode", timeout=TIMEOUT) as front:
+    with FrontThread(redis_url=own_redis.url, queue="encode", timeout=TIMEOUT,
+                     worker_shm_prefix=workers.prefix) as front:
         answers = lose_while_waiting(
             own_redis, [proc], [lambda p=p: call(front.port, "POST", "/generate",
                                                  lightx2v_payload(T2I_TEMPLATE.format(p), use_shm=False))
@@ -126,7 +127,7 @@ def test_a_generation_client_gets_its_image_when_redis_loses_its_job(workers, ow
     dit, log = start_worker(tmp_path, "dit", "dit_workers", text_encoder_type="lightllm_service",
                             model_path=tiny_dir, redis_url=own_redis.url, queue="generate", device="cpu",
                             lightllm_config={"service_url": own_redis.url, "service_timeout": 30,
-                                             "service_retry": 1, "use_shm": True})
+                                             "service_retry": 1, "use_shm": True, "shm_prefix": workers.prefix})
     try:
         wait_for_workers(own_redis.url, 1, dit, log, queue="generate")
         client = GenerationClient(own_redis.url, timeout=TIMEOUT, retries=1)
@@ -176,7 +177,7 @@ def test_a_job_run_twice_is_recorded_once_and_its_second_result_removed(worker, 
     from broker.schemas import Handle
 
     handle = Handle.from_msgpack(raise_for_error(outcome))
-    states = read_shm(handle) if transport == "shm" else read_blob(wire.getdel(handle.location), handle)
+    states = read_shm(handle, prefix=worker.config.shm_prefix) if transport == "shm" else read_blob(wire.getdel(handle.location), handle)
     assert_encoded(states[0], "run twice", baseline)
     assert shm_names(worker.config.shm_prefix) == [] and r.keys(keys.BLOB_PREFIX + "*") == []
 
