@@ -195,3 +195,22 @@ def test_scaled_mm_path_computes_the_same_product(bias):
     out = torch.empty(M, N)
     fp8.linear_scaled_mm(a, layer, torch.float32, out=out)
     torch.testing.assert_close(out, got)
+
+
+def test_config_key_and_its_variable_load_the_fp8_encoder(tiny_dir, tmp_path, monkeypatch):
+    from tests.helpers import write_config
+    from workers.__main__ import load_configured_encoder
+    from workers.config import EncoderWorkerConfig
+
+    assert EncoderWorkerConfig.from_json(None).quantization is None  # off by default
+    path = write_config(str(tmp_path / "encoder.json"), model_dir=tiny_dir, device="cpu", quantization="fp8")
+    cfg = EncoderWorkerConfig.from_json(path)
+    assert (cfg.quantization, cfg.backend) == ("fp8", "auto")
+    enc = load_configured_encoder(cfg)  # "auto" on the CPU would be the baseline: fp8 takes the kernel backend
+    assert enc.backend == "kernel" and enc.quantization == "fp8"
+    assert enc.model.layers[0].feed_forward.w2.weight.dtype == torch.float8_e4m3fn
+    monkeypatch.setenv("EB_QUANTIZATION", "null")
+    assert EncoderWorkerConfig.from_json(path).quantization is None
+    monkeypatch.setenv("EB_QUANTIZATION", "int4")
+    with pytest.raises(ValueError, match="quantization 'int4' is not one of null, \"fp8\""):
+        EncoderWorkerConfig.from_json(path)
