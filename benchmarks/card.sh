@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go, on a card whose Python lacks our service's packages (the device tool's machines):
-#   bash benchmarks/card.sh OUT_DIR [load] [encoder] [dit] [i2i]
+#   bash benchmarks/card.sh OUT_DIR [load] [encoder] [dit] [i2i] [encoder-fp8] [i2i-fp8]
 # Installs the cp312 wheels in .whl/ (rq, redis, posix-ipc, diffusers, py-spy, ...) into /tmp/site, puts the
 # redis-server build in .bin/ on PATH, builds the 7B-shaped random checkpoint once in /tmp/eb-bench-7b, then runs
 # the named benchmarks, each one's output to OUT_DIR/<name>.log. Results go to benchmarks/RESULTS.md by hand.
@@ -11,7 +11,7 @@
 #   .bin/redis-server.bin: a copy of this machine's redis-server, .bin/lib/: the libraries `ldd` lists for it,
 #   .bin/redis-server: a script that runs redis-server.bin with LD_LIBRARY_PATH=.bin/lib.
 set -uo pipefail
-out=${1:?usage: card.sh OUT_DIR [load] [encoder] [dit] [i2i]}
+out=${1:?usage: card.sh OUT_DIR [load] [encoder] [dit] [i2i] [encoder-fp8] [i2i-fp8]}
 shift
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -36,6 +36,9 @@ for stage in "$@"; do
     dit) python3 benchmarks/dit_memory.py --build-7b --model-path $ckpt --device cuda --width 512 --height 512 \
            --steps 4 2>&1 | tee "$out/dit.log" ;;
     i2i) python3 benchmarks/encoder_i2i.py --ckpt $ckpt 2>&1 | tee "$out/i2i.log" ;;
+    # the bf16 runs above plus the FP8 encoder against them in the same process
+    encoder-fp8) python3 benchmarks/encoder.py --ckpt $ckpt --quantization fp8 2>&1 | tee "$out/encoder-fp8.log" ;;
+    i2i-fp8) python3 benchmarks/encoder_i2i.py --ckpt $ckpt --quantization fp8 2>&1 | tee "$out/i2i-fp8.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
