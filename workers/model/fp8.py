@@ -58,7 +58,7 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
     """w [N, K] (any float dtype) -> (data [N, K] e4m3, scale [N] fp32) with w ~ data * scale[:, None]."""
     wf = w.float()
     scale = wf.abs().amax(dim=1).clamp(min=AMAX_FLOOR) / FP8_MAX
-    return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale  # in place: one fp32 temporary less
 
 
 def weight_to_fp8(t: Tensor, scale: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
