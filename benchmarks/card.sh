@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go, on a card whose Python lacks our service's packages (the device tool's machines):
-#   bash benchmarks/card.sh OUT_DIR [load] [encoder] [dit] [i2i] [guard]
+#   bash benchmarks/card.sh OUT_DIR [load] [encoder] [dit] [i2i] [encoder-fp8] [i2i-fp8] [guard]
 # guard: load.py's lone request and 64 x 4 clients on this tree, on the tree in $OLD_TREE (a `git archive` of the
-# commit before the change, carried), and on this tree again, all in one call; ENCODER_ARGS go to encoder.py and
-# encoder_i2i.py (e.g. "--quantization fp8").
+# commit before the change, carried), and on this tree again, all in one call.
 # Installs the cp312 wheels in .whl/ (rq, redis, posix-ipc, diffusers, py-spy, ...) into /tmp/site, puts the
 # redis-server build in .bin/ on PATH, builds the 7B-shaped random checkpoint once in /tmp/eb-bench-7b, then runs
 # the named benchmarks, each one's output to OUT_DIR/<name>.log. Results go to benchmarks/RESULTS.md by hand.
@@ -14,7 +13,7 @@
 #   .bin/redis-server.bin: a copy of this machine's redis-server, .bin/lib/: the libraries `ldd` lists for it,
 #   .bin/redis-server: a script that runs redis-server.bin with LD_LIBRARY_PATH=.bin/lib.
 set -uo pipefail
-out=${1:?usage: card.sh OUT_DIR [load] [encoder] [dit] [i2i] [guard]}
+out=${1:?usage: card.sh OUT_DIR [load] [encoder] [dit] [i2i] [encoder-fp8] [i2i-fp8] [guard]}
 shift
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -35,10 +34,13 @@ for stage in "$@"; do
     load) python3 benchmarks/load.py --build-7b --model-dir $ckpt --backend kernel --device cuda \
             --clients "${LOAD_CLIENTS:-1,8,64,64x4}" --requests "${LOAD_REQUESTS:-100}" --single-iters 200 \
             --saturate-s 4 --json "$out/load.json" --py-spy-dir "$out" 2>&1 | tee "$out/load.log" ;;
-    encoder) python3 benchmarks/encoder.py --ckpt $ckpt ${ENCODER_ARGS:-} 2>&1 | tee "$out/encoder.log" ;;
+    encoder) python3 benchmarks/encoder.py --ckpt $ckpt 2>&1 | tee "$out/encoder.log" ;;
     dit) python3 benchmarks/dit_memory.py --build-7b --model-path $ckpt --device cuda --width 512 --height 512 \
            --steps 4 2>&1 | tee "$out/dit.log" ;;
-    i2i) python3 benchmarks/encoder_i2i.py --ckpt /tmp/eb-bench-i2i-7b ${ENCODER_ARGS:-} 2>&1 | tee "$out/i2i.log" ;;
+    i2i) python3 benchmarks/encoder_i2i.py --ckpt $ckpt 2>&1 | tee "$out/i2i.log" ;;
+    # the bf16 runs above plus the FP8 encoder against them in the same process
+    encoder-fp8) python3 benchmarks/encoder.py --ckpt $ckpt --quantization fp8 2>&1 | tee "$out/encoder-fp8.log" ;;
+    i2i-fp8) python3 benchmarks/encoder_i2i.py --ckpt $ckpt --quantization fp8 2>&1 | tee "$out/i2i-fp8.log" ;;
     guard) for tree in new old new; do
              dir=$PWD; [ "$tree" = old ] && dir=${OLD_TREE:?guard needs OLD_TREE}
              echo "--- guard: $tree tree ($dir) $(date +%T)"

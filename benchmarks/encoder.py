@@ -2,13 +2,17 @@
 
     PYTHONUNBUFFERED=1 python benchmarks/encoder.py              # GPU: 7B shapes, ~5-8 minutes on an H100
     python benchmarks/encoder.py --tiny                          # CPU smoke test of the whole script path
+    PYTHONUNBUFFERED=1 python benchmarks/encoder.py --quantization fp8   # + the FP8 encoder against bf16
 
 Phases (each prints progress): 1. write a random checkpoint (bf16, legacy key names, text weights + lm_head, a
 tiny vision tower in the config only) and the Qwen2 tokenizer; 2. correctness on realistic t2i prompts: HF fp32
 as the reference, HF bf16 and the kernel backend (bf16) against it; 3. (a) latency of one 128-token prompt;
 (b) saturated throughput on a heavy-tailed mix of t2i prompts; (c) the kernel backend's peak memory;
 a GEMM-only forward of the same shape as the floor; 4. the kernel backend with other attention (run 1's
-library kernel + prefix gather, on a GPU): correctness, latency and throughput at the largest budget.
+library kernel + prefix gather, on a GPU): correctness, latency and throughput at the largest budget;
+5. with --quantization fp8, the bf16 encoder freed: the FP8 one's error against the same fp32 reference (batch,
+uncached, singles), its latency, throughput at every budget, weights and peak memory, its GEMM-only floor, and
+the issue's table of FP8 against bf16 (benchmarks/quantized.py). --hf-batch-sizes "" skips HF's throughput runs.
 `TRITON_INTERPRET=1 ... --tiny --mix-prompts 12` runs the Triton kernels on the CPU, in ~11 minutes; it misses the correctness bar because the interpreter
 casts fp32 to bf16 by truncation. Results go to $OUT/encoder_bench.json when OUT is set; a markdown table is
 printed last. Imports nothing that needs redis, rq or posix_ipc.
@@ -322,8 +326,21 @@ def errors(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> dict:
 
 
 def gemm_only(model, M: int, device, dtype):
-    """The decoder's 4 GEMMs per layer (fused QKV, O, fused gate-up, down) on M tokens, nothing else."""
+    """The decoder's 4 GEMMs per layer (fused QKV, O, fused gate-up, down) on M tokens, nothing else; a quantized
+    model's own GEMMs on inputs quantized beforehand."""
     a = model.args
+    if model.quantization is not None:
+        ops = model.ops
+        xs = [ops.act(torch.randn(M, k, device=device, dtype=dtype)) for k in (a.dim, a.q_size, a.intermediate_size)]
+
+        def fwd_quantized():
+            for layer in model.layers:
+                ops.linear(xs[0], layer.attention.wqkv)
+                ops.linear(xs[1], layer.attention.wo)
+                ops.linear(xs[0], layer.feed_forward.w13)
+                ops.linear(xs[2], layer.feed_forward.w2)
+
+        return fwd_quantized
     x = torch.randn(M, a.dim, device=device, dtype=dtype)
     xq = torch.randn(M, a.q_size, device=device, dtype=dtype)
     xi = torch.randn(M, a.intermediate_size, device=device, dtype=dtype)
@@ -374,6 +391,13 @@ def kernel_unit_checks(device, dtype, a: ModelArgs) -> dict:
     out["qkv_rope"] = max(rel(x, y) for x, y in zip(fused, ref))
     gu = rnd(T, 2 * a.intermediate_size)
     out["silu_and_mul"] = rel(kernels.silu_and_mul(gu), kernels.silu_and_mul_ref(gu))
+    # the FP8 quantization kernels, compiled (the CPU tests run them interpreted): dequantized rows
+    q1, r1 = kernels.rms_norm_quant(x, w, a.norm_eps, r)
+    q2, r2 = kernels.rms_norm_quant_ref(x, w, a.norm_eps, r)
+    out["rms_norm_quant"] = max(rel(q1.dequantize(), q2.dequantize()), rel(q1.scale, q2.scale), rel(r1, r2))
+    out["silu_mul_quant"] = rel(kernels.silu_mul_quant(gu).dequantize(), kernels.silu_mul_quant_ref(gu).dequantize())
+    xo = rnd(T, a.q_size)
+    out["quantize_rows"] = rel(kernels.quantize_rows(xo).dequantize(), kernels.quantize_rows_ref(xo).dequantize())
     lens = [1, 17, 64, 90, 129]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=device)
     Tq = sum(lens)
@@ -411,6 +435,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke test of the script")
     ap.add_argument("--ckpt", default=None, help="where to write the random checkpoint (default: a temp dir)")
     ap.add_argument("--token-budgets", default="8192,16384")
+    ap.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="also measure the kernel encoder with this quantization, against bf16 in the same run")
+    ap.add_argument("--fp8-fast-accum", action="store_true", help="fp8 GEMMs with _scaled_mm's use_fast_accum")
     return ap
 
 
@@ -437,7 +464,7 @@ def main(argv=None) -> int:
     n_mix = args.mix_prompts or (48 if tiny else 2048)
     n_mix_hf = min(n_mix, 24 if tiny else 512)
     iters, warm = (3, 1) if tiny else (50, 5)
-    hf_sizes = [int(x) for x in args.hf_batch_sizes.split(",")]
+    hf_sizes = [int(x) for x in args.hf_batch_sizes.split(",") if x.strip()]  # "": no HF throughput runs
     budgets = [int(x) for x in args.token_budgets.split(",")]
     if tiny:
         hf_sizes, budgets = hf_sizes[:2], [512, 2048]
@@ -616,6 +643,11 @@ def main(argv=None) -> int:
         compare("library_attention", KernelOptions(use_triton_attention=False), "library attention (+ prefix gather)")
 
     results.update(latency=lat, throughput=thr, memory=mem)
+    if args.quantization:
+        kern = graphs = floor_fn = None  # the bf16 model off the device before the quantized one loads
+        free()
+        results[args.quantization] = measure_quantized(args, ckpt, device, bf16, ref, real_batch, lat_batch,
+                                                       tokenizer, mix_users, budgets, iters, warm)
     hf_best = max((v for k, v in thr.items() if k.startswith("hf_bs")), key=lambda v: v["prompts_per_s"],
                   default={"prompts_per_s": float("nan")})
     # the targets judge the configuration that serves: not the uncached runs nor the attention comparisons
@@ -630,11 +662,81 @@ def main(argv=None) -> int:
         if device.type == "cuda" else None,
         "correctness": corr["pass"],
     }
+    quantized_lines = []
+    if args.quantization:
+        from benchmarks.quantized import t2i_table
+
+        quantized_lines, quantized_targets = t2i_table(results)
+        targets.update(quantized_targets)
     results["targets"] = targets
     results["elapsed_s"] = time.perf_counter() - T0
     write_out_json(results, "encoder_bench.json")
     print_table(results, hf_best, k_best)
-    return 0 if corr["pass"] else 1
+    if quantized_lines:
+        print("\n".join([f"\n### {args.quantization} against bf16, same run"] + quantized_lines), flush=True)
+    ok = corr["pass"] and all(v for k, v in targets.items() if k.startswith("fp8_error"))
+    return 0 if ok else 1
+
+
+def measure_quantized(args, ckpt, device, dtype, ref, real_batch, lat_batch, tokenizer, mix_users, budgets,
+                      iters, warm) -> dict:
+    """The kernel encoder with args.quantization, measured as the bf16 one is: error against the fp32 reference
+    (batch, uncached, singles), latency (graphs, eager, its GEMM-only floor), throughput and peak memory per token
+    budget. Run with the bf16 encoder freed."""
+    from workers.encoders import load_encoder
+
+    q = args.quantization
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    kq = load_encoder(ckpt, backend="kernel", device=device, dtype=dtype, quantization=q,
+                      fp8_fast_accum=args.fp8_fast_accum)
+    mem = {"weights_bytes": sum(p.numel() * p.element_size() for p in kq.model.parameters())}
+    if device.type == "cuda":  # loading quantizes the bf16 checkpoint part by part: its transient peak
+        mem["after_load_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        mem["load_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    say(f"{q}: loaded + prefix + graphs in {time.perf_counter() - t:.1f} s; weights "
+        f"{mem['weights_bytes'] / 2**30:.2f} GiB")
+    ops = kq.model.ops
+    out = {"ops": {"linear": getattr(ops.linear, "func", ops.linear).__name__,
+                   "rms_norm_act": ops.rms_norm_act.__name__, "silu_mul_act": ops.silu_mul_act.__name__,
+                   "act": ops.act.__name__, "fast_accum": args.fp8_fast_accum},
+           "memory": mem}
+    corr = {f"kernel_{q}": errors(kq.encode_tokens(real_batch), ref)}
+    kq.prefix_cache = False
+    corr[f"kernel_{q}_uncached"] = errors(kq.encode_tokens(real_batch), ref)
+    kq.prefix_cache = True
+    singles = [kq.encode_tokens(TokenizedBatch("t2i", [ids], real_batch.drop_idx))[0] for ids in real_batch.ids]
+    corr[f"kernel_{q}_singles"] = errors(singles, ref)
+    for k, v in corr.items():
+        say(f"{k} vs fp32: {v}")
+    lat = {f"{q}_graphs": time_ms(lambda: kq.encode_tokens(lat_batch), device, iters, warm)}
+    graphs, kq.graphs = kq.graphs, None
+    lat[f"{q}_eager"] = time_ms(lambda: kq.encode_tokens(lat_batch), device, iters, warm)
+    kq.graphs = graphs
+    lat[f"{q}_gemm_only_128"] = time_ms(gemm_only(kq.model, 128, device, dtype), device, iters, warm)
+    for k, v in lat.items():
+        say(f"(a) {k}: {v['median_ms']:.2f} ms")
+    thr = {}
+    for budget in budgets:
+        batches = token_budget_batches(tokenizer, mix_users, budget)
+        templated, computed = n_tokens(batches), n_tokens(batches, skip=T2I.drop_idx)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        thr[f"{q}_{budget}"] = run_throughput(kq.encode_packed, batches, device, computed, templated)
+        if device.type == "cuda":
+            thr[f"{q}_{budget}"]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        say(f"(b) {q} budget {budget}: {thr[f'{q}_{budget}']['prompts_per_s']:.1f} prompts/s, "
+            f"{thr[f'{q}_{budget}']['computed_tokens_per_s']:.0f} computed tokens/s")
+    big = max(budgets)
+    if device.type == "cuda":
+        mem["peak_allocated_bytes"] = thr[f"{q}_{big}"]["peak_allocated_bytes"]
+        mem["peak_over_weights_bytes"] = mem["peak_allocated_bytes"] - mem["weights_bytes"]
+    floor = time_ms(gemm_only(kq.model, big, device, dtype), device, max(3, iters // 10), 1)
+    out["gemm_only"] = {"tokens": big, "ms": floor["median_ms"], "tokens_per_s": big / floor["median_ms"] * 1e3}
+    say(f"(b) {q} GEMM-only at {big} tokens: {out['gemm_only']['tokens_per_s']:.0f} tokens/s")
+    out.update(correctness=corr, latency=lat, throughput=thr)
+    return out
 
 
 def print_table(r: dict, hf_best: dict, k_best: dict) -> None:

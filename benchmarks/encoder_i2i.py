@@ -3,6 +3,7 @@ Qwen2.5-VL-7B-shaped checkpoint with its vision tower, in one run on one card.
 
     PYTHONUNBUFFERED=1 python benchmarks/encoder_i2i.py          # GPU: 7B + 32-block vision tower, ~5 min on an H100
     python benchmarks/encoder_i2i.py --tiny                      # CPU smoke test of the whole script path
+    PYTHONUNBUFFERED=1 python benchmarks/encoder_i2i.py --quantization fp8   # + the FP8 decoder against bf16
 
 Phases (each prints progress): 1. a random checkpoint: the text weights benchmarks/encoder.py writes plus the real
 vision tower's `visual.*` weights (depth 32, hidden 1280, 16 heads, intermediate 3420, out 3584, patch 14, merge 2,
@@ -17,7 +18,9 @@ alone (HF's and ours), the device's resize + patchify; 4. throughput of CFG-pair
 same image(s), as DiT workers send them): HF batching 1..16 jobs (the tower runs for every occurrence) against
 kernel token-budget batches (each distinct image once); 5. the CPU cost per image in the worker's intake (decode,
 EXIF, grid: what `tokenize` spends on images, one thread), a 3-image job decoded in the pool, and how much
-Python a second thread runs meanwhile (the GIL left to the compute thread). Decoding is outside the GPU timings;
+Python a second thread runs meanwhile (the GIL left to the compute thread). With --quantization fp8, the FP8
+decoder (vision tower in bf16) after the bf16 one in phases 3 (cold and warm latency) and 2c (error against the
+same fp32 reference, throughput, peak memory). Decoding is outside the GPU timings;
 the device's resize + patchify is inside them (both backends get their pixel values from it). JSON to
 $OUT/encoder_i2i_bench.json when OUT is set; a markdown table with the issue's targets is printed last. Imports
 nothing that needs redis, rq or posix_ipc.
@@ -252,12 +255,16 @@ def main(argv=None) -> int:
     lat_one = kern.tokenize([EDIT_PROMPTS[0]], "i2i", images=[images_for(20, 1)])
     lat_three = kern.tokenize([EDIT_PROMPTS[3]], "i2i", images=[images_for(21, 3)])
     lat = {}
+
+    def end_to_end_latency(tag: str, name: str, b: TokenizedBatch) -> None:
+        cold()
+        lat[f"{tag}_cold_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
+        warm_cache()
+        lat[f"{tag}_warm_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
+
     # (a) latency: cold = the tower runs (and the device's resize + patchify); warm = the features come from the cache
     for name, b in (("1_image", lat_one), ("3_images", lat_three)):
-        cold()
-        lat[f"kernel_cold_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
-        warm_cache()
-        lat[f"kernel_warm_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
+        end_to_end_latency("kernel", name, b)
         images = b.images_of(0)
         lat[f"pixels_only_{name}"] = tb.time_ms(
             lambda: [im.pixel_values(spec, device) for im in images], device, iters, warm)
@@ -272,6 +279,16 @@ def main(argv=None) -> int:
 
     kern = None
     tb.free()
+    q = args.quantization
+    if q:
+        kern = load_encoder(ckpt, backend="kernel", device=device, dtype=bf16, quantization=q,
+                            fp8_fast_accum=args.fp8_fast_accum)
+        for name, b in (("1_image", lat_one), ("3_images", lat_three)):
+            end_to_end_latency(q, name, b)
+            say(f"(a) {q} {name}: cold {lat[f'{q}_cold_{name}']['median_ms']:.2f} ms, warm "
+                f"{lat[f'{q}_warm_{name}']['median_ms']:.2f} ms")
+        kern = None
+        tb.free()
 
     # 2a. HF fp32: the reference; it also tokenizes and decodes every input once (the same for all backends)
     say("HF fp32: loading")
@@ -393,6 +410,24 @@ def main(argv=None) -> int:
         say(f"(b) {k}: shared parts vs whole prompts, rel L2 {corr[f'shared_vs_whole_{k}']:.2e}")
     if device.type == "cuda":
         results["memory"] = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+    if q:
+        kern = None
+        tb.free()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        kern = load_encoder(ckpt, backend="kernel", device=device, dtype=bf16, quantization=q,
+                            fp8_fast_accum=args.fp8_fast_accum)
+        cold()
+        corr[f"kernel_{q}"] = fidelity(list(torch.split(*kern.encode_packed(corr_batch))))
+        corr[f"kernel_{q}_singles"] = fidelity(pipeline_calls(kern, corr_batch))
+        say(f"kernel_{q} vs fp32: {corr[f'kernel_{q}']}")
+        for k, jobs in (("1img", jobs1), ("3img", jobs3)):
+            for budget in budgets:
+                thr[f"{q}_{k}_{budget}"] = throughput(kern.encode_packed, budget_batches(jobs, budget), device,
+                                                      before_each=lambda: (cold(), warm_cache()))
+                say(f"(b) {q} {k}, {budget}-token batches: {thr[f'{q}_{k}_{budget}']['jobs_per_s']:.1f} jobs/s")
+        if device.type == "cuda":
+            results["memory"][f"{q}_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
 
     # 5. the worker's CPU side
     results["cpu"] = cpu_costs(resolve_checkpoint(ckpt).processor, tiny, pin=device.type == "cuda")
@@ -400,9 +435,14 @@ def main(argv=None) -> int:
 
     results.update(latency=lat, throughput=thr, elapsed_s=time.perf_counter() - tb.T0)
     results["targets"] = targets(results)
+    if q:
+        from benchmarks.quantized import i2i_targets
+
+        results["targets"].update(i2i_targets(results))
     tb.write_out_json(results, "encoder_i2i_bench.json")
     print_table(results)
-    return 0 if corr["pass"] else 1
+    ok = corr["pass"] and all(v for k, v in results["targets"].items() if k.startswith("fp8_error"))
+    return 0 if ok else 1
 
 
 def hf_tower(hf, pixel_values: torch.Tensor, grids) -> torch.Tensor:
@@ -515,7 +555,10 @@ def print_table(r: dict) -> None:
              "", f"inputs: {r['inputs']}",
              "", "| fidelity vs HF fp32 | rel L2 | min cos | 1 image: rel L2 | min cos | 3 images: rel L2 | min cos "
              "| CFG pairs: rel L2 | min cos |", "|---|---|---|---|---|---|---|---|---|"]
-    for k in ("hf_bf16", "kernel_bf16", "kernel_bf16_uncached", "kernel_bf16_singles"):
+    for k in ("hf_bf16", "kernel_bf16", "kernel_bf16_uncached", "kernel_bf16_singles", "kernel_fp8",
+              "kernel_fp8_singles"):
+        if k not in c:
+            continue
         e, e1, e3, ep = c[k], c[k]["1_image"], c[k]["3_images"], c[k]["cfg_pairs"]
         lines.append(f"| {k} | {e['rel_l2']:.4f} | {e['min_cos']:.5f} | {e1['rel_l2']:.4f} | {e1['min_cos']:.5f} | "
                      f"{e3['rel_l2']:.4f} | {e3['min_cos']:.5f} | {ep['rel_l2']:.4f} | {ep['min_cos']:.5f} |")
@@ -544,6 +587,8 @@ def print_table(r: dict) -> None:
                  f"{cpu['python_rate_while_pool_decodes']:.2f} |")
     if "memory" in r:
         lines.append(f"\nkernel peak allocated {r['memory']['peak_allocated_bytes'] / 2**30:.2f} GiB")
+        if "fp8_peak_allocated_bytes" in r["memory"]:
+            lines.append(f"fp8 kernel peak allocated {r['memory']['fp8_peak_allocated_bytes'] / 2**30:.2f} GiB")
     lines += ["", "| target (issue 18) | met |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r["targets"].items()]
     lines.append(f"\ntotal {r['elapsed_s']:.0f} s")

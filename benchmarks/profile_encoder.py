@@ -1,6 +1,6 @@
 """Where a large batch's time goes: torch.profiler over the kernel backend at one token budget, by CUDA kernel.
 
-    python benchmarks/profile_encoder.py --ckpt /tmp/eb-bench-7b [--tokens 16384]
+    python benchmarks/profile_encoder.py --ckpt /tmp/eb-bench-7b [--tokens 16384] [--quantization fp8]
 
 Needs the random 7B checkpoint `benchmarks/encoder.py` builds (it builds one if --ckpt has none). Prints the
 top kernels by total CUDA time, grouped into GEMM / attention / norm / rope / silu / copy / other, and the
@@ -19,11 +19,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GROUPS = [  # first match wins, on the lower-cased kernel name
-    ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "nvjet", "matmul", "splitk")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "nvjet", "matmul", "splitk", "f8f8bf16", "scaled_mm")),
     ("attention", ("attn", "attention", "flash", "fmha")),
     ("norm", ("rms_norm",)),
     ("rope", ("rope", "mrope")),
     ("silu_mul", ("silu",)),
+    ("quantize", ("quantize_rows",)),  # fp8: the attention output's quantization (the others are fused above)
     ("copy/index", ("copy", "index", "gather", "cat", "elementwise", "fill", "memcpy", "memset")),
 ]
 
@@ -41,6 +42,7 @@ def main() -> int:
     ap.add_argument("--ckpt", default="/tmp/eb-bench-7b")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--quantization", choices=["fp8"], default=None)
     args = ap.parse_args()
     import benchmarks.encoder as eb
     from workers.encoders import load_encoder
@@ -48,7 +50,7 @@ def main() -> int:
 
     dev = torch.device("cuda")
     eb.build_checkpoint(args.ckpt, ModelArgs.from_name("qwen2.5-vl-7b"), dev)
-    kern = load_encoder(args.ckpt, backend="kernel", device=dev, dtype=torch.bfloat16)
+    kern = load_encoder(args.ckpt, backend="kernel", device=dev, dtype=torch.bfloat16, quantization=args.quantization)
     tok = kern.tokenizer
     users = eb.random_user_tokens(tok, eb.mix_lengths(4096, seed=2), seed=3)
     batch = eb.token_budget_batches(tok, users, args.tokens)[0]

@@ -31,6 +31,8 @@ COMMANDS = {  # name: (module whose main(argv) runs it, argv prefix, what it doe
     "sweep": ("shm.__main__", ["sweep"], "remove expired and orphaned segments (python -m shm sweep)"),
     "make-tiny": ("workers.make_tiny", [], "write the embedded tiny checkpoint (python -m workers.make_tiny)"),
     "demo": ("dit_workers.demo", [], "submit a few generations and check them (python -m dit_workers.demo)"),
+    "compare": ("workers.compare", [], "a quantized encoder against the unquantized one on your checkpoint and "
+                "prompts (python -m workers.compare)"),
     "configs": (None, [], "copy the shipped configs (encoder, dit, http) into DIR (default ./configs)"),
 }
 

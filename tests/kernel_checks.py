@@ -54,3 +54,23 @@ def mrope_positions(T: int, pos_dtype: torch.dtype, text_start: int = 0) -> torc
 def cu_seqlens(lens: list[int]) -> torch.Tensor:
     """[B + 1] int32: where each sequence of a packed batch starts, then the total."""
     return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEVICE)
+
+
+def fp8_tol(dtype: torch.dtype) -> float:
+    """Quantized rows against their reference, dequantized: a few values may land on the neighbouring e4m3 step
+    (an fp32 division rounded differently, or the input rounded differently before it, as tol() allows)."""
+    if dtype == torch.float32:
+        return 1e-5
+    if dtype == torch.bfloat16 and _triton_env.INTERPRET:
+        return 4e-2  # bf16 truncated, not rounded, before quantizing: some values cross an e4m3 rounding boundary
+    return 1e-2
+
+
+def check_fp8_rows(out, ref, x_dtype: torch.dtype) -> None:
+    """`out` and `ref` (kernels.Fp8Rows) agree: layout, dtypes, scales, and the dequantized values."""
+    T, K = ref.data.shape
+    assert out.data.shape == (T, K) and out.data.dtype == torch.float8_e4m3fn and out.data.is_contiguous()
+    assert out.scale.shape == (T, 1) and out.scale.dtype == torch.float32 and out.scale.is_contiguous()
+    assert rel_l2(out.scale, ref.scale) < tol(x_dtype)
+    assert rel_l2(out.dequantize(), ref.dequantize()) < fp8_tol(x_dtype)
+    assert out.data.float().abs().amax() <= 448.0

@@ -36,8 +36,9 @@ def load_configured_encoder(cfg: EncoderWorkerConfig):
         # On a GPU the process's CPU tensor work is bookkeeping (splits, small copies): torch's intra-op pool
         # would only spin threads that the intake and delivery threads and the clients on this host need.
         torch.set_num_threads(1)
-    return load_encoder(cfg.model_dir, backend=pick_backend(cfg.backend, device), device=device, dtype=cfg.dtype,
-                        max_prompt_tokens=cfg.max_prompt_tokens)
+    backend = "kernel" if cfg.backend == "auto" and cfg.quantization else pick_backend(cfg.backend, device)
+    return load_encoder(cfg.model_dir, backend=backend, device=device, dtype=cfg.dtype,
+                        max_prompt_tokens=cfg.max_prompt_tokens, quantization=cfg.quantization)
 
 
 def end_process(code: int = 0) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from broker.errors import ModelLoadError
@@ -147,13 +148,97 @@ def canonical_name(name: str) -> str | None:
     return name
 
 
-def iter_tensors(text_encoder_dir: str, want=lambda canonical: True):
-    """Yields (canonical name, tensor) for every wanted weight, reading each file through a memory map."""
+# Pre-quantized checkpoints keep a weight in fp8 and its scale in a key beside it; weight = data * scale:
+# - ComfyUI's "scaled fp8" single files (a `scaled_fp8` marker tensor, `<layer>.scale_weight` per tensor,
+#   `<layer>.scale_input` for a static input scale; high-precision layers may carry a scale of 1 too);
+# - compressed-tensors (llm-compressor) and vLLM's fp8 serialization (`<layer>.weight_scale`, per tensor or [N, 1]
+#   per output channel; `<layer>.input_scale`).
+# Input scales are not read: activations are quantized per token at run time (workers.kernels.fp8_quant).
+_WEIGHT_SCALES = ("scale_weight", "weight_scale")
+_SKIPPED = ("scale_input", "input_scale") + _WEIGHT_SCALES  # scales are read with their weight
+_MARKERS = ("scaled_fp8",)
+_UNSUPPORTED = {  # key leaf -> what it is
+    "weight_scale_inv": "block-wise fp8 scales",
+    "weight_packed": "packed integer weights",
+    "weight_zero_point": "asymmetric quantization",
+    "qweight": "GPTQ/AWQ integer weights",
+}
+
+
+def iter_scaled_tensors(text_encoder_dir: str, want=lambda canonical: True):
+    """Yields (canonical name, tensor, scale) for every wanted tensor, reading each file through a memory map.
+    scale: None, or the fp32 weight scale stored beside a `.weight` (shape [] per tensor, [N] per output row);
+    an fp8 weight without one gets None (a plain cast, scale 1)."""
     from safetensors import safe_open
 
-    for path in safetensors_files(text_encoder_dir):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                canon = canonical_name(name)
-                if canon is not None and want(canon):
-                    yield canon, f.get_tensor(name)
+    with ExitStack() as stack:
+        files = [stack.enter_context(safe_open(p, framework="pt")) for p in safetensors_files(text_encoder_dir)]
+        where = {name: f for f in files for name in f.keys()}  # a weight's scale may sit in another shard
+        for name, f in where.items():
+            base, _, leaf = name.rpartition(".")
+            if leaf in _UNSUPPORTED:
+                raise ModelLoadError(f"{text_encoder_dir} holds {_UNSUPPORTED[leaf]} ({name!r}): only fp8 weights "
+                                     "with per-tensor or per-channel scales load, or an unquantized checkpoint")
+            if leaf in _SKIPPED or name in _MARKERS:
+                continue
+            canon = canonical_name(name)
+            if canon is None or not want(canon):
+                continue
+            t = f.get_tensor(name)
+            scale = None
+            if leaf == "weight":
+                key = next((f"{base}.{s}" for s in _WEIGHT_SCALES if f"{base}.{s}" in where), None)
+                if key is not None:
+                    scale = weight_scale(where[key].get_tensor(key), t, name)
+            yield canon, t, scale
+
+
+def weight_scale(scale, weight, name: str):
+    """A stored scale as fp32 [] (per tensor) or [N] (per output row of an [N, K] weight)."""
+    s = scale.float()
+    if s.numel() == 1:
+        return s.reshape(())
+    n = weight.shape[0]
+    if weight.dim() == 2 and tuple(s.shape) in ((n,), (n, 1)):
+        return s.reshape(n)
+    raise ModelLoadError(f"{name!r} has a scale of shape {tuple(scale.shape)} for a weight of shape "
+                         f"{tuple(weight.shape)}: only per-tensor and per-output-channel scales load")
+
+
+def dequantize(t, scale):
+    """A stored weight in fp32: data * scale (per tensor, or per output row)."""
+    w = t.float()
+    if scale is None:
+        return w
+    return w * (scale[:, None] if scale.dim() == 1 else scale)
+
+
+def iter_tensors(text_encoder_dir: str, want=lambda canonical: True):
+    """Yields (canonical name, tensor) for every wanted weight, reading each file through a memory map; a
+    pre-quantized weight comes dequantized (fp32)."""
+    for canon, t, scale in iter_scaled_tensors(text_encoder_dir, want):
+        yield canon, (t if scale is None else dequantize(t, scale))
+
+
+def check_quantization_config(cfg: dict, path: str) -> None:
+    """Refuses a checkpoint whose config.json declares a quantization the loader does not read: it reads fp8
+    weights with per-tensor or per-channel scales (compressed-tensors' float 8-bit, vLLM's fp8 without blocks)."""
+    q = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+    if not q:
+        return
+    method = q.get("quant_method")
+    if method == "fp8" and not q.get("weight_block_size"):
+        return
+    if method == "compressed-tensors":
+        bad = [name for name, group in (q.get("config_groups") or {}).items()
+               if (w := group.get("weights") or {}).get("type") != "float" or w.get("num_bits") != 8
+               or w.get("strategy") not in ("tensor", "channel")]
+        if not bad:
+            return
+        what = f"compressed-tensors groups {bad} that are not float 8-bit per tensor or per channel"
+    elif method == "fp8":
+        what = f"block-wise fp8 (weight_block_size {q.get('weight_block_size')})"
+    else:
+        what = f"quant_method {method!r}"
+    raise ModelLoadError(f"{path} is quantized with {what}: the kernel backend loads unquantized checkpoints and "
+                         "fp8 ones with per-tensor or per-channel weight scales")

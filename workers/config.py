@@ -18,6 +18,9 @@ class EncoderWorkerConfig:
     backend: str = "auto"  # "baseline" | "kernel" | "auto" (kernel on a GPU, baseline on the CPU)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str | None = None  # None: bfloat16 on a GPU, float32 on the CPU
+    # kernel backend: "fp8" puts the decoder's linear layers in e4m3 (per-channel weight scales, per-token inputs;
+    # README "Quantization"); None: off. With backend "auto" it picks the kernel backend on the CPU too
+    quantization: str | None = None
     redis_url: str = DEFAULT_REDIS_URL
     queue: str = "encode"
     max_prompt_tokens: int = 1024  # tokens after the template prefix, per prompt; longer fails that job
@@ -47,6 +50,8 @@ class EncoderWorkerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self):
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization {self.quantization!r} is not one of null, \"fp8\"")
         if self.max_prompt_chars is None:
             self.max_prompt_chars = PROMPT_CHARS_PER_TOKEN * self.max_prompt_tokens
         if self.max_image_pixels_in_flight is None:

@@ -80,8 +80,9 @@ class KernelEncoder(EncoderBase):
     graph_buckets (None: the runner's default), vision (None: load the vision tower when the checkpoint has
     processor/ and visual.* weights), image_cache_max_bytes (256 MiB of image features kept on the device, by
     image digest; 0: off), share_job_prefixes (True: compute the part a job's prompts share once, see above),
-    and the KernelOptions switches (use_flash_attention_kernel, use_triton_attention,
-    use_rmsnorm_kernel, use_rope_kernel, use_silu_kernel)."""
+    quantization (None; "fp8": the decoder's linear layers in e4m3, workers.model.fp8), and the KernelOptions
+    switches (use_flash_attention_kernel, use_triton_attention, use_rmsnorm_kernel, use_rope_kernel,
+    use_silu_kernel, fp8_fast_accum)."""
 
     backend = "kernel"
 
@@ -95,11 +96,12 @@ class KernelEncoder(EncoderBase):
         graph_max_seqs = int(options.pop("graph_max_seqs", 16))
         graph_buckets = options.pop("graph_buckets", None)
         want_vision = options.pop("vision", None)
+        self.quantization = options.pop("quantization", None)
         self.feature_cache = EncodingCache(int(options.pop("image_cache_max_bytes", 256 << 20)))
         kernel_options = KernelOptions.from_options(options)
         if options:
             raise ModelLoadError(f"unknown kernel encoder options: {', '.join(sorted(options))}")
-        self.model = load_model(paths.text_encoder, config, device, dtype, kernel_options)
+        self.model = load_model(paths.text_encoder, config, device, dtype, kernel_options, self.quantization)
         self.vision = None
         if want_vision or (want_vision is None and paths.processor is not None):
             from workers.model.qwen2_5_vl_vision import has_vision_weights, load_vision

@@ -29,6 +29,10 @@ Chosen once per model from the device and the switches of `KernelOptions`, never
   Triton runs, else its torch reference.
 - the attention choice is logged in one line; every fallback for a missing dependency says so in one line
   per process.
+- the decoder's linear layers (`linear`) and the ops that make their inputs (`rms_norm_act`, `silu_mul_act`,
+  `act`): with quantization "fp8" (workers.model.fp8) the inputs are e4m3 rows with per-token scales made by our
+  fused Triton kernels (their torch references where Triton can't run), and the GEMM is `torch._scaled_mm` on
+  CUDA, its dequantized reference elsewhere; without, they are the bf16 ops and `F.linear`.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from workers import kernels
+from workers.model import fp8
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -62,6 +69,7 @@ class KernelOptions:
     use_rope_kernel: bool = True
     use_silu_kernel: bool = True
     ffn_chunk_tokens: int = 4096  # the MLP runs over at most this many tokens at once: bounds its [T, 2I] buffer
+    fp8_fast_accum: bool = False  # quantization "fp8" on CUDA: _scaled_mm's use_fast_accum (faster, less exact)
 
     @classmethod
     def from_options(cls, options: dict) -> "KernelOptions":
@@ -190,16 +198,32 @@ def build_attn_meta(cu_seqlens: torch.Tensor, max_seqlen: int, n_prefix: int, n_
     return meta
 
 
+def _linear(x: torch.Tensor, layer: torch.nn.Linear, out: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K] -> [M, N]; `out` (a contiguous [M, N] view) receives it
+    if out is None:
+        return F.linear(x, layer.weight, layer.bias)
+    if layer.bias is None:
+        return torch.mm(x, layer.weight.t(), out=out)
+    return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+
+
+def _unquantized(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Ops:
     """The op table of one model on one device: `rms_norm`, `qkv_rope`, `silu_mul`, `attention`,
     `bidirectional_attention` (and `mrope`, M-RoPE on q and k already split, which the text model's forward no
-    longer calls)."""
+    longer calls); and the linear layers with their inputs: `linear(a, layer, out=None)` takes what
+    `rms_norm_act` (like rms_norm), `silu_mul_act` (like silu_mul) and `act` (any [T, K] rows) return."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int,
-                 options: KernelOptions = KernelOptions(), causal_attention: bool = True):
+                 options: KernelOptions = KernelOptions(), causal_attention: bool = True,
+                 quantization: str | None = None):
         """causal_attention=False: the vision tower's table, whose attention is bidirectional only (no causal
-        backend is picked, checked or logged)."""
+        backend is picked, checked or logged). quantization: None or "fp8" (the decoder's linear layers)."""
         self.options = options
+        self.device, self.dtype, self.quantization = device, dtype, quantization
         self.ffn_chunk_tokens = max(1, options.ffn_chunk_tokens)
         triton_ok = kernels.triton_available(device) and options.use_triton
         if not triton_ok and options.use_triton:
@@ -211,6 +235,7 @@ class Ops:
         self.qkv_rope = kernels.qkv_rope if rope_ok else kernels.qkv_rope_ref  # new q, k, v
         self.mrope = kernels.apply_mrope if rope_ok else kernels.apply_mrope_ref  # in place / new tensors
         self._bidirectional = kernels.varlen_attention if triton_ok else kernels.varlen_attention_ref
+        self._pick_linear(device, dtype, triton_ok)
         if not causal_attention:
             self.attention_names = {"bidirectional": "triton" if triton_ok else "reference"}
             self.attention_name, self.needs_kv_index = self.attention_names["bidirectional"], False
@@ -222,6 +247,26 @@ class Ops:
         self.attention_name = plain if plain == prefixed else f"{plain} (prefix: {prefixed})"
         # only the library kernels read cu_seqlens_k / kv_index, and only with a prefix
         self.needs_kv_index = prefixed not in ("triton", "reference")
+
+    def _pick_linear(self, device, dtype, triton_ok: bool) -> None:
+        opts = self.options
+        if self.quantization is None:
+            self.rms_norm_act, self.silu_mul_act, self.act, self.linear = (
+                self.rms_norm, self.silu_mul, _unquantized, _linear)
+            return
+        assert self.quantization == "fp8", f"unknown quantization {self.quantization!r}"
+        use_rms, use_silu = triton_ok and opts.use_rmsnorm_kernel, triton_ok and opts.use_silu_kernel
+        self.rms_norm_act = kernels.rms_norm_quant if use_rms else kernels.rms_norm_quant_ref
+        self.silu_mul_act = kernels.silu_mul_quant if use_silu else kernels.silu_mul_quant_ref
+        self.act = kernels.quantize_rows if triton_ok else kernels.quantize_rows_ref
+        if device.type == "cuda":
+            self.linear = partial(fp8.linear_scaled_mm, out_dtype=dtype, use_fast_accum=opts.fp8_fast_accum)
+            gemm = "torch._scaled_mm, row-wise scales" + (", fast accumulation" if opts.fp8_fast_accum else "")
+        else:
+            self.linear = partial(fp8.linear_dequantized, out_dtype=dtype)
+            gemm = "the dequantized reference (fp32)"
+        quant = "our Triton kernels" if use_rms and use_silu else "torch references (where Triton is off)"
+        log_once(f"fp8 linear layers: GEMMs by {gemm}; activations quantized per token by {quant}")
 
     def bidirectional_attention(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float):
         # q, k, v: [T, H, Dh]; cu_seqlens: [B+1] int32 -> o [T, H, Dh]: each token sees its whole sequence

@@ -5,6 +5,11 @@ checkpoint's separate projections at load, modules built on the meta device and 
 the mmap'ed safetensors straight into their device buffers. No lm_head, no KV cache beyond the template prefix's,
 no per-layer outputs: `forward` returns the final norm's output (= HF's `hidden_states[-1]`).
 
+quantization "fp8" (workers.model.fp8): the four linear layers of each block hold e4m3 weights with per-output-
+channel scales, and their inputs are quantized per token by the op that makes them (the norms, SiLU-mul, and the
+attention output's own quantization before wo). Embeddings, norm weights, attention and the returned hidden states
+stay in the model dtype. `ops.linear` takes either kind of input, so the forward is the same code for both.
+
 Notation: T packed tokens, B sequences, D hidden, Hq / Hk query / kv heads, Dh head dim, I intermediate,
 P cached prefix tokens.
 """
@@ -14,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from broker.errors import ModelLoadError
-from workers.checkpoint import TextConfig, iter_tensors
+from workers.checkpoint import TextConfig, check_quantization_config, dequantize, iter_scaled_tensors
 from workers.kernels import Segments
+from workers.model import fp8
 from workers.model.ops import KernelOptions, Ops, build_attn_meta
 
 
@@ -89,42 +94,44 @@ class SegmentKV:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, fp8_linear: bool = False):
         super().__init__()
         self.args = args
-        self.wqkv = nn.Linear(args.dim, args.q_size + 2 * args.kv_size, bias=True)
-        self.wo = nn.Linear(args.q_size, args.dim, bias=False)
+        self.wqkv = fp8.make_linear(args.dim, args.q_size + 2 * args.kv_size, True, fp8_linear)
+        self.wo = fp8.make_linear(args.q_size, args.dim, False, fp8_linear)
         self.scale = args.head_dim**-0.5
 
-    def forward(self, x: Tensor, positions: Tensor, inv_freq: Tensor, meta, ops: Ops,
+    def forward(self, x, positions: Tensor, inv_freq: Tensor, meta, ops: Ops,
                 prefix: tuple[Tensor, Tensor] | None, kv_out: list | None, segments: Segments | None) -> Tensor:
-        # x: [T, D], positions: [3, T] -> [T, D]
+        # x: [T, D] as ops.rms_norm_act returns it, positions: [3, T] -> [T, D]
         a = self.args
-        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias)  # [T, q + 2kv], the bias added by the GEMM
+        qkv = ops.linear(x, self.wqkv)  # [T, q + 2kv], the bias added by the GEMM
         # one kernel: heads split out contiguous, M-RoPE on q and k -> q [T, Hq, Dh], k, v [T, Hk, Dh]
         q, k, v = ops.qkv_rope(qkv, positions, inv_freq, a.mrope_section, a.n_heads, a.n_kv_heads)
         if kv_out is not None:
             kv_out.append((k, v))
         pk, pv = prefix if prefix is not None else (None, None)
         o = ops.attention(q, k, v, meta, self.scale, pk, pv, segments)  # [T, Hq, Dh], contiguous
-        return F.linear(o.reshape(x.shape[0], a.q_size), self.wo.weight)  # the reshape is a view: no copy
+        return ops.linear(ops.act(o.reshape(-1, a.q_size)), self.wo)  # the reshape is a view: no copy
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, fp8_linear: bool = False):
         super().__init__()
-        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate rows first, then up
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.dim = args.dim
+        self.w13 = fp8.make_linear(args.dim, 2 * args.intermediate_size, False, fp8_linear)  # gate rows, then up
+        self.w2 = fp8.make_linear(args.intermediate_size, args.dim, False, fp8_linear)
 
-    def forward(self, x: Tensor, ops: Ops) -> Tensor:
-        # x: [T, D] -> [T, 2I] -> [T, I] -> [T, D]; in row chunks so a big batch never holds all of [T, 2I]
+    def forward(self, x, ops: Ops) -> Tensor:
+        # x: [T, D] as ops.rms_norm_act returns it -> [T, 2I] -> [T, I] -> [T, D]; in row chunks so a big batch
+        # never holds all of [T, 2I]
         T, chunk = x.shape[0], ops.ffn_chunk_tokens
         if T <= chunk:
-            return F.linear(ops.silu_mul(F.linear(x, self.w13.weight)), self.w2.weight)
-        out = torch.empty_like(x)
+            return ops.linear(ops.silu_mul_act(ops.linear(x, self.w13)), self.w2)
+        out = torch.empty((T, self.dim), dtype=ops.dtype, device=ops.device)
         for s in range(0, T, chunk):
-            act = ops.silu_mul(F.linear(x[s:s + chunk], self.w13.weight))  # [c, I]
-            torch.mm(act, self.w2.weight.t(), out=out[s:s + chunk])
+            act = ops.silu_mul_act(ops.linear(x[s:s + chunk], self.w13))  # [c, I]
+            ops.linear(act, self.w2, out=out[s:s + chunk])
         return out
 
 
@@ -135,10 +142,10 @@ class RMSNorm(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, fp8_linear: bool = False):
         super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
+        self.attention = Attention(args, fp8_linear)
+        self.feed_forward = FeedForward(args, fp8_linear)
         self.attention_norm = RMSNorm(args.dim)
         self.ffn_norm = RMSNorm(args.dim)
         self.eps = args.norm_eps
@@ -148,20 +155,21 @@ class TransformerBlock(nn.Module):
         # h: the last sublayer's output [T, D]; residual: the stream before it [T, D] (None before layer 0)
         if residual is None:
             residual = h
-            x, _ = ops.rms_norm(h, self.attention_norm.weight, self.eps)
+            x, _ = ops.rms_norm_act(h, self.attention_norm.weight, self.eps)
         else:
-            x, residual = ops.rms_norm(h, self.attention_norm.weight, self.eps, residual)  # add + norm
+            x, residual = ops.rms_norm_act(h, self.attention_norm.weight, self.eps, residual)  # add + norm
         h = self.attention(x, positions, inv_freq, meta, ops, prefix, kv_out, segments)
-        x, residual = ops.rms_norm(h, self.ffn_norm.weight, self.eps, residual)  # add + norm
+        x, residual = ops.rms_norm_act(h, self.ffn_norm.weight, self.eps, residual)  # add + norm
         return self.feed_forward(x, ops), residual
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, quantization: str | None = None):
         super().__init__()
         self.args = args
+        self.quantization = quantization  # None or "fp8": the blocks' linear layers
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, quantization == "fp8") for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim)
         self.inv_freq: Tensor | None = None  # [Dh/2] fp32, set by setup()
         self.ops: Ops | None = None
@@ -171,7 +179,7 @@ class Transformer(nn.Module):
         a = self.args
         self.inv_freq = (1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float) / a.head_dim))
                          ).to(device)
-        self.ops = Ops(device, dtype, a.n_heads, a.n_kv_heads, a.head_dim, options)
+        self.ops = Ops(device, dtype, a.n_heads, a.n_kv_heads, a.head_dim, options, quantization=self.quantization)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.tok_embeddings(input_ids)  # [T] -> [T, D]
@@ -241,13 +249,17 @@ def _part_sizes(args: ModelArgs, ours: str) -> tuple[int, ...]:
     return (args.intermediate_size, args.intermediate_size)
 
 
-def load_state_dict(args: ModelArgs, text_encoder_dir: str, device: torch.device, dtype: torch.dtype) -> dict:
+def load_state_dict(args: ModelArgs, text_encoder_dir: str, device: torch.device, dtype: torch.dtype,
+                    quantization: str | None = None) -> dict:
     """Streams the decoder's tensors (mmap'ed) into device tensors; q/k/v and gate/up land in their fused buffer's
-    rows at once, so nothing is held twice. Checks that every weight was found with the right shape."""
-    shapes = {k: tuple(v.shape) for k, v in Transformer_on_meta(args).state_dict().items()}
+    rows at once, so nothing is held twice. Checks that every weight was found with the right shape.
+    quantization "fp8": the linear weights become e4m3 + per-row scales (fp8.weight_to_fp8), part by part; else
+    a pre-quantized checkpoint's weights are dequantized to `dtype`."""
+    meta = Transformer_on_meta(args, quantization).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in meta.items()}
     out: dict[str, Tensor] = {}
     filled: dict[str, set[int]] = {}
-    for name, t in iter_tensors(text_encoder_dir, want=lambda n: not n.startswith("visual.")):
+    for name, t, scale in iter_scaled_tensors(text_encoder_dir, want=lambda n: not n.startswith("visual.")):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name in _TOP:
@@ -265,21 +277,19 @@ def load_state_dict(args: ModelArgs, text_encoder_dir: str, device: torch.device
             raise ModelLoadError(f"unexpected weight {name!r} in {text_encoder_dir}")
         if ours not in shapes:
             raise ModelLoadError(f"{name!r} does not fit a model of {args.n_layers} layers")
-        if part is None:
-            if tuple(t.shape) != shapes[ours]:
-                raise ModelLoadError(f"{name!r} has shape {tuple(t.shape)}, the config says {shapes[ours]}")
-            out[ours] = t.to(device=device, dtype=dtype)
-            filled[ours] = {0}
-            continue
-        sizes = _part_sizes(args, ours)
-        start = sum(sizes[:part])
+        sizes = (shapes[ours][0],) if part is None else _part_sizes(args, ours)
+        part = part or 0
         want = (sizes[part],) + shapes[ours][1:]
         if tuple(t.shape) != want:
             raise ModelLoadError(f"{name!r} has shape {tuple(t.shape)}, the config says {want}")
-        buf = out.get(ours)
-        if buf is None:
-            buf = out[ours] = torch.empty(shapes[ours], device=device, dtype=dtype)
-        buf[start:start + sizes[part]].copy_(t)
+        rows = slice(sum(sizes[:part]), sum(sizes[:part + 1]))
+        if meta[ours].dtype == fp8.FP8:
+            data, row_scales = fp8.weight_to_fp8(t, scale, device)
+            _fill(out, meta, ours + "_scale", rows, row_scales, device, torch.float32)
+            filled.setdefault(ours + "_scale", set()).add(part)
+        else:
+            data = t if scale is None else dequantize(t, scale)
+        _fill(out, meta, ours, rows, data, device, dtype)
         filled.setdefault(ours, set()).add(part)
     missing = [k for k in shapes if len(filled.get(k, ())) != _n_parts(k)]
     if missing:
@@ -287,17 +297,31 @@ def load_state_dict(args: ModelArgs, text_encoder_dir: str, device: torch.device
     return out
 
 
-def Transformer_on_meta(args: ModelArgs) -> Transformer:  # noqa: N802 - reads as a constructor
+def _fill(out: dict, meta: dict, key: str, rows: slice, t: Tensor, device, dtype) -> None:
+    """Copies `t` into rows `rows` of out[key], made on first use with meta[key]'s shape, in `dtype` (e4m3 data
+    and fp32 scales keep theirs)."""
+    buf = out.get(key)
+    if buf is None:
+        keep = meta[key].dtype == fp8.FP8 or key.endswith(".weight_scale")
+        buf = out[key] = torch.empty(meta[key].shape, device=device, dtype=meta[key].dtype if keep else dtype)
+    buf[rows].copy_(t)
+
+
+def Transformer_on_meta(args: ModelArgs, quantization: str | None = None) -> Transformer:  # noqa: N802
     with torch.device("meta"):
-        return Transformer(args)
+        return Transformer(args, quantization)
 
 
 def load_model(text_encoder_dir: str, config: TextConfig, device: torch.device, dtype: torch.dtype,
-               options: KernelOptions = KernelOptions()) -> Transformer:
-    """Builds the model on the meta device and assigns the streamed weights; ready to run on `device`."""
+               options: KernelOptions = KernelOptions(), quantization: str | None = None) -> Transformer:
+    """Builds the model on the meta device and assigns the streamed weights; ready to run on `device`.
+    quantization: None (weights in `dtype`) or "fp8" (workers.model.fp8)."""
+    fp8.check_supported(quantization, device, dtype)
+    check_quantization_config(config.raw, text_encoder_dir)
     args = ModelArgs.from_text_config(config)
-    model = Transformer_on_meta(args)
-    model.load_state_dict(load_state_dict(args, text_encoder_dir, device, dtype), strict=True, assign=True)
+    model = Transformer_on_meta(args, quantization)
+    model.load_state_dict(load_state_dict(args, text_encoder_dir, device, dtype, quantization), strict=True,
+                          assign=True)
     model.eval().requires_grad_(False)
     model.setup(device, dtype, options)
     return model
