@@ -145,7 +145,7 @@ class EncoderClient:
         self.wire.close()
         if self._bell is not None and self._bell.pid == os.getpid():
             for handle in self._bell.take("")[1]:  # rings nobody waits for (a job run twice rings twice)
-                discard_result(handle)
+                discard_result(handle, self.shm_prefix)
             self._bell.close()
         self._bell = None
 

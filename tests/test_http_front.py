@@ -159,7 +159,7 @@ def test_base64_answer_is_the_baseline_encoding(front, baseline):
 
 def test_by_default_an_answer_is_base64_alone_unless_shm_is_asked_for(encoder_worker):
     """LightX2V never sends use_shm: by default no segment is written for it, even on this host."""
-    with FrontThread(redis_url=encoder_worker["url"], queue="encode") as f:
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", worker_shm_prefix=encoder_worker["prefix"]) as f:
         assert f.cfg.shm_default == "off"
         status, result, _ = generate(f.port, "base64, please")
         assert status == 200 and "hidden_states_base64" in result, result
@@ -478,11 +478,11 @@ def test_health_is_503_unless_redis_and_a_live_worker_serve(encoder_worker):
 
 def test_generate_without_a_live_worker_is_refused_at_once_and_served_once_one_starts(tiny_dir, tmp_path):
     server = RedisServer().start()
-    queue = "later-" + uuid.uuid4().hex[:6]
+    queue, prefix = "later-" + uuid.uuid4().hex[:6], "ebl" + uuid.uuid4().hex[:6]
     proc = None
     # The front would hold a request for 600 s (the HTTP call gives up after 60): only a refusal answers in time.
     try:
-        with FrontThread(redis_url=server.url, queue=queue, timeout=600.0) as f:
+        with FrontThread(redis_url=server.url, queue=queue, timeout=600.0, worker_shm_prefix=prefix) as f:
             status, result, headers = generate(f.port, "nobody serves this")
             health = call(f.port, "GET", "/health")[1]
             assert status == 503 and result == {"message": health["reason"], "code": 503}, result
@@ -491,7 +491,7 @@ def test_generate_without_a_live_worker_is_refused_at_once_and_served_once_one_s
             assert metric(f.port, "encoder_broker_http_jobs_total", outcome="unavailable") == 1
             proc, log = start_worker(tmp_path, "later", model_dir=tiny_dir, backend="baseline", device="cpu",
                                      redis_url=server.url, queue=queue, max_prompt_tokens=TEST_MAX_PROMPT_TOKENS,
-                                     shm_prefix="ebl" + uuid.uuid4().hex[:6])
+                                     shm_prefix=prefix)
             wait_for_workers(server.url, 1, proc, log, queue=queue)
             status, result, _ = generate(f.port, "a worker serves this", use_shm=False)
             assert status == 200 and "hidden_states_base64" in result, result

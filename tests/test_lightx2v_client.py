@@ -94,12 +94,14 @@ def test_by_default_lightx2v_pays_for_no_segment_and_exits_quietly(encoder_worke
     segment it opens is registered with its resource tracker (multiprocessing.shared_memory does that for every
     segment it opens, and only the opener's own unlink() undoes it), which warns about each at exit: the front
     can't hand a segment's lifetime over without that."""
-    with FrontThread(redis_url=encoder_worker["url"], queue="encode") as front:
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode",
+                     worker_shm_prefix=encoder_worker["prefix"]) as front:
         got = read_as_lightx2v(f"http://127.0.0.1:{front.port}", True, tmp_path)
         assert [s["via"] for s in got["seen"]] == ["base64"] * len(PROMPTS)
         assert "resource_tracker" not in got["stderr"], got["stderr"]
         assert front.front.metrics.results.labels("shm")._value.get() == 0 and shm_names(front.cfg.shm_prefix) == []
-    with FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_default="both") as front:
+    with FrontThread(redis_url=encoder_worker["url"], queue="encode", shm_default="both",
+                     worker_shm_prefix=encoder_worker["prefix"]) as front:
         got = read_as_lightx2v(f"http://127.0.0.1:{front.port}", True, tmp_path)
         assert [s["via"] for s in got["seen"]] == ["shm"] * len(PROMPTS)
         assert "resource_tracker" in got["stderr"]  # the cost of `both` that the default avoids

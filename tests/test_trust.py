@@ -237,7 +237,7 @@ def test_a_worker_waits_for_the_password_file_its_redis_writes_on_first_run(tiny
         shutil.copyfile(locked_redis.password_file, later)  # as that Redis would have written it
         authed = f"redis://:{locked_redis.password}@127.0.0.1:{locked_redis.port}/0"
         wait_for_workers(authed, 1, proc, log, queue=queue)
-        with EncoderClient(authed, queue=queue, timeout=30) as c:
+        with EncoderClient(authed, queue=queue, timeout=30, shm_prefix="ebtlate") as c:
             assert_same(c.encode(["at last"]), baseline.encode(["at last"]))
         assert "Traceback" not in open(log).read()
     finally:
