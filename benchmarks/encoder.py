@@ -36,13 +36,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from workers.encoders.base import EncoderBase, TokenizedBatch  # noqa: E402
-from workers.model.qwen2_5_vl_text import ModelArgs  # noqa: E402
-from workers.templates import T2I  # noqa: E402
+from workers.encoders.base import EncoderBase, TokenizedBatch
+from workers.model.qwen2_5_vl_text import ModelArgs
+from workers.templates import T2I
 
 T0 = time.perf_counter()
 

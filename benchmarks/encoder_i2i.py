@@ -39,12 +39,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import benchmarks.encoder as tb  # noqa: E402
-from workers.encoders.base import TokenizedBatch  # noqa: E402
-from workers.model.qwen2_5_vl_text import ModelArgs  # noqa: E402
+import benchmarks.encoder as tb
+from workers.encoders.base import TokenizedBatch
+from workers.model.qwen2_5_vl_text import ModelArgs
 
 say = tb.say
 

@@ -172,7 +172,7 @@ def client_main(k: int, url: str, front_url: str, transport: str, model_dir: str
     else:
         client = EncoderClient(url, timeout=timeout, retries=retries, shm_prefix=PREFIX,
                                transport="blob" if transport == "blob" else "shm")
-        send = lambda p: client.encode([p])[0]  # noqa: E731
+        send = lambda p: client.encode([p])[0]
     if transport == "async":
         asyncio.run(async_loop(client, prompts, outcomes, t0 + duration))
     else:

@@ -82,7 +82,7 @@ def _segments(seg_lens, n_kv, head_dim, dtype, case_seed):
             continue
         starts[b], at = at, at + seg_lens[b] + 2
     sk, sv = (torch.randn(at, n_kv, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
-    as_dev = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    as_dev = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)
     return Segments(sk, sv, as_dev(starts), as_dev(seg_lens))
 
 

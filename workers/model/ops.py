@@ -315,18 +315,18 @@ class Ops:
                 what = "flash-attn is not installed" if name == "flash_attn" else f"{name} is not available"
                 log_once(f"attention: {what}; trying the next backend")
                 continue
-            except Exception as e:  # noqa: BLE001 - an unusable library must not stop the worker
+            except Exception as e:  # an unusable library must not stop the worker
                 log_once(f"attention: {name} unusable ({e}); trying the next backend", logging.WARNING)
                 continue
             try:
                 _self_check(attn, device, dtype, n_q, n_kv, head_dim, prefix=False)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log_once(f"attention: {name} failed its self-check ({e}); trying the next backend", logging.WARNING)
                 continue
             try:
                 _self_check(attn, device, dtype, n_q, n_kv, head_dim, prefix=True)
                 prefix_ok = True
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log_once(f"attention: {name} failed its self-check with a prefix ({e}); it serves only batches "
                          "without one", logging.WARNING)
                 prefix_ok = False

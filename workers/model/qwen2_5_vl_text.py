@@ -307,7 +307,7 @@ def _fill(out: dict, meta: dict, key: str, rows: slice, t: Tensor, device, dtype
     buf[rows].copy_(t)
 
 
-def Transformer_on_meta(args: ModelArgs, quantization: str | None = None) -> Transformer:  # noqa: N802
+def Transformer_on_meta(args: ModelArgs, quantization: str | None = None) -> Transformer:
     with torch.device("meta"):
         return Transformer(args, quantization)
 
