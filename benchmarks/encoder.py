@@ -163,7 +163,7 @@ def write_out_json(results: dict, filename: str) -> None:
 
 def write_tokenizer(path: str) -> None:
     try:
-        from workers.tokenizer import build_qwen2_tokenizer
+        from workers.tiny_tokenizer import build_qwen2_tokenizer
 
         build_qwen2_tokenizer().save_pretrained(path)
         return

