@@ -220,6 +220,7 @@ def single_requests(url: str, n: int, enc) -> dict:
 
 
 def start_stack(args, tmp):
+    from broker.queues import DEFAULT_QUEUE
     from tests.helpers import RedisServer, free_port, wait_for_workers, write_config
 
     port = free_port()
@@ -228,7 +229,7 @@ def start_stack(args, tmp):
     server = RedisServer(port).start()
     prefix = SHM_PREFIX
     cfg = write_config(os.path.join(tmp, "w.json"), model_dir=args.model_dir, make_tiny_if_missing=False,
-                       backend=args.backend, device=args.device, redis_url=server.url, queue="encode",
+                       backend=args.backend, device=args.device, redis_url=server.url, queue=DEFAULT_QUEUE,
                        shm_prefix=prefix, max_batch_requests=args.batch, max_queue_depth=0, cache_max_bytes=0, log_level="INFO")
     log = os.path.join(tmp, "worker.log")
     env = dict(os.environ, PYTHONUNBUFFERED="1")

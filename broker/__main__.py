@@ -11,8 +11,9 @@ import time
 
 import redis
 
-from broker.config import redis_url_from_env
+from broker.config import DEFAULT_REDIS_PORT, redis_url_from_env
 from broker.connections import connect, unreachable
+from broker.queues import DEFAULT_QUEUE
 from broker.stats import collect, format_stats
 
 
@@ -21,13 +22,13 @@ def main(argv=None, prog: str = "python -m broker") -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     st = sub.add_parser("stats", help="queue depth, workers, batch sizes, latency and cache hit rate")
     st.add_argument("--redis-url", default=redis_url_from_env())
-    st.add_argument("--queue", default="encode")
+    st.add_argument("--queue", default=DEFAULT_QUEUE)
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.add_argument("--watch", type=float, default=0, help="refresh every N seconds")
     cr = sub.add_parser("credential", help="make the Redis password file if missing (mode 0600); print its path")
     cr.add_argument("--file", help="default: $EB_REDIS_PASSWORD_FILE or var/redis/password")
     rs = sub.add_parser("redis-server", help="run redis-server asking for the password (made on first run)")
-    rs.add_argument("--port", type=int, default=6390)
+    rs.add_argument("--port", type=int, default=DEFAULT_REDIS_PORT)
     rs.add_argument("--bind", default="127.0.0.1")
     rs.add_argument("--file", help="the password file; default: $EB_REDIS_PASSWORD_FILE or var/redis/password")
     args = ap.parse_args(argv)

@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from broker.config import ClientConfig, load_json, normalize_text_encoder_type
+from broker.config import DEFAULT_REDIS_URL, ClientConfig, load_json, normalize_text_encoder_type
 from broker.doorbell import Doorbell
 from broker.errors import InvalidRequest
 from broker.host import host_id
@@ -39,7 +39,7 @@ class EncoderClient:
     closed as its loop ends: broker.loop_clients).
     """
 
-    def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_QUEUE,
+    def __init__(self, redis_url: str = DEFAULT_REDIS_URL, queue: str = DEFAULT_QUEUE,
                  timeout: float = 30.0, retries: int = 3, transport: str = "shm", *,
                  max_queue_depth: int = 0, copy: bool = True, doorbell: bool = True, trusted_uids=(),
                  shm_prefix: str | None = None):

@@ -10,10 +10,13 @@ import logging
 import os
 from dataclasses import dataclass, fields
 
+from broker.queues import DEFAULT_QUEUE
+
 log = logging.getLogger("broker.config")
 ENV_PREFIX = "EB_"
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6390/0"  # the project's own Redis (Procfile), not the system one
+DEFAULT_REDIS_PORT = 6390  # the project's own Redis (Procfile), not the system one
+DEFAULT_REDIS_URL = f"redis://127.0.0.1:{DEFAULT_REDIS_PORT}/0"
 
 # text_encoder_type values: the seed's lightllm_* names are aliases.
 TEXT_ENCODER_TYPES = {
@@ -140,7 +143,7 @@ def from_json_file(cls, path: str | None, path_fields: tuple[str, ...] = (), tra
 @dataclass(slots=True)
 class ClientConfig:
     redis_url: str = DEFAULT_REDIS_URL
-    queue: str = "encode"
+    queue: str = DEFAULT_QUEUE
     timeout: float = 30.0
     retries: int = 3
     transport: str = "shm"
@@ -153,7 +156,7 @@ class ClientConfig:
         lc = cfg.get("lightllm_config") or {}
         return cls(
             redis_url=lc.get("service_url") or cfg.get("redis_url") or redis_url_from_env(),
-            queue=lc.get("queue") or cfg.get("encode_queue") or "encode",
+            queue=lc.get("queue") or cfg.get("encode_queue") or DEFAULT_QUEUE,
             timeout=float(lc.get("service_timeout", 30.0)),
             retries=int(lc.get("service_retry", 3)),
             transport="shm" if lc.get("use_shm", True) else "blob",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from broker import keys
+from broker.config import DEFAULT_REDIS_URL
 from broker.errors import BrokerTimeout, BrokerUnavailable
 from broker.queues import DEFAULT_GENERATE_QUEUE, GENERATE_FUNCTION
 from broker.redis_errors import BrokerErrors
@@ -19,7 +20,7 @@ class GenerationClient:
     (queueing, encoding, denoising, decoding); set it for your slowest size and step count. Every failure is a
     BrokerError (broker.errors), Redis's own errors too."""
 
-    def __init__(self, redis_url: str = "redis://127.0.0.1:6390/0", queue: str = DEFAULT_GENERATE_QUEUE,
+    def __init__(self, redis_url: str = DEFAULT_REDIS_URL, queue: str = DEFAULT_GENERATE_QUEUE,
                  timeout: float = 600.0, retries: int = 0):
         self.wire = JobWire(redis_url, queue, GENERATE_FUNCTION, timeout, retries)
         self._redis_errors = BrokerErrors(redis_url)

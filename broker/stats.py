@@ -8,6 +8,7 @@ import time
 import redis
 
 from broker.keys import QueueKeys
+from broker.queues import DEFAULT_QUEUE
 
 STAT_FIELDS = ("batches", "jobs", "failed", "prompts", "failed_prompts", "tokens", "computed_tokens", "cache_hits",
                "cache_misses", "results_rung")  # the last: results handed to their client by doorbell (broker.doorbell)
@@ -24,7 +25,7 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[k]
 
 
-def collect(conn: redis.Redis, queue: str = "encode") -> dict:
+def collect(conn: redis.Redis, queue: str = DEFAULT_QUEUE) -> dict:
     q = QueueKeys(queue)
     pipe = conn.pipeline(transaction=False)
     pipe.llen(q.queue)

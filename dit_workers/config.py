@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from broker.config import (DEFAULT_REDIS_URL, ClientConfig, env_name, from_json_file, load_json,
                            normalize_text_encoder_type)
+from broker.queues import DEFAULT_GENERATE_QUEUE
 from dit_workers import lightx2v_config
 
 log = logging.getLogger("dit_workers.config")
@@ -27,7 +28,7 @@ class DitWorkerConfig:
     device: str = "auto"
     dtype: str | None = None  # the pipeline's (and an in-process encoder's); None: bfloat16 on a GPU, float32 on CPU
     redis_url: str = DEFAULT_REDIS_URL  # where generation jobs come from
-    queue: str = "generate"
+    queue: str = DEFAULT_GENERATE_QUEUE
     max_payload_bytes: int = 64 << 20
     output_dir: str = "../var/images"  # where PNGs go for requests with return_path
     default_steps: int = 50  # a request without steps (diffusers' own default)

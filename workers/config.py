@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.config import DEFAULT_REDIS_URL, from_json_file
+from broker.queues import DEFAULT_QUEUE
 
 # A text token spans a few characters (about 4 in English, fewer in Chinese); this bound is far above them, so
 # only prompts already far over max_prompt_tokens meet it.
@@ -22,7 +23,7 @@ class EncoderWorkerConfig:
     # README "Quantization"); None: off. With backend "auto" it picks the kernel backend on the CPU too
     quantization: str | None = None
     redis_url: str = DEFAULT_REDIS_URL
-    queue: str = "encode"
+    queue: str = DEFAULT_QUEUE
     max_prompt_tokens: int = 1024  # tokens after the template prefix, per prompt; longer fails that job
     # characters of a prompt, checked before tokenizing it (which costs time by the character); longer fails that
     # job. None: PROMPT_CHARS_PER_TOKEN x max_prompt_tokens
