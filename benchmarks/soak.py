@@ -324,7 +324,7 @@ def main() -> int:
     env.pop("TRITON_INTERPRET", None)
     cfg = write_config(os.path.join(folder, "encoder.json"), model_dir=args.model_dir, backend=args.backend,
                        device=args.device, redis_url=server.url, shm_prefix=PREFIX, result_ttl_s=RESULT_TTL_S,
-                       sweep_interval_s=SWEEP_S, cache_max_bytes=0, max_queue_depth=0)
+                       housekeeping_interval_s=SWEEP_S, cache_max_bytes=0, max_queue_depth=0)
     workers = [start_worker(i, cfg, folder, env) for i in range(args.workers)]
     logs = [log for _, log in workers]
     for proc, log in workers:

@@ -108,23 +108,43 @@ def take_known(cls, data: dict, what: str, ignored: dict[str, str] | None = None
     return {k: v for k, v in data.items() if k in known}
 
 
-def from_json_file(cls, path: str | None, path_fields: tuple[str, ...] = (), translate=None, **overrides):
+def rename_keys(raw: dict, renamed: dict[str, str], what: str) -> dict[str, str]:
+    """Moves deprecated keys of `raw` (`renamed`: {old: new}) to their new names (where the new key is set too, it
+    wins), with a WARNING for each, file key or EB_<OLD> variable, naming the new one. Returns the variable to read
+    for each renamed field: EB_<OLD> where only it is set."""
+    env_of = {}
+    for old, new in renamed.items():
+        if old in raw:
+            log.warning("%s: key %s is deprecated; it is now %s", what, old, new)
+            raw.setdefault(new, raw.pop(old))
+        if env_name(old) in os.environ:
+            log.warning("%s is deprecated; it is now %s", env_name(old), env_name(new))
+            if env_name(new) not in os.environ:
+                env_of[new] = env_name(old)
+    return env_of
+
+
+def from_json_file(cls, path: str | None, path_fields: tuple[str, ...] = (), translate=None,
+                   renamed: dict[str, str] | None = None, **overrides):
     """A config dataclass: the JSON file's known keys (or the defaults when `path` is None), then every field's
     EB_<KEY> environment variable, then the non-None `overrides` (command-line flags). `path_fields` are
     resolved against the file's folder (a variable's or a flag's against the current directory). `translate(raw)`
-    -> (raw in this config's keys, {ignored key: why}) reads another program's keys (dit_workers.lightx2v_config)."""
+    -> (raw in this config's keys, {ignored key: why}) reads another program's keys (dit_workers.lightx2v_config).
+    `renamed` ({old key: new key}) keeps deprecated keys working, in the file and as EB_<OLD>, with a WARNING."""
     raw = load_json(path) if path else {}
     ignored = {}
     if translate is not None:
         raw, ignored = translate(raw)
+    env_of = rename_keys(raw, renamed or {}, path or "config")
     values = take_known(cls, raw, path or "config", ignored)
     for name in path_fields:
         if name in values:
             values[name] = resolve_path(raw, values[name])
     cwd = {"_config_dir": os.getcwd()}
     for f in fields(cls):
-        if (env := os.environ.get(env_name(f.name))) is not None:
-            values[f.name] = parse_env_value(env_name(f.name), env, str(f.type))
+        var = env_of.get(f.name, env_name(f.name))
+        if (env := os.environ.get(var)) is not None:
+            values[f.name] = parse_env_value(var, env, str(f.type))
             if f.name in path_fields:
                 values[f.name] = resolve_path(cwd, values[f.name])
     for k, v in overrides.items():

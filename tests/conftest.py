@@ -45,7 +45,7 @@ def encoder_worker(tiny_dir, redis_server, tmp_path_factory):
     prefix, metrics_port = "ebt" + uuid.uuid4().hex[:6], free_port()
     proc, log = start_worker(d, "encoder", model_dir=tiny_dir, backend="baseline", device="cpu",
                              redis_url=redis_server.url, queue="encode", max_prompt_tokens=TEST_MAX_PROMPT_TOKENS,
-                             max_prompts_per_job=40, shm_prefix=prefix, result_ttl_s=30, sweep_interval_s=1.0,
+                             max_prompts_per_job=40, shm_prefix=prefix, result_ttl_s=30, housekeeping_interval_s=1.0,
                              metrics_port=metrics_port)
     wait_for_workers(redis_server.url, 1, proc, log)
     yield {"proc": proc, "prefix": prefix, "log": log, "url": redis_server.url, "config": str(d / "encoder.json"),

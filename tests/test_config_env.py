@@ -59,3 +59,27 @@ def test_defaults_left_out_of_a_file_are_relative_to_dot_configs_not_to_the_file
                         max_batch_tokens=100)
     monkeypatch.chdir(tmp_path)
     assert EncoderWorkerConfig.from_json(path).model_dir == str(tmp_path / "var" / "tiny")
+
+
+def test_sweep_interval_s_is_a_deprecated_name_of_housekeeping_interval_s(tmp_path, monkeypatch, caplog):
+    """The old key still sets the interval, from a file or as EB_SWEEP_INTERVAL_S, with one WARNING naming the new
+    key; the new key wins where both are set."""
+    path = write_config(str(tmp_path / "encoder.json"), sweep_interval_s=0.5)
+    with caplog.at_level(logging.INFO, logger="broker.config"):
+        assert EncoderWorkerConfig.from_json(path).housekeeping_interval_s == 0.5
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.config"]
+    assert len(lines) == 1 and lines[0][0] == "WARNING", lines
+    assert "sweep_interval_s is deprecated" in lines[0][1] and "housekeeping_interval_s" in lines[0][1], lines
+
+    both = write_config(str(tmp_path / "both.json"), sweep_interval_s=0.5, housekeeping_interval_s=2.0)
+    assert EncoderWorkerConfig.from_json(both).housekeeping_interval_s == 2.0
+
+    caplog.clear()
+    monkeypatch.setenv("EB_SWEEP_INTERVAL_S", "0.25")
+    with caplog.at_level(logging.INFO, logger="broker.config"):
+        assert EncoderWorkerConfig.from_json(both).housekeeping_interval_s == 0.25  # a variable beats the file
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.config"]
+    assert len(lines) == 2 and all(level == "WARNING" for level, _ in lines), lines
+    assert any("EB_SWEEP_INTERVAL_S is deprecated; it is now EB_HOUSEKEEPING_INTERVAL_S" in m for _, m in lines)
+    monkeypatch.setenv("EB_HOUSEKEEPING_INTERVAL_S", "3")
+    assert EncoderWorkerConfig.from_json(None).housekeeping_interval_s == 3.0

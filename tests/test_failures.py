@@ -36,7 +36,7 @@ class Workers:
         """A worker, once it serves `queue`; `cfg` overrides the defaults below."""
         before = redis.Redis.from_url(self.url).scard(f"rq:workers:{queue}")
         values = dict(model_dir=self.tiny_dir, backend="baseline", device="cpu", redis_url=self.url, queue=queue,
-                      shm_prefix=self.prefix, sweep_interval_s=0.5, job_heartbeat_ttl_s=2, result_ttl_s=30)
+                      shm_prefix=self.prefix, housekeeping_interval_s=0.5, job_heartbeat_ttl_s=2, result_ttl_s=30)
         proc, log = start_worker(self.tmp, f"w{len(self.procs)}", **{**values, **cfg})
         self.procs.append(proc)
         wait_for_workers(self.url, before + 1, proc, log, queue=queue)

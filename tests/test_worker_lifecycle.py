@@ -27,7 +27,7 @@ def start(module, folder, tiny_dir, url, queue):
     `queue`, once registered: (process, log)."""
     if module == "workers":
         config = dict(model_dir=tiny_dir, backend="baseline", max_prompt_tokens=TEST_MAX_PROMPT_TOKENS,
-                      shm_prefix="ebl" + uuid.uuid4().hex[:6], job_heartbeat_ttl_s=2, sweep_interval_s=0.5)
+                      shm_prefix="ebl" + uuid.uuid4().hex[:6], job_heartbeat_ttl_s=2, housekeeping_interval_s=0.5)
     else:
         from dit_workers.make_tiny_pipeline import ensure_tiny_pipeline
 

@@ -11,6 +11,9 @@ from broker.queues import DEFAULT_QUEUE
 # only prompts already far over max_prompt_tokens meet it.
 PROMPT_CHARS_PER_TOKEN = 32
 
+# Deprecated keys, still read (file and EB_ variable) with a WARNING naming the new one: {old: new}.
+RENAMED_KEYS = {"sweep_interval_s": "housekeeping_interval_s"}
+
 
 @dataclass(slots=True)
 class EncoderWorkerConfig:
@@ -46,7 +49,9 @@ class EncoderWorkerConfig:
     result_ttl_s: int = 60  # how long handles, blobs and segments wait for their client
     shm_prefix: str = "eb"
     shm_max_bytes: int | None = None  # budget for this worker's live segments; None: whatever /dev/shm has
-    sweep_interval_s: float = 5.0
+    # how often the worker recovers dead workers' jobs and sweeps its expired segments; the queue bound it
+    # publishes lapses after three of these (at least 10 s) without a refresh
+    housekeeping_interval_s: float = 5.0
     metrics_port: int = 0  # Prometheus metrics at http://<host>:<port>/metrics (0: off)
     log_level: str = "INFO"
 
@@ -63,4 +68,4 @@ class EncoderWorkerConfig:
 
     @classmethod
     def from_json(cls, path: str | None, **overrides) -> "EncoderWorkerConfig":
-        return from_json_file(cls, path, ("model_dir",), **overrides)
+        return from_json_file(cls, path, ("model_dir",), renamed=RENAMED_KEYS, **overrides)

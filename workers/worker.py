@@ -43,7 +43,7 @@ class EncoderWorker(ServeLoop):
         if hasattr(encoder, "configure_images"):
             encoder.configure_images(ImageLimits(config.max_images_per_job, config.max_image_pixels,
                                                  config.max_image_side), config.image_cache_max_bytes)
-        self.maintenance_interval_s = config.sweep_interval_s
+        self.maintenance_interval_s = config.housekeeping_interval_s
         self.heartbeat_ttl_s = config.job_heartbeat_ttl_s
         self.links = Links(stopping=self.stopping, pixels=PixelBudget(config.max_image_pixels_in_flight))
         self._held: dict[str, TakenJob] = {}  # the housekeeping thread's own, from links.held
