@@ -174,7 +174,11 @@ def job_batches(jobs: list[TokenizedBatch], per_batch: int) -> list[TokenizedBat
 
 def pipeline_calls(hf, batch: TokenizedBatch) -> list[torch.Tensor]:
     """HF as QwenImageEditPlusPipeline calls it: one prompt per call."""
-    return [hf.encode_tokens(batch.select([i]))[0] for i in range(len(batch.ids))]
+    def prompt(i: int) -> TokenizedBatch:
+        images = None if batch.images is None else (batch.images[i],)
+        return TokenizedBatch(batch.task, [batch.ids[i]], batch.drop_idx, images)
+
+    return [hf.encode_tokens(prompt(i))[0] for i in range(len(batch.ids))]
 
 
 def throughput(fn, batches: list[TokenizedBatch], device, before_each=None) -> dict:

@@ -30,6 +30,7 @@ class ServeLoop:
     device = ""  # the device the worker holds (workers.devices.describe), in its RQ record for `broker stats`
     dtype = ""  # what it computes in ("bfloat16"), in that record too
     quantization = ""  # its weights' quantization ("" while none: no backend quantizes yet), in that record too
+    tally = None  # an encoder worker's workers.stats.Tally, whose counters go into its RQ record
 
     def __init__(self, redis_url: str, queue: str, max_payload_bytes: int, **source_kw):
         self.connection = connect(redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
@@ -98,11 +99,10 @@ class ServeLoop:
             conn.hset(w.key, mapping={**w.serialize(), "state": w.get_state(),
                                       **({"device": self.device} if self.device else {})})
             worker_registration.register(w, conn)
-        tally = getattr(self, "tally", None)  # an encoder worker's (workers.stats.Tally)
-        if tally is not None:
+        if self.tally is not None:
             # RQ's own worker counters, which `rq info` and rq-dashboard show: our jobs are recorded by scripts,
             # not by RQ's Worker, so they are set here from the worker's tally (at most a heartbeat behind).
-            counters, _ = tally.snapshot()
+            counters, _ = self.tally.snapshot()
             conn.hset(w.key, mapping={
                 "successful_job_count": counters.get("jobs_ok", 0), "failed_job_count": counters.get("failed", 0),
                 "total_working_time": counters.get("infer_ms", 0) / 1e3})

@@ -40,9 +40,8 @@ class EncoderWorker(ServeLoop):
         self.device = describe_device(str(encoder.device))
         self.dtype = str(encoder.dtype).replace("torch.", "")
         self.quantization = getattr(encoder, "quantization", None) or ""
-        if hasattr(encoder, "configure_images"):
-            encoder.configure_images(ImageLimits(config.max_images_per_job, config.max_image_pixels,
-                                                 config.max_image_side), config.image_cache_max_bytes)
+        encoder.configure_images(ImageLimits(config.max_images_per_job, config.max_image_pixels,
+                                             config.max_image_side), config.image_cache_max_bytes)
         self.maintenance_interval_s = config.housekeeping_interval_s
         self.heartbeat_ttl_s = config.job_heartbeat_ttl_s
         self.links = Links(stopping=self.stopping, pixels=PixelBudget(config.max_image_pixels_in_flight))

@@ -55,10 +55,6 @@ class TokenizedBatch:
         """What sequence i's output depends on besides the model and task: its ids and its images' digests."""
         return tuple(self.ids[i]), tuple(im.digest for im in self.images_of(i))
 
-    def select(self, index: list[int]) -> "TokenizedBatch":
-        images = None if self.images is None else tuple(self.images[i] for i in index)
-        return TokenizedBatch(self.task, [self.ids[i] for i in index], self.drop_idx, images)
-
 
 class EncoderBase:
     """Subclasses implement `encode_tokens`; `encode` is the public, validated entry point."""
