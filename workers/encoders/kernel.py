@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 # a shared part shorter than this is computed per sequence: a second forward's launches cost more than it saves
 MIN_SHARED_TOKENS = 64
+# Switches for experiments, not for configs: tests and benchmarks flip the encoder's attributes of the same
+# name (prefix_cache, share_job_prefixes) to compare against the plain computation.
+PREFIX_CACHE = True  # the template prefix's keys and values computed once per task and reused
+SHARE_JOB_PREFIXES = True  # a job's prompts' shared part computed once (see above)
+CUDA_GRAPHS = True  # on CUDA: captured graphs for small eager batches (workers.model.graph_runner's buckets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,26 +81,18 @@ def shared_parts(batch: TokenizedBatch, P: int, image_token_id: int,
 
 
 class KernelEncoder(EncoderBase):
-    """Options: prefix_cache (True), cuda_graphs (True on CUDA), graph_max_tokens (512), graph_max_seqs (16),
-    graph_buckets (None: the runner's default), vision (None: load the vision tower when the checkpoint has
-    processor/ and visual.* weights), image_cache_max_bytes (256 MiB of image features kept on the device, by
-    image digest; 0: off), share_job_prefixes (True: compute the part a job's prompts share once, see above),
-    quantization (None; "fp8": the decoder's linear layers in e4m3, workers.model.fp8), and the KernelOptions
-    switches (use_flash_attention_kernel, use_triton_attention, use_rmsnorm_kernel, use_rope_kernel,
-    use_silu_kernel, fp8_fast_accum)."""
+    """Options: image_cache_max_bytes (256 MiB of image features kept on the device, by image digest; 0: off),
+    quantization (None; "fp8": the decoder's linear layers in e4m3, workers.model.fp8), and the switches of
+    workers.model.ops.KernelOptions (tests and benchmarks pick implementations with them). The vision tower is
+    loaded when the checkpoint has processor/ and visual.* weights."""
 
     backend = "kernel"
 
     def __init__(self, paths, config, tokenizer, device, dtype, max_prompt_tokens, **options):
         super().__init__(paths, config, tokenizer, device, dtype, max_prompt_tokens)
         options = dict(options)
-        self.prefix_cache = bool(options.pop("prefix_cache", True))
-        self.share_job_prefixes = bool(options.pop("share_job_prefixes", True))
-        cuda_graphs = bool(options.pop("cuda_graphs", True)) and device.type == "cuda"
-        graph_max_tokens = int(options.pop("graph_max_tokens", 512))
-        graph_max_seqs = int(options.pop("graph_max_seqs", 16))
-        graph_buckets = options.pop("graph_buckets", None)
-        want_vision = options.pop("vision", None)
+        self.prefix_cache = PREFIX_CACHE
+        self.share_job_prefixes = SHARE_JOB_PREFIXES
         self.quantization = options.pop("quantization", None)
         self.feature_cache = EncodingCache(int(options.pop("image_cache_max_bytes", 256 << 20)))
         kernel_options = KernelOptions.from_options(options)
@@ -103,10 +100,10 @@ class KernelEncoder(EncoderBase):
             raise ModelLoadError(f"unknown kernel encoder options: {', '.join(sorted(options))}")
         self.model = load_model(paths.text_encoder, config, device, dtype, kernel_options, self.quantization)
         self.vision = None
-        if want_vision or (want_vision is None and paths.processor is not None):
+        if paths.processor is not None:
             from workers.model.qwen2_5_vl_vision import has_vision_weights, load_vision
 
-            if want_vision or has_vision_weights(paths.text_encoder):
+            if has_vision_weights(paths.text_encoder):
                 self.vision = load_vision(paths.text_encoder, config.raw, device, dtype, kernel_options)
         self.staging = Staging(device)
         self._prefix_ids = {
@@ -115,11 +112,10 @@ class KernelEncoder(EncoderBase):
         }
         self._prefixes: dict[str, PrefixKV] = {}
         self.graphs = None
-        if cuda_graphs:
+        if CUDA_GRAPHS and device.type == "cuda":
             from workers.model.graph_runner import GraphRunner
 
-            self.graphs = GraphRunner(self.model, device, graph_max_tokens, graph_max_seqs,
-                                      tuple(graph_buckets) if graph_buckets else None)
+            self.graphs = GraphRunner(self.model, device)
         if device.type == "cuda":
             self.warmup()
 
@@ -142,7 +138,7 @@ class KernelEncoder(EncoderBase):
     def _check_i2i_available(self) -> None:
         if self.vision is None:
             raise InvalidRequest("this kernel encoder has no vision tower loaded (the checkpoint has no processor/ "
-                                 "or no visual.* weights, or vision=False): it encodes text only")
+                                 "or no visual.* weights): it encodes text only")
 
     def image_features(self, images: list[PreparedImage]) -> dict[bytes, torch.Tensor]:
         """Features [n_tokens, D] on the device per distinct digest among `images` (occurrences, in order):

@@ -60,7 +60,8 @@ def log_once(msg: str, level: int = logging.INFO) -> None:
 
 @dataclass(frozen=True, slots=True)
 class KernelOptions:
-    """The seed's switches; `True` means "the fast kernel if it can run here"."""
+    """Which implementation each op may use; `True` means "the fast kernel if it can run here". For experiments:
+    tests and benchmarks compare implementations with them, no config sets them (the defaults serve)."""
 
     use_triton: bool = True  # False: torch references for norms, rope, silu and (non-library) attention
     use_flash_attention_kernel: bool = True  # flash-attn / torch varlen_attn for batches without a prefix
