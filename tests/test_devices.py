@@ -1,5 +1,5 @@
-"""Which device each worker takes (issue 19): `auto` spreads workers over the visible GPUs by their index, which
-comes from $EB_WORKER_INDEX or from honcho's process name; the worker reports it in `broker stats`."""
+"""Which device each worker takes: `auto` spreads workers over the visible GPUs by their index, which comes from
+$EB_WORKER_INDEX or from honcho's process name; the worker reports it in `broker stats`."""
 
 from __future__ import annotations
 

@@ -295,7 +295,7 @@ def input_png(size=(96, 64)) -> bytes:
 
 
 class RecordingEmbedder:
-    """Stands in for an image-capable encoder (issue 5): records what it is asked, returns fixed states."""
+    """Stands in for an image-capable encoder: records what it is asked, returns fixed states."""
 
     mode = "stub"
 

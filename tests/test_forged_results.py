@@ -1,6 +1,6 @@
 """A result handle comes through Redis or a doorbell, so anyone who can write there can forge one: a handle a worker
 of this queue did not make is ResultLost with the reason, in the client and at the HTTP front, and nothing is
-opened, read or deleted (issue 26 N3). A fake worker takes the job from the queue and answers with the forgery, as
+opened, read or deleted. A fake worker takes the job from the queue and answers with the forgery, as
 a worker records a result (broker/lua/record.lua: an entry in the job's result stream) or rings a doorbell."""
 
 import asyncio

@@ -1,4 +1,4 @@
-"""Every fault stays with its own job (issue 17): whatever sits in Redis is checked with the job it belongs to; a
+"""Every fault stays with its own job: whatever sits in Redis is checked with the job it belongs to; a
 malformed entry fails that job (or is dropped and logged when it has no job hash), never another job, and strands
 none. A real Redis, a real worker object (threads not started), the tiny encoder."""
 

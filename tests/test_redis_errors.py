@@ -1,5 +1,5 @@
 """Every failure a client meets is a BrokerError that says what to do, and the HTTP front answers each in JSON with
-a status that says whose fault it is (issue 26 N5): Redis refusing commands (out of memory, a read-only replica, a
+a status that says whose fault it is: Redis refusing commands (out of memory, a read-only replica, a
 missing permission, a key of another type) is RedisRefused and 503; a prompt that is not valid Unicode is
 InvalidRequest before anything is sent, and 422. Real redis-servers, set up to fail as they do in the field."""
 

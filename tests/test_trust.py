@@ -1,5 +1,5 @@
 """What a Redis reachable by others can send us: zlib bombs are bounded, and result segments are read only from
-owners and modes we trust, at the size the handle states (issue 17: D7, S1)."""
+owners and modes we trust, at the size the handle states."""
 
 from __future__ import annotations
 

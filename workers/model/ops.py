@@ -10,12 +10,12 @@ Chosen once per model from the device and the switches of `KernelOptions`, never
   reads it in place; the library kernels (flash-attn's `flash_attn_varlen_func` when installed, else torch's
   `torch.nn.attention.varlen.varlen_attn`, both CUDA-only) need each sequence's keys as [prefix ++ own]: one
   gather of k and v per layer, with cu_seqlens_k and their bottom-right causal alignment making the prefix
-  fully visible. On an H100 (benchmarks/RESULTS.md, run 1) one 128-token prompt took 6.96 ms with Triton and
-  7.57 ms with torch varlen + gather. So:
+  fully visible. For a lone prompt the Triton kernel without the gather was the faster on an H100
+  (benchmarks/RESULTS.md, encoder backend run 1). So:
 
       use_flash_attention_kernel  use_triton_attention | without a prefix   | with a cached prefix
       True (default)              True (default)       | library            | Triton
-      True                        False                | library            | library + gather (run 1's default)
+      True                        False                | library            | library + gather
       False                       either               | Triton             | Triton
 
   "library" is flash-attn, else torch varlen_attn, else (not on CUDA, not installed, failed its check) Triton.
