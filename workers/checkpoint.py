@@ -66,13 +66,18 @@ class TextConfig:
         )
 
 
-def read_text_config(text_encoder_dir: str) -> TextConfig:
+def read_config_json(text_encoder_dir: str) -> tuple[str, dict]:
+    """(the path of the text encoder's config.json, its contents); a ModelLoadError if it cannot be read."""
     path = os.path.join(text_encoder_dir, "config.json")
     try:
         with open(path) as f:
-            cfg = json.load(f)
+            return path, json.load(f)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read {path}: {e}") from e
+
+
+def read_text_config(text_encoder_dir: str) -> TextConfig:
+    path, cfg = read_config_json(text_encoder_dir)
     text = dict(cfg)
     text.update(cfg.get("text_config") or {})
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
@@ -104,12 +109,7 @@ def transformers_config(text_encoder_dir: str):
     copy is moved into `text_config` here (where it already is, the same values); the file stays as it is."""
     from transformers import Qwen2_5_VLConfig
 
-    path = os.path.join(text_encoder_dir, "config.json")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from e
+    _path, cfg = read_config_json(text_encoder_dir)
     if isinstance(cfg.get("text_config"), dict) and "rope_scaling" in cfg:
         text = dict(cfg["text_config"])
         text.setdefault("rope_scaling", cfg.pop("rope_scaling"))
