@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ._triton_env import INTERPRET, check_launchable, tl, triton
+from .rms_norm import row_config
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
@@ -72,21 +73,16 @@ def _quantize_rows_kernel(
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     x = tl.load(X + row * K + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+    store_quantized_row(x, Q, S, row, row * K, cols, mask, EMULATE_CVT)
+
+
+@triton.jit
+def store_quantized_row(y, Q, S, row, base, cols, mask, EMULATE_CVT: tl.constexpr):
+    """A whole fp32 row `y` to e4m3 at Q + base, its scale (|max| -> 448) at S + row (rms_norm_quant shares it)."""
+    scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
     tl.store(S + row, scale)
-    q = to_e4m3(tl.clamp(x / scale, -448.0, 448.0), EMULATE_CVT)
-    tl.store(Q + row * K + cols, q.to(Q.dtype.element_ty), mask=mask)
-
-
-def row_config(k: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for a kernel that holds a whole row of `k` in one block (as rms_norm does)."""
-    block = triton.next_power_of_2(k)
-    num_warps = 4
-    if block >= 2048:
-        num_warps = 8
-    if block >= 8192:
-        num_warps = 16
-    return block, num_warps
+    q = to_e4m3(tl.clamp(y / scale, -448.0, 448.0), EMULATE_CVT)
+    tl.store(Q + base + cols, q.to(Q.dtype.element_ty), mask=mask)
 
 
 def check_rows(x: torch.Tensor, name: str) -> None:

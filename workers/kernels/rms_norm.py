@@ -29,17 +29,10 @@ def rms_norm_ref(
 
 
 @triton.jit
-def _rms_norm_kernel(
-    X, R, W, Y, R_OUT,
-    D, eps,
-    BLOCK_D: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
-):
-    # one program per row; X, R, Y, R_OUT: [T, D] contiguous; W: [D]
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    base = row * D
+def residual_rms_norm_row(X, R, W, R_OUT, base, cols, mask, D, eps,
+                          HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr):
+    """One row of x [+ residual] normalized and weighted, fp32 holding the values rounded as rms_norm_ref rounds;
+    the sum stored to R_OUT with STORE_RESIDUAL (rms_norm_quant shares it)."""
     x = tl.load(X + base + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + base + cols, mask=mask, other=0.0)
@@ -51,11 +44,28 @@ def _rms_norm_kernel(
     rstd = tl.rsqrt(var + eps)
     y = (h * rstd).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + base + cols, (w * y).to(Y.dtype.element_ty), mask=mask)
+    return (w * y).to(X.dtype.element_ty).to(tl.float32)
 
 
-def _rms_norm_config(d: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps): the whole row in one block, enough warps for 16-byte loads across it."""
+@triton.jit
+def _rms_norm_kernel(
+    X, R, W, Y, R_OUT,
+    D, eps,
+    BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
+):
+    # one program per row; X, R, Y, R_OUT: [T, D] contiguous; W: [D]
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    base = row * D
+    y = residual_rms_norm_row(X, R, W, R_OUT, base, cols, mask, D, eps, HAS_RESIDUAL, STORE_RESIDUAL)
+    tl.store(Y + base + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def row_config(d: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) for a kernel that holds a whole row of `d` in one block (rms_norm, the fp8 row
+    quantizations): enough warps for 16-byte loads across it."""
     block_d = triton.next_power_of_2(d)
     num_warps = 4
     if block_d >= 2048:
@@ -111,7 +121,7 @@ def rms_norm(
     if T == 0:
         return out, residual_out
 
-    block_d, num_warps = _rms_norm_config(D)
+    block_d, num_warps = row_config(D)
     _rms_norm_kernel[(T,)](
         x, residual if residual is not None else x, weight, out,
         residual_out if residual_out is not None else out,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ._triton_env import INTERPRET, tl, triton
-from .fp8_quant import Fp8Rows, check_rows, empty_rows, quantize_rows_ref, row_config, to_e4m3
-from .rms_norm import rms_norm_ref
+from .fp8_quant import Fp8Rows, check_rows, empty_rows, quantize_rows_ref, store_quantized_row
+from .rms_norm import residual_rms_norm_row, rms_norm_ref, row_config
 
 
 def rms_norm_quant_ref(
@@ -32,21 +32,8 @@ def _rms_norm_quant_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     base = row * D
-    x = tl.load(X + base + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(R + base + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(R_OUT + base + cols, x, mask=mask)
-    h = x.to(tl.float32)
-    var = tl.sum(h * h, axis=0) / D
-    rstd = tl.rsqrt(var + eps)
-    y = (h * rstd).to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (w * y).to(X.dtype.element_ty).to(tl.float32)  # the row rms_norm would return
-    scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
-    tl.store(S + row, scale)
-    q = to_e4m3(tl.clamp(y / scale, -448.0, 448.0), EMULATE_CVT)
-    tl.store(Q + base + cols, q.to(Q.dtype.element_ty), mask=mask)
+    y = residual_rms_norm_row(X, R, W, R_OUT, base, cols, mask, D, eps, HAS_RESIDUAL, HAS_RESIDUAL)
+    store_quantized_row(y, Q, S, row, base, cols, mask, EMULATE_CVT)
 
 
 def rms_norm_quant(
