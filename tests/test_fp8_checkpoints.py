@@ -15,7 +15,7 @@ import torch
 from broker.errors import ModelLoadError
 from tests.fp8_emulation import emulated_encoder
 from tests.test_fp8_encoder import EMULATION_TOL, PROMPTS
-from tests.test_kernel_encoder import _new_style, rel_l2
+from tests.test_kernel_encoder import _new_style, copy_without_weights, rel_l2
 from workers.checkpoint import read_text_config, resolve_checkpoint
 from workers.encoders import load_encoder
 from workers.model import qwen2_5_vl_vision as vision
@@ -45,16 +45,10 @@ def quantize(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Te
 def write_layout(src: str, dst: str, layout: str) -> dict[str, torch.Tensor]:
     """The tiny checkpoint at `src` rewritten to `dst` in `layout`; returns the decoder's dequantized linear weights
     ('layers.0.self_attn.q_proj' -> [N, K] fp32) and the vision tower's ('visual.blocks.0.mlp.gate_proj')."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    te_src, te_dst = os.path.join(src, "text_encoder"), os.path.join(dst, "text_encoder")
-    state = {}
-    for name in sorted(os.listdir(te_src)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(te_src, name), framework="pt") as f:
-                state.update({k: f.get_tensor(k) for k in f.keys()})
+    state = copy_without_weights(src, dst)
+    te_dst = os.path.join(dst, "text_encoder")
     comfy = layout == "comfyui"
     out, dequantized = {}, {}
     for key, t in state.items():

@@ -143,18 +143,24 @@ def test_cpu_has_no_graph_runner_and_unknown_options_fail(kern, tiny_dir):
         load_encoder(tiny_dir, backend="kernel", use_triton=False, bogus=1)
 
 
-def _rewrite_checkpoint(src: str, dst: str, rename, drop: str | None = None) -> None:
+def copy_without_weights(src: str, dst: str) -> dict[str, torch.Tensor]:
+    """The checkpoint at `src` copied to `dst` without its weight files and index; its weights, to write anew."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    te_src, te_dst = os.path.join(src, "text_encoder"), os.path.join(dst, "text_encoder")
-    state = {}
+    te_src, state = os.path.join(src, "text_encoder"), {}
     for name in sorted(os.listdir(te_src)):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(te_src, name), framework="pt") as f:
-                state.update({rename(k): f.get_tensor(k) for k in f.keys() if k != drop})
-    save_file(state, os.path.join(te_dst, "model.safetensors"), metadata={"format": "pt"})
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+    return state
+
+
+def _rewrite_checkpoint(src: str, dst: str, rename, drop: str | None = None) -> None:
+    from safetensors.torch import save_file
+
+    state = {rename(k): v for k, v in copy_without_weights(src, dst).items() if k != drop}
+    save_file(state, os.path.join(dst, "text_encoder", "model.safetensors"), metadata={"format": "pt"})
 
 
 def _new_style(name: str) -> str:
