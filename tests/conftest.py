@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
 # runs them is not theirs.
 os.environ.pop("EB_REDIS_PASSWORD_FILE", None)
 
-from tests.helpers import TINY_DIR, RedisServer, free_port, start_worker, stop_process, wait_for_workers
+from tests.helpers import (TINY_DIR, RedisServer, Workers, free_port, shm_names, start_worker, stop_process,
+                           wait_for_workers)
 
 TEST_MAX_PROMPT_TOKENS = 96
 
@@ -59,3 +60,21 @@ def client(encoder_worker):
 
     with EncoderClient(encoder_worker["url"], timeout=30, shm_prefix=encoder_worker["prefix"]) as c:
         yield c
+
+
+@pytest.fixture
+def own_redis():
+    """A Redis of the test's own, to restart, empty or lock."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def workers(tiny_dir, own_redis, tmp_path):
+    """Encoder worker processes on `own_redis` (tests.helpers.Workers); their segments removed at the end."""
+    w = Workers(tiny_dir, own_redis.url, tmp_path)
+    yield w
+    w.stop_all()
+    for name in shm_names(w.prefix):
+        os.unlink(os.path.join("/dev/shm", name))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 
 import redis
 import torch
@@ -162,3 +164,35 @@ def scrape(port: int) -> dict:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+class Workers:
+    """Encoder worker processes on one test Redis, each with its own config."""
+
+    def __init__(self, tiny_dir, redis_url, tmp_path):
+        self.tiny_dir, self.url, self.tmp = tiny_dir, redis_url, tmp_path
+        self.procs = []
+        self.prefix = "ebf" + uuid.uuid4().hex[:6]
+
+    def start(self, queue="encode", **cfg):
+        """A worker, once it serves `queue`; `cfg` overrides the defaults below."""
+        before = redis.Redis.from_url(self.url).scard(f"rq:workers:{queue}")
+        values = dict(model_dir=self.tiny_dir, backend="baseline", device="cpu", redis_url=self.url, queue=queue,
+                      shm_prefix=self.prefix, housekeeping_interval_s=0.5, job_heartbeat_ttl_s=2, result_ttl_s=30)
+        proc, log = start_worker(self.tmp, f"w{len(self.procs)}", **{**values, **cfg})
+        self.procs.append(proc)
+        wait_for_workers(self.url, before + 1, proc, log, queue=queue)
+        return proc
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+            stop_process(p)
+
+
+def restart(server: RedisServer) -> None:
+    """kill -9, then a fresh Redis on the same port (no persistence: empty)."""
+    server.proc.kill()
+    server.proc.wait()
+    server.start()

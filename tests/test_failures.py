@@ -20,49 +20,8 @@ from broker.host import host_id
 from broker.queues import ENCODE_FUNCTION
 from broker.rq_wire import JobWire
 from broker.schemas import EncodeRequest, Handle
-from tests.helpers import REPO, RedisServer, eventually, shm_names, start_worker, stop_process, wait_for_workers
+from tests.helpers import REPO, eventually, restart, shm_names
 from workers.job_source import JobSource
-
-
-class Workers:
-    """Encoder worker processes on one test Redis, each with its own config."""
-
-    def __init__(self, tiny_dir, redis_url, tmp_path):
-        self.tiny_dir, self.url, self.tmp = tiny_dir, redis_url, tmp_path
-        self.procs = []
-        self.prefix = "ebf" + uuid.uuid4().hex[:6]
-
-    def start(self, queue="encode", **cfg):
-        """A worker, once it serves `queue`; `cfg` overrides the defaults below."""
-        before = redis.Redis.from_url(self.url).scard(f"rq:workers:{queue}")
-        values = dict(model_dir=self.tiny_dir, backend="baseline", device="cpu", redis_url=self.url, queue=queue,
-                      shm_prefix=self.prefix, housekeeping_interval_s=0.5, job_heartbeat_ttl_s=2, result_ttl_s=30)
-        proc, log = start_worker(self.tmp, f"w{len(self.procs)}", **{**values, **cfg})
-        self.procs.append(proc)
-        wait_for_workers(self.url, before + 1, proc, log, queue=queue)
-        return proc
-
-    def stop_all(self):
-        for p in self.procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)
-            stop_process(p)
-
-
-@pytest.fixture
-def own_redis():
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture
-def workers(tiny_dir, own_redis, tmp_path):
-    w = Workers(tiny_dir, own_redis.url, tmp_path)
-    yield w
-    w.stop_all()
-    for name in shm_names(w.prefix):
-        os.unlink(os.path.join("/dev/shm", name))
 
 
 def long_prompts(n, words=250):
@@ -160,13 +119,6 @@ def test_a_request_sent_while_redis_is_down_is_served_when_it_is_back(workers, o
     want = baseline.encode(["sent while Redis is down"])[0]
     assert got.shape == want.shape
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-3
-
-
-def restart(server: RedisServer) -> None:
-    """kill -9, then a fresh Redis on the same port (no persistence: empty)."""
-    server.proc.kill()
-    server.proc.wait()
-    server.start()
 
 
 def test_clients_and_workers_ride_out_a_redis_restart_between_requests(workers, own_redis, baseline):

@@ -15,32 +15,13 @@ from broker import keys
 from broker.client import EncoderClient
 from broker.generation import GenerationClient
 from dit_workers.worker import checksum
-from tests.helpers import assert_encoded, eventually, shm_names, start_worker, wait_for_workers
-from tests.test_failures import Workers, restart
+from tests.helpers import assert_encoded, eventually, restart, shm_names, start_worker, wait_for_workers
 from tests.test_http_front import T2I_DROP_IDX, T2I_TEMPLATE, FrontThread, call, close, decode_answer, \
     lightx2v_payload
 from tests.test_worker_delivery import client as delivery_client  # noqa: F401 (fixtures)
 from tests.test_worker_delivery import worker  # noqa: F401
 
 TIMEOUT = 60.0
-
-
-@pytest.fixture
-def own_redis():
-    from tests.helpers import RedisServer
-
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture
-def workers(tiny_dir, own_redis, tmp_path):
-    w = Workers(tiny_dir, own_redis.url, tmp_path)
-    yield w
-    w.stop_all()
-    for name in shm_names(w.prefix):
-        os.unlink(os.path.join("/dev/shm", name))
 
 
 def jobs_in_redis(url: str, queue: str = "encode") -> int:

@@ -10,16 +10,9 @@ import redis
 
 from broker.stats import collect
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
-from tests.helpers import RedisServer, eventually, start_worker, stop_process, wait_for_workers
+from tests.helpers import eventually, start_worker, stop_process, wait_for_workers
 from tests.test_http_front import FrontThread, call
 from workers.serve_loop import ServeLoop
-
-
-@pytest.fixture
-def own_redis():
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
 
 
 def start(module, folder, tiny_dir, url, queue):
