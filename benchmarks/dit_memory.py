@@ -31,7 +31,7 @@ def child(args) -> None:
     """One DiT worker process: load, generate once, report."""
     import torch
 
-    from broker.schemas import GenerateRequest
+    from broker.protocol.schemas import GenerateRequest
     from dit_workers.census import cuda_bytes, rss_bytes
     from dit_workers.config import DitWorkerConfig
     from dit_workers.worker import DitWorker

@@ -1,6 +1,6 @@
 """How long one notification takes to reach a process that has been idle, by each way a worker can tell a client
 its result is ready: a Redis script's XADD to a client blocked in XREAD (the RQ result stream), or a datagram
-to the client's doorbell socket (broker.doorbell) while the same XREAD is pending beside it. Then a whole ~250 KB
+to the client's doorbell socket (broker.protocol.doorbell) while the same XREAD is pending beside it. Then a whole ~250 KB
 result from the start of its fill to the client's copy: rung after the fill (as now), or with an early ring
 before it (the client wakes during the fill and stays awake for the result's ring).
 
@@ -27,7 +27,7 @@ XADD_SCRIPT = "return redis.call('XADD', KEYS[1], '*', 'type', '1', 'return_valu
 
 
 def receiver(url: str, bell_name: str, mode: str, n: int, ready, out) -> None:
-    from broker.connections import connect
+    from broker.protocol.connections import connect
 
     r = connect(url)
     bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -55,7 +55,7 @@ RESULT_MODES = ("ring after fill", "early ring")  # a ~250 KB result: filled, ru
 
 def result_receiver(bell_name: str, n: int, ready, out) -> None:
     from broker.results import read_shm
-    from broker.schemas import Handle
+    from broker.protocol.schemas import Handle
 
     bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     bell.bind("\0" + bell_name)
@@ -112,7 +112,7 @@ def run_result(mode: str, n: int, idle_s: float) -> list[float]:
 
 
 def run(url: str, mode: str, n: int, idle_s: float) -> list[float]:
-    from broker.connections import connect
+    from broker.protocol.connections import connect
 
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()

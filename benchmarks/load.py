@@ -220,7 +220,7 @@ def single_requests(url: str, n: int, enc) -> dict:
 
 
 def start_stack(args, tmp):
-    from broker.queues import DEFAULT_QUEUE
+    from broker.protocol.queues import DEFAULT_QUEUE
     from tests.helpers import RedisServer, free_port, wait_for_workers, write_config
 
     port = free_port()
@@ -334,8 +334,8 @@ def main():
                          "throughput_rps": len(lat) / wall,
                          "throughput_rps_little": n / (statistics.fmean(lat) / 1e3) if lat else 0})
             r = rows[-1]
-            from broker.connections import connect
-            from broker.stats import collect
+            from broker.protocol.connections import connect
+            from broker.ops.stats import collect
 
             st = collect(connect(server.url))
             r["worker_mean_batch_jobs"] = st["mean_batch_jobs"]

@@ -1,5 +1,5 @@
 """How long after the HTTP front writes an answer's segment a LightX2V-style reader opens it: the figure that
-`shm_ttl_s` must cover (broker.answer_segments). Clients read as LightX2V's lightllm_service client does (POST,
+`shm_ttl_s` must cover (broker.http.answer_segments). Clients read as LightX2V's lightllm_service client does (POST,
 parse the JSON, open with multiprocessing.shared_memory, copy, close), `--clients` threads at once.
 
     python benchmarks/shm_read_gap.py --url http://127.0.0.1:8010 --ttl 10 [--clients 8] [--requests 200]

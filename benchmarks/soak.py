@@ -6,12 +6,12 @@ meanwhile; counts what was lost.
                               [--model-dir var/tiny] [--max-rel-err 1e-3] [--json OUT]
 
 Everything runs on this host: its own redis-server asking for a password (made as the Procfile's Redis makes it,
-broker.redis_server), the encoder worker processes (`python -m workers`, worker i with EB_WORKER_INDEX=i; the tiny
+broker.ops.redis_server), the encoder worker processes (`python -m workers`, worker i with EB_WORKER_INDEX=i; the tiny
 model on the CPU by default), and client processes that each send one prompt at a time, their own prompts only,
 and check every result against the in-process CPU encoder's output for that prompt (same shape, relative L2 error
 under --max-rel-err). How clients send (--transport): `shm` EncoderClient.encode, results in shared memory (with
 the doorbell); `blob` EncoderClient.encode, results as Redis blobs; `async` EncoderClient.aencode in one event
-loop a client; `http` POST /generate to an HTTP front (`python -m broker.http_front`, started here on the soak's
+loop a client; `http` POST /generate to an HTTP front (`python -m broker.http.front`, started here on the soak's
 Redis) as LightX2V's LightLLM-protocol client does, the prompt templated, every token's bfloat16 state read from
 the answer's base64. At a quarter of the run worker 0 is SIGKILLed and started again; Redis is SIGKILLed and
 started again (same port, same password) at evenly spaced times after that. Without --persist Redis keeps nothing,
@@ -212,7 +212,7 @@ class SoakRedis:
     """A redis-server on a fixed port that asks for a password, SIGKILLed and started again on demand."""
 
     def __init__(self, port: int, folder: str, persist: bool):
-        from broker.redis_server import ensure_credential, write_config
+        from broker.ops.redis_server import ensure_credential, write_config
 
         self.port, self.folder = port, folder
         self.password_file = os.path.join(folder, "password")
@@ -260,7 +260,7 @@ def start_worker(i: int, cfg: str, folder: str, env: dict) -> tuple[subprocess.P
 
 
 def start_front(redis_url: str, folder: str, env: dict, timeout: float, retries: int) -> tuple:
-    """`python -m broker.http_front` on a free port of this host, once it answers /liveness with 200 (Redis up,
+    """`python -m broker.http.front` on a free port of this host, once it answers /liveness with 200 (Redis up,
     a worker serving): (process, its URL, its log). Its answers' segments carry the workers' prefix, so they are
     counted with theirs."""
     import urllib.error
@@ -269,7 +269,7 @@ def start_front(redis_url: str, folder: str, env: dict, timeout: float, retries:
     from tests.helpers import free_port
 
     port, log = free_port(), os.path.join(folder, "http_front.log")
-    proc = subprocess.Popen([sys.executable, "-m", "broker.http_front", "--port", str(port), "--redis-url", redis_url,
+    proc = subprocess.Popen([sys.executable, "-m", "broker.http", "--port", str(port), "--redis-url", redis_url,
                              "--shm-prefix", PREFIX, "--worker-shm-prefix", PREFIX, "--timeout", str(timeout), "--retries", str(retries)], cwd=REPO,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -308,7 +308,7 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
 
-    from broker.connections import PASSWORD_FILE_ENV, connect
+    from broker.protocol.connections import PASSWORD_FILE_ENV, connect
     from tests.helpers import free_port, wait_for_workers, write_config
     from workers.make_tiny import ensure_tiny
 

@@ -11,10 +11,10 @@ import time
 
 import redis
 
-from broker.config import DEFAULT_REDIS_PORT, redis_url_from_env
-from broker.connections import connect, unreachable
-from broker.queues import DEFAULT_QUEUE
-from broker.stats import collect, format_stats
+from broker.protocol.config import DEFAULT_REDIS_PORT, redis_url_from_env
+from broker.protocol.connections import connect, unreachable
+from broker.protocol.queues import DEFAULT_QUEUE
+from broker.ops.stats import collect, format_stats
 
 
 def main(argv=None, prog: str = "python -m broker") -> int:
@@ -33,13 +33,13 @@ def main(argv=None, prog: str = "python -m broker") -> int:
     rs.add_argument("--file", help="the password file; default: $EB_REDIS_PASSWORD_FILE or var/redis/password")
     args = ap.parse_args(argv)
     if args.command == "credential":
-        from broker.redis_server import ensure_credential, password_file
+        from broker.ops.redis_server import ensure_credential, password_file
 
         ensure_credential(args.file)
         print(args.file or password_file())
         return 0
     if args.command == "redis-server":
-        from broker.redis_server import exec_redis_server
+        from broker.ops.redis_server import exec_redis_server
 
         exec_redis_server(args.port, args.bind, args.file)
     conn = connect(args.redis_url, socket_connect_timeout=3, socket_timeout=5)

@@ -2,7 +2,7 @@
 `python -m` form it names, with the same arguments (`encoder-broker COMMAND --help`).
 
 A command whose optional dependency is missing (diffusers for `dit`, ...) says which extra to install
-(broker.extras) instead of ending in a traceback. It names modules of every package (dit_workers -> workers ->
+(broker.ops.extras) instead of ending in a traceback. It names modules of every package (dit_workers -> workers ->
 broker -> shm) but imports a command's module only when that command runs, so `broker` itself depends on none of
 the layers above it. `python -m broker.cli` is the same command without the console script.
 """
@@ -22,7 +22,7 @@ from broker.errors import MissingExtra
 COMMANDS = {  # name: (module whose main(argv) runs it, argv prefix, what it does)
     "worker": ("workers.__main__", [], "an encoder worker (python -m workers)"),
     "dit": ("dit_workers.__main__", [], "a DiT worker (python -m dit_workers)"),
-    "http": ("broker.http_front", [], "the LightLLM-protocol HTTP front (python -m broker.http_front)"),
+    "http": ("broker.http.__main__", [], "the LightLLM-protocol HTTP front (python -m broker.http)"),
     "stats": ("broker.__main__", ["stats"], "queue, workers and latency (python -m broker stats)"),
     "redis-server": ("broker.__main__", ["redis-server"],
                      "the project's Redis on 127.0.0.1, asking for its password (python -m broker redis-server)"),

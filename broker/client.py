@@ -7,16 +7,16 @@ import threading
 
 import torch
 
-from broker.config import DEFAULT_REDIS_URL, ClientConfig, load_json, normalize_text_encoder_type
-from broker.doorbell import Doorbell
+from broker.protocol.config import DEFAULT_REDIS_URL, ClientConfig, load_json, normalize_text_encoder_type
+from broker.protocol.doorbell import Doorbell
 from broker.errors import InvalidRequest
-from broker.host import host_id
-from broker.queues import DEFAULT_QUEUE, ENCODE_FUNCTION
+from broker.protocol.host import host_id
+from broker.protocol.queues import DEFAULT_QUEUE, ENCODE_FUNCTION
 from broker.redis_errors import BrokerErrors
 from broker.results import (check_location, discard_result, raise_for_error, read_blob, read_shm,
                             resolve_shm_prefix, trusted_owners)
 from broker.rq_wire import JobWire
-from broker.schemas import EncodeRequest, Handle, per_prompt_images
+from broker.protocol.schemas import EncodeRequest, Handle, per_prompt_images
 
 
 class EncoderClient:
@@ -34,7 +34,7 @@ class EncoderClient:
     other prefix, or a blob key that is not the job's own, is ResultLost, and nothing is opened or deleted.
     Every failure is a BrokerError (broker.errors): Redis's own errors too (BrokerUnavailable, RedisRefused).
     `doorbell` (shm transport, sync `encode`): a worker on this host hands the result's handle straight back to
-    this process (broker.doorbell), besides recording it in Redis. One thread at a time waits on the doorbell;
+    this process (broker.protocol.doorbell), besides recording it in Redis. One thread at a time waits on the doorbell;
     others sharing the client wait on Redis alone. `aencode` works in any event loop (one connection pool each,
     closed as its loop ends: broker.loop_clients).
     """

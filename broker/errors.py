@@ -50,4 +50,4 @@ class ProtocolError(BrokerError):
 
 
 class MissingExtra(BrokerError, ImportError):
-    """An optional dependency is not installed; the message names the extra that brings it (broker.extras)."""
+    """An optional dependency is not installed; the message names the extra that brings it (broker.ops.extras)."""

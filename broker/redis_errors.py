@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import redis
 
-from broker.connections import redacted, unreachable
+from broker.protocol.connections import redacted, unreachable
 from broker.errors import BrokerError, BrokerUnavailable, RedisRefused
 
 # What to change, by the error code Redis answers with (redis-py's exception class for the common ones).

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from broker import keys
+from broker.protocol import keys
 from broker.errors import EncodeFailed, ProtocolError, ResultLost
-from broker.schemas import Blob, Handle
-from broker.serializer import InflateLimitExceeded, MsgpackSerializer, inflate
+from broker.protocol.schemas import Blob, Handle
+from broker.protocol.serializer import InflateLimitExceeded, MsgpackSerializer, inflate
 from shm.names import DEFAULT_PREFIX, SegmentName, check_prefix
 
 TRUSTED_UIDS_ENV = "EB_TRUSTED_UIDS"
@@ -27,7 +27,7 @@ RESULT_SUCCESSFUL, RESULT_FAILED, RESULT_STOPPED, RESULT_RETRIED, RESULT_MAX_RET
 class JobOutcome:
     value: bytes | None  # the job's return value: msgpack of a Handle, GenerateResult, ...
     error: str | None
-    via: str = "redis"  # how it came: "redis" (the job's result stream) or "doorbell" (broker.doorbell)
+    via: str = "redis"  # how it came: "redis" (the job's result stream) or "doorbell" (broker.protocol.doorbell)
 
 
 def parse_result_entry(fields: dict) -> JobOutcome:
@@ -128,7 +128,7 @@ def _check_segment_name(location, prefix: str) -> None:
 
 def check_location(handle: Handle, job_id: str, prefix: str) -> Handle:
     """`handle`, once it points where job `job_id`'s result may be: a segment named under `prefix`, or the job's
-    own blob key (broker.keys.blob); else ResultLost, with nothing opened, read or deleted."""
+    own blob key (broker.protocol.keys.blob); else ResultLost, with nothing opened, read or deleted."""
     if handle.transport == "shm":
         _check_segment_name(handle.location, prefix)
     elif not keys.is_blob_of(handle.location, job_id):

@@ -1,15 +1,15 @@
 """Submitting one job and waiting for its result over Redis, sync and asyncio, with one deadline for both.
 
-Jobs are RQ-compatible records (broker.enqueue); results are read from RQ's result stream with a blocking
+Jobs are RQ-compatible records (broker.protocol.enqueue); results are read from RQ's result stream with a blocking
 XREAD, so a waiting client costs Redis nothing and hears of the result at once. A sync client with a doorbell
-(broker.doorbell) waits on it and on the XREAD together. Connection errors are retried on a fresh connection until
+(broker.protocol.doorbell) waits on it and on the XREAD together. Connection errors are retried on a fresh connection until
 the deadline (unless `retries` is 0): a client rides out a Redis restart shorter than its timeout.
 
 A Redis that lost the job (restarted without its data, or failed over to a replica that never had it) would leave
 its client waiting until the timeout: so the client keeps what it sent until the result comes, looks whether
 Redis still knows the job after every reconnection and at every recovery check, and if not enqueues the same
 request again under the same id (a result of the first run, if one still comes, answers it as well). Results are
-deterministic; a worker records only the first result of a job (broker/lua/record.lua) and drops the others.
+deterministic; a worker records only the first result of a job (broker/protocol/lua/record.lua) and drops the others.
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aredis
 
-from broker import keys
-from broker.connections import CONNECTION_ERRORS, DeferredReplies, connect, redacted, unreachable
-from broker.doorbell import Doorbell, wait_either
-from broker.enqueue import enqueue_args, new_job_mapping
+from broker.protocol import keys
+from broker.protocol.connections import CONNECTION_ERRORS, DeferredReplies, connect, redacted, unreachable
+from broker.protocol.doorbell import Doorbell, wait_either
+from broker.protocol.enqueue import enqueue_args, new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
 from broker.loop_clients import LoopClients
-from broker.recovery import recover_args
+from broker.protocol.recovery import recover_args
 from broker.results import JobOutcome, parse_result_entry, result_fields
-from broker.scripts import Scripts
+from broker.protocol.scripts import Scripts
 
 RESULT_TTL_S = 60  # how long a result waits in Redis for a client that is slow to read it
-# While waiting, a client looks this often whether its job's worker died (see broker.recovery): with no other
+# While waiting, a client looks this often whether its job's worker died (see broker.protocol.recovery): with no other
 # worker alive to notice, the job is still retried or failed, not left hanging until the timeout.
 RECOVERY_CHECK_S = 2.0
 RETRY_MAX_DELAY_S = 1.0
@@ -209,7 +209,7 @@ class JobWire:
 
     @property
     def aredis(self) -> aredis.Redis:
-        """The running event loop's asyncio client (broker.http_front reads the queue with it)."""
+        """The running event loop's asyncio client (broker.http.front reads the queue with it)."""
         return self._aclient()[0]
 
     async def asubmit(self, payload: bytes, deadline: float, description: str = "") -> str:

@@ -20,7 +20,7 @@ def main(argv=None, prog: str = "python -m dit_workers") -> int:
     ap.add_argument("--redis-url", help="overrides the config's redis_url")
     ap.add_argument("--text-encoder-type", help="overrides the config's text_encoder_type")
     args = ap.parse_args(argv)
-    from broker.extras import require
+    from broker.ops.extras import require
 
     require("diffusers", "a DiT worker")  # said before anything is loaded or written
     setup_logging("INFO", diffusers=True)

@@ -8,9 +8,9 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from broker.config import (DEFAULT_REDIS_URL, ClientConfig, env_name, from_json_file, load_json,
+from broker.protocol.config import (DEFAULT_REDIS_URL, ClientConfig, env_name, from_json_file, load_json,
                            normalize_text_encoder_type)
-from broker.queues import DEFAULT_GENERATE_QUEUE
+from broker.protocol.queues import DEFAULT_GENERATE_QUEUE
 from dit_workers import lightx2v_config
 
 log = logging.getLogger("dit_workers.config")

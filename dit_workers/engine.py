@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from broker.errors import InvalidRequest
-from broker.schemas import GenerateRequest, GenerateResult
+from broker.protocol.schemas import GenerateRequest, GenerateResult
 from dit_workers import pipeline as P
 from dit_workers.config import DitWorkerConfig
 from dit_workers.embeddings import make_embedder

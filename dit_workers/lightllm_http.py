@@ -1,5 +1,5 @@
 """`service_url` http(s)://: the encoder is a LightLLM-protocol server (LightLLM's `return_hiddens` server, or this
-project's broker.http_front), spoken to as LightX2V's lightllm_service client speaks to it (broker.lightllm):
+project's broker.http.front), spoken to as LightX2V's lightllm_service client speaks to it (broker.http.lightllm):
 one POST /generate per prompt with the prompt already in Qwen-Image's template, bfloat16 states back (in a shared
 memory segment on the same host with `use_shm`, else base64), the template's drop_idx tokens dropped here."""
 

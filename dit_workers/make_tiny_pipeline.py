@@ -74,7 +74,7 @@ def fill_deterministic(model, seed: int) -> None:
 
 def write_pipeline_parts(outdir: str, hidden_size: int) -> None:
     """Writes transformer/, vae/, scheduler/ and model_index.json into `outdir` (which must exist)."""
-    from broker.extras import require
+    from broker.ops.extras import require
 
     diffusers = require("diffusers", "the tiny Qwen-Image pipeline")
     transformer = diffusers.QwenImageTransformer2DModel(joint_attention_dim=hidden_size, **TINY_TRANSFORMER)

@@ -16,7 +16,7 @@ import os
 import torch
 
 from broker.errors import InvalidRequest, ModelLoadError
-from broker.extras import require
+from broker.ops.extras import require
 from dit_workers.make_tiny_pipeline import MARKER as TINY_PIPELINE_MARKER
 
 log = logging.getLogger("dit_workers")

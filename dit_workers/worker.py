@@ -11,8 +11,8 @@ import time
 import redis
 
 from broker.errors import BrokerError
-from broker.queues import GENERATE_FUNCTION
-from broker.schemas import GenerateRequest, GenerateResult
+from broker.protocol.queues import GENERATE_FUNCTION
+from broker.protocol.schemas import GenerateRequest, GenerateResult
 from dit_workers.config import DitWorkerConfig
 from dit_workers.engine import DitEngine, checksum  # noqa: F401  (checksum: re-exported for callers and tests)
 from workers.devices import describe as describe_device

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 class RedisServer:
     """A throwaway redis-server: no persistence, its own port and folder. With `password`, it asks for a password
-    made as the project's own Redis makes it (broker.redis_server), in `password_file`."""
+    made as the project's own Redis makes it (broker.ops.redis_server), in `password_file`."""
 
     def __init__(self, port: int | None = None, password: bool = False):
         self.port = port or free_port()
@@ -51,7 +51,7 @@ class RedisServer:
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/setup does it)")
         if self.password_file:
-            from broker.redis_server import ensure_credential, write_config
+            from broker.ops.redis_server import ensure_credential, write_config
 
             args = [write_config(os.path.join(self.dir, "redis.conf"), ensure_credential(self.password_file),
                                  self.port, workdir=self.dir, persist=False)]
@@ -144,8 +144,8 @@ def shm_names(prefix: str) -> list[str]:
 
 def submit_prompt(client, prompt: str, bell: str = "") -> tuple[str, float]:
     """Enqueues `prompt` as EncoderClient.encode does (a shm result, rung to `bell` if named): (job id, deadline)."""
-    from broker.host import host_id
-    from broker.schemas import EncodeRequest
+    from broker.protocol.host import host_id
+    from broker.protocol.schemas import EncodeRequest
 
     deadline = client.wire.deadline()
     req = EncodeRequest(prompts=[prompt], client_host=host_id(), deadline=deadline, bell=bell)

@@ -12,12 +12,12 @@ import redis
 import torch
 
 from broker.client import EncoderClient
-from broker.enqueue import enqueue_args, new_job_mapping
+from broker.protocol.enqueue import enqueue_args, new_job_mapping
 from broker.errors import BrokerUnavailable, EncodeFailed, InvalidRequest
-from broker.queues import ENCODE_FUNCTION
+from broker.protocol.queues import ENCODE_FUNCTION
 from broker.rq_wire import JobWire
-from broker.schemas import EncodeRequest
-from broker.scripts import RQ_LIB, Scripts
+from broker.protocol.schemas import EncodeRequest
+from broker.protocol.scripts import RQ_LIB, Scripts
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
 from tests.helpers import eventually, free_port, shm_names, start_worker, stop_process, wait_for_workers, write_config
 from workers.templates import T2I
@@ -155,7 +155,7 @@ def test_client_refuses_bad_input_before_sending(client, prompts, task, says):
 def test_finished_jobs_are_in_rqs_registries(client, encoder_worker):
     client.encode(["registry check"])
     r = redis.Redis.from_url(encoder_worker["url"])
-    # a result rung to its client (broker.doorbell) is recorded a moment after the client has it
+    # a result rung to its client (broker.protocol.doorbell) is recorded a moment after the client has it
     assert eventually(lambda: r.zcard("rq:wip:encode") == 0)  # nothing left marked started
     assert r.zcard("rq:finished:encode") >= 1
     assert r.llen("rq:intermediate:encode") == 0

@@ -40,6 +40,14 @@ def test_a_commands_usage_line_names_the_console_script(name, capsys):
     assert capsys.readouterr().out.startswith(f"usage: encoder-broker {name} ")
 
 
+@pytest.mark.parametrize("module", ["broker.http", "broker.http_front"])
+def test_the_fronts_python_m_forms_both_start_it(module):
+    # broker.http_front is the name LightX2V deployments were set up with, before the front moved to broker.http
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: python -m {module} ") and "--shm-default" in out.stdout
+
+
 def test_credential_and_redis_server_are_console_commands(tmp_path, capsys):
     pw = tmp_path / "redis" / "password"
     assert cli.main(["credential", "--file", str(pw)]) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from honcho.environ import expand_processes
 
-from broker.stats import collect, format_stats
+from broker.ops.stats import collect, format_stats
 from workers.devices import describe, pick_device, worker_index
 from workers.serve_loop import ServeLoop
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from broker.errors import EncodeFailed, InvalidRequest
 from broker.generation import GenerationClient
-from broker.schemas import GenerateRequest
+from broker.protocol.schemas import GenerateRequest
 from dit_workers.census import encoder_census, encoder_param_shapes
 from dit_workers.config import DitWorkerConfig
 from dit_workers.embeddings import ServiceEmbedder, image_support

@@ -1,4 +1,4 @@
-"""The doorbell shortcut (broker.doorbell): a worker on the client's host hands a shm result's handle straight to
+"""The doorbell shortcut (broker.protocol.doorbell): a worker on the client's host hands a shm result's handle straight to
 the waiting client; Redis stays the source of truth. Real sockets, a real Redis, the real worker process."""
 
 import base64
@@ -14,13 +14,13 @@ import redis
 import torch
 
 from broker.client import EncoderClient
-from broker.doorbell import Doorbell, Ring, Ringer
+from broker.protocol.doorbell import Doorbell, Ring, Ringer
 from broker.errors import InvalidRequest
-from broker.queues import ENCODE_FUNCTION
+from broker.protocol.queues import ENCODE_FUNCTION
 from broker.results import read_shm
 from broker.rq_wire import JobWire
-from broker.schemas import EncodeRequest, Handle
-from broker.serializer import MsgpackSerializer
+from broker.protocol.schemas import EncodeRequest, Handle
+from broker.protocol.serializer import MsgpackSerializer
 from shm import SHM_DIR, write_segment
 from tests.helpers import assert_encoded, eventually, submit_prompt
 
@@ -124,7 +124,7 @@ def test_a_stale_ring_is_dropped_and_its_segment_unlinked(client, baseline):
 
 
 def test_a_ring_that_wins_leaves_the_wire_usable(redis_server):
-    """When the ring comes first, the XREAD raced against it is still pending (broker.connections
+    """When the ring comes first, the XREAD raced against it is still pending (broker.protocol.connections
     DeferredReplies); the next wait reads its reply or, if it has not come (here: never), replaces the
     connection."""
     queue = "bell-" + uuid.uuid4().hex[:8]

@@ -16,10 +16,10 @@ import redis
 
 from broker.client import EncoderClient
 from broker.errors import BrokerUnavailable, EncodeFailed, Overloaded
-from broker.host import host_id
-from broker.queues import ENCODE_FUNCTION
+from broker.protocol.host import host_id
+from broker.protocol.queues import ENCODE_FUNCTION
 from broker.rq_wire import JobWire
-from broker.schemas import EncodeRequest, Handle
+from broker.protocol.schemas import EncodeRequest, Handle
 from tests.helpers import REPO, eventually, restart, shm_names
 from workers.job_source import JobSource
 
@@ -69,8 +69,8 @@ def test_killed_worker_job_without_retries_fails_clearly_before_the_timeout(work
 def test_vanished_client_leaves_no_segment_beyond_its_expiry(workers, own_redis):
     workers.start(result_ttl_s=2)
     code = (
-        "import time; from broker.rq_wire import JobWire; from broker.queues import ENCODE_FUNCTION\n"
-        "from broker.schemas import EncodeRequest; from broker.host import host_id\n"
+        "import time; from broker.rq_wire import JobWire; from broker.protocol.queues import ENCODE_FUNCTION\n"
+        "from broker.protocol.schemas import EncodeRequest; from broker.protocol.host import host_id\n"
         f"w = JobWire('{own_redis.url}', 'encode', ENCODE_FUNCTION, 30, 0); d = w.deadline()\n"
         "w.submit(EncodeRequest(prompts=['orphan'], client_host=host_id(), deadline=d).to_msgpack(), d)\n"
         "print('submitted', flush=True)\n"

@@ -1,7 +1,7 @@
 """A result handle comes through Redis or a doorbell, so anyone who can write there can forge one: a handle a worker
 of this queue did not make is ResultLost with the reason, in the client and at the HTTP front, and nothing is
 opened, read or deleted. A fake worker takes the job from the queue and answers with the forgery, as
-a worker records a result (broker/lua/record.lua: an entry in the job's result stream) or rings a doorbell."""
+a worker records a result (broker/protocol/lua/record.lua: an entry in the job's result stream) or rings a doorbell."""
 
 import asyncio
 import base64
@@ -16,13 +16,13 @@ import uuid
 import pytest
 import redis
 
-from broker import keys
+from broker.protocol import keys
 from broker.client import EncoderClient
-from broker.doorbell import Ringer
+from broker.protocol.doorbell import Ringer
 from broker.errors import ResultLost
 from broker.results import SHM_PREFIX_ENV, discard_result, read_shm
-from broker.schemas import Handle
-from broker.serializer import MsgpackSerializer
+from broker.protocol.schemas import Handle
+from broker.protocol.serializer import MsgpackSerializer
 from shm import SHM_DIR, unlink_segment, write_segment
 from tests.helpers import REPO, eventually, free_port, start_process, stop_process
 from tests.test_http_front import stalled_worker
@@ -210,7 +210,7 @@ def test_the_front_answers_forged_results_with_json_and_stays_up(redis_server, t
     says why, and the front goes on serving."""
     queue, port, log = "forged-front-" + uuid.uuid4().hex[:6], free_port(), str(tmp_path / "front.log")
     env = {"PYTHONPATH": REPO}
-    proc = start_process(["-m", "broker.http_front", "--port", str(port), "--redis-url", redis_server.url,
+    proc = start_process(["-m", "broker.http", "--port", str(port), "--redis-url", redis_server.url,
                           "--queue", queue, "--timeout", "10", "--shm-prefix", "ebh" + uuid.uuid4().hex[:6]],
                          log, env=env)
     r = redis.Redis.from_url(redis_server.url)

@@ -22,7 +22,7 @@ import pytest
 import redis
 import torch
 
-from broker.http_front import HttpFront, HttpFrontConfig
+from broker.http.front import HttpFront, HttpFrontConfig
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
 from tests.helpers import (RedisServer, eventually, free_port, scrape, shm_names, start_process, start_worker,
                            stop_process, wait_for_workers)
@@ -213,10 +213,10 @@ def test_segments_expire_and_a_budget_bounds_them(encoder_worker):
 
 
 def front_process(url, prefix, log_path, worker_prefix):
-    """`python -m broker.http_front` on a free port (its answers' segments under `prefix`, reading the results of
+    """`python -m broker.http` on a free port (its answers' segments under `prefix`, reading the results of
     workers whose shm_prefix is `worker_prefix`), once it answers: (process, port)."""
     port = free_port()
-    proc = start_process(["-m", "broker.http_front", "--port", str(port), "--redis-url", url, "--shm-prefix", prefix,
+    proc = start_process(["-m", "broker.http", "--port", str(port), "--redis-url", url, "--shm-prefix", prefix,
                           "--worker-shm-prefix", worker_prefix, "--shm-ttl-s", "1", "--shm-default", "both"],
                          log_path)
     assert eventually(lambda: _answers(port) or proc.poll() is not None, timeout=60) and proc.poll() is None, \
@@ -267,7 +267,7 @@ def test_ctrl_c_stops_the_front_and_its_redis_quietly(tmp_path):
     logs no error."""
     server = RedisServer().start()
     log = tmp_path / "front.log"
-    proc = start_process(["-m", "broker.http_front", "--port", str(free_port()), "--redis-url", server.url,
+    proc = start_process(["-m", "broker.http", "--port", str(free_port()), "--redis-url", server.url,
                           "--shm-prefix", "ebc" + uuid.uuid4().hex[:6]], log)
     try:
         assert eventually(lambda: "LightLLM-protocol front on" in open(log).read() or proc.poll() is not None,

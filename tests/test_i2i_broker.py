@@ -10,7 +10,7 @@ import redis
 
 from broker.client import EncoderClient
 from broker.errors import EncodeFailed, InvalidRequest
-from broker.queues import ENCODE_FUNCTION
+from broker.protocol.queues import ENCODE_FUNCTION
 from broker.rq_wire import JobWire
 from tests.helpers import eventually, start_worker, stop_process, wait_for_workers
 from tests.test_broker_e2e import assert_same, raw_job

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from broker.schemas import GenerateRequest
+from broker.protocol.schemas import GenerateRequest
 from dit_workers import pipeline as P
 from dit_workers.make_tiny_pipeline import ensure_tiny_pipeline
 from tests.test_dit_pipeline import decode_png, engine_for, input_png

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from broker.errors import InvalidRequest
-from broker.schemas import EncodeRequest, per_prompt_images
+from broker.protocol.schemas import EncodeRequest, per_prompt_images
 from tests.test_kernel_encoder import EagerRunner, rel_l2
 from workers import images as I
 from workers.encoders import load_encoder

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from broker.generation import GenerationClient
-from broker.schemas import GenerateRequest
+from broker.protocol.schemas import GenerateRequest
 from dit_workers.config import DitWorkerConfig
 from dit_workers.engine import DitEngine
 from dit_workers.lightllm_http import LightLLMHttpEmbedder

@@ -65,7 +65,7 @@ def test_wheel_holds_every_package_and_the_configs(venv):
 
 def test_the_build_does_not_warn_about_undeclared_package_data(venv):
     names = zipfile.ZipFile(venv["wheel"]).namelist()
-    assert {"broker/lua/rq.lua", "broker/lua/take.lua"} <= set(names)
+    assert {"broker/protocol/lua/rq.lua", "broker/protocol/lua/take.lua"} <= set(names)
     assert "absent from the `packages` configuration" not in venv["build_output"], venv["build_output"][-3000:]
 
 

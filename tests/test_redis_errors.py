@@ -13,7 +13,7 @@ from broker.client import EncoderClient
 from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, RedisRefused
 from broker.generation import GenerationClient
 from broker.redis_errors import broker_error
-from broker.schemas import EncodeRequest, GenerateRequest
+from broker.protocol.schemas import EncodeRequest, GenerateRequest
 from tests.helpers import RedisServer
 from tests.test_http_front import FrontThread, call, lightx2v_payload, stalled_worker
 

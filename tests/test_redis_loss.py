@@ -11,7 +11,7 @@ import uuid
 import pytest
 import redis
 
-from broker import keys
+from broker.protocol import keys
 from broker.client import EncoderClient
 from broker.generation import GenerationClient
 from dit_workers.worker import checksum
@@ -130,8 +130,8 @@ def test_a_generation_client_gets_its_image_when_redis_loses_its_job(workers, ow
 def test_a_job_run_twice_is_recorded_once_and_its_second_result_removed(worker, delivery_client,  # noqa: F811
                                                                          baseline, transport):
     """As when a client enqueued its job again while a worker still ran it: both runs deliver."""
-    from broker.host import host_id
-    from broker.schemas import EncodeRequest
+    from broker.protocol.host import host_id
+    from broker.protocol.schemas import EncodeRequest
 
     wire = delivery_client.wire
     deadline = wire.deadline()
@@ -155,7 +155,7 @@ def test_a_job_run_twice_is_recorded_once_and_its_second_result_removed(worker, 
         assert len(r.keys(keys.BLOB_PREFIX + "*")) == 1  # so is its blob
     outcome = wire.wait(job_id, deadline)
     from broker.results import raise_for_error, read_blob, read_shm
-    from broker.schemas import Handle
+    from broker.protocol.schemas import Handle
 
     handle = Handle.from_msgpack(raise_for_error(outcome))
     states = read_shm(handle, prefix=worker.config.shm_prefix) if transport == "shm" else read_blob(wire.getdel(handle.location), handle)
@@ -165,7 +165,7 @@ def test_a_job_run_twice_is_recorded_once_and_its_second_result_removed(worker, 
 
 def test_a_job_enqueued_again_is_not_pushed_once_redis_knows_it(own_redis):
     """The client's second enqueue is conditional: a worker that recorded the job meanwhile wins."""
-    from broker.queues import ENCODE_FUNCTION
+    from broker.protocol.queues import ENCODE_FUNCTION
     from broker.rq_wire import JobWire
 
     wire = JobWire(own_redis.url, "again-" + uuid.uuid4().hex[:6], ENCODE_FUNCTION, timeout=30, retries=1)

@@ -7,7 +7,7 @@ import uuid
 
 import redis
 
-from broker.stats import collect, format_stats
+from broker.ops.stats import collect, format_stats
 from tests.helpers import start_worker, stop_process, wait_for_workers
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [\w.]+ (INFO|WARNING|ERROR) ")

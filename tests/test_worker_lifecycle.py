@@ -8,7 +8,7 @@ import uuid
 import pytest
 import redis
 
-from broker.stats import collect
+from broker.ops.stats import collect
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
 from tests.helpers import eventually, start_worker, stop_process, wait_for_workers
 from tests.test_http_front import FrontThread, call

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.config import DEFAULT_REDIS_URL, from_json_file
-from broker.queues import DEFAULT_QUEUE
+from broker.protocol.config import DEFAULT_REDIS_URL, from_json_file
+from broker.protocol.queues import DEFAULT_QUEUE
 
 # A text token spans a few characters (about 4 in English, fewer in Chinese); this bound is far above them, so
 # only prompts already far over max_prompt_tokens meet it.

@@ -1,5 +1,5 @@
 """The delivery stage of the encoder worker: writes each computed batch's results (shared-memory segments, or
-blobs), rings the clients on this host with their handles (broker.doorbell) and records the batch in Redis
+blobs), rings the clients on this host with their handles (broker.protocol.doorbell) and records the batch in Redis
 (blob writes and the RECORD script in one round trip). A job run twice (its client enqueued it again after Redis
 lost it) is recorded once: RECORD names the jobs an earlier run answered, and their results here are removed."""
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import time
 
-from broker.doorbell import Ringer
-from broker.schemas import Handle
+from broker.protocol.doorbell import Ringer
+from broker.protocol.schemas import Handle
 from shm import unlink_segment
 from workers.batch_runner import BatchRunner, Encoded
 from workers.job_source import CONNECTION_ERRORS, JobSource, StatsUpdate, TakenJob, skipped_ids
@@ -115,7 +115,7 @@ class Delivery:
                                                            timings, exec_id=t.exec_id)
             value = handle.to_msgpack()
             if handle.transport == "shm":
-                # A client waiting on a doorbell has its result now, before Redis does (broker.doorbell).
+                # A client waiting on a doorbell has its result now, before Redis does (broker.protocol.doorbell).
                 if t.request.bell and self.ringer.ring(t.request.bell, t.job_id, value):
                     rung += 1
                 else:

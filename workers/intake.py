@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from broker.errors import BrokerError, InvalidRequest, PromptTooLong
-from broker.schemas import EncodeRequest
+from broker.protocol.schemas import EncodeRequest
 from workers.batch_runner import Batch, PreparedJob
 from workers.batching import BatchPolicy
 from workers.config import EncoderWorkerConfig

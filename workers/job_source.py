@@ -1,8 +1,8 @@
 """The Redis side of a worker: take jobs in batches, keep them alive, record them finished or failed.
 
-Jobs and registries keep RQ's layout (broker.keys), so rq-dashboard, `rq info` and RQ's own abandoned-job cleanup
+Jobs and registries keep RQ's layout (broker.protocol.keys), so rq-dashboard, `rq info` and RQ's own abandoned-job cleanup
 read them as they read RQ's. Where RQ spends ~70 commands a job, a batch here costs two script calls
-(broker/lua): TAKE (take ids, read the jobs, mark them started), pipelined behind an idle worker's blocking wait
+(broker/protocol/lua): TAKE (take ids, read the jobs, mark them started), pipelined behind an idle worker's blocking wait
 for a wake-up so that one round trip both wakes it and takes the jobs; RECORD (results, registries and the batch's
 counters: the waiting clients are answered when it ends). Every field read from Redis is checked with the job it belongs to: a malformed one fails that job alone.
 """
@@ -19,14 +19,14 @@ from datetime import datetime
 
 import redis
 
-from broker import keys
-from broker.connections import CONNECTION_ERRORS
+from broker.protocol import keys
+from broker.protocol.connections import CONNECTION_ERRORS
 from broker.errors import BrokerError
-from broker.queues import ENCODE_FUNCTION
-from broker.recovery import recover_args, rq_failure
-from broker.schemas import EncodeRequest
-from broker.scripts import SCRIPTS, Scripts
-from broker.serializer import InflateLimitExceeded, MsgpackSerializer, inflate
+from broker.protocol.queues import ENCODE_FUNCTION
+from broker.protocol.recovery import recover_args, rq_failure
+from broker.protocol.schemas import EncodeRequest
+from broker.protocol.scripts import SCRIPTS, Scripts
+from broker.protocol.serializer import InflateLimitExceeded, MsgpackSerializer, inflate
 
 log = logging.getLogger("workers")
 __all__ = ["CONNECTION_ERRORS", "JobSource", "StatsUpdate", "TakenJob"]
@@ -109,7 +109,7 @@ class JobSource:
 
     def take(self, more: int, heartbeat_ttl: int) -> list[TakenJob]:
         """Up to `more` jobs, each marked started with `heartbeat_ttl`: from here on a job whose worker dies is
-        found by broker.recovery. Ids whose record vanished (expired) or is malformed are dropped and logged."""
+        found by broker.protocol.recovery. Ids whose record vanished (expired) or is malformed are dropped and logged."""
         return self._parse_taken(self.scripts.call("take", self._take_keys(), self._take_args(more, heartbeat_ttl)))
 
     def _take_keys(self) -> list:
@@ -190,7 +190,7 @@ class JobSource:
                stats: StatsUpdate | None = None, pipe=None) -> list[str] | None:
         """Finished jobs (their return value: msgpack bytes), failed ones (the reason) and the batch's stats in one
         script call; on `pipe` (executed by the caller, its last reply this one's) if given. Returns the ids of
-        the jobs not recorded because an earlier run of theirs was (see broker/lua/record.lua)."""
+        the jobs not recorded because an earlier run of theirs was (see broker/protocol/lua/record.lua)."""
         stats = stats or StatsUpdate()
         if self.observe is not None:
             self.observe(stats)
@@ -210,5 +210,5 @@ class JobSource:
         return skipped_ids(self.scripts.call("record", keys_, argv))
 
     def requeue_abandoned(self) -> list[int]:
-        """Jobs whose worker stopped heart-beating are retried or failed (broker.recovery); [requeued, failed]."""
+        """Jobs whose worker stopped heart-beating are retried or failed (broker.protocol.recovery); [requeued, failed]."""
         return self.scripts.call("recover", *recover_args(self.queue))

@@ -1,7 +1,7 @@
 """What a worker's log says while Redis is out of reach, for every thread of the worker that talks to Redis.
 
 An outage is told once it has lasted GRACE_S (a blip the next retry rides out is not an error), in one line that
-says why and what to do (broker.connections.unreachable: a missing password names $EB_REDIS_PASSWORD_FILE and
+says why and what to do (broker.protocol.connections.unreachable: a missing password names $EB_REDIS_PASSWORD_FILE and
 var/redis/password), then at most every REPEAT_S while it lasts; an INFO line tells when Redis answers again. The
 worker keeps retrying all along: under honcho one process's exit stops them all, and the Procfile's Redis may
 still be starting, or writing its password file on its first run.
@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 
-from broker.connections import unreachable
+from broker.protocol.connections import unreachable
 
 log = logging.getLogger("workers")
 

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from broker import keys
-from broker.schemas import Blob, EncodeRequest, Handle
+from broker.protocol import keys
+from broker.protocol.schemas import Blob, EncodeRequest, Handle
 from shm import ShmError, ShmSpaceError, write_segment
 
 log = logging.getLogger(__name__)

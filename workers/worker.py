@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from broker.host import host_id
+from broker.protocol.host import host_id
 from shm import sweep
 from workers.batch_runner import BatchRunner
 from workers.compute import Compute
@@ -83,7 +83,7 @@ class EncoderWorker(ServeLoop):
 
     def keep_alive(self) -> bool:
         """One round of housekeeping: registration, the heartbeat of the worker and of every job it holds, the
-        queue's bound for clients' admission (broker.enqueue), recovery and sweeps. False when Redis is down."""
+        queue's bound for clients' admission (broker.protocol.enqueue), recovery and sweeps. False when Redis is down."""
         while not self.links.held.empty():
             change, jobs = self.links.held.get_nowait()
             for t in jobs:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from broker.errors import InvalidRequest, PromptTooLong
-from broker.schemas import validate_prompts
+from broker.protocol.schemas import validate_prompts
 from workers.checkpoint import CheckpointPaths, TextConfig
 from workers.images import ImageLimits, ImagePreprocessor, PreparedImage, per_prompt_images
 from workers.template_ids import SplitTemplate, split_template

@@ -13,7 +13,7 @@ SCHEMA_VERSION = 1
 TASKS = ("t2i", "i2i")
 TRANSPORTS = ("shm", "blob")
 DTYPES = ("bfloat16", "float16", "float32")
-BELL_PREFIX = "eb-bell-"  # a doorbell's name (broker.doorbell): the prefix, the client's pid, 16 random hex digits
+BELL_PREFIX = "eb-bell-"  # a doorbell's name (broker.protocol.doorbell): the prefix, the client's pid, 16 random hex digits
 BELL_NAME = re.compile(r"eb-bell-[0-9]+-[0-9a-f]{16}")
 
 
@@ -98,7 +98,7 @@ class EncodeRequest:
     client_host: str = ""
     deadline: float = 0.0  # unix seconds after which the client has given up; 0 = none
     raw: bool = False  # prompts are already templated model inputs; every token's state is returned
-    bell: str = ""  # the client's doorbell (broker.doorbell), rung with the handle of a shm result; "" = none
+    bell: str = ""  # the client's doorbell (broker.protocol.doorbell), rung with the handle of a shm result; "" = none
     version: int = SCHEMA_VERSION
 
     def validate(self) -> "EncodeRequest":

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from broker.errors import ProtocolError
-from broker.schemas import BELL_PREFIX, SCHEMA_VERSION, as_dict, decode, packb
+from broker.protocol.schemas import BELL_PREFIX, SCHEMA_VERSION, as_dict, decode, packb
 
 MAX_RING_BYTES = 64 * 1024  # a handle is a few hundred bytes; a ring larger than this is not ours
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
@@ -35,7 +35,7 @@ UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 @dataclass(slots=True)
 class Ring:
     """What a worker sends to a client's doorbell: the job and its result's handle (msgpack of
-    broker.schemas.Handle)."""
+    broker.protocol.schemas.Handle)."""
 
     job_id: str
     handle: bytes
@@ -120,7 +120,7 @@ class Ringer:
 
 
 def wait_either(bell: Doorbell, job_id: str, redis_reply, timeout_s: float, stale) -> tuple[str, object]:
-    """Waits for `job_id`'s ring on `bell` or for the reply `redis_reply` (broker.connections.DeferredReplies)
+    """Waits for `job_id`'s ring on `bell` or for the reply `redis_reply` (broker.protocol.connections.DeferredReplies)
     has outstanding, whichever comes first: ("doorbell", the handle), ("redis", the reply) or ("timeout", None).
     `stale(handle)` gets the handles of rings for other jobs."""
     give_up = time.monotonic() + timeout_s

@@ -11,7 +11,7 @@ import redis
 import redis.asyncio as aredis
 from redis.credentials import CredentialProvider
 
-PASSWORD_FILE_ENV = "EB_REDIS_PASSWORD_FILE"  # the Redis password, in a file of mode 0600 (broker.redis_server)
+PASSWORD_FILE_ENV = "EB_REDIS_PASSWORD_FILE"  # the Redis password, in a file of mode 0600 (broker.ops.redis_server)
 DEFAULT_PASSWORD_FILE = "var/redis/password"  # where the project's Redis makes it on its first run (.env names it)
 
 

@@ -7,11 +7,11 @@ import time
 
 import redis
 
-from broker.keys import QueueKeys
-from broker.queues import DEFAULT_QUEUE
+from broker.protocol.keys import QueueKeys
+from broker.protocol.queues import DEFAULT_QUEUE
 
 STAT_FIELDS = ("batches", "jobs", "failed", "prompts", "failed_prompts", "tokens", "computed_tokens", "cache_hits",
-               "cache_misses", "results_rung")  # the last: results handed to their client by doorbell (broker.doorbell)
+               "cache_misses", "results_rung")  # the last: results handed to their client by doorbell (broker.protocol.doorbell)
 
 
 def _text(x):

@@ -1,5 +1,5 @@
--- rq.lua: what the scripts that read or write jobs by id share; broker.scripts puts it before each of them.
--- ARGV[1..4]: the key prefixes of broker.keys.PREFIXES (job hash, result stream, execution, executions of a
+-- rq.lua: what the scripts that read or write jobs by id share; broker.protocol.scripts puts it before each of them.
+-- ARGV[1..4]: the key prefixes of broker.protocol.keys.PREFIXES (job hash, result stream, execution, executions of a
 -- job); a script's own arguments are ARGS[1..] (ARGV[5..]).
 local JOB, RESULTS, EXECUTION, EXECUTIONS = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ARGS = {}

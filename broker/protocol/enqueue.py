@@ -1,4 +1,4 @@
-"""RQ-compatible job records, written in one round trip (broker/lua/enqueue.lua) by sync and asyncio clients.
+"""RQ-compatible job records, written in one round trip (broker/protocol/lua/enqueue.lua) by sync and asyncio clients.
 
 Jobs are ordinary RQ jobs (hash rq:job:<id>, id pushed on rq:queue:<name>), so rq-dashboard and `rq info`
 read them, but the data is msgpack and the only function named is ENCODE_FUNCTION. The hash is built here
@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 
 import msgpack
 
-from broker import keys
-from broker.queues import ENCODE_FUNCTION
-from broker.serializer import MsgpackSerializer
+from broker.protocol import keys
+from broker.protocol.queues import ENCODE_FUNCTION
+from broker.protocol.serializer import MsgpackSerializer
 
 # Most waiting workers a queue's wake-up list can wake at once.
 MAX_WAKE_TOKENS = 64
@@ -60,7 +60,7 @@ def new_job_mapping(payload: bytes, queue: str, *, function: str = ENCODE_FUNCTI
 
 def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int,
                  again: bool = False) -> tuple[list, list]:
-    """KEYS and ARGV of broker/lua/enqueue.lua. `again`: the job was enqueued before and Redis lost it; it is pushed
+    """KEYS and ARGV of broker/protocol/lua/enqueue.lua. `again`: the job was enqueued before and Redis lost it; it is pushed
     only while Redis still knows nothing of it, and past any bound (it was admitted once)."""
     q = keys.QueueKeys(queue)
     fields = []

@@ -10,9 +10,9 @@ import logging
 import os
 from dataclasses import dataclass, fields
 
-from broker.queues import DEFAULT_QUEUE
+from broker.protocol.queues import DEFAULT_QUEUE
 
-log = logging.getLogger("broker.config")
+log = logging.getLogger("broker.protocol.config")
 ENV_PREFIX = "EB_"
 
 DEFAULT_REDIS_PORT = 6390  # the project's own Redis (Procfile), not the system one

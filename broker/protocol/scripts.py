@@ -1,7 +1,7 @@
-"""The broker's Lua scripts (broker/lua/*.lua, each with its KEYS/ARGV contract in its header), loaded here.
+"""The broker's Lua scripts (broker/protocol/lua/*.lua, each with its KEYS/ARGV contract in its header), loaded here.
 
-Scripts that read or write jobs by id have broker/lua/rq.lua put before them and get the key prefixes of
-broker.keys.PREFIXES as their first arguments (a script never spells a key name), added by `args`.
+Scripts that read or write jobs by id have broker/protocol/lua/rq.lua put before them and get the key prefixes of
+broker.protocol.keys.PREFIXES as their first arguments (a script never spells a key name), added by `args`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker import keys
+from broker.protocol import keys
 
 LUA_DIR = Path(__file__).with_name("lua")
 RQ_LIB = (LUA_DIR / "rq.lua").read_text()

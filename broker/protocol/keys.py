@@ -17,7 +17,7 @@ RESULTS_PREFIX = "rq:results:"
 EXECUTION_PREFIX = "rq:execution:"
 EXECUTIONS_PREFIX = "rq:executions:"
 BLOB_PREFIX = "eb:blob:"
-# What scripts using broker/lua/rq.lua get as their first ARGV (see broker.scripts).
+# What scripts using broker/protocol/lua/rq.lua get as their first ARGV (see broker.protocol.scripts).
 PREFIXES = (JOB_PREFIX, RESULTS_PREFIX, EXECUTION_PREFIX, EXECUTIONS_PREFIX)
 
 
@@ -35,7 +35,7 @@ def execution(job_id: str, exec_id: str) -> str:
 
 
 def blob(job_id: str, exec_id: str) -> str:
-    """A result blob: one per execution of the job, so that a second run's result (dropped: broker/lua/record.lua)
+    """A result blob: one per execution of the job, so that a second run's result (dropped: broker/protocol/lua/record.lua)
     is deleted without touching the first's."""
     return f"{BLOB_PREFIX}{job_id}:{exec_id}"
 
@@ -64,7 +64,7 @@ class QueueKeys:
         # One token per job pushed (at most MAX_WAKE_TOKENS): an idle worker blocks on it with its take pipelined
         # behind, so a job is taken in the round trip that wakes the worker (workers.job_source).
         self.wake = f"eb:wake:{queue}"
-        # Where workers publish their max_queue_depth for clients' admission (broker.enqueue).
+        # Where workers publish their max_queue_depth for clients' admission (broker.protocol.enqueue).
         self.bound = f"eb:bound:{queue}"
         self.latency = f"eb:latency:{queue}"  # the last 2000 jobs' latencies (ms), for `broker stats`
 

@@ -1,4 +1,4 @@
-"""uvicorn plumbing of the HTTP front (broker.http_front): the listening socket, a deadline for request heads,
+"""uvicorn plumbing of the HTTP front (broker.http.front): the listening socket, a deadline for request heads,
 and the access log."""
 
 from __future__ import annotations
