@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go, on a card whose Python lacks our service's packages (the device tool's machines):
-#   bash benchmarks/card.sh OUT_DIR [load] [encoder] [dit] [i2i] [encoder-fp8] [i2i-fp8] [guard]
+#   bash benchmarks/card.sh OUT_DIR [load] [encoder] [dit] [dit-real] [i2i] [encoder-fp8] [i2i-fp8] [guard]
 # guard: load.py's lone request and 64 x 4 clients on this tree, on the tree in $OLD_TREE (a `git archive` of the
 # commit before the change, carried), and on this tree again, all in one call.
 # Installs the cp312 wheels in .whl/ (rq, redis, posix-ipc, diffusers, py-spy, ...) into /tmp/site, puts the
@@ -13,7 +13,7 @@
 #   .bin/redis-server.bin: a copy of this machine's redis-server, .bin/lib/: the libraries `ldd` lists for it,
 #   .bin/redis-server: a script that runs redis-server.bin with LD_LIBRARY_PATH=.bin/lib.
 set -uo pipefail
-out=${1:?usage: card.sh OUT_DIR [load] [encoder] [dit] [i2i] [encoder-fp8] [i2i-fp8] [guard]}
+out=${1:?usage: card.sh OUT_DIR [load] [encoder] [dit] [dit-real] [i2i] [encoder-fp8] [i2i-fp8] [guard]}
 shift
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -37,6 +37,10 @@ for stage in "$@"; do
     encoder) python3 benchmarks/encoder.py --ckpt $ckpt 2>&1 | tee "$out/encoder.log" ;;
     dit) python3 benchmarks/dit_memory.py --build-7b --model-path $ckpt --device cuda --width 512 --height 512 \
            --steps 4 2>&1 | tee "$out/dit.log" ;;
+    # a Qwen-Image-sized DiT (random weights made on the card) and the encoder: in its process, then behind the broker
+    dit-real) python3 benchmarks/dit_card.py --build-7b --model-path $ckpt --device cuda --width 1024 --height 1024 \
+                --steps 8 --runs "${DIT_RUNS:-3}" --modes "${DIT_MODES:-baseline,service,service-fp8}" \
+                --json "$out/dit-real.json" 2>&1 | tee "$out/dit-real.log" ;;
     i2i) python3 benchmarks/encoder_i2i.py --ckpt $ckpt 2>&1 | tee "$out/i2i.log" ;;
     # the bf16 runs above plus the FP8 encoder against them in the same process
     encoder-fp8) python3 benchmarks/encoder.py --ckpt $ckpt --quantization fp8 2>&1 | tee "$out/encoder-fp8.log" ;;
