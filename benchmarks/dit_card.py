@@ -250,13 +250,14 @@ def card_used() -> int | None:
     return int(lines[0]) * MIB if lines else None
 
 
-def app_bytes(apps: dict | None, pid: int, exclude: set[int]) -> int | None:
-    """`pid`'s used memory; where nvidia-smi names other PIDs than ours, the one process it lists beside `exclude`."""
+def driver_pid(apps: dict | None, pid: int, exclude=()) -> int | None:
+    """`pid` as nvidia-smi lists it: itself, or, where it lists other PIDs than ours (another PID namespace), the one
+    process it lists beside `exclude`."""
     if not apps:
         return None
     if pid in apps:
-        return apps[pid]
-    rest = [v for p, v in apps.items() if p not in exclude]
+        return pid
+    rest = [p for p in apps if p not in exclude]
     return rest[0] if len(rest) == 1 else None
 
 
@@ -334,24 +335,20 @@ def mib(v) -> str:
 
 
 def memory_of(row: dict) -> tuple:
-    """(DiT process, encoder worker) used bytes by nvidia-smi's process list, else by the card's used memory
-    differenced around the processes' starts and exits."""
-    enc_pid = row.get("encoder_pid")
-    enc_apps = row.get("encoder_apps")
-    exclude = set(enc_apps or ()) if enc_pid is not None else set()
-    dit = app_bytes(row.get("gpu_apps"), row["pid"], exclude)
-    encoder = None
-    if enc_pid is not None:
-        encoder = app_bytes(row.get("gpu_apps"), enc_pid, set()) if enc_pid in (row.get("gpu_apps") or {}) \
-            else app_bytes(enc_apps, enc_pid, set())
-    how = "nvidia-smi per process" if dit is not None else None
-    if dit is None and row.get("card_used") is not None:
-        how = "card used memory, differenced"
-        base = row["card_encoder_after"] if enc_pid is not None else row["card_idle"]
-        dit = row["card_used"] - base
-        if enc_pid is not None:
-            encoder = row["card_encoder_after"] - row["card_idle"]
-    return dit, encoder, how
+    """(DiT process, encoder worker) used bytes from nvidia-smi's process list (the encoder worker's PID: the one
+    process listed while it ran alone), else from the card's used memory differenced around the processes' starts
+    and exits; and which of the two it was."""
+    apps = row.get("gpu_apps")
+    enc = driver_pid(row.get("encoder_apps"), row["encoder_pid"]) if row.get("encoder_pid") else None
+    dit = driver_pid(apps, row["pid"], exclude={enc})
+    if dit is not None:
+        return apps[dit], (apps.get(enc) if enc is not None else None), "nvidia-smi's process list"
+    if row.get("card_used") is None:
+        return None, None, None
+    if row.get("encoder_pid"):
+        return (row["card_used"] - row["card_encoder_after"], row["card_encoder_after"] - row["card_idle"],
+                "the card's used memory, differenced")
+    return row["card_used"] - row["card_idle"], None, "the card's used memory, differenced"
 
 
 def encoder_label(row: dict) -> str:
@@ -375,7 +372,7 @@ def report(rows: list[dict], args) -> None:
           f"{'the tiny one' if args.small_dims else 'the released config'} ({count(r0['vae_params'])}); both random "
           f"weights made on the device. Text encoder: {os.path.abspath(args.model_path)} (random weights).")
     print("| mode | text encoder | s / image | encode s | encode share | denoise s | VAE decode s | PNG s | "
-          "DiT process GPU (MiB) | DiT torch after load / peak (MiB) | encoder worker GPU (MiB) | "
+          "DiT process GPU (MiB) | DiT process torch: after load / peak (MiB) | encoder worker GPU (MiB) | "
           "card used, both (MiB) | encoder weights in the DiT process (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     hows, mem = set(), {}
