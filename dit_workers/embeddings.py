@@ -42,7 +42,8 @@ class InProcessEmbedder:
         from workers.encoders import load_encoder
 
         self.mode = cfg.text_encoder_type
-        self.encoder = load_encoder(cfg.model_path, backend=cfg.text_encoder_type, device=device, dtype=cfg.dtype)
+        self.encoder = load_encoder(cfg.model_path, backend=cfg.text_encoder_type, device=device, dtype=cfg.dtype,
+                                    quantization=cfg.quantization)
 
     def embed(self, prompts: list[str], task: str, images: list[bytes]) -> list[torch.Tensor]:
         if not images:

@@ -51,8 +51,9 @@ class DitEngine:
         self.unit = P.size_unit(self.t2i)
         self.text_dim = self.t2i.transformer.config.joint_attention_dim
         self.embedder = make_embedder(cfg, str(self.device))
-        log.info("pipeline from %s on %s (%s), size unit %d, text encoder %s; loaded in %.1fs", cfg.model_path,
-                 self.device, str(self.dtype).replace("torch.", ""), self.unit, self.embedder.mode, time.time() - t0)
+        log.info("pipeline from %s on %s (%s), size unit %d, text encoder %s%s; loaded in %.1fs", cfg.model_path,
+                 self.device, str(self.dtype).replace("torch.", ""), self.unit, self.embedder.mode,
+                 f" ({cfg.quantization})" if cfg.quantization else "", time.time() - t0)
 
     @property
     def mode(self) -> str:

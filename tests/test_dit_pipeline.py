@@ -154,6 +154,40 @@ def test_kernel_mode_gives_the_same_embeddings_and_image(baseline_engine, kernel
     assert np.abs(img_b - img_k).max() <= 2
 
 
+def test_kernel_mode_takes_the_configs_fp8_quantization(pipeline_dir, kernel_engine):
+    """`quantization: "fp8"` reaches the in-process kernel encoder: e4m3 decoder layers, the FP8 encoder's own
+    embeddings (near the unquantized ones, not equal), and a generation from them."""
+    cfg = DitWorkerConfig(text_encoder_type="lightllm_kernel", quantization="fp8", model_path=pipeline_dir,
+                          device="cpu")
+    engine = DitEngine(cfg, "cpu")
+    enc = engine.embedder.encoder
+    assert (engine.mode, enc.quantization) == ("kernel", "fp8")
+    assert enc.model.layers[0].feed_forward.w2.weight.dtype == torch.float8_e4m3fn
+    req = GenerateRequest(PROMPT, **SMALL)
+    fp8_states, plain_states = engine.prepare(req).states, kernel_engine.prepare(req).states
+    for q, p in zip(fp8_states, plain_states):
+        assert q.shape == p.shape
+        rel = float((q.float() - p.float()).norm() / p.float().norm())
+        assert 1e-4 < rel < 0.3, f"fp8 vs unquantized relative L2 {rel:.2e}"
+    assert decode_png(engine.generate(req).png).size == (128, 96)
+
+
+def test_quantization_is_fp8_and_for_the_kernel_mode_only(monkeypatch):
+    with pytest.raises(ValueError, match="quantization 'int4' is not one of null, \"fp8\""):
+        DitWorkerConfig(text_encoder_type="kernel", quantization="int4")
+    with pytest.raises(ValueError, match="needs text_encoder_type 'kernel', not 'baseline'"):
+        DitWorkerConfig(text_encoder_type="baseline", quantization="fp8")
+    with pytest.raises(ValueError, match="not 'service': set it in the encoder workers' config"):
+        DitWorkerConfig(text_encoder_type="lightllm_service", quantization="fp8")
+    assert DitWorkerConfig(text_encoder_type="kernel").quantization is None  # off by default
+    monkeypatch.setenv("EB_TEXT_ENCODER_TYPE", "lightllm_kernel")
+    monkeypatch.setenv("EB_QUANTIZATION", "fp8")
+    assert DitWorkerConfig.from_json(None).quantization == "fp8"
+    monkeypatch.setenv("EB_TEXT_ENCODER_TYPE", "baseline")
+    with pytest.raises(ValueError, match="needs text_encoder_type 'kernel'"):
+        DitWorkerConfig.from_json(None)
+
+
 def test_baseline_mode_generates_a_png_of_the_requested_size(baseline_engine):
     steps = []
     res = baseline_engine.generate(GenerateRequest(PROMPT, **SMALL), progress=lambda s, n: steps.append((s, n)))
