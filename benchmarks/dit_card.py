@@ -133,7 +133,7 @@ def child(args) -> None:
     import torch
 
     from benchmarks.encoder import REAL_PROMPTS
-    from broker.schemas import GenerateRequest
+    from broker.protocol.schemas import GenerateRequest
     from dit_workers import pipeline as P
     from dit_workers.census import encoder_census, encoder_param_shapes
     from dit_workers.config import DitWorkerConfig
