@@ -5,16 +5,14 @@ An image job reserves its decoded pixels (workers.pixel_budget, max_image_pixels
 decoded. Without room it waits here, undecoded, in order, until compute releases enough, or until its client's
 deadline passes (then it fails): jobs without images pass it by, so text keeps flowing.
 
-Intake uses the encoder's tokenizing half only (`tokenize`, and its workers.images.ImagePreprocessor); compute
-runs its forward half."""
+Intake uses the encoder's tokenizing half only (`tokenize`, and its workers.images.ImagePreprocessor, whose pool
+prepares several image jobs side by side); compute runs its forward half."""
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from broker.errors import BrokerError, InvalidRequest, PromptTooLong
@@ -54,9 +52,6 @@ class Intake:
         # started image jobs, undecoded, with the pixels they need: waiting for room in links.pixels
         self._waiting: collections.deque[tuple[TakenJob, int]] = collections.deque()
         self._forming = JobBatch()
-        # Image jobs spend a while a picture decoding and preprocessing (RESULTS.md, i2i run 1); PIL and numpy
-        # let go of the GIL, so several at once go through a thread pool.
-        self._image_pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="images")
 
     def run(self) -> None:
         """The intake thread: batches to `links.ready` until the worker stops, then what it holds, then None."""
@@ -201,15 +196,16 @@ class Intake:
 
     def _prepare(self, jobs: list[tuple[TakenJob, int]], failed: list) -> None:
         """Tokenizes `jobs` (with the pixels each has reserved) into `_pending`; a failed one gives its pixels
-        back and goes to `failed`."""
+        back and goes to `failed`. Several image jobs are prepared side by side in the image pool: decoding and
+        preprocessing a picture takes a while (RESULTS.md, i2i run 1), and PIL and numpy let go of the GIL."""
         if sum(1 for t, _ in jobs if t.request.images) > 1:
-            futures = [self._image_pool.submit(self.prepare, t.request) for t, _ in jobs]
+            calls = [self.images.submit(self.prepare, t.request) for t, _ in jobs]
         else:
-            futures = [None] * len(jobs)
-        for (t, pixels), future in zip(jobs, futures):
+            calls = [None] * len(jobs)
+        for (t, pixels), call in zip(jobs, calls):
             self.links.launched.wait(LAUNCH_WAIT_S)
             try:
-                tokens = future.result() if future is not None else self.prepare(t.request)
+                tokens = call.result() if call is not None else self.prepare(t.request)
             except Exception as e:  # a job the tokenizer chokes on fails alone, like one it refuses
                 if pixels:
                     self.links.pixels.release(pixels)
