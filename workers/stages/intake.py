@@ -22,13 +22,12 @@ from workers.config import EncoderWorkerConfig
 from workers.encoders.base import TokenizedPrompts
 from workers.images import ImagePreprocessor, per_prompt_images
 from workers.job_source import CONNECTION_ERRORS, JobSource, StatsUpdate, TakenJob
-from workers.outage import RedisOutage
+from workers.outage import Backoff, RedisOutage
 from workers.stages.links import LAUNCH_WAIT_S, Links
 from workers.stages.types import JobBatch, PreparedJob
 
 log = logging.getLogger("workers")
 
-MAX_BACKOFF_S = 1.0  # between tries while Redis is unreachable: a restarted Redis is used within this
 # Longest the intake waits for room for a waiting image job before it looks at the queue (for jobs without
 # images) and at the waiting jobs' deadlines again.
 ROOM_WAIT_S = 0.02
@@ -55,16 +54,13 @@ class Intake:
 
     def run(self) -> None:
         """The intake thread: batches to `links.ready` until the worker stops, then what it holds, then None."""
-        backoff = 0.05
+        backoff = Backoff(self.outage, "taking jobs")
         while not self.links.stopping.is_set():
             try:
                 batch = self.next_batch()
-                self.outage.answered()
-                backoff = 0.05
+                backoff.answered()
             except CONNECTION_ERRORS as e:
-                self.outage.failed(e, "taking jobs")
-                time.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff.failed(e)
                 continue
             except Exception:
                 log.exception("intake failed; retrying")
