@@ -1,5 +1,5 @@
 """The intake stage of the encoder worker: takes jobs, checks and tokenizes them, and forms the next batch while
-the device runs the current one (workers.links.ready holds exactly one). Bad jobs fail here, alone.
+the device runs the current one (Links.ready holds exactly one). Bad jobs fail here, alone.
 
 An image job reserves its decoded pixels (workers.pixel_budget, max_image_pixels_in_flight) before its images are
 decoded. Without room it waits here, undecoded, in order, until compute releases enough, or until its client's
