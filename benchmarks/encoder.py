@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.encoders.base import EncoderBase, TokenizedBatch
+from workers.encoders.base import EncoderBase, TokenizedPrompts
 from workers.model.qwen2_5_vl_text import ModelArgs
 from workers.templates import T2I
 
@@ -232,11 +232,11 @@ def random_user_tokens(tokenizer, lengths: list[int], seed: int) -> list[list[in
     return [list(x[:n]) for x, n in zip(ids, lengths)]
 
 
-def t2i_batch(tokenizer, user_tokens: list[list[int]]) -> TokenizedBatch:
+def t2i_batch(tokenizer, user_tokens: list[list[int]]) -> TokenizedPrompts:
     prefix = tokenizer(T2I.prefix, add_special_tokens=False)["input_ids"]
     suffix = tokenizer(T2I.text.split("{}")[1], add_special_tokens=False)["input_ids"]
     assert len(prefix) == T2I.drop_idx
-    return TokenizedBatch("t2i", [prefix + u + suffix for u in user_tokens], T2I.drop_idx)
+    return TokenizedPrompts("t2i", [prefix + u + suffix for u in user_tokens], T2I.drop_idx)
 
 
 def mix_lengths(n: int, seed: int) -> list[int]:
@@ -275,7 +275,7 @@ def time_ms(fn, device, iters: int, warmup: int) -> dict:
             "p90_ms": times[(len(times) * 9) // 10], "iters": iters}
 
 
-def run_throughput(encode, batches: list[TokenizedBatch], device, computed: int, templated: int) -> dict:
+def run_throughput(encode, batches: list[TokenizedPrompts], device, computed: int, templated: int) -> dict:
     encode(batches[0])  # warm-up (shapes, allocator)
     sync(device)
     t = time.perf_counter()
@@ -355,7 +355,7 @@ def gemm_only(model, M: int, device, dtype):
     return fwd
 
 
-def n_tokens(batches: list[TokenizedBatch], skip: int = 0) -> int:
+def n_tokens(batches: list[TokenizedPrompts], skip: int = 0) -> int:
     """Tokens the model runs over: templated lengths, less `skip` per sequence (the cached prefix)."""
     return sum(len(x) - skip for b in batches for x in b.ids)
 
@@ -412,7 +412,7 @@ def kernel_unit_checks(device, dtype, a: ModelArgs) -> dict:
     return out
 
 
-def token_budget_batches(tokenizer, users: list[list[int]], budget: int) -> list[TokenizedBatch]:
+def token_budget_batches(tokenizer, users: list[list[int]], budget: int) -> list[TokenizedPrompts]:
     batches, cur, cur_tokens = [], [], 0
     extra = T2I.drop_idx + 5
     for u in users:
@@ -560,7 +560,7 @@ def main(argv=None) -> int:
     corr["kernel_bf16_uncached"] = errors(kern.encode_tokens(real_batch), ref)
     kern.prefix_cache = True
     # one prompt at a time: the CUDA-graph path on a GPU (buckets), against the reference as well
-    singles = [kern.encode_tokens(TokenizedBatch("t2i", [ids], real_batch.drop_idx))[0] for ids in real_batch.ids]
+    singles = [kern.encode_tokens(TokenizedPrompts("t2i", [ids], real_batch.drop_idx))[0] for ids in real_batch.ids]
     corr["kernel_bf16_singles"] = errors(singles, ref)
     corr["kernel_single_vs_batch"] = errors(singles, k_out)  # for information: bf16 GEMM tilings differ
 
@@ -706,7 +706,7 @@ def measure_quantized(args, ckpt, device, dtype, ref, real_batch, lat_batch, tok
     kq.prefix_cache = False
     corr[f"kernel_{q}_uncached"] = errors(kq.encode_tokens(real_batch), ref)
     kq.prefix_cache = True
-    singles = [kq.encode_tokens(TokenizedBatch("t2i", [ids], real_batch.drop_idx))[0] for ids in real_batch.ids]
+    singles = [kq.encode_tokens(TokenizedPrompts("t2i", [ids], real_batch.drop_idx))[0] for ids in real_batch.ids]
     corr[f"kernel_{q}_singles"] = errors(singles, ref)
     for k, v in corr.items():
         say(f"{k} vs fp32: {v}")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 import benchmarks.encoder as tb
-from workers.encoders.base import TokenizedBatch
+from workers.encoders.base import TokenizedPrompts
 from workers.model.qwen2_5_vl_text import ModelArgs
 
 say = tb.say
@@ -139,17 +139,17 @@ def images_for(job: int, n: int) -> list[bytes]:
     return [image_png(*SIZES[(job * 3 + k) % len(SIZES)], seed=1000 * job + k) for k in range(n)]
 
 
-def concat(a: TokenizedBatch, b: TokenizedBatch) -> TokenizedBatch:
-    return TokenizedBatch(a.task, a.ids + b.ids, a.drop_idx, (a.images or ()) + (b.images or ()))
+def concat(a: TokenizedPrompts, b: TokenizedPrompts) -> TokenizedPrompts:
+    return TokenizedPrompts(a.task, a.ids + b.ids, a.drop_idx, (a.images or ()) + (b.images or ()))
 
 
-def pair_jobs(enc, n_jobs: int, n_images: int, seed: int) -> list[TokenizedBatch]:
+def pair_jobs(enc, n_jobs: int, n_images: int, seed: int) -> list[TokenizedPrompts]:
     """CFG-pair jobs: [prompt, " "] with the same images, tokenized and preprocessed (as the worker's intake)."""
     return [enc.tokenize([EDIT_PROMPTS[(seed + j) % len(EDIT_PROMPTS)], " "], "i2i",
                          images=images_for(seed + j, n_images)) for j in range(n_jobs)]
 
 
-def budget_batches(jobs: list[TokenizedBatch], budget: int) -> list[TokenizedBatch]:
+def budget_batches(jobs: list[TokenizedPrompts], budget: int) -> list[TokenizedPrompts]:
     out, cur = [], None
     for j in jobs:
         n = sum(map(len, j.ids))
@@ -160,7 +160,7 @@ def budget_batches(jobs: list[TokenizedBatch], budget: int) -> list[TokenizedBat
     return out + ([cur] if cur is not None else [])
 
 
-def job_batches(jobs: list[TokenizedBatch], per_batch: int) -> list[TokenizedBatch]:
+def job_batches(jobs: list[TokenizedPrompts], per_batch: int) -> list[TokenizedPrompts]:
     out = []
     for i in range(0, len(jobs), per_batch):
         b = jobs[i]
@@ -172,16 +172,16 @@ def job_batches(jobs: list[TokenizedBatch], per_batch: int) -> list[TokenizedBat
 
 # --- measuring -------------------------------------------------------------------------------------------------
 
-def pipeline_calls(hf, batch: TokenizedBatch) -> list[torch.Tensor]:
+def pipeline_calls(hf, batch: TokenizedPrompts) -> list[torch.Tensor]:
     """HF as QwenImageEditPlusPipeline calls it: one prompt per call."""
-    def prompt(i: int) -> TokenizedBatch:
+    def prompt(i: int) -> TokenizedPrompts:
         images = None if batch.images is None else (batch.images[i],)
-        return TokenizedBatch(batch.task, [batch.ids[i]], batch.drop_idx, images)
+        return TokenizedPrompts(batch.task, [batch.ids[i]], batch.drop_idx, images)
 
     return [hf.encode_tokens(prompt(i))[0] for i in range(len(batch.ids))]
 
 
-def throughput(fn, batches: list[TokenizedBatch], device, before_each=None) -> dict:
+def throughput(fn, batches: list[TokenizedPrompts], device, before_each=None) -> dict:
     if before_each:
         before_each()
     fn(batches[0])  # warm-up
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     lat_three = kern.tokenize([EDIT_PROMPTS[3]], "i2i", images=[images_for(21, 3)])
     lat = {}
 
-    def end_to_end_latency(tag: str, name: str, b: TokenizedBatch) -> None:
+    def end_to_end_latency(tag: str, name: str, b: TokenizedPrompts) -> None:
         cold()
         lat[f"{tag}_cold_{name}"] = tb.time_ms(lambda: kern.encode_packed(b), device, iters, warm)
         warm_cache()

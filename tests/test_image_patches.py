@@ -142,6 +142,16 @@ def test_a_bad_image_in_the_pool_fails_its_job_by_name(tiny_dir):
     assert row[0].n_tokens > 0
 
 
+def test_a_call_in_the_pool_may_wait_on_calls_it_hands_the_pool(tiny_dir):
+    """One pool prepares image jobs and decodes their images: a waiter runs a call no pool thread has started, so
+    a job that waits on its own decodes finishes even while it holds the pool's only thread."""
+    prep = I.ImagePreprocessor(f"{tiny_dir}/processor", decode_threads=1)
+    blobs = [IMAGES["odd wide"], IMAGES["large"]]
+    job = prep.submit(prep.prepare_job, [blobs])
+    (row,) = job.future.result(timeout=60)  # run by the pool's one thread, which then waits on both decodes
+    assert [im.grid_thw for im in row] == [prep.prepare(b, "x").grid_thw for b in blobs]
+
+
 def test_patches_on_another_device_type_match_if_any():
     # the same function runs on CUDA where there is one (the worker's device); here, CPU only
     arr = torch.from_numpy(photo(320, 200, 11))

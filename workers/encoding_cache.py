@@ -21,7 +21,8 @@ def cache_key(model_id: str, task: str, drop_idx: int, ids, image_digests: tuple
 
 
 class EncodingCache:
-    """An LRU of CPU tensors, at most `max_bytes` in all; 0 turns it off. Used by one thread only."""
+    """An LRU of CPU tensors, at most `max_bytes` in all; 0 turns it off. Not thread-safe: the worker's compute and
+    delivery threads share one under Links.cache_lock (workers.stages.links)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes

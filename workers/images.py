@@ -1,6 +1,7 @@
 """i2i condition images on the worker: checked decoding on the CPU, the rest on the device.
 
-Per image, in the intake thread (decoding in a thread pool: PIL lets go of the GIL while it decodes):
+Per image, in the intake thread or the image pool (`ImagePreprocessor.submit`: PIL lets go of the GIL while it
+decodes, so a job's distinct images, and several image jobs, are prepared side by side):
 
 1. `decode_image`: PIL opens only PNG, JPEG, WebP or BMP (LightX2V's client sends BMP); the size the header
    declares is checked (non-zero, at most `max_pixels` and `max_side`) before a single pixel is decoded; truncated
@@ -31,8 +32,9 @@ import struct
 import threading
 import warnings
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -200,9 +202,25 @@ def condition_size(w: int, h: int, where: str = "image") -> tuple[int, int]:
 
 # --- Qwen2.5-VL's preprocessing ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
+class PoolCall:
+    """A call handed to the image pool. Its waiter helps: `result` runs the call on the waiting thread itself if
+    no pool thread has started it. So a call in the pool may wait on calls it handed to the same pool (an image
+    job's prepare on its images' decodes) without a deadlock: it only ever waits on calls that are running."""
+
+    future: Future
+    fn: Callable
+    args: tuple
+
+    def result(self):
+        if self.future.cancel():  # still queued: nobody will run it but this thread
+            return self.fn(*self.args)
+        return self.future.result()
+
+
 class ImagePreprocessor:
-    """Turns encoded images into PreparedImages: decoded on the CPU (a job's distinct images in a thread pool),
-    the grid from the checkpoint's image processor settings (loaded on first use). Thread-safe; keeps recent
+    """Turns encoded images into PreparedImages: decoded on the CPU (side by side in its pool, started on first
+    use), the grid from the checkpoint's image processor settings (loaded on first use). Thread-safe; keeps recent
     PreparedImages by digest, at most `cache_max_bytes` of decoded pixels."""
 
     def __init__(self, processor_dir: str | None, limits: ImageLimits = ImageLimits(),
@@ -213,11 +231,11 @@ class ImagePreprocessor:
         self.pin_memory = False
         self.limits = limits
         self.cache_max_bytes = cache_max_bytes
-        self.decode_threads = decode_threads or max(1, min(4, os.cpu_count() or 1))
+        self.decode_threads = decode_threads or max(1, min(8, os.cpu_count() or 1))  # the pool's
         self._processor = None
         self._spec = None
         self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the decoded-image cache and starting the pool
         self._cache: OrderedDict[bytes, PreparedImage] = OrderedDict()
         self._cache_bytes = 0
 
@@ -286,11 +304,13 @@ class ImagePreprocessor:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.nbytes
 
-    def _decode_pool(self) -> ThreadPoolExecutor:
+    def submit(self, fn: Callable, *args) -> PoolCall:
+        """`fn(*args)` handed to the image pool (the worker's intake prepares several image jobs there)."""
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="image-decode")
-            return self._pool
+                self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="images")
+            pool = self._pool
+        return PoolCall(pool.submit(fn, *args), fn, args)
 
     def prepare_job(self, per_prompt: list[list]) -> list[tuple[PreparedImage, ...]]:
         """One job's images, one list per prompt: limits checked, the same bytes prepared once; the distinct
@@ -309,8 +329,8 @@ class ImagePreprocessor:
                         todo[d] = (b, f"prompt {i} image {j}")
         self._check_counts(per_prompt, len(done) + len(todo))
         if len(todo) > 1:
-            futures = {d: self._decode_pool().submit(self.decode, b, where, d) for d, (b, where) in todo.items()}
-            decoded = {d: f.result() for d, f in futures.items()}  # the first failure (in order) fails the job
+            calls = {d: self.submit(self.decode, b, where, d) for d, (b, where) in todo.items()}
+            decoded = {d: c.result() for d, c in calls.items()}  # the first failure (in order) fails the job
         else:
             decoded = {d: self.decode(b, where, d) for d, (b, where) in todo.items()}
         for p in decoded.values():

@@ -4,7 +4,7 @@ A job's decoded images hold memory from decode (intake) until its batch is compu
 3 bytes each, whatever their encoded size (a flat 4096x4096 PNG is tens of kilobytes on the wire, 48 MiB decoded).
 The intake reserves a job's pixels, from its images' headers, before it decodes them; compute releases them once
 the job's batch is computed (or has failed). A job that finds no room waits in the intake, undecoded
-(workers.intake), so the pixels held never pass the budget.
+(workers.stages.intake), so the pixels held never pass the budget.
 """
 
 from __future__ import annotations

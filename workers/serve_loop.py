@@ -17,7 +17,7 @@ from rq import Queue, SimpleWorker, worker_registration
 from broker.protocol.connections import connect
 from broker.protocol.serializer import MsgpackSerializer
 from workers.job_source import CONNECTION_ERRORS, JobSource, TakenJob
-from workers.outage import RedisOutage
+from workers.outage import Backoff, RedisOutage
 
 log = logging.getLogger("workers")
 
@@ -131,22 +131,19 @@ class ServeLoop:
     def run(self) -> None:
         self.install_signal_handlers()
         log.info("worker %s serving %s", self.name, self.describe())
-        backoff = 0.05
+        backoff = Backoff(self.outage, "serving jobs")
         while not self.stopping.is_set():
             try:
                 self.housekeeping()
                 taken = self.source.wait_and_take(self.batch_size(), self.heartbeat_ttl_s, 1.0)
-                self.outage.answered()
+                backoff.answered()
                 if not taken:
                     continue
                 self.rq_worker.set_state("busy")
                 self.handle(taken)
                 self.rq_worker.set_state("idle")
-                backoff = 0.05
             except CONNECTION_ERRORS as e:
-                self.outage.failed(e, "serving jobs")
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)  # a restarted Redis is used within a second
+                backoff.failed(e)
                 self._registered = False
                 self._last_maintenance = 0.0
         self.unregister()

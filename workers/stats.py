@@ -20,7 +20,7 @@ def bucket_of(n: int) -> str:
 
 
 def batch_stats(enc, *, failed: int, latencies_ms: list[float], results_rung: int) -> StatsUpdate:
-    """The counters of one computed batch (workers.batch_runner.Encoded)."""
+    """The counters of one computed batch (workers.stages.types.Encoded)."""
     jobs = enc.batch.jobs
     failed_prompts = sum(len(p.tokens.ids) for p in jobs if p.taken.job_id in enc.errors)
     increments = dict(batches=1, jobs=len(jobs), failed=failed, failed_prompts=failed_prompts,

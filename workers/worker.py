@@ -1,10 +1,11 @@
 """The encoder worker: jobs from many clients in token-budget batches, the device kept busy.
 
-Three stages overlap, each in its own thread, with a queue between them (TEI's shape; workers.links names all
-they share): intake (workers.intake) takes jobs, checks and tokenizes them and forms the next batch while the
-device runs the current one; compute (workers.compute, the main thread) runs the encoder; delivery
-(workers.delivery) writes results, rings clients on this host and records the batch in Redis. A housekeeping
-thread heartbeats, recovers dead workers' jobs and sweeps segments. docs/ARCHITECTURE.md draws a job's way.
+Three stages overlap, each in its own thread, with a queue between them (TEI's shape), one module each under
+workers/stages/, which also holds what they hand each other (types.py) and all they share (links.py): intake
+takes jobs, checks and tokenizes them and forms the next batch while the device runs the current one; compute
+(the main thread) runs the encoder; delivery writes results, rings clients on this host and records the batch in
+Redis. This module wires them, and runs the housekeeping thread: it heartbeats the worker and the jobs it holds,
+recovers dead workers' jobs and sweeps segments. docs/ARCHITECTURE.md draws the threads and a job's way.
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import threading
 
 from broker.protocol.host import host_id
 from shm import sweep
-from workers.batch_runner import BatchRunner
-from workers.compute import Compute
 from workers.config import EncoderWorkerConfig
-from workers.delivery import Delivery
 from workers.devices import describe as describe_device
 from workers.encoding_cache import EncodingCache
 from workers.images import ImageLimits
-from workers.intake import Intake
 from workers.job_source import TakenJob
-from workers.links import Links
 from workers.pixel_budget import PixelBudget
 from workers.result_writer import ResultWriter
 from workers.serve_loop import CONNECTION_ERRORS, ServeLoop
+from workers.stages.compute import Compute
+from workers.stages.delivery import Delivery
+from workers.stages.intake import Intake
+from workers.stages.links import Links
 from workers.stats import Tally, record_in
 
 log = logging.getLogger("workers")
@@ -44,17 +44,16 @@ class EncoderWorker(ServeLoop):
                                              config.max_image_side), config.image_cache_max_bytes)
         self.maintenance_interval_s = config.housekeeping_interval_s
         self.heartbeat_ttl_s = config.job_heartbeat_ttl_s
-        self.links = Links(stopping=self.stopping, pixels=PixelBudget(config.max_image_pixels_in_flight))
+        self.links = Links(stopping=self.stopping, pixels=PixelBudget(config.max_image_pixels_in_flight),
+                           cache=EncodingCache(config.cache_max_bytes))
         self._held: dict[str, TakenJob] = {}  # the housekeeping thread's own, from links.held
-        runner = BatchRunner(encoder, EncodingCache(config.cache_max_bytes), config.max_batch_tokens,
-                             self.links.launched)
         writer = ResultWriter(host_id(), config.result_ttl_s, self.name, config.shm_prefix, config.shm_max_bytes)
         self.writer = writer  # its results by transport, for workers.metrics
         self.tally = Tally()
         self.source.observe = lambda update: record_in(self.tally, update)
-        self.intake = Intake(self.source, encoder, config, self.links, self.outage)
-        self.compute = Compute(runner, self.links)
-        self.delivery = Delivery(self.source, writer, runner, config.result_ttl_s, self.links)
+        self.intake = Intake(self.source, encoder.tokenize, encoder.images, config, self.links, self.outage)
+        self.compute = Compute(encoder, config.max_batch_tokens, self.links)
+        self.delivery = Delivery(self.source, writer, config.result_ttl_s, self.links)
 
     def describe(self) -> str:
         return (f"queue {self.queue!r} with the {self.encoder.backend} encoder on {self.encoder.device}, "

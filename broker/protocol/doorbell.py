@@ -5,7 +5,7 @@ job's result stream, Redis wakes the client's blocking XREAD. That hop costs two
 reply parsing, where a datagram on a Unix socket costs one wake-up (benchmarks/hops.py, RESULTS.md run 14). So a
 client that reads results by shared memory binds a doorbell (an abstract-namespace Unix datagram socket: it
 vanishes with the process, nothing to clean up) and names it in its request; a worker on the same host sends the
-handle there the moment the segment is filled (workers.delivery, its one call site), then records the result in
+handle there the moment the segment is filled (workers.stages.delivery, its one call site), then records the result in
 Redis as always. Redis stays the source of truth: the client waits on both at once (`wait_either`), so a result
 from a worker that can't ring (another host, another network namespace) or a failure arrives as before.
 

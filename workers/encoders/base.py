@@ -24,8 +24,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 @dataclass(frozen=True, slots=True)
-class TokenizedBatch:
-    """Token ids of templated prompts; `drop_idx` leading tokens of each are the shared template prefix.
+class TokenizedPrompts:
+    """Token ids of templated prompts (one job's, from `tokenize`; or the sequences a backend runs together);
+    `drop_idx` leading tokens of each are the shared template prefix.
 
     i2i: `images[i]` are sequence i's images in order, and each image's single `<|image_pad|>` is already
     expanded to its `n_tokens` pads (as Qwen2-VL's processor expands them)."""
@@ -101,7 +102,7 @@ class EncoderBase:
                 log.info("the %s template is tokenized whole for every prompt (no exact cut at its special tokens "
                          "with this tokenizer)", task)
 
-    def tokenize(self, prompts, task: str = "t2i", raw: bool = False, images=None) -> TokenizedBatch:
+    def tokenize(self, prompts, task: str = "t2i", raw: bool = False, images=None) -> TokenizedPrompts:
         """Templated token ids. With `raw`, prompts are already full model inputs (as LightLLM's clients send
         them): nothing is added and nothing dropped, and the limit covers the template prefix too.
 
@@ -134,17 +135,17 @@ class EncoderBase:
             prepared = tuple(self.images.prepare_job(per_prompt))
             pad = self.config.image_token_id
             ids = [expand_image_pads(seq, pad, [im.n_tokens for im in imgs]) for seq, imgs in zip(ids, prepared)]
-        batch = TokenizedBatch(task, ids, 0 if raw else template.drop_idx, prepared)
+        tokens = TokenizedPrompts(task, ids, 0 if raw else template.drop_idx, prepared)
         limit = self.max_prompt_tokens + (template.drop_idx if raw else 0)
-        for i, n in enumerate(batch.text_lengths):
+        for i, n in enumerate(tokens.text_lengths):
             if n > limit:
                 raise PromptTooLong(
                     f"prompt {i} is {n} text tokens after templating, over the limit of {limit} "
                     "(max_prompt_tokens in the encoder config)"
                 )
-        if raw and any(len(x) == 0 for x in batch.ids):
+        if raw and any(len(x) == 0 for x in tokens.ids):
             raise InvalidRequest("a raw input is empty: it must hold at least one token")
-        return batch
+        return tokens
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """The tokenizer's ids for each text, no special tokens added. A fast tokenizer's Rust backend is called
@@ -178,7 +179,7 @@ class EncoderBase:
         return self.encode_tokens(self.tokenize(prompts, task, images=images))
 
     @torch.inference_mode()
-    def encode_tokens(self, batch: TokenizedBatch) -> list[torch.Tensor]:
+    def encode_tokens(self, batch: TokenizedPrompts) -> list[torch.Tensor]:
         raise NotImplementedError
 
 

@@ -14,7 +14,7 @@ import inspect
 
 import torch
 
-from workers.encoders.base import EncoderBase, TokenizedBatch
+from workers.encoders.base import EncoderBase, TokenizedPrompts
 
 
 class BaselineEncoder(EncoderBase):
@@ -35,7 +35,7 @@ class BaselineEncoder(EncoderBase):
         return "mm_token_type_ids" in inspect.signature(self.model.model.forward).parameters
 
     @torch.inference_mode()
-    def encode_tokens(self, batch: TokenizedBatch) -> list[torch.Tensor]:
+    def encode_tokens(self, batch: TokenizedPrompts) -> list[torch.Tensor]:
         # diffusers: right-padded batch, output_hidden_states, hidden_states[-1], masked split, drop the prefix.
         longest = max(len(x) for x in batch.ids)
         pad = self.tokenizer.pad_token_id

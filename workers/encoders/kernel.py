@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from broker.errors import InvalidRequest, ModelLoadError
-from workers.encoders.base import EncoderBase, TokenizedBatch
+from workers.encoders.base import EncoderBase, TokenizedPrompts
 from workers.encoding_cache import EncodingCache
 from workers.images import PreparedImage
 from workers.model.batch import HostBatch, Staging, pack, text_positions
@@ -55,7 +55,7 @@ class SharedPart:
     length: int
 
 
-def shared_parts(batch: TokenizedBatch, P: int, image_token_id: int,
+def shared_parts(batch: TokenizedPrompts, P: int, image_token_id: int,
                  min_tokens: int = MIN_SHARED_TOKENS) -> list[SharedPart]:
     """Groups of two or more sequences with the same images whose ids agree from P on for at least `min_tokens`,
     past their last image token; each member keeps at least one token of its own."""
@@ -167,7 +167,7 @@ class KernelEncoder(EncoderBase):
         self.vision_images_reused += len(images) - len(todo)
         return feats
 
-    def image_inputs(self, batch: TokenizedBatch) -> tuple[list[np.ndarray], torch.Tensor]:
+    def image_inputs(self, batch: TokenizedPrompts) -> tuple[list[np.ndarray], torch.Tensor]:
         """(per sequence [3, len] M-RoPE positions, [N, D] image features in image-pad order) for an i2i batch."""
         self._check_i2i_available()
         images = [im for i in range(len(batch.ids)) for im in batch.images_of(i)]
@@ -185,7 +185,7 @@ class KernelEncoder(EncoderBase):
             prefix = self._prefixes[task] = self.model.compute_prefix(list(self._prefix_ids[task]))
         return prefix
 
-    def _usable_prefix(self, batch: TokenizedBatch) -> PrefixKV | None:
+    def _usable_prefix(self, batch: TokenizedPrompts) -> PrefixKV | None:
         if not self.prefix_cache:
             return None
         want = self._prefix_ids.get(batch.task)
@@ -201,7 +201,7 @@ class KernelEncoder(EncoderBase):
         return self.prefix_for(batch.task)
 
     @torch.inference_mode()
-    def encode_packed(self, batch: TokenizedBatch, positions: list[np.ndarray] | None = None,
+    def encode_packed(self, batch: TokenizedPrompts, positions: list[np.ndarray] | None = None,
                       extra_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         """Returns (packed [sum L_i, D] on the device, lengths L_i): prompt i is rows sum(L_<i) ... + L_i.
 
@@ -238,7 +238,7 @@ class KernelEncoder(EncoderBase):
             return self._encode_sharing(batch, parts, seqs, pos, drop - P, prefix, extra_embeds), lengths
         return self._forward_eager(seqs, pos, prefix, extra_embeds, keep_from), lengths
 
-    def _encode_sharing(self, batch: TokenizedBatch, parts: list[SharedPart], seqs, pos, keep_from: int,
+    def _encode_sharing(self, batch: TokenizedPrompts, parts: list[SharedPart], seqs, pos, keep_from: int,
                         prefix: PrefixKV | None, extra_embeds: torch.Tensor | None) -> torch.Tensor:
         """Two forwards (see the module docstring): each part once, then every sequence's own tokens after it.
         seqs, pos: what each sequence computes (after the prefix); keep_from: its first row returned."""
@@ -305,6 +305,6 @@ class KernelEncoder(EncoderBase):
         return pack(seqs, pos, keep_from, out=out)
 
     @torch.inference_mode()
-    def encode_tokens(self, batch: TokenizedBatch) -> list[torch.Tensor]:
+    def encode_tokens(self, batch: TokenizedPrompts) -> list[torch.Tensor]:
         packed, lengths = self.encode_packed(batch)
         return list(torch.split(packed, lengths))

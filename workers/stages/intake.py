@@ -1,32 +1,33 @@
 """The intake stage of the encoder worker: takes jobs, checks and tokenizes them, and forms the next batch while
-the device runs the current one (workers.links.ready holds exactly one). Bad jobs fail here, alone.
+the device runs the current one (Links.ready holds exactly one). Bad jobs fail here, alone.
 
 An image job reserves its decoded pixels (workers.pixel_budget, max_image_pixels_in_flight) before its images are
 decoded. Without room it waits here, undecoded, in order, until compute releases enough, or until its client's
-deadline passes (then it fails): jobs without images pass it by, so text keeps flowing."""
+deadline passes (then it fails): jobs without images pass it by, so text keeps flowing.
+
+Intake uses the encoder's tokenizing half only (`tokenize`, and its workers.images.ImagePreprocessor, whose pool
+prepares several image jobs side by side); compute runs its forward half."""
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from broker.errors import BrokerError, InvalidRequest, PromptTooLong
 from broker.protocol.schemas import EncodeRequest
-from workers.batch_runner import Batch, PreparedJob
 from workers.batching import BatchPolicy
 from workers.config import EncoderWorkerConfig
-from workers.encoders.base import TokenizedBatch
-from workers.images import per_prompt_images
+from workers.encoders.base import TokenizedPrompts
+from workers.images import ImagePreprocessor, per_prompt_images
 from workers.job_source import CONNECTION_ERRORS, JobSource, StatsUpdate, TakenJob
-from workers.links import LAUNCH_WAIT_S, Links
-from workers.outage import RedisOutage
+from workers.outage import Backoff, RedisOutage
+from workers.stages.links import LAUNCH_WAIT_S, Links
+from workers.stages.types import JobBatch, PreparedJob
 
 log = logging.getLogger("workers")
 
-MAX_BACKOFF_S = 1.0  # between tries while Redis is unreachable: a restarted Redis is used within this
 # Longest the intake waits for room for a waiting image job before it looks at the queue (for jobs without
 # images) and at the waiting jobs' deadlines again.
 ROOM_WAIT_S = 0.02
@@ -35,33 +36,31 @@ EXPIRED_WAITING = ("client deadline passed before compute, while the job waited 
 
 
 class Intake:
-    def __init__(self, source: JobSource, encoder, config: EncoderWorkerConfig, links: Links, outage: RedisOutage):
+    def __init__(self, source: JobSource, tokenize: Callable[..., TokenizedPrompts], images: ImagePreprocessor,
+                 config: EncoderWorkerConfig, links: Links, outage: RedisOutage):
+        """`tokenize` and `images`: the encoder's (workers.encoders.base.EncoderBase); `outage`: the worker's, what
+        its log says while Redis is out of reach."""
         self.source = source
-        self.outage = outage  # the worker's: what its log says while Redis is out of reach
-        self.encoder = encoder
+        self.outage = outage
+        self.tokenize = tokenize
+        self.images = images
         self.config = config
         self.links = links
         self.policy = BatchPolicy(config.max_batch_tokens, config.max_batch_requests, config.max_wait_ms)
         self._pending: collections.deque[PreparedJob] = collections.deque()  # started, not yet in a batch
         # started image jobs, undecoded, with the pixels they need: waiting for room in links.pixels
         self._waiting: collections.deque[tuple[TakenJob, int]] = collections.deque()
-        self._forming = Batch()
-        # Image jobs spend a while a picture decoding and preprocessing (RESULTS.md, i2i run 1); PIL and numpy
-        # let go of the GIL, so several at once go through a thread pool.
-        self._image_pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="images")
+        self._forming = JobBatch()
 
     def run(self) -> None:
         """The intake thread: batches to `links.ready` until the worker stops, then what it holds, then None."""
-        backoff = 0.05
+        backoff = Backoff(self.outage, "taking jobs")
         while not self.links.stopping.is_set():
             try:
                 batch = self.next_batch()
-                self.outage.answered()
-                backoff = 0.05
+                backoff.answered()
             except CONNECTION_ERRORS as e:
-                self.outage.failed(e, "taking jobs")
-                time.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff.failed(e)
                 continue
             except Exception:
                 log.exception("intake failed; retrying")
@@ -83,7 +82,7 @@ class Intake:
                 break
         self.links.ready.put(None)
 
-    def next_batch(self) -> Batch | None:
+    def next_batch(self) -> JobBatch | None:
         """Grows the forming batch from pending jobs and the queue until the policy closes it; None when no job
         came within a second (or the worker stops)."""
         batch = self._forming
@@ -122,15 +121,15 @@ class Intake:
             self.links.held.put(("hold", taken))
         return taken
 
-    def _fill(self, batch: Batch) -> None:
+    def _fill(self, batch: JobBatch) -> None:
         while self._pending and self.policy.fits(len(batch.jobs), batch.tokens, self._pending[0].n_tokens):
             batch.add(self._pending.popleft())
 
-    def _close(self, batch: Batch) -> Batch | None:
+    def _close(self, batch: JobBatch) -> JobBatch | None:
         self._fill(batch)
         if not batch.jobs:
             return None
-        self._forming = Batch()
+        self._forming = JobBatch()
         return batch
 
     def admit(self, taken: list[TakenJob]) -> None:
@@ -189,19 +188,20 @@ class Intake:
         if req.task != "i2i" or not req.images:
             return 0
         self.check(req)
-        return self.encoder.images.declared_pixels(per_prompt_images(req.images, len(req.prompts)))
+        return self.images.declared_pixels(per_prompt_images(req.images, len(req.prompts)))
 
     def _prepare(self, jobs: list[tuple[TakenJob, int]], failed: list) -> None:
         """Tokenizes `jobs` (with the pixels each has reserved) into `_pending`; a failed one gives its pixels
-        back and goes to `failed`."""
+        back and goes to `failed`. Several image jobs are prepared side by side in the image pool: decoding and
+        preprocessing a picture takes a while (RESULTS.md, i2i run 1), and PIL and numpy let go of the GIL."""
         if sum(1 for t, _ in jobs if t.request.images) > 1:
-            futures = [self._image_pool.submit(self.prepare, t.request) for t, _ in jobs]
+            calls = [self.images.submit(self.prepare, t.request) for t, _ in jobs]
         else:
-            futures = [None] * len(jobs)
-        for (t, pixels), future in zip(jobs, futures):
+            calls = [None] * len(jobs)
+        for (t, pixels), call in zip(jobs, calls):
             self.links.launched.wait(LAUNCH_WAIT_S)
             try:
-                tokens = future.result() if future is not None else self.prepare(t.request)
+                tokens = call.result() if call is not None else self.prepare(t.request)
             except Exception as e:  # a job the tokenizer chokes on fails alone, like one it refuses
                 if pixels:
                     self.links.pixels.release(pixels)
@@ -235,12 +235,12 @@ class Intake:
                 raise PromptTooLong(f"prompt {i} is {len(p)} characters, over max_prompt_chars "
                                     f"{self.config.max_prompt_chars}")
 
-    def prepare(self, req: EncodeRequest) -> TokenizedBatch:
+    def prepare(self, req: EncodeRequest) -> TokenizedPrompts:
         """The request's token ids, after the checks that bound what tokenizing it costs."""
         self.check(req)
-        batch = self.encoder.tokenize(req.prompts, req.task, raw=req.raw, images=req.images or None)
+        tokens = self.tokenize(req.prompts, req.task, raw=req.raw, images=req.images or None)
         if req.max_tokens is not None:
-            for i, n in enumerate(batch.text_lengths):
+            for i, n in enumerate(tokens.text_lengths):
                 if n > req.max_tokens:
                     raise PromptTooLong(f"prompt {i} is {n} tokens, over the job's max_tokens {req.max_tokens}")
-        return batch
+        return tokens

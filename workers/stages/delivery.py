@@ -1,7 +1,8 @@
-"""The delivery stage of the encoder worker: writes each computed batch's results (shared-memory segments, or
-blobs), rings the clients on this host with their handles (broker.protocol.doorbell) and records the batch in Redis
-(blob writes and the RECORD script in one round trip). A job run twice (its client enqueued it again after Redis
-lost it) is recorded once: RECORD names the jobs an earlier run answered, and their results here are removed."""
+"""The delivery stage of the encoder worker: waits for each computed batch's copies to the host and keeps its new
+states in the encoding cache (Links.cache), writes its results (shared-memory segments, or blobs), rings the
+clients on this host with their handles (broker.protocol.doorbell) and records the batch in Redis (blob writes
+and the RECORD script in one round trip). A job run twice (its client enqueued it again after Redis lost it) is
+recorded once: RECORD names the jobs an earlier run answered, and their results here are removed."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import time
 from broker.protocol.doorbell import Ringer
 from broker.protocol.schemas import Handle
 from shm import unlink_segment
-from workers.batch_runner import BatchRunner, Encoded
 from workers.job_source import CONNECTION_ERRORS, JobSource, StatsUpdate, TakenJob, skipped_ids
-from workers.links import LAUNCH_WAIT_S, Links
 from workers.result_writer import ResultWriter
+from workers.stages.links import LAUNCH_WAIT_S, Links
+from workers.stages.types import Encoded
 from workers.stats import batch_stats
 
 log = logging.getLogger("workers")
@@ -25,11 +26,9 @@ def ms(seconds: float) -> float:
 
 
 class Delivery:
-    def __init__(self, source: JobSource, writer: ResultWriter, runner: BatchRunner, result_ttl_s: int,
-                 links: Links):
+    def __init__(self, source: JobSource, writer: ResultWriter, result_ttl_s: int, links: Links):
         self.source = source
         self.writer = writer
-        self.runner = runner
         self.result_ttl_s = result_ttl_s
         self.links = links
         self.ringer = Ringer()
@@ -44,7 +43,7 @@ class Delivery:
         unrung: list[str] = []  # shm results no client was rung about: unlinked if the record fails
         handles: dict[str, Handle] = {}  # job id -> its result's handle
         try:
-            self.runner.finish(enc)
+            self.landed(enc)
             with self.source.connection.pipeline(transaction=False) as pipe:
                 done, failed, stats = self._write(enc, pipe, unrung, handles)
                 on_pipe = len(pipe) > 0
@@ -70,6 +69,17 @@ class Delivery:
                  "%.1f ms on the encoder, %.1f ms to deliver", len(enc.batch.jobs), enc.batch.tokens,
                  enc.computed_tokens, enc.cache_hits, len(failed), (enc.started_at - enc.batch.opened_at) * 1e3,
                  enc.infer_ms, (time.time() - enc.started_at) * 1e3 - enc.infer_ms)
+
+    def landed(self, enc: Encoded) -> None:
+        """Waits for the batch's copies to the host, then keeps its new states in the encoding cache."""
+        for copied in enc.copies:
+            copied.synchronize()  # torch lets go of the GIL while it waits: intake and compute run on
+        cache = self.links.cache
+        if cache.max_bytes:
+            with self.links.cache_lock:  # compute reads it
+                for key, r in enc.to_cache:
+                    # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
+                    cache.put(key, r.clone() if r.untyped_storage().nbytes() > r.nbytes else r)
 
     def _drop_second_results(self, skipped: list[str], handles: dict[str, Handle], unrung: list[str]) -> None:
         """Removes the results of jobs that an earlier run had answered: nobody will read them. A segment rung to

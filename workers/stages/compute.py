@@ -1,97 +1,67 @@
-"""The compute stage of the encoder worker: one batch of jobs through the encoder.
+"""The compute stage of the encoder worker (the main thread): runs each ready batch of jobs through the encoder and
+hands it to delivery.
 
 Distinct sequences run once (identical prompts in a batch, and the same images by digest); repeats of recent
-ones come from the encoding cache; the rest run in token-budget chunks, the backend seeing only a flat batch of
-token sequences. On a GPU the states are copied to pinned host memory without waiting: the delivery
-stage waits for the copy (`finish`) while the device starts the next batch.
+ones come from the encoding cache (Links.cache); the rest run in token-budget chunks, the backend seeing only a
+flat batch of token sequences. On a GPU the states are copied to pinned host memory without waiting: the
+delivery stage waits for the copy, and keeps the new states in the cache, while the device starts the next
+batch. Once a batch is computed its jobs' decoded images are let go of, and their pixels given back to the
+worker's budget (workers.pixel_budget), whatever happened to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from workers.batching import split_by_tokens, unique_sequences
-from workers.encoders.base import TokenizedBatch
-from workers.encoding_cache import EncodingCache, cache_key
-from workers.job_source import TakenJob
+from workers.encoders.base import TokenizedPrompts
+from workers.encoding_cache import cache_key
+from workers.stages.links import Links
+from workers.stages.types import Encoded, JobBatch, PreparedJob
 
 log = logging.getLogger("workers")
 
 EXPIRED = "client deadline passed before compute: not computed"
 
 
-@dataclass(slots=True)
-class PreparedJob:
-    """A started job with its token ids, waiting for (or in) a batch."""
-
-    taken: TakenJob
-    tokens: TokenizedBatch
-    pixels: int = 0  # decoded image pixels it holds of the worker's budget (workers.pixel_budget) until computed
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(len(x) for x in self.tokens.ids)
-
-
-@dataclass(slots=True)
-class Batch:
-    jobs: list[PreparedJob] = field(default_factory=list)
-    tokens: int = 0
-    opened_at: float = 0.0
-
-    def add(self, job: PreparedJob) -> None:
-        if not self.jobs:
-            self.opened_at = time.time()
-        self.jobs.append(job)
-        self.tokens += job.n_tokens
-
-    def waited_ms(self) -> float:
-        return (time.time() - self.opened_at) * 1e3 if self.jobs else 0.0
-
-
-@dataclass(slots=True)
-class Encoded:
-    """The encoder's answer for a batch: tensors (CPU) or an error per job, and what it cost."""
-
-    batch: Batch
-    outputs: dict
-    errors: dict
-    started_at: float
-    infer_ms: float
-    computed_tokens: int
-    cache_hits: int
-    cache_misses: int
-    vision_computed: int = 0  # images run through the vision tower
-    vision_reused: int = 0  # image occurrences served from the feature cache or a repeat in the batch
-    copies: list = field(default_factory=list)  # CUDA events of device-to-host copies still in flight
-    to_cache: list = field(default_factory=list)  # (cache key, state) to keep once copied
-    expired: int = 0  # jobs not computed: their client's deadline had passed (failed with EXPIRED)
-
-
-class BatchRunner:
-    def __init__(self, encoder, cache: EncodingCache, max_batch_tokens: int, launched: threading.Event):
-        self.encoder = encoder
-        self.cache = cache
+class Compute:
+    def __init__(self, encoder, max_batch_tokens: int, links: Links):
+        self.encoder = encoder  # its forward half (encode_packed, encode_tokens); intake uses its tokenize
         self.max_batch_tokens = max_batch_tokens
-        self._cache_lock = threading.Lock()  # read by the compute thread, filled by the delivery thread
-        self.launched = launched  # cleared while this thread launches a batch's kernels (workers.links)
+        self.links = links
 
-    def finish(self, enc: "Encoded") -> None:
-        """Waits for the batch's copies to the host, then keeps its new states in the cache."""
-        for copied in enc.copies:
-            copied.synchronize()  # torch lets go of the GIL while it waits: intake and compute run on
-        if self.cache.max_bytes:
-            with self._cache_lock:
-                for key, r in enc.to_cache:
-                    # a view would keep the whole batch's buffer alive in the cache: store a copy of its rows
-                    self.cache.put(key, r.clone() if r.untyped_storage().nbytes() > r.nbytes else r)
+    def run(self) -> None:
+        """The compute thread (the worker's main thread): batches from `links.ready` to `links.done`."""
+        while True:
+            self.links.device_idle.set()
+            batch = self.links.ready.get()
+            if batch is None:
+                break
+            self.links.device_idle.clear()
+            self.links.done.put(self.compute(batch))
+        self.links.done.put(None)
 
-    def run(self, batch: Batch) -> Encoded:
+    def compute(self, batch: JobBatch) -> Encoded:
+        try:
+            return self._encode(batch)
+        finally:
+            self.let_go_of_images(batch)
+
+    def let_go_of_images(self, batch: JobBatch) -> None:
+        """Drops the jobs' decoded images (delivery needs only their token ids) and releases their pixels."""
+        pixels = 0
+        for p in batch.jobs:
+            if p.tokens.images is not None:
+                p.tokens = dataclasses.replace(p.tokens, images=None)
+            pixels, p.pixels = pixels + p.pixels, 0
+        if pixels:
+            self.links.pixels.release(pixels)
+
+    def _encode(self, batch: JobBatch) -> Encoded:
         """Every job's tensors (CPU), computing each distinct sequence once and repeats from the cache;
         or the error of each job whose sequences failed, or whose client's deadline has passed (its client is
         gone: the batch's other jobs run without it)."""
@@ -119,10 +89,10 @@ class BatchRunner:
                 uniq_images = [()] * len(uniq)
                 for (t, i), u in zip(flat, index):
                     uniq_images[u] = t.images_of(i)
-            if self.cache.max_bytes:
+            if self.links.cache.max_bytes:
                 keys = [cache_key(self.encoder.model_id, task, drop, ids, digests) for ids, digests in uniq]
-                with self._cache_lock:
-                    states: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
+                with self.links.cache_lock:  # delivery fills it
+                    states: list[torch.Tensor | None] = [self.links.cache.get(k) for k in keys]
             else:  # no cache: no keys to hash
                 keys, states = [None] * len(uniq), [None] * len(uniq)
             hits += sum(s is not None for s in states)
@@ -133,8 +103,8 @@ class BatchRunner:
                 idx = [todo[c] for c in chunk]
                 sub_images = None if uniq_images is None else tuple(uniq_images[i] for i in idx)
                 try:
-                    res, copied = self._run_encoder(TokenizedBatch(task, [list(uniq[i][0]) for i in idx], drop,
-                                                                   sub_images))
+                    res, copied = self._run_encoder(TokenizedPrompts(task, [list(uniq[i][0]) for i in idx], drop,
+                                                                     sub_images))
                 except Exception as e:  # a failing batch fails its jobs, never the worker
                     log.exception("encoder failed on a batch of %d sequence(s)", len(idx))
                     failed_seq.update((i, f"encoder failed: {type(e).__name__}: {e}") for i in idx)
@@ -166,18 +136,18 @@ class BatchRunner:
     def _vision_counts(self) -> tuple[int, int]:
         return (getattr(self.encoder, "vision_images_computed", 0), getattr(self.encoder, "vision_images_reused", 0))
 
-    def _run_encoder(self, batch: TokenizedBatch) -> tuple[list[torch.Tensor], tuple | None]:
-        """The batch's states as CPU tensors and, on a GPU, the CUDA events (computed, copied): the states hold
+    def _run_encoder(self, seqs: TokenizedPrompts) -> tuple[list[torch.Tensor], tuple | None]:
+        """The sequences' states as CPU tensors and, on a GPU, the CUDA events (computed, copied): the states hold
         their values once `copied` has passed. With a packing backend: one device-to-host copy into pinned
         memory, which the delivery thread waits for while the device starts the next batch."""
         encode_packed = getattr(self.encoder, "encode_packed", None)
         if encode_packed is None:
-            return [r.to("cpu").contiguous() for r in self.encoder.encode_tokens(batch)], None
+            return [r.to("cpu").contiguous() for r in self.encoder.encode_tokens(seqs)], None
         on_gpu = self.encoder.device.type == "cuda"
         if on_gpu:
-            self.launched.clear()
+            self.links.launched.clear()
         try:
-            packed, lengths = encode_packed(batch)
+            packed, lengths = encode_packed(seqs)
             if packed.device.type != "cuda":
                 return list(torch.split(packed, lengths)), None
             computed = torch.cuda.Event()
@@ -188,5 +158,5 @@ class BatchRunner:
             copied.record()
             return list(torch.split(host, lengths)), (computed, copied)
         finally:
-            self.launched.set()
+            self.links.launched.set()
 

@@ -1,9 +1,13 @@
-"""Everything the encoder worker's threads share: the queues between its stages and the events they signal with.
-Nothing else crosses threads.
+"""Everything the encoder worker's stage threads share with each other: the queues between its stages, the events
+they signal with, and the two pieces of state two stages touch (the pixel budget; the encoding cache with its
+lock). Beyond these, threads share only services that lock for themselves: the Redis connection pool (through
+workers.job_source), the outage log (workers.outage), the tally (workers.stats), and the encoder, of which intake
+uses the tokenizing half and compute the forward half (docs/ARCHITECTURE.md draws them all).
 
     intake --ready--> compute --done--> delivery
     intake, delivery --held--> housekeeping (heartbeats the jobs it is told are held)
     intake --pixels--> compute (decoded image pixels: intake reserves them before decoding, compute releases them)
+    compute <--cache--> delivery (compute looks sequences up, delivery keeps new ones: under cache_lock)
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from workers.encoding_cache import EncodingCache
 from workers.pixel_budget import PixelBudget
 
 # Longest intake and delivery hold back, per job, while compute launches kernels (Links.launched): a bound, in case
@@ -27,10 +32,10 @@ def _set_event() -> threading.Event:
 
 @dataclass(slots=True)
 class Links:
-    # intake -> compute: the next batch, exactly one formed ahead while the device runs the current one (TEI's
-    # prefetch); None once intake has stopped.
+    # intake -> compute: the next batch (workers.stages.types.JobBatch), exactly one formed ahead while the device
+    # runs the current one (TEI's prefetch); None once intake has stopped.
     ready: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=1))
-    # compute -> delivery: computed batches (workers.batch_runner.Encoded); None once compute has stopped.
+    # compute -> delivery: computed batches (workers.stages.types.Encoded); None once compute has stopped.
     done: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=2))
     # intake, delivery -> housekeeping: ("hold", jobs) once taken, ("release", jobs) once recorded or given up
     # on (then, should the record have failed, recovery retries them once their heartbeat lapses).
@@ -46,3 +51,8 @@ class Links:
     finished: threading.Event = field(default_factory=threading.Event)  # delivery is done: housekeeping ends
     # Decoded image pixels held from decode (intake) to the end of their batch's compute: max_image_pixels_in_flight.
     pixels: PixelBudget = field(kw_only=True)
+    # Recent encodings (cache_max_bytes): compute looks a batch's sequences up before running them; delivery keeps
+    # a batch's new states once their copies to the host have landed, which only delivery waits for (so the device
+    # starts the next batch meanwhile). Both hold cache_lock while they touch it; no other thread does.
+    cache: EncodingCache = field(kw_only=True)
+    cache_lock: threading.Lock = field(default_factory=threading.Lock)
