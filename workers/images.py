@@ -236,6 +236,9 @@ class ImagePreprocessor:
         self._spec = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # the decoded-image cache and starting the pool
+        # loading the processor: transformers' lazy imports are not thread-safe, and a job's first images decode
+        # side by side in the pool
+        self._load_lock = threading.Lock()
         self._cache: OrderedDict[bytes, PreparedImage] = OrderedDict()
         self._cache_bytes = 0
 
@@ -246,9 +249,11 @@ class ImagePreprocessor:
             if self.processor_dir is None:
                 raise InvalidRequest("this checkpoint has no processor/ directory (Qwen-Image-Edit's image "
                                      "processor settings): it encodes text only, i2i is not available")
-            from transformers import AutoImageProcessor
+            with self._load_lock:
+                if self._processor is None:
+                    from transformers import AutoImageProcessor
 
-            self._processor = AutoImageProcessor.from_pretrained(self.processor_dir)
+                    self._processor = AutoImageProcessor.from_pretrained(self.processor_dir)
         return self._processor
 
     @property
