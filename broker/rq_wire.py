@@ -90,14 +90,15 @@ class JobWire:
     def deadline(self) -> float:
         return time.time() + self.timeout
 
-    def _job(self, payload: bytes, deadline: float, description: str,
-             job_id: str | None = None) -> tuple[str, list, list]:
-        """(job id, ENQUEUE's KEYS and ARGV); with `job_id`, that job enqueued again (see _again)."""
-        remaining = max(1, int(deadline - time.time()) + 1)
+    def _job(self, sent: Sent, job_id: str | None = None) -> tuple[str, list, list]:
+        """(job id, ENQUEUE's KEYS and ARGV) of request `sent`; with `job_id`, that job enqueued again (see
+        _again)."""
+        remaining = max(1, int(sent.deadline - time.time()) + 1)
         again = job_id is not None
         job_id, mapping = new_job_mapping(
-            payload, self.queue, function=self.function, job_timeout=remaining + 5, result_ttl=RESULT_TTL_S,
-            failure_ttl=RESULT_TTL_S, ttl=remaining, retries=self.retries, description=description, job_id=job_id)
+            sent.payload, self.queue, function=self.function, job_timeout=remaining + 5, result_ttl=RESULT_TTL_S,
+            failure_ttl=RESULT_TTL_S, ttl=remaining, retries=self.retries, description=sent.description,
+            job_id=job_id)
         return job_id, *enqueue_args(job_id, mapping, self.queue, self.max_queue_depth, remaining, again=again)
 
     def _admitted(self, job_id: str, pushed: int, sent: Sent) -> str:
@@ -123,7 +124,7 @@ class JobWire:
         sent = self._sent.get(job_id)
         if recovered[2] or sent is None:
             return None
-        return self._job(sent.payload, sent.deadline, sent.description, job_id)[1:]
+        return self._job(sent, job_id)[1:]
 
     def _enqueued_again(self, job_id: str, pushed: int) -> None:
         if pushed > 0:
@@ -143,12 +144,12 @@ class JobWire:
     # -- sync ------------------------------------------------------------------------------------------
     def submit(self, payload: bytes, deadline: float, description: str = "") -> str:
         """Enqueues the job; its id."""
-        job_id, keys_, argv = self._job(payload, deadline, description)
+        sent = Sent(payload, deadline, description)
+        job_id, keys_, argv = self._job(sent)
         retrying = Retrying(self, deadline)
         while True:
             try:
-                return self._admitted(job_id, self.scripts.call("enqueue", keys_, argv),
-                                      Sent(payload, deadline, description))
+                return self._admitted(job_id, self.scripts.call("enqueue", keys_, argv), sent)
             except CONNECTION_ERRORS as e:
                 time.sleep(retrying.next_delay(e))
 
@@ -212,12 +213,12 @@ class JobWire:
         return self._aclient()[0]
 
     async def asubmit(self, payload: bytes, deadline: float, description: str = "") -> str:
-        job_id, keys_, argv = self._job(payload, deadline, description)
+        sent = Sent(payload, deadline, description)
+        job_id, keys_, argv = self._job(sent)
         retrying = Retrying(self, deadline)
         while True:
             try:
-                return self._admitted(job_id, await self._aclient()[1].call("enqueue", keys_, argv),
-                                      Sent(payload, deadline, description))
+                return self._admitted(job_id, await self._aclient()[1].call("enqueue", keys_, argv), sent)
             except CONNECTION_ERRORS as e:
                 await asyncio.sleep(retrying.next_delay(e))
 
