@@ -65,9 +65,20 @@ class Sent:
     description: str
 
 
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """What a queue's Redis says of it: jobs waiting, live workers serving it, and which Redis answered (its
+    run_id, None where INFO is refused: another run_id means Redis restarted or another server took its place)."""
+
+    depth: int
+    live_workers: int
+    redis_run_id: str | None
+
+
 class JobWire:
-    """One queue's submit-and-wait, shared by EncoderClient and GenerationClient. The sync and asyncio methods
-    differ only in how they wait: what they send and how they read it is shared."""
+    """One queue's submit-and-wait, shared by EncoderClient and GenerationClient, and what Redis says of the
+    queue (QueueState). The sync and asyncio methods differ only in how they wait: what they send and how they
+    read it is shared."""
 
     def __init__(self, redis_url: str, queue: str, function: str, timeout: float, retries: int,
                  max_queue_depth: int = 0):
@@ -77,6 +88,7 @@ class JobWire:
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.max_queue_depth = int(max_queue_depth)
+        self._keys = keys.QueueKeys(queue)
         # Reads block up to the whole timeout (XREAD BLOCK), so the socket may wait a little longer than that.
         self._kw = dict(socket_connect_timeout=min(self.timeout, 5.0), socket_timeout=self.timeout + 1.0,
                         health_check_interval=0)
@@ -207,11 +219,6 @@ class JobWire:
         asyncio.run() calls, each its own loop, and keeps connections for open loops only)."""
         return self._async.get()
 
-    @property
-    def aredis(self) -> aredis.Redis:
-        """The running event loop's asyncio client (broker.http.front reads the queue with it)."""
-        return self._aclient()[0]
-
     async def asubmit(self, payload: bytes, deadline: float, description: str = "") -> str:
         sent = Sent(payload, deadline, description)
         job_id, keys_, argv = self._job(sent)
@@ -247,6 +254,31 @@ class JobWire:
             return await self._aclient()[0].getdel(key)
         except CONNECTION_ERRORS as e:
             raise self.unavailable(e) from None
+
+    async def aqueue_depth(self) -> int:
+        """How many jobs wait in the queue."""
+        return await self._aclient()[0].llen(self._keys.queue)
+
+    async def aqueue_state(self, worker_stale_s: float) -> QueueState:
+        """The queue's depth, its live workers (RQ's registry of the queue's workers, each counted while its RQ
+        heartbeat is younger than `worker_stale_s`) and the Redis server's run_id, in two round trips."""
+        from rq.utils import utcparse  # rq's import is heavy; only this reads RQ's worker records
+
+        async with self._aclient()[0].pipeline(transaction=False) as pipe:
+            pipe.llen(self._keys.queue)
+            pipe.smembers(self._keys.workers)
+            pipe.info("server")  # its run_id; a Redis that refuses INFO (renamed away) just goes without
+            depth, members, server = await pipe.execute(raise_on_error=False)
+        for reply in (depth, members):
+            if isinstance(reply, Exception):
+                raise reply
+        async with self._aclient()[0].pipeline(transaction=False) as pipe:
+            for key in members:
+                pipe.hget(key, "last_heartbeat")
+            beats = await pipe.execute()
+        now = time.time()
+        live = sum(1 for b in beats if b and now - utcparse(b.decode()).timestamp() < worker_stale_s)
+        return QueueState(depth, live, server.get("run_id") if isinstance(server, dict) else None)
 
     def close(self) -> None:
         self._replies.discard()

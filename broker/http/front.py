@@ -36,14 +36,12 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from rq.utils import utcparse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.http.answer_segments import AnswerSegments
 from broker.client import EncoderClient
 from broker.protocol.config import DEFAULT_REDIS_URL, from_json_file
 from broker.protocol.connections import redacted, unreachable
-from broker.protocol.enqueue import queue_key
 from broker.errors import (BrokerError, BrokerTimeout, BrokerUnavailable, EncodeFailed, InvalidRequest, Overloaded,
                            ProtocolError, RedisRefused, ResultLost)
 from broker.http.metrics import FrontMetrics
@@ -260,7 +258,7 @@ class HttpFront:
 
     async def _queue_depth(self) -> float:
         try:
-            return await asyncio.wait_for(self.client.wire.aredis.llen(queue_key(self.cfg.queue)), HEALTH_TIMEOUT_S)
+            return await asyncio.wait_for(self.client.aqueue_depth(), HEALTH_TIMEOUT_S)
         except Exception:  # Redis down: the gauge says NaN rather than a stale figure
             return float("nan")
 
@@ -282,17 +280,21 @@ class HttpFront:
         register again within a heartbeat, and a request held meanwhile is served."""
         body = {"redis": False, "queue_depth": None, "live_workers": 0}
         try:
-            body.update(await asyncio.wait_for(self._serving_state(), HEALTH_TIMEOUT_S))
+            state = await asyncio.wait_for(self.client.aqueue_state(self.cfg.worker_stale_s), HEALTH_TIMEOUT_S)
         except Exception as e:  # any failure to answer means "Redis does not answer"
-            body["reason"] = unreachable(self.cfg.redis_url, e) if str(e) else \
-                f"cannot reach Redis at {redacted(self.cfg.redis_url)}: no answer within {HEALTH_TIMEOUT_S} s"
+            if not str(e):
+                body["reason"] = f"cannot reach Redis at {redacted(self.cfg.redis_url)}: no answer within " \
+                                 f"{HEALTH_TIMEOUT_S} s"
+            else:
+                body["reason"] = str(e) if isinstance(e, BrokerError) else unreachable(self.cfg.redis_url, e)
             self._no_worker = None
             return body
-        run_id, now = body.pop("run_id"), time.monotonic()
-        if self._redis_run_id not in (None, run_id):
+        body.update(redis=True, queue_depth=state.depth, live_workers=state.live_workers)
+        now = time.monotonic()
+        if self._redis_run_id not in (None, state.redis_run_id):
             self._redis_changed_at = now
-        self._redis_run_id = run_id
-        if not body["live_workers"]:
+        self._redis_run_id = state.redis_run_id
+        if not state.live_workers:
             body["reason"] = f"no live worker serves queue {self.cfg.queue!r}"
         settled = now - self._redis_changed_at >= self.cfg.worker_stale_s
         self._no_worker = body.get("reason") if settled else None
@@ -310,24 +312,6 @@ class HttpFront:
             return None
         await self._check_serving()
         return self._no_worker
-
-    async def _serving_state(self) -> dict:
-        aredis = self.client.wire.aredis
-        async with aredis.pipeline(transaction=False) as pipe:
-            pipe.llen(queue_key(self.cfg.queue))
-            pipe.smembers(f"rq:workers:{self.cfg.queue}")
-            pipe.info("server")  # its run_id; a Redis that refuses INFO (renamed away) just goes without
-            depth, members, server = await pipe.execute(raise_on_error=False)
-        for reply in (depth, members):
-            if isinstance(reply, Exception):
-                raise reply
-        async with aredis.pipeline(transaction=False) as pipe:
-            for key in members:
-                pipe.hget(key, "last_heartbeat")
-            beats = await pipe.execute()
-        now = time.time()
-        live = sum(1 for b in beats if b and now - utcparse(b.decode()).timestamp() < self.cfg.worker_stale_s)
-        return {"redis": True, "queue_depth": depth, "live_workers": live, "run_id": server.get("run_id") if isinstance(server, dict) else None}
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.cfg.max_body_bytes

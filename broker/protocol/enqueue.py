@@ -12,13 +12,8 @@ import uuid
 import zlib
 from datetime import datetime, timezone
 
-from broker.protocol import keys
 from broker.protocol.queues import ENCODE_FUNCTION
 from broker.protocol.serializer import MsgpackSerializer
-
-
-def queue_key(queue: str) -> str:
-    return keys.QueueKeys(queue).queue
 
 
 def rq_time(t: datetime | None = None) -> str:
