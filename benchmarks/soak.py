@@ -309,6 +309,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from broker.protocol.connections import PASSWORD_FILE_ENV, connect
+    from broker.protocol.keys import QueueKeys
+    from broker.protocol.queues import DEFAULT_QUEUE
     from tests.helpers import free_port, wait_for_workers, write_config
     from workers.make_tiny import ensure_tiny
 
@@ -376,7 +378,8 @@ def main() -> int:
     time.sleep(RESULT_TTL_S + 3 * SWEEP_S)
     left_after_sweep = shm_left()
     r = connect(server.url)
-    in_redis = {"queued": r.llen("rq:queue:encode"), "started": r.zcard("rq:wip:encode")}
+    q = QueueKeys(DEFAULT_QUEUE)
+    in_redis = {"queued": r.llen(q.queue), "started": r.zcard(q.started)}
     if front is not None:
         front.send_signal(signal.SIGTERM)
         front.wait(60)

@@ -15,7 +15,7 @@ from broker.protocol.queues import DEFAULT_QUEUE, ENCODE_FUNCTION
 from broker.redis_errors import BrokerErrors
 from broker.results import (check_location, discard_result, raise_for_error, read_blob, read_shm,
                             resolve_shm_prefix, trusted_owners)
-from broker.rq_wire import JobWire
+from broker.rq_wire import JobWire, QueueState
 from broker.protocol.schemas import EncodeRequest, Handle, per_prompt_images
 
 
@@ -140,6 +140,17 @@ class EncoderClient:
             return read_shm(handle, copy=self.copy, trusted=self.trusted, prefix=self.shm_prefix)
         with self._redis_errors:
             return read_blob(await self.wire.agetdel(handle.location), handle)
+
+    async def aqueue_depth(self) -> int:
+        """How many jobs wait in the queue now."""
+        with self._redis_errors:
+            return await self.wire.aqueue_depth()
+
+    async def aqueue_state(self, worker_stale_s: float) -> QueueState:
+        """Whether the queue is served: its depth, the workers serving it whose heartbeat is younger than
+        `worker_stale_s`, and which Redis answered (broker.rq_wire.QueueState)."""
+        with self._redis_errors:
+            return await self.wire.aqueue_state(worker_stale_s)
 
     def close(self) -> None:
         self.wire.close()

@@ -26,16 +26,15 @@ import redis.asyncio as aredis
 from broker.protocol import keys
 from broker.protocol.connections import CONNECTION_ERRORS, DeferredReplies, connect, redacted, unreachable
 from broker.protocol.doorbell import Doorbell, wait_either
-from broker.protocol.enqueue import enqueue_args, new_job_mapping
+from broker.protocol.enqueue import new_job_mapping
 from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
 from broker.loop_clients import LoopClients
-from broker.protocol.recovery import recover_args
 from broker.results import JobOutcome, parse_result_entry, result_fields
-from broker.protocol.scripts import Scripts
+from broker.protocol.scripts import Scripts, enqueue_args, recover_args
 
 RESULT_TTL_S = 60  # how long a result waits in Redis for a client that is slow to read it
-# While waiting, a client looks this often whether its job's worker died (see broker.protocol.recovery): with no other
-# worker alive to notice, the job is still retried or failed, not left hanging until the timeout.
+# While waiting, a client looks this often whether its job's worker died (RECOVER: broker/protocol/lua/recover.lua):
+# with no other worker alive to notice, the job is still retried or failed, not left hanging until the timeout.
 RECOVERY_CHECK_S = 2.0
 RETRY_MAX_DELAY_S = 1.0
 
@@ -66,9 +65,20 @@ class Sent:
     description: str
 
 
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """What a queue's Redis says of it: jobs waiting, live workers serving it, and which Redis answered (its
+    run_id, None where INFO is refused: another run_id means Redis restarted or another server took its place)."""
+
+    depth: int
+    live_workers: int
+    redis_run_id: str | None
+
+
 class JobWire:
-    """One queue's submit-and-wait, shared by EncoderClient and GenerationClient. The sync and asyncio methods
-    differ only in how they wait: what they send and how they read it is shared."""
+    """One queue's submit-and-wait, shared by EncoderClient and GenerationClient, and what Redis says of the
+    queue (QueueState). The sync and asyncio methods differ only in how they wait: what they send and how they
+    read it is shared."""
 
     def __init__(self, redis_url: str, queue: str, function: str, timeout: float, retries: int,
                  max_queue_depth: int = 0):
@@ -78,6 +88,7 @@ class JobWire:
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.max_queue_depth = int(max_queue_depth)
+        self._keys = keys.QueueKeys(queue)
         # Reads block up to the whole timeout (XREAD BLOCK), so the socket may wait a little longer than that.
         self._kw = dict(socket_connect_timeout=min(self.timeout, 5.0), socket_timeout=self.timeout + 1.0,
                         health_check_interval=0)
@@ -91,14 +102,15 @@ class JobWire:
     def deadline(self) -> float:
         return time.time() + self.timeout
 
-    def _job(self, payload: bytes, deadline: float, description: str,
-             job_id: str | None = None) -> tuple[str, list, list]:
-        """(job id, ENQUEUE's KEYS and ARGV); with `job_id`, that job enqueued again (see _again)."""
-        remaining = max(1, int(deadline - time.time()) + 1)
+    def _job(self, sent: Sent, job_id: str | None = None) -> tuple[str, list, list]:
+        """(job id, ENQUEUE's KEYS and ARGV) of request `sent`; with `job_id`, that job enqueued again (see
+        _again)."""
+        remaining = max(1, int(sent.deadline - time.time()) + 1)
         again = job_id is not None
         job_id, mapping = new_job_mapping(
-            payload, self.queue, function=self.function, job_timeout=remaining + 5, result_ttl=RESULT_TTL_S,
-            failure_ttl=RESULT_TTL_S, ttl=remaining, retries=self.retries, description=description, job_id=job_id)
+            sent.payload, self.queue, function=self.function, job_timeout=remaining + 5, result_ttl=RESULT_TTL_S,
+            failure_ttl=RESULT_TTL_S, ttl=remaining, retries=self.retries, description=sent.description,
+            job_id=job_id)
         return job_id, *enqueue_args(job_id, mapping, self.queue, self.max_queue_depth, remaining, again=again)
 
     def _admitted(self, job_id: str, pushed: int, sent: Sent) -> str:
@@ -124,7 +136,7 @@ class JobWire:
         sent = self._sent.get(job_id)
         if recovered[2] or sent is None:
             return None
-        return self._job(sent.payload, sent.deadline, sent.description, job_id)[1:]
+        return self._job(sent, job_id)[1:]
 
     def _enqueued_again(self, job_id: str, pushed: int) -> None:
         if pushed > 0:
@@ -144,12 +156,12 @@ class JobWire:
     # -- sync ------------------------------------------------------------------------------------------
     def submit(self, payload: bytes, deadline: float, description: str = "") -> str:
         """Enqueues the job; its id."""
-        job_id, keys_, argv = self._job(payload, deadline, description)
+        sent = Sent(payload, deadline, description)
+        job_id, keys_, argv = self._job(sent)
         retrying = Retrying(self, deadline)
         while True:
             try:
-                return self._admitted(job_id, self.scripts.call("enqueue", keys_, argv),
-                                      Sent(payload, deadline, description))
+                return self._admitted(job_id, self.scripts.call("enqueue", keys_, argv), sent)
             except CONNECTION_ERRORS as e:
                 time.sleep(retrying.next_delay(e))
 
@@ -207,18 +219,13 @@ class JobWire:
         asyncio.run() calls, each its own loop, and keeps connections for open loops only)."""
         return self._async.get()
 
-    @property
-    def aredis(self) -> aredis.Redis:
-        """The running event loop's asyncio client (broker.http.front reads the queue with it)."""
-        return self._aclient()[0]
-
     async def asubmit(self, payload: bytes, deadline: float, description: str = "") -> str:
-        job_id, keys_, argv = self._job(payload, deadline, description)
+        sent = Sent(payload, deadline, description)
+        job_id, keys_, argv = self._job(sent)
         retrying = Retrying(self, deadline)
         while True:
             try:
-                return self._admitted(job_id, await self._aclient()[1].call("enqueue", keys_, argv),
-                                      Sent(payload, deadline, description))
+                return self._admitted(job_id, await self._aclient()[1].call("enqueue", keys_, argv), sent)
             except CONNECTION_ERRORS as e:
                 await asyncio.sleep(retrying.next_delay(e))
 
@@ -247,6 +254,31 @@ class JobWire:
             return await self._aclient()[0].getdel(key)
         except CONNECTION_ERRORS as e:
             raise self.unavailable(e) from None
+
+    async def aqueue_depth(self) -> int:
+        """How many jobs wait in the queue."""
+        return await self._aclient()[0].llen(self._keys.queue)
+
+    async def aqueue_state(self, worker_stale_s: float) -> QueueState:
+        """The queue's depth, its live workers (RQ's registry of the queue's workers, each counted while its RQ
+        heartbeat is younger than `worker_stale_s`) and the Redis server's run_id, in two round trips."""
+        from rq.utils import utcparse  # rq's import is heavy; only this reads RQ's worker records
+
+        async with self._aclient()[0].pipeline(transaction=False) as pipe:
+            pipe.llen(self._keys.queue)
+            pipe.smembers(self._keys.workers)
+            pipe.info("server")  # its run_id; a Redis that refuses INFO (renamed away) just goes without
+            depth, members, server = await pipe.execute(raise_on_error=False)
+        for reply in (depth, members):
+            if isinstance(reply, Exception):
+                raise reply
+        async with self._aclient()[0].pipeline(transaction=False) as pipe:
+            for key in members:
+                pipe.hget(key, "last_heartbeat")
+            beats = await pipe.execute()
+        now = time.time()
+        live = sum(1 for b in beats if b and now - utcparse(b.decode()).timestamp() < worker_stale_s)
+        return QueueState(depth, live, server.get("run_id") if isinstance(server, dict) else None)
 
     def close(self) -> None:
         self._replies.discard()

@@ -9,7 +9,6 @@ counters: the waiting clients are answered when it ends). Every field read from 
 
 from __future__ import annotations
 
-import base64
 import logging
 import secrets
 import time
@@ -23,14 +22,12 @@ from broker.protocol import keys
 from broker.protocol.connections import CONNECTION_ERRORS
 from broker.errors import BrokerError
 from broker.protocol.queues import ENCODE_FUNCTION
-from broker.protocol.recovery import recover_args, rq_failure
 from broker.protocol.schemas import EncodeRequest
-from broker.protocol.scripts import SCRIPTS, Scripts
+from broker.protocol.scripts import SCRIPTS, Scripts, record_args, recover_args, take_args
 from broker.protocol.serializer import InflateLimitExceeded, MsgpackSerializer, inflate
 
 log = logging.getLogger("workers")
 __all__ = ["CONNECTION_ERRORS", "JobSource", "StatsUpdate", "TakenJob"]
-BAD_ID_MESSAGE = "InvalidRequest: a job id must be letters, digits, '_' and '-' (RQ's job ids)"
 # a job record's data is [function, None, [payload], {}]: the payload plus its function's name and msgpack framing
 JOB_DATA_FRAMING_BYTES = 4096
 
@@ -87,8 +84,6 @@ class JobSource:
         self.queue = queue
         self.keys = keys.QueueKeys(queue)
         self.worker_name = worker_name
-        self.executions_key = keys.worker_executions(worker_name)
-        self.stats_key = self.keys.stats(worker_name)
         self.max_payload_bytes = max_payload_bytes
         self.scripts = Scripts(connection)
         self.observe = None  # called with each recorded StatsUpdate (the worker's in-process tally)
@@ -103,22 +98,19 @@ class JobSource:
         checks blocking timeouts only every ~100 ms: use this for waits of a second or so."""
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.blpop([self.keys.wake], timeout_s)
-            SCRIPTS["take"].on_pipeline(pipe, self._take_keys(), self._take_args(more, heartbeat_ttl))
+            SCRIPTS["take"].on_pipeline(pipe, *self._take_args(more, heartbeat_ttl))
             _token, flat = pipe.execute()
         return self._parse_taken(flat)
 
     def take(self, more: int, heartbeat_ttl: int) -> list[TakenJob]:
         """Up to `more` jobs, each marked started with `heartbeat_ttl`: from here on a job whose worker dies is
-        found by broker.protocol.recovery. Ids whose record vanished (expired) or is malformed are dropped and logged."""
-        return self._parse_taken(self.scripts.call("take", self._take_keys(), self._take_args(more, heartbeat_ttl)))
+        found by RECOVER (broker/protocol/lua/recover.lua). Ids whose record vanished (expired) or is malformed
+        are dropped and logged."""
+        return self._parse_taken(self.scripts.call("take", *self._take_args(more, heartbeat_ttl)))
 
-    def _take_keys(self) -> list:
-        return [self.keys.queue, self.keys.started, self.executions_key, self.keys.wake, self.keys.failed]
-
-    def _take_args(self, more: int, heartbeat_ttl: int) -> list:
+    def _take_args(self, more: int, heartbeat_ttl: int) -> tuple[list, list]:
         self._exec_count += 1
-        return [max(0, more), self.worker_name, heartbeat_ttl, f"{self._exec_prefix}{self._exec_count}x", 60,
-                *rq_failure(BAD_ID_MESSAGE)]
+        return take_args(self.queue, self.worker_name, more, heartbeat_ttl, f"{self._exec_prefix}{self._exec_count}x")
 
     def _parse_taken(self, flat: list) -> list[TakenJob]:
         taken = []
@@ -194,21 +186,15 @@ class JobSource:
         stats = stats or StatsUpdate()
         if self.observe is not None:
             self.observe(stats)
-        argv: list = [result_ttl, self.worker_name, len(done), len(failed), len(stats.increments)]
-        for t, value in done:
-            argv += [t.job_id, t.exec_id, base64.b64encode(MsgpackSerializer.dumps(value))]
-        for t, reason in failed:
-            argv += [t.job_id, t.exec_id, *rq_failure(reason)]
-        for k, v in stats.increments.items():
-            argv += [k, v]
-        argv += [round(x, 3) for x in stats.latencies_ms]
-        keys_ = [self.keys.started, self.keys.finished, self.keys.failed, self.executions_key, self.stats_key,
-                 self.keys.latency]
+        keys_, argv = record_args(self.queue, self.worker_name, result_ttl,
+                                  [(t.job_id, t.exec_id, value) for t, value in done],
+                                  [(t.job_id, t.exec_id, reason) for t, reason in failed],
+                                  stats.increments, stats.latencies_ms)
         if pipe is not None:
             SCRIPTS["record"].on_pipeline(pipe, keys_, argv)
             return None
         return skipped_ids(self.scripts.call("record", keys_, argv))
 
     def requeue_abandoned(self) -> list[int]:
-        """Jobs whose worker stopped heart-beating are retried or failed (broker.protocol.recovery); [requeued, failed]."""
+        """Jobs whose worker stopped heart-beating are retried or failed (RECOVER); [requeued, failed]."""
         return self.scripts.call("recover", *recover_args(self.queue))

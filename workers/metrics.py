@@ -12,6 +12,7 @@ import redis
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from broker.protocol import keys
 from workers.stats import Tally
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class WorkerCollector:
         workers.pixel_budget.PixelBudget, if any."""
         self.tally, self.connection, self.queue, self.worker, self.writer = tally, connection, queue, worker, writer
         self.pixels = pixels
+        self.queue_key = keys.QueueKeys(queue).queue
 
     def collect(self):
         counters, histograms = self.tally.snapshot()
@@ -78,7 +80,7 @@ class WorkerCollector:
                                     "of both", value=self.pixels.capacity)
         depth = GaugeMetricFamily("encoder_broker_queue_depth", "jobs waiting in the queue", labels=["queue"])
         try:
-            depth.add_metric([self.queue], self.connection.llen(f"rq:queue:{self.queue}"))
+            depth.add_metric([self.queue], self.connection.llen(self.queue_key))
         except (redis.RedisError, AttributeError):
             depth.add_metric([self.queue], float("nan"))
         yield depth

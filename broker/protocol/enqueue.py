@@ -1,4 +1,5 @@
-"""RQ-compatible job records, written in one round trip (broker/protocol/lua/enqueue.lua) by sync and asyncio clients.
+"""RQ-compatible job records, written in one round trip (broker/protocol/lua/enqueue.lua, its arguments built by
+broker.protocol.scripts.enqueue_args) by sync and asyncio clients.
 
 Jobs are ordinary RQ jobs (hash rq:job:<id>, id pushed on rq:queue:<name>), so rq-dashboard and `rq info`
 read them, but the data is msgpack and the only function named is ENCODE_FUNCTION. The hash is built here
@@ -11,18 +12,8 @@ import uuid
 import zlib
 from datetime import datetime, timezone
 
-import msgpack
-
-from broker.protocol import keys
 from broker.protocol.queues import ENCODE_FUNCTION
 from broker.protocol.serializer import MsgpackSerializer
-
-# Most waiting workers a queue's wake-up list can wake at once.
-MAX_WAKE_TOKENS = 64
-
-
-def queue_key(queue: str) -> str:
-    return keys.QueueKeys(queue).queue
 
 
 def rq_time(t: datetime | None = None) -> str:
@@ -56,18 +47,3 @@ def new_job_mapping(payload: bytes, queue: str, *, function: str = ENCODE_FUNCTI
     if retries > 0:
         mapping.update(retries_left=retries, retry_intervals="[0]")
     return job_id or new_job_id(), mapping
-
-
-def enqueue_args(job_id: str, mapping: dict, queue: str, bound: int, ttl: int,
-                 again: bool = False) -> tuple[list, list]:
-    """KEYS and ARGV of broker/protocol/lua/enqueue.lua. `again`: the job was enqueued before and Redis lost it; it is pushed
-    only while Redis still knows nothing of it, and past any bound (it was admitted once)."""
-    q = keys.QueueKeys(queue)
-    fields = []
-    for k, v in mapping.items():
-        fields.extend((k, v))
-    keys_ = [q.queue, keys.job(job_id), keys.QUEUES_SET, q.bound, q.wake]
-    if again:
-        keys_.append(keys.results(job_id))
-    # Redis's Lua cmsgpack reads only msgpack's original raw strings: no bin type.
-    return keys_, [-1 if again else bound, ttl, job_id, msgpack.packb(fields, use_bin_type=False), MAX_WAKE_TOKENS]

@@ -61,8 +61,9 @@ class QueueKeys:
         self.finished = f"rq:finished:{queue}"
         self.failed = f"rq:failed:{queue}"
         self.workers = f"rq:workers:{queue}"
-        # One token per job pushed (at most MAX_WAKE_TOKENS): an idle worker blocks on it with its take pipelined
-        # behind, so a job is taken in the round trip that wakes the worker (workers.job_source).
+        # One token per job pushed (at most broker.protocol.scripts.MAX_WAKE_TOKENS): an idle worker blocks on it
+        # with its take pipelined behind, so a job is taken in the round trip that wakes the worker
+        # (workers.job_source).
         self.wake = f"eb:wake:{queue}"
         # Where workers publish their max_queue_depth for clients' admission (broker.protocol.enqueue).
         self.bound = f"eb:bound:{queue}"

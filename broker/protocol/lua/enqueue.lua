@@ -4,6 +4,7 @@
 -- ARGV: bound (0: the workers' published one, itself 0 = unbounded; -1: none), job ttl (s), job id, the hash's
 --       field/value pairs as one msgpack array (one argument, not ~34: the client packs each argument in Python,
 --       and this runs before every job can start), most wake-up tokens kept.
+-- KEYS and ARGV are built by broker.protocol.scripts.enqueue_args: change the two together.
 -- Returns the queue length after the push, -(bound) - 1 when refused, or 0 for a job enqueued again that Redis
 -- knows after all (its hash or its result stream exists: a worker recorded it meanwhile): nothing is pushed.
 if KEYS[6] and redis.call('EXISTS', KEYS[2], KEYS[6]) > 0 then return 0 end

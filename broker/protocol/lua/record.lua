@@ -7,6 +7,7 @@
 -- ARGS: result ttl, worker name, #done, #failed, #stat pairs, then per done job: id, execution id, return value
 --       (b64 of msgpack, RQ's result format); per failed job: id, execution id, exc_string (b64 of zlib, RQ's
 --       format), exc_info (zlib); the stat field/increment pairs; the jobs' latencies (ms).
+-- KEYS and ARGS are built by broker.protocol.scripts.record_args: change the two together.
 -- Returns the ids of the jobs skipped so (the worker removes their results' segments and blobs).
 local now, now_text = rq_now()  -- the clock that stamped started_at (TAKE)
 local ttl, worker = tonumber(ARGS[1]), ARGS[2]

@@ -3,6 +3,7 @@
 -- housekeeping and by a waiting client for its own job; atomic, so two cleaners never requeue one job twice.
 -- KEYS: started registry, queue list, failed registry, the queue's wake-up list.
 -- ARGS: failure ttl, exc_string (b64 of zlib, RQ's result format), exc_info (zlib), only this job id or ''.
+-- KEYS and ARGS are built by broker.protocol.scripts.recover_args: change the two together.
 -- Returns {requeued, failed}; with a job id, a third element: 1 while Redis knows that job (its hash or its result
 -- stream exists), 0 once it lost it (restarted empty, or failed over to a replica that never had it).
 local now, now_text = rq_now()

@@ -3,6 +3,7 @@
 --       failed registry.
 -- ARGS: how many ids, worker name, heartbeat ttl (s), execution id prefix, failure ttl, and for a job whose id
 --       is not an RQ job id: its exc_string (b64 of zlib, RQ's format) and exc_info (zlib).
+-- KEYS and ARGS are built by broker.protocol.scripts.take_args: change the two together.
 -- Returns 5 fields per id: id, execution id, enqueued_at, data, meta for a job started; id, '', the reason, '',
 -- '' for an id dropped (no job hash, or a key of another type) or failed here (an id RQ would not make:
 -- letters, digits, '_' and '-' only). A script runs whole and moves ids nowhere else, so none is stranded.
