@@ -54,8 +54,8 @@ RESULT_MODES = ("ring after fill", "early ring")  # a ~250 KB result: filled, ru
 
 
 def result_receiver(bell_name: str, n: int, ready, out) -> None:
-    from broker.results import read_shm
     from broker.protocol.schemas import Handle
+    from broker.results import read_shm
 
     bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     bell.bind("\0" + bell_name)

@@ -334,8 +334,8 @@ def main():
                          "throughput_rps": len(lat) / wall,
                          "throughput_rps_little": n / (statistics.fmean(lat) / 1e3) if lat else 0})
             r = rows[-1]
-            from broker.protocol.connections import connect
             from broker.ops.stats import collect
+            from broker.protocol.connections import connect
 
             st = collect(connect(server.url))
             r["worker_mean_batch_jobs"] = st["mean_batch_jobs"]

@@ -11,10 +11,10 @@ import time
 
 import redis
 
+from broker.ops.stats import collect, format_stats
 from broker.protocol.config import DEFAULT_REDIS_PORT, redis_url_from_env
 from broker.protocol.connections import connect, unreachable
 from broker.protocol.queues import DEFAULT_QUEUE
-from broker.ops.stats import collect, format_stats
 
 
 def main(argv=None, prog: str = "python -m broker") -> int:

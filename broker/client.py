@@ -7,16 +7,16 @@ import threading
 
 import torch
 
+from broker.errors import InvalidRequest
 from broker.protocol.config import DEFAULT_REDIS_URL, ClientConfig, load_json, normalize_text_encoder_type
 from broker.protocol.doorbell import Doorbell
-from broker.errors import InvalidRequest
 from broker.protocol.host import host_id
 from broker.protocol.queues import DEFAULT_QUEUE, ENCODE_FUNCTION
-from broker.redis_errors import BrokerErrors
-from broker.results import (check_location, discard_result, raise_for_error, read_blob, read_shm,
-                            resolve_shm_prefix, trusted_owners)
-from broker.rq_wire import JobWire, QueueState
 from broker.protocol.schemas import EncodeRequest, Handle, per_prompt_images
+from broker.redis_errors import BrokerErrors
+from broker.results import (check_location, discard_result, raise_for_error, read_blob, read_shm, resolve_shm_prefix,
+                            trusted_owners)
+from broker.rq_wire import JobWire, QueueState
 
 
 class EncoderClient:

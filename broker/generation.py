@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 
+from broker.errors import BrokerTimeout, BrokerUnavailable
 from broker.protocol import keys
 from broker.protocol.config import DEFAULT_REDIS_URL
-from broker.errors import BrokerTimeout, BrokerUnavailable
 from broker.protocol.queues import DEFAULT_GENERATE_QUEUE, GENERATE_FUNCTION
+from broker.protocol.schemas import GenerateRequest, GenerateResult
+from broker.protocol.serializer import MsgpackSerializer
 from broker.redis_errors import BrokerErrors
 from broker.results import raise_for_error
 from broker.rq_wire import JobWire
-from broker.protocol.schemas import GenerateRequest, GenerateResult
-from broker.protocol.serializer import MsgpackSerializer
 
 
 class GenerationClient:

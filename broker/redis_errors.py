@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import redis
 
-from broker.protocol.connections import redacted, unreachable
 from broker.errors import BrokerError, BrokerUnavailable, RedisRefused
+from broker.protocol.connections import redacted, unreachable
 
 # What to change, by the error code Redis answers with (redis-py's exception class for the common ones).
 ADVICE = {

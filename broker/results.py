@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from broker.protocol import keys
 from broker.errors import EncodeFailed, ProtocolError, ResultLost
+from broker.protocol import keys
 from broker.protocol.schemas import Blob, Handle
 from broker.protocol.serializer import InflateLimitExceeded, MsgpackSerializer, inflate
 from shm.names import DEFAULT_PREFIX, SegmentName, check_prefix

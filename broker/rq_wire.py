@@ -23,14 +23,14 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aredis
 
+from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
+from broker.loop_clients import LoopClients
 from broker.protocol import keys
 from broker.protocol.connections import CONNECTION_ERRORS, DeferredReplies, connect, redacted, unreachable
 from broker.protocol.doorbell import Doorbell, wait_either
 from broker.protocol.enqueue import new_job_mapping
-from broker.errors import BrokerTimeout, BrokerUnavailable, Overloaded
-from broker.loop_clients import LoopClients
-from broker.results import JobOutcome, parse_result_entry, result_fields
 from broker.protocol.scripts import Scripts, enqueue_args, recover_args
+from broker.results import JobOutcome, parse_result_entry, result_fields
 
 RESULT_TTL_S = 60  # how long a result waits in Redis for a client that is slow to read it
 # While waiting, a client looks this often whether its job's worker died (RECOVER: broker/protocol/lua/recover.lua):

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from broker.protocol.config import (DEFAULT_REDIS_URL, ClientConfig, env_name, from_json_file, load_json,
-                           normalize_text_encoder_type)
+                                    normalize_text_encoder_type)
 from broker.protocol.queues import DEFAULT_GENERATE_QUEUE
 from dit_workers import lightx2v_config
 

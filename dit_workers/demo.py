@@ -86,9 +86,8 @@ def main(argv=None, prog: str = "python -m dit_workers.demo") -> int:
         print("demo: gave up", flush=True)
         return 1
 
-    from workers.encoders import load_encoder
-
     from dit_workers.engine import checksum
+    from workers.encoders import load_encoder
 
     reference = load_encoder(cfg.model_path, backend="baseline")
     ok = True

@@ -12,12 +12,12 @@ import redis
 import torch
 
 from broker.client import EncoderClient
-from broker.protocol.enqueue import new_job_mapping
 from broker.errors import BrokerUnavailable, EncodeFailed, InvalidRequest
+from broker.protocol.enqueue import new_job_mapping
 from broker.protocol.queues import ENCODE_FUNCTION
-from broker.rq_wire import JobWire
 from broker.protocol.schemas import EncodeRequest
 from broker.protocol.scripts import RQ_LIB, Scripts, enqueue_args
+from broker.rq_wire import JobWire
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
 from tests.helpers import eventually, free_port, shm_names, start_worker, stop_process, wait_for_workers, write_config
 from workers.templates import T2I

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from broker.protocol.config import from_json_file
 from broker.http.front import HttpFrontConfig
+from broker.protocol.config import from_json_file
 from tests.helpers import write_config
 from workers.config import EncoderWorkerConfig
 

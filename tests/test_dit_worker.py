@@ -4,8 +4,8 @@ image from them (the tiny pipeline; see test_dit_pipeline.py for the pipeline it
 import uuid
 
 import msgpack
-import torch
 import pytest
+import torch
 
 from broker.errors import EncodeFailed
 from broker.generation import GenerationClient

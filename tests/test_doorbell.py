@@ -14,13 +14,13 @@ import redis
 import torch
 
 from broker.client import EncoderClient
-from broker.protocol.doorbell import Doorbell, Ring, Ringer
 from broker.errors import InvalidRequest
+from broker.protocol.doorbell import Doorbell, Ring, Ringer
 from broker.protocol.queues import ENCODE_FUNCTION
-from broker.results import read_shm
-from broker.rq_wire import JobWire
 from broker.protocol.schemas import EncodeRequest, Handle
 from broker.protocol.serializer import MsgpackSerializer
+from broker.results import read_shm
+from broker.rq_wire import JobWire
 from shm import SHM_DIR, write_segment
 from tests.helpers import assert_encoded, eventually, submit_prompt
 

@@ -18,8 +18,8 @@ from broker.client import EncoderClient
 from broker.errors import BrokerUnavailable, EncodeFailed, Overloaded
 from broker.protocol.host import host_id
 from broker.protocol.queues import ENCODE_FUNCTION
-from broker.rq_wire import JobWire
 from broker.protocol.schemas import EncodeRequest, Handle
+from broker.rq_wire import JobWire
 from tests.helpers import REPO, eventually, restart, shm_names
 from workers.job_source import JobSource
 

@@ -16,17 +16,16 @@ import uuid
 import pytest
 import redis
 
-from broker.protocol import keys
 from broker.client import EncoderClient
-from broker.protocol.doorbell import Ringer
 from broker.errors import ResultLost
-from broker.results import SHM_PREFIX_ENV, discard_result, read_shm
+from broker.protocol import keys
+from broker.protocol.doorbell import Ringer
 from broker.protocol.schemas import Handle
 from broker.protocol.serializer import MsgpackSerializer
+from broker.results import SHM_PREFIX_ENV, discard_result, read_shm
 from shm import SHM_DIR, unlink_segment, write_segment
 from tests.helpers import REPO, eventually, free_port, start_process, stop_process
-from tests.test_http_front import stalled_worker
-from tests.test_http_front import call, lightx2v_payload
+from tests.test_http_front import call, lightx2v_payload, stalled_worker
 
 NUL_NAME = "/a\x00b"
 STATES = bytes(range(16))  # a [1, 4] float32 result

@@ -15,12 +15,12 @@ import pytest
 import redis
 from PIL import Image
 
-from broker.protocol import keys
 from broker.client import EncoderClient
 from broker.errors import EncodeFailed
+from broker.protocol import keys
 from broker.protocol.host import host_id
-from broker.results import raise_for_error, read_shm
 from broker.protocol.schemas import EncodeRequest, Handle
+from broker.results import raise_for_error, read_shm
 from tests.helpers import free_port, scrape, start_worker, stop_process, wait_for_workers, write_config
 from tests.test_broker_e2e import assert_same
 from workers.config import EncoderWorkerConfig

@@ -9,13 +9,13 @@ import msgpack
 import pytest
 import redis
 
-from broker.protocol import keys
 from broker.client import EncoderClient
-from broker.protocol.enqueue import new_job_mapping
 from broker.errors import EncodeFailed, InvalidRequest, PromptTooLong, ProtocolError
-from broker.results import parse_result_entry, raise_for_error
+from broker.protocol import keys
+from broker.protocol.enqueue import new_job_mapping
 from broker.protocol.schemas import EncodeRequest
 from broker.protocol.scripts import Scripts, enqueue_args
+from broker.results import parse_result_entry, raise_for_error
 from tests.helpers import write_config
 from workers.config import PROMPT_CHARS_PER_TOKEN, EncoderWorkerConfig
 from workers.worker import EncoderWorker

@@ -12,8 +12,8 @@ import redis
 from broker.client import EncoderClient
 from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, RedisRefused
 from broker.generation import GenerationClient
-from broker.redis_errors import broker_error
 from broker.protocol.schemas import EncodeRequest, GenerateRequest
+from broker.redis_errors import broker_error
 from tests.helpers import RedisServer
 from tests.test_http_front import FrontThread, call, lightx2v_payload, stalled_worker
 

@@ -11,13 +11,12 @@ import uuid
 import pytest
 import redis
 
-from broker.protocol import keys
 from broker.client import EncoderClient
 from broker.generation import GenerationClient
+from broker.protocol import keys
 from dit_workers.worker import checksum
 from tests.helpers import assert_encoded, eventually, restart, shm_names, start_worker, wait_for_workers
-from tests.test_http_front import T2I_DROP_IDX, T2I_TEMPLATE, FrontThread, call, close, decode_answer, \
-    lightx2v_payload
+from tests.test_http_front import T2I_DROP_IDX, T2I_TEMPLATE, FrontThread, call, close, decode_answer, lightx2v_payload
 from tests.test_worker_delivery import client as delivery_client  # noqa: F401 (fixtures)
 from tests.test_worker_delivery import worker  # noqa: F401
 
@@ -154,8 +153,8 @@ def test_a_job_run_twice_is_recorded_once_and_its_second_result_removed(worker, 
     else:
         assert len(r.keys(keys.BLOB_PREFIX + "*")) == 1  # so is its blob
     outcome = wire.wait(job_id, deadline)
-    from broker.results import raise_for_error, read_blob, read_shm
     from broker.protocol.schemas import Handle
+    from broker.results import raise_for_error, read_blob, read_shm
 
     handle = Handle.from_msgpack(raise_for_error(outcome))
     states = read_shm(handle, prefix=worker.config.shm_prefix) if transport == "shm" else read_blob(wire.getdel(handle.location), handle)

@@ -21,12 +21,12 @@ import torch
 
 import shm
 from broker.client import EncoderClient
-from broker.protocol.connections import DEFAULT_PASSWORD_FILE, PASSWORD_FILE_ENV, connect, redacted
 from broker.errors import BrokerUnavailable, ResultLost
 from broker.ops.redis_server import ensure_credential, write_config
-from broker.results import TRUSTED_UIDS_ENV, read_shm, trusted_owners
+from broker.protocol.connections import DEFAULT_PASSWORD_FILE, PASSWORD_FILE_ENV, connect, redacted
 from broker.protocol.schemas import Handle
 from broker.protocol.serializer import InflateLimitExceeded, inflate
+from broker.results import TRUSTED_UIDS_ENV, read_shm, trusted_owners
 from tests.conftest import TEST_MAX_PROMPT_TOKENS
 from tests.helpers import REPO, RedisServer, eventually, start_worker, stop_process, wait_for_workers
 from tests.test_broker_e2e import assert_same, zlib_bomb

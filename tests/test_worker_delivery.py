@@ -9,12 +9,12 @@ import pytest
 import redis
 import torch
 
-from broker.protocol import keys
 from broker.client import EncoderClient
-from broker.protocol.doorbell import Doorbell
 from broker.errors import EncodeFailed
-from broker.results import raise_for_error, read_shm
+from broker.protocol import keys
+from broker.protocol.doorbell import Doorbell
 from broker.protocol.schemas import Handle
+from broker.results import raise_for_error, read_shm
 from tests.helpers import assert_encoded, free_port, shm_names, submit_prompt, write_config
 from workers.config import EncoderWorkerConfig
 from workers.worker import EncoderWorker

@@ -64,11 +64,9 @@ def main(argv=None, prog: str = "python -m workers") -> int:
                                         backend=args.backend)
     logging.getLogger().setLevel(cfg.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    from workers.worker import EncoderWorker
-
-    from workers.metrics import start_metrics
-
     from broker.errors import ModelLoadError
+    from workers.metrics import start_metrics
+    from workers.worker import EncoderWorker
 
     try:
         encoder = load_configured_encoder(cfg)

@@ -18,9 +18,9 @@ from datetime import datetime
 
 import redis
 
+from broker.errors import BrokerError
 from broker.protocol import keys
 from broker.protocol.connections import CONNECTION_ERRORS
-from broker.errors import BrokerError
 from broker.protocol.queues import ENCODE_FUNCTION
 from broker.protocol.schemas import EncodeRequest
 from broker.protocol.scripts import SCRIPTS, Scripts, record_args, recover_args, take_args

@@ -15,7 +15,7 @@ import collections
 import logging
 import time
 
-from shm import ShmError, SegmentName, sweep, unlink_segment, write_segment
+from shm import SegmentName, ShmError, sweep, unlink_segment, write_segment
 
 log = logging.getLogger(__name__)
 
