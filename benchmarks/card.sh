@@ -2,7 +2,8 @@
 # The GPU benchmarks in one go, on a card whose Python lacks our service's packages (the device tool's machines):
 #   bash benchmarks/card.sh OUT_DIR [load] [encoder] [dit] [dit-real] [i2i] [encoder-fp8] [i2i-fp8] [guard]
 # guard: load.py's lone request and 64 x 4 clients on this tree, on the tree in $OLD_TREE (a `git archive` of the
-# commit before the change, carried), and on this tree again, all in one call.
+# commit before the change, carried), and on this tree again, all in one call ($GUARD_TREES: another order; the
+# first must be `new`, which builds the checkpoint).
 # Installs the cp312 wheels in .whl/ (rq, redis, posix-ipc, diffusers, py-spy, ...) into /tmp/site, puts the
 # redis-server build in .bin/ on PATH, builds the 7B-shaped random checkpoint once in /tmp/eb-bench-7b, then runs
 # the named benchmarks, each one's output to OUT_DIR/<name>.log. Results go to benchmarks/RESULTS.md by hand.
@@ -49,7 +50,7 @@ for stage in "$@"; do
     # the bf16 runs above plus the FP8 encoder against them in the same process
     encoder-fp8) python3 benchmarks/encoder.py --ckpt $ckpt --quantization fp8 2>&1 | tee "$out/encoder-fp8.log" ;;
     i2i-fp8) python3 benchmarks/encoder_i2i.py --ckpt $ckpt --quantization fp8 2>&1 | tee "$out/i2i-fp8.log" ;;
-    guard) for tree in new old new; do
+    guard) for tree in ${GUARD_TREES:-new old new}; do
              dir=$PWD; [ "$tree" = old ] && dir=${OLD_TREE:?guard needs OLD_TREE}
              echo "--- guard: $tree tree ($dir) $(date +%T)"
              (cd "$dir" && python3 benchmarks/load.py --build-7b --model-dir $ckpt --backend kernel --device cuda \
