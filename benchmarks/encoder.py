@@ -101,14 +101,25 @@ def build_checkpoint(root: str, a: ModelArgs, device: torch.device, seed: int = 
     return root
 
 
+# Written first into every folder the benchmarks build: only a folder holding it is ever emptied, so a path to a
+# real checkpoint (or the tiny default) given by mistake is refused, never deleted.
+BUILT_HERE = ".eb-benchmark"
+
+
 def checkpoint_is_built(root: str, tag: str) -> bool:
-    """True if `root` holds a finished checkpoint made with `tag`; else it is emptied to text_encoder/ alone."""
+    """True if `root` holds a finished checkpoint made with `tag`; else, if `root` is new, empty or of our own
+    making, it is emptied to text_encoder/ alone; anything else is refused with SystemExit, untouched."""
     marker = os.path.join(root, ".complete")
     if os.path.exists(marker) and open(marker).read().strip() == tag:
         say(f"checkpoint: reusing {root}")
         return True
+    if os.path.isdir(root) and os.listdir(root) and not os.path.exists(os.path.join(root, BUILT_HERE)):
+        raise SystemExit(f"{root} holds files the benchmarks did not write (no {BUILT_HERE}): it is left as it is; "
+                         "give a new or empty folder for the random checkpoint")
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(os.path.join(root, "text_encoder"))
+    with open(os.path.join(root, BUILT_HERE), "w") as f:
+        f.write("a random checkpoint of encoder-broker's benchmarks: rebuilt when its shapes change\n")
     return False
 
 
