@@ -7,15 +7,15 @@ process's GPU memory, with the encoder in the DiT process and behind the broker.
         # the CPU stand-in: the same code path at toy shapes, with the tiny encoder of var/tiny
 
 The DiT worker's engine (dit_workers.engine.DitEngine, as a DiT worker runs it) gets a Qwen-Image-shaped pipeline:
-diffusers' QwenImageTransformer2DModel with Qwen/Qwen-Image's released transformer config (60 layers, 24 heads of
-128, ~20.4B parameters, ~38 GiB in bf16) and AutoencoderKLQwenImage with its released VAE config, both with random
-weights drawn on the device (no 41 GB checkpoint on disk), and Qwen-Image's scheduler. Random weights compute
+diffusers' QwenImageTransformer2DModel with Qwen/Qwen-Image's released transformer config (QWEN_IMAGE_TRANSFORMER)
+and AutoencoderKLQwenImage with its released VAE config, both with random weights drawn on the device (nothing of
+the 20B transformer is written to disk), and Qwen-Image's scheduler. Random weights compute
 exactly as much as trained ones, so seconds and memory are real; the images are noise. The text encoder is the
 checkpoint at --model-path (--build-7b: benchmarks/encoder.py's random Qwen2.5-VL-7B-shaped one, whose vision
 tower is tiny: t2i never runs it).
 
 Modes, each in fresh processes, one after the other (the card is free between them):
-  baseline     the encoder in the DiT process, HF transformers, bf16: what a diffusers user runs today
+  baseline     the encoder in the DiT process, HF transformers, bf16: as diffusers' pipeline runs it
   kernel       the encoder in the DiT process, our kernel backend, bf16 (kernel-fp8: with quantization "fp8")
   service      the encoder behind the broker: an encoder worker (kernel backend, bf16) on the same GPU
   service-fp8  the same with the encoder worker's quantization "fp8"
@@ -330,6 +330,10 @@ def mean(rows: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in rows)
 
 
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
 def mib(v) -> str:
     return "-" if v is None else f"{v / MIB:,.0f}"
 
@@ -361,11 +365,16 @@ def count(n: int) -> str:
 
 
 def report(rows: list[dict], args) -> None:
+    import dataclasses
+
+    from dit_workers.config import DitWorkerConfig
+
     r0 = rows[0]
+    cfg_scale = {f.name: f.default for f in dataclasses.fields(DitWorkerConfig)}["default_true_cfg_scale"]
     c = r0["dit_config"]
     print(f"\nOne card, DiT and text encoder: {r0['gpu_name'] or r0['device']}, {r0['dtype']}, "
-          f"{args.width}x{args.height}, {args.steps} steps, true_cfg_scale 4.0 (two transformer passes a step), "
-          f"mean of {args.runs} generations after a warm-up")
+          f"{args.width}x{args.height}, {args.steps} steps, true_cfg_scale {cfg_scale} "
+          f"(two transformer passes a step), median (mean) of {args.runs} generations after a warm-up")
     print(f"DiT: QwenImageTransformer2DModel, {c['num_layers']} layers, {c['num_attention_heads']} heads x "
           f"{c['attention_head_dim']}, joint_attention_dim {c['joint_attention_dim']} ({count(r0['dit_params'])} "
           f"parameters, {r0['dit_bytes'] / 2**30:.2f} GiB); VAE: AutoencoderKLQwenImage, "
@@ -382,10 +391,11 @@ def report(rows: list[dict], args) -> None:
         hows.add(how)
         mem[r["mode"]] = dit
         loaded = (r["cuda_loaded"] or {}).get("allocated")
-        total = mean(g, "total_s")
-        print(f"| {r['mode']} | {encoder_label(r)} | {total:.2f} | {mean(g, 'encode_s'):.3f} | "
-              f"{mean(g, 'encode_s') / total:.1%} | {mean(g, 'denoise_s'):.2f} | {mean(g, 'decode_s'):.2f} | "
-              f"{mean(g, 'png_s'):.2f} | {mib(dit)} | {mib(loaded)} / {mib(r['cuda_peak_allocated'])} | "
+        total, encode = median(g, "total_s"), median(g, "encode_s")
+        print(f"| {r['mode']} | {encoder_label(r)} | {total:.2f} ({mean(g, 'total_s'):.2f}) | {encode:.3f} "
+              f"({mean(g, 'encode_s'):.3f}) | {encode / total:.1%} ({mean(g, 'encode_s') / mean(g, 'total_s'):.1%}) | "
+              f"{median(g, 'denoise_s'):.2f} | {median(g, 'decode_s'):.2f} | {median(g, 'png_s'):.2f} | {mib(dit)} | "
+              f"{mib(loaded)} / {mib(r['cuda_peak_allocated'])} | "
               f"{mib(encoder)} | {mib(r['card_used'])} | {r['encoder_tensor_bytes'] / MIB:,.0f} |")
     if hows - {None}:
         print(f"Per-process GPU memory from {', '.join(sorted(hows - {None}))}; 'card used' is the card's at the end "
@@ -399,7 +409,7 @@ def report(rows: list[dict], args) -> None:
         line = (f"{r['mode']}: load {r['load_s']:.1f} s, warm-up generation {r['warmup']['total_s']:.2f} s, card "
                 f"used before {mib(r['card_idle'])} MiB, after {mib(r['card_freed'])} MiB")
         if base is not None and r is not base:
-            line += f"; s / image {mean(r['gens'], 'total_s') / mean(base['gens'], 'total_s'):.3f}x baseline's"
+            line += f"; s / image {median(r['gens'], 'total_s') / median(base['gens'], 'total_s'):.3f}x baseline's"
             if mem.get(r["mode"]) is not None and mem.get("baseline") is not None:
                 line += f", DiT process GPU {mib(mem[r['mode']] - mem['baseline'])} MiB against baseline's"
         print(line)

@@ -494,10 +494,10 @@ def cpu_costs(processor_dir: str, tiny: bool, pin: bool) -> dict:
     n = 4 if tiny else 24
     png = [image_png(*SIZES[k % len(SIZES)], seed=5000 + k) for k in range(n)]
     jpg = [jpeg(b) for b in png]
-    prep = ImagePreprocessor(processor_dir, cache_max_bytes=0, decode_threads=3)
+    prep = ImagePreprocessor(processor_dir, cache_max_bytes=0, pool_threads=3)
     prep.pin_memory = pin  # as the worker's encoder sets it
     prep.decode(png[0], "warm-up", b"")
-    out = {"image_sizes": SIZES, "threads_in_pool": prep.decode_threads}
+    out = {"image_sizes": SIZES, "threads_in_pool": prep.pool_threads}
     for name, blobs in (("png", png), ("jpeg", jpg)):
         w0, c0 = time.perf_counter(), time.thread_time()
         for b in blobs:

@@ -1,7 +1,7 @@
 """How long one notification takes to reach a process that has been idle, by each way a worker can tell a client
 its result is ready: a Redis script's XADD to a client blocked in XREAD (the RQ result stream), or a datagram
-to the client's doorbell socket (broker.protocol.doorbell) while the same XREAD is pending beside it. Then a whole ~250 KB
-result from the start of its fill to the client's copy: rung after the fill (as now), or with an early ring
+to the client's doorbell socket (broker.protocol.doorbell) while the same XREAD is pending beside it. Then a whole
+~250 KB result from the start of its fill to the client's copy: rung after the fill (as now), or with an early ring
 before it (the client wakes during the fill and stays awake for the result's ring).
 
     python benchmarks/hops.py [--redis-server PATH] [--n 400] [--idle-ms 8]

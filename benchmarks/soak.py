@@ -11,7 +11,7 @@ model on the CPU by default), and client processes that each send one prompt at 
 and check every result against the in-process CPU encoder's output for that prompt (same shape, relative L2 error
 under --max-rel-err). How clients send (--transport): `shm` EncoderClient.encode, results in shared memory (with
 the doorbell); `blob` EncoderClient.encode, results as Redis blobs; `async` EncoderClient.aencode in one event
-loop a client; `http` POST /generate to an HTTP front (`python -m broker.http.front`, started here on the soak's
+loop a client; `http` POST /generate to an HTTP front (`python -m broker.http`, started here on the soak's
 Redis) as LightX2V's LightLLM-protocol client does, the prompt templated, every token's bfloat16 state read from
 the answer's base64. At a quarter of the run worker 0 is SIGKILLed and started again; Redis is SIGKILLed and
 started again (same port, same password) at evenly spaced times after that. Without --persist Redis keeps nothing,
@@ -260,7 +260,7 @@ def start_worker(i: int, cfg: str, folder: str, env: dict) -> tuple[subprocess.P
 
 
 def start_front(redis_url: str, folder: str, env: dict, timeout: float, retries: int) -> tuple:
-    """`python -m broker.http.front` on a free port of this host, once it answers /liveness with 200 (Redis up,
+    """`python -m broker.http` on a free port of this host, once it answers /liveness with 200 (Redis up,
     a worker serving): (process, its URL, its log). Its answers' segments carry the workers' prefix, so they are
     counted with theirs."""
     import urllib.error
@@ -270,7 +270,8 @@ def start_front(redis_url: str, folder: str, env: dict, timeout: float, retries:
 
     port, log = free_port(), os.path.join(folder, "http_front.log")
     proc = subprocess.Popen([sys.executable, "-m", "broker.http", "--port", str(port), "--redis-url", redis_url,
-                             "--shm-prefix", PREFIX, "--worker-shm-prefix", PREFIX, "--timeout", str(timeout), "--retries", str(retries)], cwd=REPO,
+                             "--shm-prefix", PREFIX, "--worker-shm-prefix", PREFIX, "--timeout", str(timeout),
+                             "--retries", str(retries)], cwd=REPO,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):

@@ -1,5 +1,4 @@
-"""`python -m broker.http_front`, the front's command before it moved to broker.http: LightX2V deployments start it
-by this name, so it keeps working."""
+"""`python -m broker.http_front`: the name LightX2V deployments start the front by (broker.http is its home)."""
 
 from broker.http.front import main
 

@@ -2,8 +2,8 @@
 
 Jobs are RQ-compatible records (broker.protocol.enqueue); results are read from RQ's result stream with a blocking
 XREAD, so a waiting client costs Redis nothing and hears of the result at once. A sync client with a doorbell
-(broker.protocol.doorbell) waits on it and on the XREAD together. Connection errors are retried on a fresh connection until
-the deadline (unless `retries` is 0): a client rides out a Redis restart shorter than its timeout.
+(broker.protocol.doorbell) waits on it and on the XREAD together. Connection errors are retried on a fresh
+connection until the deadline (unless `retries` is 0): a client rides out a Redis restart shorter than its timeout.
 
 A Redis that lost the job (restarted without its data, or failed over to a replica that never had it) would leave
 its client waiting until the timeout: so the client keeps what it sent until the result comes, looks whether

@@ -12,6 +12,7 @@ from broker.protocol.config import (DEFAULT_REDIS_URL, ClientConfig, env_name, f
                                     normalize_text_encoder_type)
 from broker.protocol.queues import DEFAULT_GENERATE_QUEUE
 from dit_workers import lightx2v_config
+from workers.config import check_quantization
 
 log = logging.getLogger("dit_workers.config")
 PATH_FIELDS = ("model_path", "edit_model_path", "output_dir")
@@ -71,8 +72,7 @@ class DitWorkerConfig:
                         "--text-encoder-type) to use the shared encoder behind the broker")
             self.text_encoder_type = "baseline"
         self.text_encoder_type = normalize_text_encoder_type(self.text_encoder_type)
-        if self.quantization not in (None, "fp8"):
-            raise ValueError(f"quantization {self.quantization!r} is not one of null, \"fp8\"")
+        check_quantization(self.quantization)
         if self.quantization is not None and self.text_encoder_type != "kernel":
             where = ("set it in the encoder workers' config (configs/encoder.json), which loads the encoder"
                      if self.text_encoder_type == "service" else "the baseline (HF) encoder is not quantized")

@@ -42,7 +42,7 @@ def test_a_commands_usage_line_names_the_console_script(name, capsys):
 
 @pytest.mark.parametrize("module", ["broker.http", "broker.http_front"])
 def test_the_fronts_python_m_forms_both_start_it(module):
-    # broker.http_front is the name LightX2V deployments were set up with, before the front moved to broker.http
+    # broker.http_front: the name LightX2V deployments start the front by
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: python -m {module} ") and "--shm-default" in out.stdout

@@ -45,10 +45,10 @@ def test_a_bad_variable_is_a_clear_error(monkeypatch):
 def test_unknown_keys_are_named_in_one_warning(tmp_path, caplog):
     path = write_config(str(tmp_path / "http.json"), port=8011, infer_steps=40, attn_type="flash_attn3",
                         _comment="skipped")
-    with caplog.at_level(logging.INFO, logger="broker.protocol.config"):
+    with caplog.at_level(logging.INFO, logger="broker.config"):
         cfg = from_json_file(HttpFrontConfig, path)
     assert cfg.port == 8011
-    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.protocol.config"]
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.config"]
     assert len(lines) == 1 and lines[0][0] == "WARNING", lines
     assert "ignoring 2 key(s): attn_type, infer_steps: not a key of this program's config" in lines[0][1], lines
 
@@ -65,9 +65,9 @@ def test_sweep_interval_s_is_a_deprecated_name_of_housekeeping_interval_s(tmp_pa
     """The old key still sets the interval, from a file or as EB_SWEEP_INTERVAL_S, with one WARNING naming the new
     key; the new key wins where both are set."""
     path = write_config(str(tmp_path / "encoder.json"), sweep_interval_s=0.5)
-    with caplog.at_level(logging.INFO, logger="broker.protocol.config"):
+    with caplog.at_level(logging.INFO, logger="broker.config"):
         assert EncoderWorkerConfig.from_json(path).housekeeping_interval_s == 0.5
-    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.protocol.config"]
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.config"]
     assert len(lines) == 1 and lines[0][0] == "WARNING", lines
     assert "sweep_interval_s is deprecated" in lines[0][1] and "housekeeping_interval_s" in lines[0][1], lines
 
@@ -76,9 +76,9 @@ def test_sweep_interval_s_is_a_deprecated_name_of_housekeeping_interval_s(tmp_pa
 
     caplog.clear()
     monkeypatch.setenv("EB_SWEEP_INTERVAL_S", "0.25")
-    with caplog.at_level(logging.INFO, logger="broker.protocol.config"):
+    with caplog.at_level(logging.INFO, logger="broker.config"):
         assert EncoderWorkerConfig.from_json(both).housekeeping_interval_s == 0.25  # a variable beats the file
-    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.protocol.config"]
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.config"]
     assert len(lines) == 2 and all(level == "WARNING" for level, _ in lines), lines
     assert any("EB_SWEEP_INTERVAL_S is deprecated; it is now EB_HOUSEKEEPING_INTERVAL_S" in m for _, m in lines)
     monkeypatch.setenv("EB_HOUSEKEEPING_INTERVAL_S", "3")

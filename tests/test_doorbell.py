@@ -1,5 +1,5 @@
-"""The doorbell shortcut (broker.protocol.doorbell): a worker on the client's host hands a shm result's handle straight to
-the waiting client; Redis stays the source of truth. Real sockets, a real Redis, the real worker process."""
+"""The doorbell shortcut (broker.protocol.doorbell): a worker on the client's host hands a shm result's handle
+straight to the waiting client; Redis stays the source of truth. Real sockets, a real Redis, the real worker process."""
 
 import base64
 import multiprocessing as mp

@@ -124,7 +124,7 @@ def test_spec_is_the_processors(prep):
 
 def test_a_jobs_images_decode_in_the_pool_and_equal_one_by_one(tiny_dir):
     blobs = [IMAGES["odd wide"], IMAGES["large"], IMAGES["grayscale"]]
-    pooled = I.ImagePreprocessor(f"{tiny_dir}/processor", decode_threads=3)
+    pooled = I.ImagePreprocessor(f"{tiny_dir}/processor", pool_threads=3)
     (row,) = pooled.prepare_job([blobs + [blobs[0]]])  # 3 distinct images, one repeated
     assert row[0] is row[3]
     single = I.ImagePreprocessor(f"{tiny_dir}/processor")
@@ -135,7 +135,7 @@ def test_a_jobs_images_decode_in_the_pool_and_equal_one_by_one(tiny_dir):
 
 
 def test_a_bad_image_in_the_pool_fails_its_job_by_name(tiny_dir):
-    prep = I.ImagePreprocessor(f"{tiny_dir}/processor", decode_threads=2)
+    prep = I.ImagePreprocessor(f"{tiny_dir}/processor", pool_threads=2)
     with pytest.raises(InvalidRequest, match="prompt 0 image 1 .* truncated or corrupt"):
         prep.prepare_job([[IMAGES["odd wide"], IMAGES["large"][:5000], IMAGES["palette"]]])
     (row,) = prep.prepare_job([[IMAGES["odd wide"]]])  # and it keeps serving
@@ -145,7 +145,7 @@ def test_a_bad_image_in_the_pool_fails_its_job_by_name(tiny_dir):
 def test_a_call_in_the_pool_may_wait_on_calls_it_hands_the_pool(tiny_dir):
     """One pool prepares image jobs and decodes their images: a waiter runs a call no pool thread has started, so
     a job that waits on its own decodes finishes even while it holds the pool's only thread."""
-    prep = I.ImagePreprocessor(f"{tiny_dir}/processor", decode_threads=1)
+    prep = I.ImagePreprocessor(f"{tiny_dir}/processor", pool_threads=1)
     blobs = [IMAGES["odd wide"], IMAGES["large"]]
     job = prep.submit(prep.prepare_job, [blobs])
     (row,) = job.future.result(timeout=60)  # run by the pool's one thread, which then waits on both decodes

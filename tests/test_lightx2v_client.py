@@ -123,7 +123,7 @@ def test_a_lightx2v_config_as_it_is_speaks_http_to_the_front(encoder_worker, bas
                      worker_shm_prefix=encoder_worker["prefix"]) as front:
         path = lightx2v_qwen_image_config(str(tmp_path / "qwen_image_t2i_service.json"),
                                           f"http://127.0.0.1:{front.port}", tiny_dir)
-        with caplog.at_level(logging.INFO, logger="broker.protocol.config"):
+        with caplog.at_level(logging.INFO, logger="broker.config"):
             cfg = DitWorkerConfig.from_json(path)
         ignored = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
         assert len(ignored) == 1 and "attn_type" in ignored[0] and "vae_scale_factor" in ignored[0]

@@ -15,6 +15,14 @@ PROMPT_CHARS_PER_TOKEN = 32
 RENAMED_KEYS = {"sweep_interval_s": "housekeeping_interval_s"}
 
 
+QUANTIZATIONS = (None, "fp8")
+
+
+def check_quantization(value: str | None) -> None:
+    if value not in QUANTIZATIONS:
+        raise ValueError(f"quantization {value!r} is not one of null, \"fp8\"")
+
+
 @dataclass(slots=True)
 class EncoderWorkerConfig:
     model_dir: str = "../var/tiny"  # a Qwen-Image directory; relative to the config file
@@ -56,8 +64,7 @@ class EncoderWorkerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self):
-        if self.quantization not in (None, "fp8"):
-            raise ValueError(f"quantization {self.quantization!r} is not one of null, \"fp8\"")
+        check_quantization(self.quantization)
         if self.max_prompt_chars is None:
             self.max_prompt_chars = PROMPT_CHARS_PER_TOKEN * self.max_prompt_tokens
         if self.max_image_pixels_in_flight is None:

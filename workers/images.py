@@ -224,14 +224,15 @@ class ImagePreprocessor:
     PreparedImages by digest, at most `cache_max_bytes` of decoded pixels."""
 
     def __init__(self, processor_dir: str | None, limits: ImageLimits = ImageLimits(),
-                 cache_max_bytes: int = 64 << 20, decode_threads: int | None = None):
+                 cache_max_bytes: int = 64 << 20, pool_threads: int | None = None):
         self.processor_dir = processor_dir
         # pixels in pinned memory (set for a CUDA device): the compute thread's copy to the device then neither
         # waits for the device nor copies on the host
         self.pin_memory = False
         self.limits = limits
         self.cache_max_bytes = cache_max_bytes
-        self.decode_threads = decode_threads or max(1, min(8, os.cpu_count() or 1))  # the pool's
+        # the one pool's threads: image jobs' prepare and their images' decodes
+        self.pool_threads = pool_threads or max(1, min(8, os.cpu_count() or 1))
         self._processor = None
         self._spec = None
         self._pool: ThreadPoolExecutor | None = None
@@ -313,7 +314,7 @@ class ImagePreprocessor:
         """`fn(*args)` handed to the image pool (the worker's intake prepares several image jobs there)."""
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="images")
+                self._pool = ThreadPoolExecutor(self.pool_threads, thread_name_prefix="images")
             pool = self._pool
         return PoolCall(pool.submit(fn, *args), fn, args)
 

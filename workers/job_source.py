@@ -1,10 +1,11 @@
 """The Redis side of a worker: take jobs in batches, keep them alive, record them finished or failed.
 
-Jobs and registries keep RQ's layout (broker.protocol.keys), so rq-dashboard, `rq info` and RQ's own abandoned-job cleanup
-read them as they read RQ's. Where RQ spends ~70 commands a job, a batch here costs two script calls
-(broker/protocol/lua): TAKE (take ids, read the jobs, mark them started), pipelined behind an idle worker's blocking wait
-for a wake-up so that one round trip both wakes it and takes the jobs; RECORD (results, registries and the batch's
-counters: the waiting clients are answered when it ends). Every field read from Redis is checked with the job it belongs to: a malformed one fails that job alone.
+Jobs and registries keep RQ's layout (broker.protocol.keys), so rq-dashboard, `rq info` and RQ's own abandoned-job
+cleanup read them as they read RQ's. Where RQ spends many commands a job, a batch here costs two script calls
+(broker/protocol/lua): TAKE (take ids, read the jobs, mark them started), pipelined behind an idle worker's blocking
+wait for a wake-up so that one round trip both wakes it and takes the jobs; RECORD (results, registries and the
+batch's counters: the waiting clients are answered when it ends). Every field read from Redis is checked with the
+job it belongs to: a malformed one fails that job alone.
 """
 
 from __future__ import annotations

@@ -82,7 +82,8 @@ class EncoderWorker(ServeLoop):
 
     def keep_alive(self) -> bool:
         """One round of housekeeping: registration, the heartbeat of the worker and of every job it holds, the
-        queue's bound for clients' admission (broker.protocol.enqueue), recovery and sweeps. False when Redis is down."""
+        queue's bound for clients' admission (broker.protocol.enqueue), recovery and sweeps. False when Redis is
+        down."""
         while not self.links.held.empty():
             change, jobs = self.links.held.get_nowait()
             for t in jobs:

@@ -17,7 +17,7 @@ import time
 
 from shm import SegmentName, ShmError, sweep, unlink_segment, write_segment
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("broker.answer_segments")  # the name log filters know it by
 
 DEAD_CREATOR_GRACE_S = 10.0  # see shm.sweep: a creator in another pid namespace looks dead from here
 

@@ -1,5 +1,5 @@
 """LightLLM's /generate protocol, as LightX2V's `lightllm_service` text encoder speaks it: the request checked,
-the answer built. No I/O here (broker.http.front serves it; broker.http.answer_segments holds its shared memory).
+the answer built. No I/O here (broker.http.generate serves it; broker.http.answer_segments holds its shared memory).
 
 The protocol (ModelTC/LightX2V, lightx2v/models/input_encoders/lightllm/qwen25_text_encoder_service.py and
 shm_client.py; LightLLM's `return_hiddens` branch serves it):

@@ -58,7 +58,7 @@ class Readiness:
         return body
 
     async def watch(self) -> None:
-        """Keeps `refusal` fresh, until cancelled."""
+        """Keeps what `refusal` answers fresh (check() every SERVING_CHECK_S), until cancelled."""
         while True:
             await self.check()
             await asyncio.sleep(SERVING_CHECK_S)

@@ -1,7 +1,7 @@
 """The Redis the project runs (Procfile, .ci/start): no client gets in without the password made on its first
 run. The password lives in a file of mode 0600 in a folder of mode 0700 (default var/redis/password, or
-$EB_REDIS_PASSWORD_FILE); every process reads it from there (broker.protocol.connections.connect), and redis-server from a
-config file of mode 0600 written beside it, so it is never on a command line that `ps` shows. It keeps its data
+$EB_REDIS_PASSWORD_FILE); every process reads it from there (broker.protocol.connections.connect), and redis-server
+from a config file of mode 0600 written beside it, so it is never on a command line that `ps` shows. It keeps its data
 in an append-only file in that folder (fsync'ed every second), so a restart loses at most the last second of jobs,
 and the clients enqueue those again (broker.rq_wire)."""
 

@@ -10,8 +10,9 @@ import redis
 from broker.protocol.keys import QueueKeys
 from broker.protocol.queues import DEFAULT_QUEUE
 
+# results_rung: results handed to their client by doorbell (broker.protocol.doorbell)
 STAT_FIELDS = ("batches", "jobs", "failed", "prompts", "failed_prompts", "tokens", "computed_tokens", "cache_hits",
-               "cache_misses", "results_rung")  # the last: results handed to their client by doorbell (broker.protocol.doorbell)
+               "cache_misses", "results_rung")
 
 
 def _text(x):

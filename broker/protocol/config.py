@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 from broker.protocol.queues import DEFAULT_QUEUE
 
-log = logging.getLogger("broker.protocol.config")
+log = logging.getLogger("broker.config")
 ENV_PREFIX = "EB_"
 
 DEFAULT_REDIS_PORT = 6390  # the project's own Redis (Procfile), not the system one

@@ -35,8 +35,8 @@ def execution(job_id: str, exec_id: str) -> str:
 
 
 def blob(job_id: str, exec_id: str) -> str:
-    """A result blob: one per execution of the job, so that a second run's result (dropped: broker/protocol/lua/record.lua)
-    is deleted without touching the first's."""
+    """A result blob: one per execution of the job, so that a second run's result (dropped:
+    broker/protocol/lua/record.lua) is deleted without touching the first's."""
     return f"{BLOB_PREFIX}{job_id}:{exec_id}"
 
 

@@ -13,7 +13,8 @@ SCHEMA_VERSION = 1
 TASKS = ("t2i", "i2i")
 TRANSPORTS = ("shm", "blob")
 DTYPES = ("bfloat16", "float16", "float32")
-BELL_PREFIX = "eb-bell-"  # a doorbell's name (broker.protocol.doorbell): the prefix, the client's pid, 16 random hex digits
+# a doorbell's name (broker.protocol.doorbell): the prefix, the client's pid, 16 random hex digits
+BELL_PREFIX = "eb-bell-"
 BELL_NAME = re.compile(r"eb-bell-[0-9]+-[0-9a-f]{16}")
 
 

@@ -1,8 +1,9 @@
 """Everything the encoder worker's stage threads share with each other: the queues between its stages, the events
 they signal with, and the two pieces of state two stages touch (the pixel budget; the encoding cache with its
-lock). Beyond these, threads share only services that lock for themselves: the Redis connection pool (through
-workers.job_source), the outage log (workers.outage), the tally (workers.stats), and the encoder, of which intake
-uses the tokenizing half and compute the forward half (docs/ARCHITECTURE.md draws them all).
+lock). Beyond these, threads share services that lock for themselves (the Redis connection pool through
+workers.job_source, the outage log of workers.outage, the tally of workers.stats), the encoder split in halves that
+share no mutable state (intake uses the tokenizing half, compute the forward half), and the result writer's counts,
+which the metrics thread reads as they are (docs/ARCHITECTURE.md draws them all).
 
     intake --ready--> compute --done--> delivery
     intake, delivery --held--> housekeeping (heartbeats the jobs it is told are held)
