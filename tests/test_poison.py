@@ -13,9 +13,9 @@ from broker.client import EncoderClient
 from broker.errors import EncodeFailed, InvalidRequest, PromptTooLong, ProtocolError
 from broker.protocol import keys
 from broker.protocol.enqueue import new_job_mapping
-from broker.protocol.schemas import EncodeRequest
+from broker.protocol.schemas import EncodeRequest, Handle
 from broker.protocol.scripts import Scripts, enqueue_args
-from broker.results import parse_result_entry, raise_for_error
+from broker.results import check_location, parse_result_entry, raise_for_error, read_blob, read_shm
 from tests.helpers import write_config
 from workers.config import PROMPT_CHARS_PER_TOKEN, EncoderWorkerConfig
 from workers.worker import EncoderWorker
@@ -53,9 +53,17 @@ def run_through(worker) -> None:
 
 
 def assert_served(worker, job_ids) -> None:
+    """Each job succeeded, and its result reads back as a client reads it. Reading it also removes it: these jobs
+    name no client host, so their results are blobs in the session's Redis, where a later test may count them."""
     for job_id in job_ids:
         outcome = outcome_of(worker, job_id)
         assert outcome.error is None, outcome.error
+        handle = check_location(Handle.from_msgpack(raise_for_error(outcome)), job_id, worker.config.shm_prefix)
+        if handle.transport == "shm":
+            states = read_shm(handle, prefix=worker.config.shm_prefix)
+        else:
+            states = read_blob(worker.connection.getdel(handle.location), handle)
+        assert len(states) == 1 and states[0].ndim == 2
 
 
 def test_a_malformed_deadline_fails_its_own_job_not_the_batch(worker):
