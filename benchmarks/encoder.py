@@ -299,6 +299,24 @@ def run_throughput(encode, batches: list[TokenizedPrompts], device, computed: in
             "templated_tokens_per_s": templated / dt}
 
 
+def throughput_by_budget(name: str, encode, tokenizer, users, budgets, device) -> dict:
+    """`{name}_{budget}`: run_throughput of the mix in batches of each token budget, with the batch count and (on a
+    GPU) the peak allocated while it ran."""
+    thr = {}
+    for budget in budgets:
+        batches = token_budget_batches(tokenizer, users, budget)
+        templated, computed = n_tokens(batches), n_tokens(batches, skip=T2I.drop_idx)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        r = thr[f"{name}_{budget}"] = run_throughput(encode, batches, device, computed, templated)
+        r["batches"] = len(batches)
+        if device.type == "cuda":
+            r["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        say(f"(b) {name} budget {budget}: {r['prompts_per_s']:.1f} prompts/s, "
+            f"{r['computed_tokens_per_s']:.0f} computed tokens/s")
+    return thr
+
+
 # --- models --------------------------------------------------------------------------------------------------------
 
 def load_hf(root: str, device: torch.device, dtype: torch.dtype, tokenizer) -> EncoderBase:
@@ -603,17 +621,7 @@ def main(argv=None) -> int:
         say(f"(a) {k}: {lat[k]['median_ms']:.2f} ms")
 
     # (b) throughput, (c) peak memory at the largest batch
-    for budget in budgets:
-        batches = token_budget_batches(tokenizer, mix_users, budget)
-        templated, computed_mix = n_tokens(batches), n_tokens(batches, skip=T2I.drop_idx)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        thr[f"kernel_{budget}"] = run_throughput(kern.encode_packed, batches, device, computed_mix, templated)
-        thr[f"kernel_{budget}"]["batches"] = len(batches)
-        if device.type == "cuda":
-            thr[f"kernel_{budget}"]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        say(f"(b) kernel budget {budget}: {thr[f'kernel_{budget}']['prompts_per_s']:.1f} prompts/s, "
-            f"{thr[f'kernel_{budget}']['computed_tokens_per_s']:.0f} computed tokens/s")
+    thr.update(throughput_by_budget("kernel", kern.encode_packed, tokenizer, mix_users, budgets, device))
     big = max(budgets)
     batches = token_budget_batches(tokenizer, mix_users, big)
     templated = n_tokens(batches)
@@ -728,17 +736,7 @@ def measure_quantized(args, ckpt, device, dtype, ref, real_batch, lat_batch, tok
     lat[f"{q}_gemm_only_128"] = time_ms(gemm_only(kq.model, 128, device, dtype), device, iters, warm)
     for k, v in lat.items():
         say(f"(a) {k}: {v['median_ms']:.2f} ms")
-    thr = {}
-    for budget in budgets:
-        batches = token_budget_batches(tokenizer, mix_users, budget)
-        templated, computed = n_tokens(batches), n_tokens(batches, skip=T2I.drop_idx)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        thr[f"{q}_{budget}"] = run_throughput(kq.encode_packed, batches, device, computed, templated)
-        if device.type == "cuda":
-            thr[f"{q}_{budget}"]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        say(f"(b) {q} budget {budget}: {thr[f'{q}_{budget}']['prompts_per_s']:.1f} prompts/s, "
-            f"{thr[f'{q}_{budget}']['computed_tokens_per_s']:.0f} computed tokens/s")
+    thr = throughput_by_budget(q, kq.encode_packed, tokenizer, mix_users, budgets, device)
     big = max(budgets)
     if device.type == "cuda":
         mem["peak_allocated_bytes"] = thr[f"{q}_{big}"]["peak_allocated_bytes"]
