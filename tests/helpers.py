@@ -85,6 +85,25 @@ def write_config(path: str, **values) -> str:
     return path
 
 
+def stage_worker(encoder, tiny_dir: str, redis_url: str, folder, name: str, **values):
+    """An EncoderWorker object on `encoder` (its threads not started, for tests that drive its stages one at a time)
+    on a queue and shm prefix of its own; `values`: more config keys."""
+    from workers.config import EncoderWorkerConfig
+    from workers.worker import EncoderWorker
+
+    cfg = write_config(os.path.join(str(folder), "w.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
+                       redis_url=redis_url, queue=f"{name}-" + uuid.uuid4().hex[:8],
+                       shm_prefix="eb" + name[0] + uuid.uuid4().hex[:6], cache_max_bytes=0, max_wait_ms=0, **values)
+    return EncoderWorker(EncoderWorkerConfig.from_json(cfg), encoder)
+
+
+def stage_worker_client(worker):
+    """A client of `worker`'s queue, reading under its shm prefix."""
+    from broker.client import EncoderClient
+
+    return EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=30, shm_prefix=worker.config.shm_prefix)
+
+
 def start_process(args: list[str], log_path: str, env: dict | None = None, argv: list[str] | None = None,
                   cwd: str = REPO) -> subprocess.Popen:
     """`python ARGS` (or `argv` as it is) in `cwd`, its output in log_path."""

@@ -21,10 +21,9 @@ from broker.protocol import keys
 from broker.protocol.host import host_id
 from broker.protocol.schemas import EncodeRequest, Handle
 from broker.results import raise_for_error, read_shm
-from tests.helpers import free_port, scrape, start_worker, stop_process, wait_for_workers, write_config
+from tests.helpers import (free_port, scrape, stage_worker, stage_worker_client, start_worker, stop_process,
+                           wait_for_workers)
 from tests.test_broker_e2e import assert_same
-from workers.config import EncoderWorkerConfig
-from workers.worker import EncoderWorker
 
 SIDE = 512
 ONE_IMAGE = SIDE * SIDE
@@ -84,17 +83,12 @@ def test_concurrent_big_image_jobs_stay_within_the_budget_and_are_all_right(budg
 @pytest.fixture
 def worker(baseline, tiny_dir, redis_server, tmp_path):
     """A worker object (threads not started) whose budget holds one 512x512 image."""
-    cfg = write_config(str(tmp_path / "w.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
-                       redis_url=redis_server.url, queue="budget-" + uuid.uuid4().hex[:8],
-                       shm_prefix="ebb" + uuid.uuid4().hex[:6], cache_max_bytes=0, max_wait_ms=0,
-                       max_image_pixels_in_flight=ONE_IMAGE)
-    return EncoderWorker(EncoderWorkerConfig.from_json(cfg), baseline)
+    return stage_worker(baseline, tiny_dir, redis_server.url, tmp_path, "budget", max_image_pixels_in_flight=ONE_IMAGE)
 
 
 @pytest.fixture
 def client(worker):
-    with EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=30,
-                       shm_prefix=worker.config.shm_prefix) as c:
+    with stage_worker_client(worker) as c:
         yield c
 
 

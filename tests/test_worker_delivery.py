@@ -3,36 +3,28 @@ tokenized jobs; compute runs them; delivery writes, rings and records them. A re
 started), a real Redis, the tiny encoder; the results are read back as a client reads them."""
 
 import queue
-import uuid
 
 import pytest
 import redis
 import torch
 
-from broker.client import EncoderClient
 from broker.errors import EncodeFailed
 from broker.protocol import keys
 from broker.protocol.doorbell import Doorbell
 from broker.protocol.schemas import Handle
 from broker.results import raise_for_error, read_shm
-from tests.helpers import assert_encoded, free_port, shm_names, submit_prompt, write_config
-from workers.config import EncoderWorkerConfig
-from workers.worker import EncoderWorker
+from tests.helpers import assert_encoded, free_port, shm_names, stage_worker, stage_worker_client, submit_prompt
 
 
 @pytest.fixture
 def worker(baseline, tiny_dir, redis_server, tmp_path):
-    cfg = write_config(str(tmp_path / "w.json"), model_dir=tiny_dir, backend="baseline", device="cpu",
-                       redis_url=redis_server.url, queue="deliver-" + uuid.uuid4().hex[:8],
-                       shm_prefix="ebd" + uuid.uuid4().hex[:6], cache_max_bytes=0, max_wait_ms=0)
-    return EncoderWorker(EncoderWorkerConfig.from_json(cfg), baseline)
+    return stage_worker(baseline, tiny_dir, redis_server.url, tmp_path, "deliver")
 
 
 @pytest.fixture
 def client(worker):
     """Here, a client of `worker`'s queue (conftest's is one of the encoder worker process)."""
-    with EncoderClient(worker.config.redis_url, queue=worker.queue, timeout=30,
-                       shm_prefix=worker.config.shm_prefix) as c:
+    with stage_worker_client(worker) as c:
         yield c
 
 
